@@ -1,0 +1,190 @@
+//! The `pifleet` command line (clap): daemons, configuration tools and the
+//! Ollama simulator. Each command returns a [`Failure`] that `run` turns into
+//! a message on stderr and an exit code: 64 (EX_USAGE) for a bad
+//! configuration or argument, 1 for anything else.
+
+mod config_cmd;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{LoadError, NodeConfig};
+use crate::ollama_sim::{SimConfig, DEFAULT_MODELS};
+
+/// Exit code for a bad configuration or argument (sysexits EX_USAGE).
+pub const EXIT_USAGE: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pifleet",
+    version,
+    about = "A fleet of local LLM agents on Raspberry Pis, over MQTT"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node daemon: announce this machine over MQTT and host agents.
+    Node {
+        /// Node configuration file (TOML).
+        #[arg(long, short, default_value = "/etc/pifleet/node.toml")]
+        config: PathBuf,
+    },
+    /// Check a configuration file, or print a commented default.
+    Config {
+        #[command(subcommand)]
+        action: ConfigCommand,
+    },
+    /// Run an Ollama-compatible simulator (for tests, demos and benchmarks).
+    OllamaSim(SimArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate FILE; report every problem with its line and column.
+    Check {
+        file: PathBuf,
+        /// What the file configures; guessed from its keys when left out.
+        #[arg(long)]
+        kind: Option<ConfigKind>,
+    },
+    /// Print a commented default configuration.
+    Default { kind: ConfigKind },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ConfigKind {
+    Node,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SimArgs {
+    /// Address to listen on; port 0 picks a free port (printed on stdout).
+    #[arg(long, default_value = "127.0.0.1:11434")]
+    listen: SocketAddr,
+    /// Models it has, comma separated (a name without a tag means :latest).
+    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_MODELS.map(String::from))]
+    models: Vec<String>,
+    /// Generation speed.
+    #[arg(long, default_value_t = 100.0)]
+    tokens_per_sec: f64,
+    /// Latency before the first token, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    first_token_ms: u64,
+    /// Probability (0 to 1) that a generation fails with HTTP 500.
+    #[arg(long, default_value_t = 0.0)]
+    failure_rate: f64,
+    /// Generations at once beyond which it answers 503 "server busy"; 0 = no limit.
+    #[arg(long, default_value_t = 0)]
+    max_parallel: u32,
+    /// Seed for the failure dice, for repeatable runs.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+/// A command failed: what to print and how to exit.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn usage(message: impl Into<String>) -> Self {
+        Failure {
+            code: EXIT_USAGE,
+            message: message.into(),
+        }
+    }
+
+    /// A runtime error, printed with its chain of causes.
+    pub fn runtime(error: &(dyn std::error::Error + 'static)) -> Self {
+        let mut message = error.to_string();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            let text = cause.to_string();
+            if !message.contains(&text) {
+                message.push_str(": ");
+                message.push_str(&text);
+            }
+            source = cause.source();
+        }
+        Failure { code: 1, message }
+    }
+}
+
+impl From<LoadError> for Failure {
+    fn from(e: LoadError) -> Self {
+        match e {
+            LoadError::Invalid(_) => Failure::usage(e.to_string()),
+            LoadError::Io { .. } => Failure::usage(e.to_string()),
+        }
+    }
+}
+
+/// Runs a parsed command line and returns the process exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    let outcome = match cli.command {
+        Command::Node { config } => run_node(config),
+        Command::Config { action } => config_cmd::run(action),
+        Command::OllamaSim(args) => run_sim(args),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            for line in failure.message.lines() {
+                eprintln!("pifleet: {line}");
+            }
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+/// A tokio runtime for a daemon: `threads` workers are plenty on a Pi, where
+/// Ollama does the heavy lifting.
+pub fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::runtime(&e))
+}
+
+fn run_node(path: PathBuf) -> Result<(), Failure> {
+    let config = NodeConfig::load(&path)?;
+    runtime(2)?.block_on(async {
+        let shutdown = crate::systemd::shutdown_on_signals();
+        crate::node::run(config, shutdown)
+            .await
+            .map_err(|e| Failure::runtime(&e))
+    })
+}
+
+fn run_sim(args: SimArgs) -> Result<(), Failure> {
+    let config = SimConfig {
+        listen: args.listen,
+        models: args.models,
+        tokens_per_sec: args.tokens_per_sec,
+        first_token: Duration::from_millis(args.first_token_ms),
+        failure_rate: args.failure_rate,
+        max_parallel: args.max_parallel,
+        seed: args.seed,
+    };
+    config
+        .validate()
+        .map_err(|e| Failure::usage(e.to_string()))?;
+    runtime(2)?.block_on(async {
+        let shutdown: CancellationToken = crate::systemd::shutdown_on_signals();
+        crate::ollama_sim::run(config, shutdown)
+            .await
+            .map_err(|e| Failure::runtime(&e))
+    })
+}

@@ -1,0 +1,318 @@
+//! Configuration files of the daemons (TOML), read in two stages as ripgrep
+//! does: a raw form exactly as parsed, with source spans, then a validated
+//! form with defaults filled in and every value checked. Each problem is
+//! reported as `file:line:column: message`.
+//!
+//! Secrets can come from the environment instead of the file:
+//! `PIFLEET_MQTT_USERNAME`, `PIFLEET_MQTT_PASSWORD`.
+
+pub mod node;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+pub use node::NodeConfig;
+
+/// One problem in a configuration file, with its position (1-based).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+/// Everything wrong with one configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}:{}:{}: {}", self.file, p.line, p.column, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Reading a configuration failed: the file is unreadable or invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read config file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(#[from] ConfigError),
+}
+
+/// Where a config comes from, for messages and span to position mapping.
+pub struct Source<'a> {
+    pub name: String,
+    pub text: &'a str,
+}
+
+impl Source<'_> {
+    fn position(&self, offset: usize) -> (usize, usize) {
+        let offset = offset.min(self.text.len());
+        let before = &self.text[..offset];
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+        let column = before[line_start..].chars().count() + 1;
+        (line, column)
+    }
+
+    fn problem(&self, span: Option<Range<usize>>, message: impl Into<String>) -> Problem {
+        let (line, column) = self.position(span.map(|s| s.start).unwrap_or(0));
+        Problem {
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+
+    fn error(&self, problems: Vec<Problem>) -> ConfigError {
+        ConfigError {
+            file: self.name.clone(),
+            problems,
+        }
+    }
+
+    /// Parses the raw form; a syntax, type or unknown-key error becomes a
+    /// [`ConfigError`] at the offending position.
+    pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, ConfigError> {
+        toml::from_str(self.text).map_err(|e| {
+            let message = e.message().trim().to_owned();
+            self.error(vec![self.problem(e.span(), message)])
+        })
+    }
+}
+
+/// Collects validation problems so that `config check` reports all of them.
+pub struct Checker<'a> {
+    source: &'a Source<'a>,
+    problems: Vec<Problem>,
+}
+
+impl<'a> Checker<'a> {
+    pub fn new(source: &'a Source<'a>) -> Self {
+        Checker {
+            source,
+            problems: Vec::new(),
+        }
+    }
+
+    /// Records a problem at `span`.
+    pub fn report(&mut self, span: Range<usize>, message: impl Into<String>) {
+        self.problems.push(self.source.problem(Some(span), message));
+    }
+
+    /// Validates an optional value, falling back to `default` when absent.
+    /// A value that fails `check` is reported and replaced by the default so
+    /// that checking can go on.
+    pub fn value<T: Clone, U>(
+        &mut self,
+        key: &str,
+        value: &Option<Spanned<T>>,
+        default: U,
+        check: impl FnOnce(T) -> Result<U, String>,
+    ) -> U {
+        match value {
+            None => default,
+            Some(spanned) => match check(spanned.get_ref().clone()) {
+                Ok(v) => v,
+                Err(message) => {
+                    self.report(spanned.span(), format!("{key}: {message}"));
+                    default
+                }
+            },
+        }
+    }
+
+    /// Ends validation: the value if there were no problems.
+    pub fn finish<T>(self, value: T) -> Result<T, ConfigError> {
+        if self.problems.is_empty() {
+            Ok(value)
+        } else {
+            Err(self.source.error(self.problems))
+        }
+    }
+}
+
+/// Reads a file for [`Source`].
+pub fn read(path: &Path) -> Result<String, LoadError> {
+    std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Seconds in `[min, max]` as a [`Duration`].
+pub fn secs_in(min: u64, max: u64) -> impl Fn(i64) -> Result<Duration, String> {
+    move |v| {
+        if v < min as i64 || v > max as i64 {
+            Err(format!("must be between {min} and {max} seconds (got {v})"))
+        } else {
+            Ok(Duration::from_secs(v as u64))
+        }
+    }
+}
+
+/// An integer in `[min, max]`.
+pub fn int_in<T: TryFrom<i64>>(min: i64, max: i64) -> impl Fn(i64) -> Result<T, String> {
+    move |v| {
+        if v < min || v > max {
+            return Err(format!("must be between {min} and {max} (got {v})"));
+        }
+        T::try_from(v).map_err(|_| format!("{v} is out of range"))
+    }
+}
+
+/// A socket address such as `127.0.0.1:9480` or `[::1]:9480`.
+pub fn socket_addr(v: String) -> Result<SocketAddr, String> {
+    v.parse()
+        .map_err(|_| format!("{v:?} is not an IP address with a port, such as \"127.0.0.1:9480\""))
+}
+
+/// The `[mqtt]` table, shared by the node and the coordinator.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMqtt {
+    host: Option<Spanned<String>>,
+    port: Option<Spanned<i64>>,
+    username: Option<Spanned<String>>,
+    password: Option<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
+    keep_alive_secs: Option<Spanned<i64>>,
+    topic_root: Option<Spanned<String>>,
+    max_payload_bytes: Option<Spanned<i64>>,
+}
+
+/// Validated broker settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MqttConfig {
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// CA certificate (PEM) to verify the broker; TLS is on when set.
+    pub ca_file: Option<PathBuf>,
+    pub keep_alive: Duration,
+    pub topic_root: String,
+    /// Largest payload sent or accepted, both directions.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            host: "127.0.0.1".into(),
+            port: 1883,
+            username: None,
+            password: None,
+            ca_file: None,
+            keep_alive: Duration::from_secs(15),
+            topic_root: "pifleet".into(),
+            max_payload_bytes: crate::protocol::DEFAULT_MAX_PAYLOAD_BYTES,
+        }
+    }
+}
+
+impl MqttConfig {
+    pub fn validate(raw: &RawMqtt, c: &mut Checker<'_>) -> MqttConfig {
+        let d = MqttConfig::default();
+        let host = c.value("mqtt.host", &raw.host, d.host, |h: String| {
+            if h.trim().is_empty() || h.contains(char::is_whitespace) {
+                Err(format!("{h:?} is not a host name or address"))
+            } else {
+                Ok(h)
+            }
+        });
+        let port = c.value("mqtt.port", &raw.port, d.port, int_in(1, 65535));
+        let username = c.value("mqtt.username", &raw.username, None, |u| Ok(Some(u)));
+        let password = c.value("mqtt.password", &raw.password, None, |p| Ok(Some(p)));
+        let ca_file = c.value("mqtt.ca_file", &raw.ca_file, None, |p: String| {
+            let path = PathBuf::from(&p);
+            if path.is_file() {
+                Ok(Some(path))
+            } else {
+                Err(format!("{p:?} is not a readable file"))
+            }
+        });
+        let keep_alive = c.value(
+            "mqtt.keep_alive_secs",
+            &raw.keep_alive_secs,
+            d.keep_alive,
+            secs_in(5, 3600),
+        );
+        let topic_root = c.value(
+            "mqtt.topic_root",
+            &raw.topic_root,
+            d.topic_root,
+            |r: String| crate::protocol::validate_topic_root(&r).map(|_| r),
+        );
+        let max_payload_bytes = c.value(
+            "mqtt.max_payload_bytes",
+            &raw.max_payload_bytes,
+            d.max_payload_bytes,
+            int_in(16 * 1024, 64 * 1024 * 1024),
+        );
+        MqttConfig {
+            host,
+            port,
+            username,
+            password,
+            ca_file,
+            keep_alive,
+            topic_root,
+            max_payload_bytes,
+        }
+    }
+
+    /// Applies `PIFLEET_MQTT_USERNAME` and `PIFLEET_MQTT_PASSWORD`, which
+    /// win over the file so secrets can stay out of it.
+    pub fn apply_env(&mut self) {
+        if let Ok(user) = std::env::var("PIFLEET_MQTT_USERNAME") {
+            self.username = Some(user);
+        }
+        if let Ok(password) = std::env::var("PIFLEET_MQTT_PASSWORD") {
+            self.password = Some(password);
+        }
+    }
+
+    /// `host:port` for messages.
+    pub fn address(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_are_one_based_lines_and_character_columns() {
+        let source = Source {
+            name: "x.toml".into(),
+            text: "a = 1\n# é\nbé = 2\n",
+        };
+        assert_eq!(source.position(0), (1, 1));
+        assert_eq!(source.position(4), (1, 5));
+        let offset = source.text.find("= 2").unwrap();
+        assert_eq!(source.position(offset), (3, 4));
+    }
+}

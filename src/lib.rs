@@ -1,0 +1,19 @@
+//! pifleet: a fleet of local LLM agents on Raspberry Pis.
+//!
+//! * [`protocol`] — the MQTT contract shared by every daemon (and simulators)
+//! * [`node`] — the node daemon, one per Pi
+//! * [`ollama_sim`] — an Ollama-compatible simulator for tests and demos
+//! * [`config`] — configuration files, validated with line/column errors
+//! * [`mqtt`] — the broker connection (rumqttc) with reconnect and backoff
+//! * [`http`], [`systemd`] — what the daemons share for HTTP and systemd
+//! * [`cli`] — the `pifleet` command line
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod mqtt;
+pub mod node;
+pub mod ollama_sim;
+pub mod protocol;
+pub mod systemd;

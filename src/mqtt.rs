@@ -1,0 +1,384 @@
+//! The MQTT connection of a daemon (rumqttc, MQTT 3.1.1), shared by the node
+//! and the coordinator.
+//!
+//! Two tasks own the connection:
+//!
+//! * the **poller** drives rumqttc's event loop without pause (rumqttc only
+//!   sends pings and reconnects while polled), turns packets into
+//!   [`LinkEvent`]s and, after an error, sleeps with exponential backoff
+//!   (rumqttc itself would reconnect in a tight loop);
+//! * the **publisher** drains an unbounded queue of [`Outbound`] requests into
+//!   the rumqttc client.
+//!
+//! The application never awaits rumqttc: [`Publisher`] only enqueues. That
+//! breaks the cycle poller → application → rumqttc request channel → poller
+//! that deadlocks a naive rumqttc program under load. The session is clean,
+//! so on every [`LinkEvent::Connected`] the application subscribes and
+//! announces itself again.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
+    TlsConfiguration, Transport,
+};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::MqttConfig;
+
+/// Capacity of the poller → application channel. The application handles
+/// events without awaiting the network, so this only absorbs bursts.
+const EVENT_CHANNEL: usize = 4096;
+/// The connection is dropped by rumqttc for packets above this multiple of
+/// the payload limit; between the two, the application rejects the payload
+/// itself and the connection survives.
+const TRANSPORT_LIMIT_FACTOR: usize = 4;
+
+/// What the poller reports to the application.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// The broker accepted the connection (every ConnAck): subscribe and
+    /// announce again, the session is new.
+    Connected,
+    /// The connection failed or dropped; the link is retrying.
+    Disconnected { reason: String },
+    /// A message on a subscribed topic.
+    Message { topic: String, payload: Bytes },
+}
+
+/// The last will the broker publishes if the connection dies uncleanly.
+pub struct Will {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+}
+
+enum Outbound {
+    Publish {
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+    },
+    Subscribe(Vec<String>),
+    Disconnect,
+}
+
+/// A payload was not sent.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("payload of {size} bytes for {topic} exceeds mqtt.max_payload_bytes ({max})")]
+    TooLarge {
+        topic: String,
+        size: usize,
+        max: usize,
+    },
+    #[error("the MQTT link is closed")]
+    Closed,
+}
+
+/// Cheap, cloneable handle that queues messages for the broker (QoS 1).
+#[derive(Clone)]
+pub struct Publisher {
+    tx: mpsc::UnboundedSender<Outbound>,
+    max_payload: usize,
+}
+
+impl Publisher {
+    /// Queues a QoS 1 publish; never waits for the network.
+    pub fn publish(
+        &self,
+        topic: String,
+        payload: impl Into<Vec<u8>>,
+        retain: bool,
+    ) -> Result<(), PublishError> {
+        let payload = payload.into();
+        if payload.len() > self.max_payload {
+            return Err(PublishError::TooLarge {
+                topic,
+                size: payload.len(),
+                max: self.max_payload,
+            });
+        }
+        self.tx
+            .send(Outbound::Publish {
+                topic,
+                payload,
+                retain,
+            })
+            .map_err(|_| PublishError::Closed)
+    }
+
+    /// Queues a QoS 1 subscription to `filters`.
+    pub fn subscribe(&self, filters: Vec<String>) -> Result<(), PublishError> {
+        self.tx
+            .send(Outbound::Subscribe(filters))
+            .map_err(|_| PublishError::Closed)
+    }
+
+    pub fn max_payload(&self) -> usize {
+        self.max_payload
+    }
+}
+
+/// Cannot set up the link.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("cannot read mqtt.ca_file {path}: {source}")]
+    CaFile {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// A running connection: its publisher, its events and its tasks.
+pub struct Link {
+    pub publisher: Publisher,
+    pub events: mpsc::Receiver<LinkEvent>,
+    closing: CancellationToken,
+    poller: JoinHandle<()>,
+    sender: JoinHandle<()>,
+}
+
+impl Link {
+    /// Starts connecting to the broker of `config` as `client_id`.
+    pub fn start(
+        config: &MqttConfig,
+        client_id: &str,
+        will: Option<Will>,
+    ) -> Result<Link, LinkError> {
+        let mut options = MqttOptions::new(client_id, config.host.clone(), config.port);
+        options.set_keep_alive(config.keep_alive);
+        options.set_clean_session(true);
+        let transport_limit = config
+            .max_payload_bytes
+            .saturating_mul(TRANSPORT_LIMIT_FACTOR);
+        options.set_max_packet_size(transport_limit, transport_limit);
+        options.set_request_channel_capacity(256);
+        options.set_inflight(100);
+        if let Some(user) = &config.username {
+            options.set_credentials(user.clone(), config.password.clone().unwrap_or_default());
+        }
+        if let Some(will) = will {
+            options.set_last_will(LastWill::new(
+                will.topic,
+                will.payload,
+                QoS::AtLeastOnce,
+                will.retain,
+            ));
+        }
+        if let Some(ca_file) = &config.ca_file {
+            let ca = std::fs::read(ca_file).map_err(|source| LinkError::CaFile {
+                path: ca_file.display().to_string(),
+                source,
+            })?;
+            options.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+                ca,
+                alpn: None,
+                client_auth: None,
+            }));
+        }
+        let (client, mut eventloop) = AsyncClient::new(options, 256);
+        eventloop.network_options.set_connection_timeout(5);
+
+        let (event_tx, events) = mpsc::channel(EVENT_CHANNEL);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let closing = CancellationToken::new();
+        let address = config.address();
+        let poller = tokio::spawn(poll(eventloop, event_tx, closing.clone(), address));
+        let sender = tokio::spawn(send(client, rx));
+        Ok(Link {
+            publisher: Publisher {
+                tx,
+                max_payload: config.max_payload_bytes,
+            },
+            events,
+            closing,
+            poller,
+            sender,
+        })
+    }
+
+    /// Sends what is queued, disconnects cleanly (so the broker discards the
+    /// last will) and stops both tasks, waiting at most `timeout`.
+    pub async fn close(self, timeout: Duration) {
+        let Link {
+            publisher,
+            mut events,
+            closing,
+            mut poller,
+            sender,
+        } = self;
+        let _ = publisher.tx.send(Outbound::Disconnect);
+        closing.cancel();
+        drop(publisher);
+        // Keep draining events so the poller never blocks on a full channel.
+        let drain = async {
+            loop {
+                tokio::select! {
+                    _ = &mut poller => return,
+                    event = events.recv() => if event.is_none() {
+                        let _ = (&mut poller).await;
+                        return;
+                    }
+                }
+            }
+        };
+        if tokio::time::timeout(timeout, drain).await.is_err() {
+            log::warn!("MQTT link did not close within {timeout:?}; dropping it");
+            poller.abort();
+        }
+        sender.abort();
+    }
+}
+
+async fn send(client: AsyncClient, mut rx: mpsc::UnboundedReceiver<Outbound>) {
+    while let Some(request) = rx.recv().await {
+        let result = match request {
+            Outbound::Publish {
+                topic,
+                payload,
+                retain,
+            } => {
+                client
+                    .publish(topic, QoS::AtLeastOnce, retain, payload)
+                    .await
+            }
+            Outbound::Subscribe(filters) => {
+                client
+                    .subscribe_many(
+                        filters
+                            .into_iter()
+                            .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce)),
+                    )
+                    .await
+            }
+            Outbound::Disconnect => {
+                let _ = client.disconnect().await;
+                return;
+            }
+        };
+        if result.is_err() {
+            return; // the event loop is gone
+        }
+    }
+}
+
+/// Exponential backoff with jitter: 250 ms doubling up to 30 s.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(250);
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn new() -> Self {
+        Backoff { next: Self::FIRST }
+    }
+
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+
+    fn step(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        let jitter = rand::random::<f64>() * 0.25 + 0.875;
+        base.mul_f64(jitter)
+    }
+}
+
+async fn poll(
+    mut eventloop: EventLoop,
+    events: mpsc::Sender<LinkEvent>,
+    closing: CancellationToken,
+    address: String,
+) {
+    let mut backoff = Backoff::new();
+    let mut failures: u64 = 0;
+    loop {
+        let event = eventloop.poll().await;
+        let forward = match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                log::info!("connected to MQTT broker {address}");
+                backoff.reset();
+                failures = 0;
+                Some(LinkEvent::Connected)
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => Some(LinkEvent::Message {
+                topic: p.topic,
+                payload: p.payload,
+            }),
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
+            Ok(_) => None,
+            Err(ConnectionError::RequestsDone) => return,
+            Err(e) => {
+                if closing.is_cancelled() {
+                    return;
+                }
+                failures += 1;
+                let reason = describe(&e);
+                if failures == 1 {
+                    log::warn!("MQTT broker {address}: {reason}; reconnecting with backoff");
+                } else if failures % 20 == 0 {
+                    log::warn!("MQTT broker {address} still unreachable after {failures} attempts: {reason}");
+                } else {
+                    log::debug!("MQTT broker {address}: {reason}");
+                }
+                let notify = failures == 1;
+                let delay = backoff.step();
+                if notify
+                    && events
+                        .send(LinkEvent::Disconnected { reason })
+                        .await
+                        .is_err()
+                {
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = closing.cancelled() => return,
+                }
+                None
+            }
+        };
+        if let Some(event) = forward {
+            if events.send(event).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn describe(e: &ConnectionError) -> String {
+    match e {
+        ConnectionError::ConnectionRefused(code) => {
+            format!("the broker refused the connection ({code:?}); check mqtt.username and mqtt.password")
+        }
+        ConnectionError::Io(io) => format!("connection failed: {io}"),
+        ConnectionError::NetworkTimeout => "connection timed out".into(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_cap_and_resets() {
+        let mut b = Backoff::new();
+        let first = b.step();
+        assert!(first >= Duration::from_millis(218) && first <= Duration::from_millis(282));
+        for _ in 0..20 {
+            b.step();
+        }
+        let capped = b.step();
+        assert!(capped <= Duration::from_millis(33_750) && capped >= Duration::from_millis(26_250));
+        b.reset();
+        assert!(b.step() <= Duration::from_millis(282));
+    }
+}

@@ -1,0 +1,754 @@
+//! The node's agent slots as a pure state machine: commands in, effects out,
+//! no I/O and no clock of its own, so every rule is unit-tested here.
+//!
+//! Rules (DESIGN §2, §4):
+//! * at most `agent_capacity` agents; a further assign is refused with a
+//!   reason naming the capacity;
+//! * commands are applied once: a repeated command id is ignored;
+//! * commands of an older coordinator generation are ignored;
+//! * each agent runs one turn at a time, the rest wait in its own FIFO lane;
+//! * a late release or assign about an older placement of an agent does not
+//!   undo a newer one.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+use serde::Serialize;
+
+use crate::protocol::{
+    Ack, AgentSpec, Command, CommandBody, CommandKind, TurnErrorCode, TurnRequest, TurnResult,
+};
+
+/// Command ids remembered for deduplication. QoS 1 redeliveries arrive within
+/// seconds, so a few thousand ids are plenty.
+const REMEMBERED_COMMANDS: usize = 4096;
+/// Turns one agent may have waiting behind its running turn.
+pub const MAX_QUEUED_TURNS_PER_AGENT: usize = 256;
+
+/// A turn accepted by the node, with what is needed to answer it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Turn {
+    /// The command id, echoed in the result.
+    pub id: String,
+    pub generation: u64,
+    pub request: TurnRequest,
+}
+
+/// What the I/O layer must do after a state change.
+#[derive(Debug, PartialEq)]
+pub enum Effect {
+    /// Publish an acknowledgement for command `id`.
+    Ack {
+        id: String,
+        generation: u64,
+        ack: Ack,
+    },
+    /// Publish a failed turn result without running it.
+    TurnFailed { turn: Turn, result: TurnResult },
+    /// Run `turn` for the agent with `model` and `system` prompt.
+    StartTurn {
+        turn: Turn,
+        model: String,
+        system: Option<String>,
+    },
+    /// The capacity announcement changed and should be published.
+    CapacityChanged,
+    /// The turn waits behind the running turn of its agent.
+    Queued,
+    /// The command was dropped; the reason is for the log.
+    Ignored { id: String, reason: String },
+}
+
+/// One hosted agent.
+#[derive(Debug)]
+pub struct HostedAgent {
+    pub spec: AgentSpec,
+    pub placement: u64,
+    pub since_ms: u64,
+    /// Command id of the turn running (or waiting for an Ollama slot).
+    running: Option<String>,
+    queue: VecDeque<Turn>,
+    pub turns_completed: u64,
+}
+
+/// How an agent shows in the node's `GET /v1/agents`.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentView {
+    pub name: String,
+    pub model: String,
+    pub state: &'static str,
+    pub node: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub placement: u64,
+    pub busy: bool,
+    pub queued_turns: usize,
+    pub turns_completed: u64,
+    pub since_ms: u64,
+}
+
+/// Bounded memory of recent command ids, kept as 64-bit hashes.
+struct RecentIds {
+    set: HashSet<u64>,
+    order: VecDeque<u64>,
+}
+
+impl RecentIds {
+    fn new() -> Self {
+        RecentIds {
+            set: HashSet::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    /// Remembers `id`; false when it was already remembered.
+    fn insert(&mut self, id: &str) -> bool {
+        let mut h = DefaultHasher::new();
+        id.hash(&mut h);
+        let key = h.finish();
+        if !self.set.insert(key) {
+            return false;
+        }
+        self.order.push_back(key);
+        if self.order.len() > REMEMBERED_COMMANDS {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
+    }
+}
+
+pub struct AgentTable {
+    node: String,
+    capacity: u32,
+    agents: BTreeMap<String, HostedAgent>,
+    generation: u64,
+    draining: bool,
+    stopping: bool,
+    recent: RecentIds,
+}
+
+impl AgentTable {
+    pub fn new(node: &str, capacity: u32) -> Self {
+        AgentTable {
+            node: node.to_owned(),
+            capacity,
+            agents: BTreeMap::new(),
+            generation: 0,
+            draining: false,
+            stopping: false,
+            recent: RecentIds::new(),
+        }
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    pub fn len(&self) -> usize {
+        self.agents.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.agents.is_empty()
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.agents.keys().cloned().collect()
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Draining as announced: told by the coordinator, or stopping.
+    pub fn draining(&self) -> bool {
+        self.draining || self.stopping
+    }
+
+    /// Turns accepted and not answered yet: running plus queued.
+    pub fn turns_in_flight(&self) -> usize {
+        self.agents
+            .values()
+            .map(|a| a.queue.len() + usize::from(a.running.is_some()))
+            .sum()
+    }
+
+    pub fn views(&self) -> Vec<AgentView> {
+        self.agents
+            .values()
+            .map(|a| AgentView {
+                name: a.spec.name.clone(),
+                model: a.spec.model.clone(),
+                state: "running",
+                node: self.node.clone(),
+                system: a.spec.system.clone(),
+                labels: a.spec.labels.clone(),
+                placement: a.placement,
+                busy: a.running.is_some(),
+                queued_turns: a.queue.len(),
+                turns_completed: a.turns_completed,
+                since_ms: a.since_ms,
+            })
+            .collect()
+    }
+
+    /// Applies one command received at `now_ms`.
+    pub fn apply(&mut self, command: Command, now_ms: u64) -> Vec<Effect> {
+        let Command {
+            id,
+            generation,
+            body,
+            ..
+        } = command;
+        if !self.recent.insert(&id) {
+            return vec![Effect::Ignored {
+                id,
+                reason: "repeated command id (already applied)".into(),
+            }];
+        }
+        if generation < self.generation {
+            return vec![Effect::Ignored {
+                id,
+                reason: format!(
+                    "stale coordinator generation {generation} (current is {})",
+                    self.generation
+                ),
+            }];
+        }
+        self.generation = generation;
+        let kind = body.kind();
+        match body {
+            CommandBody::Assign { agent, placement } => {
+                self.assign(id, generation, agent, placement, now_ms)
+            }
+            CommandBody::Release { agent, placement } => {
+                self.release(id, generation, &agent, placement)
+            }
+            CommandBody::Drain { draining } => {
+                let changed = self.draining != draining;
+                self.draining = draining;
+                let mut effects = vec![self.ack(id, generation, kind, None, None, true, None)];
+                if changed {
+                    effects.push(Effect::CapacityChanged);
+                }
+                effects
+            }
+            CommandBody::Turn(request) => {
+                let turn = Turn {
+                    id,
+                    generation,
+                    request,
+                };
+                vec![self.accept_turn(turn, now_ms)]
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn ack(
+        &self,
+        id: String,
+        generation: u64,
+        command: CommandKind,
+        agent: Option<String>,
+        placement: Option<u64>,
+        ok: bool,
+        reason: Option<String>,
+    ) -> Effect {
+        Effect::Ack {
+            id,
+            generation,
+            ack: Ack {
+                command,
+                agent,
+                placement,
+                ok,
+                reason,
+                agents_running: self.agents.len() as u32,
+            },
+        }
+    }
+
+    fn assign(
+        &mut self,
+        id: String,
+        generation: u64,
+        spec: AgentSpec,
+        placement: u64,
+        now_ms: u64,
+    ) -> Vec<Effect> {
+        let name = spec.name.clone();
+        let refuse = |table: &Self, reason: String| {
+            vec![table.ack(
+                id.clone(),
+                generation,
+                CommandKind::Assign,
+                Some(name.clone()),
+                Some(placement),
+                false,
+                Some(reason),
+            )]
+        };
+        if self.stopping {
+            return refuse(self, format!("node {} is shutting down", self.node));
+        }
+        if let Some(hosted) = self.agents.get_mut(&name) {
+            if placement < hosted.placement {
+                let reason = format!(
+                    "stale placement {placement}: node {} hosts {name} under newer placement {}",
+                    self.node, hosted.placement
+                );
+                return refuse(self, reason);
+            }
+            let changed = hosted.spec != spec;
+            hosted.placement = placement;
+            hosted.spec = spec;
+            let mut effects = vec![self.ack(
+                id,
+                generation,
+                CommandKind::Assign,
+                Some(name),
+                Some(placement),
+                true,
+                Some("already hosted".into()),
+            )];
+            if changed {
+                effects.push(Effect::CapacityChanged);
+            }
+            return effects;
+        }
+        if self.draining {
+            return refuse(self, format!("node {} is draining", self.node));
+        }
+        if self.agents.len() >= self.capacity as usize {
+            let reason = format!(
+                "node {} is full: agent_capacity is {} and {} agents are hosted",
+                self.node,
+                self.capacity,
+                self.agents.len()
+            );
+            return refuse(self, reason);
+        }
+        self.agents.insert(
+            name.clone(),
+            HostedAgent {
+                spec,
+                placement,
+                since_ms: now_ms,
+                running: None,
+                queue: VecDeque::new(),
+                turns_completed: 0,
+            },
+        );
+        vec![
+            self.ack(
+                id,
+                generation,
+                CommandKind::Assign,
+                Some(name),
+                Some(placement),
+                true,
+                None,
+            ),
+            Effect::CapacityChanged,
+        ]
+    }
+
+    fn release(&mut self, id: String, generation: u64, name: &str, placement: u64) -> Vec<Effect> {
+        let ack = |table: &Self, ok: bool, reason: Option<String>| {
+            table.ack(
+                id.clone(),
+                generation,
+                CommandKind::Release,
+                Some(name.to_owned()),
+                Some(placement),
+                ok,
+                reason,
+            )
+        };
+        match self.agents.get(name) {
+            None => vec![ack(self, true, Some("not hosted".into()))],
+            Some(hosted) if placement < hosted.placement => {
+                let reason = format!(
+                    "stale placement {placement}: node {} hosts {name} under newer placement {}",
+                    self.node, hosted.placement
+                );
+                vec![ack(self, false, Some(reason))]
+            }
+            Some(_) => {
+                let mut effects = self.remove(name, TurnErrorCode::Released);
+                effects.insert(0, ack(self, true, None));
+                effects.push(Effect::CapacityChanged);
+                effects
+            }
+        }
+    }
+
+    /// Removes an agent; its queued turns fail with `code`. A turn already
+    /// running finishes and is answered, see [`AgentTable::turn_finished`].
+    fn remove(&mut self, name: &str, code: TurnErrorCode) -> Vec<Effect> {
+        let Some(agent) = self.agents.remove(name) else {
+            return vec![];
+        };
+        let node = self.node.clone();
+        agent
+            .queue
+            .into_iter()
+            .map(|turn| {
+                let reason = match code {
+                    TurnErrorCode::Fenced => {
+                        format!("node {node} lost the broker and stopped agent {name}")
+                    }
+                    _ => format!("agent {name} was released from node {node} before the turn ran"),
+                };
+                failed(turn, code, reason)
+            })
+            .collect()
+    }
+
+    fn accept_turn(&mut self, turn: Turn, now_ms: u64) -> Effect {
+        let name = turn.request.agent.clone();
+        if self.stopping {
+            let reason = format!("node {} is shutting down and takes no new turns", self.node);
+            return failed(turn, TurnErrorCode::ShuttingDown, reason);
+        }
+        let Some(agent) = self.agents.get_mut(&name) else {
+            let reason = format!("agent {name} is not hosted on node {}", self.node);
+            return failed(turn, TurnErrorCode::AgentNotAssigned, reason);
+        };
+        if agent.running.is_some() {
+            if agent.queue.len() >= MAX_QUEUED_TURNS_PER_AGENT {
+                let reason = format!(
+                    "agent {name} already has {MAX_QUEUED_TURNS_PER_AGENT} turns waiting on node {}",
+                    self.node
+                );
+                return failed(turn, TurnErrorCode::OllamaBusy, reason);
+            }
+            agent.queue.push_back(turn);
+            return Effect::Queued;
+        }
+        start_or_expire(agent, turn, now_ms)
+    }
+
+    /// The turn `turn_id` of agent `name` ended; returns what to do next for
+    /// that agent (start its next queued turn, or fail expired ones).
+    pub fn turn_finished(&mut self, name: &str, turn_id: &str, now_ms: u64) -> Vec<Effect> {
+        let Some(agent) = self.agents.get_mut(name) else {
+            return vec![];
+        };
+        if agent.running.as_deref() != Some(turn_id) {
+            return vec![];
+        }
+        agent.running = None;
+        agent.turns_completed += 1;
+        let mut effects = Vec::new();
+        while let Some(next) = agent.queue.pop_front() {
+            let effect = start_or_expire(agent, next, now_ms);
+            let started = matches!(effect, Effect::StartTurn { .. });
+            effects.push(effect);
+            if started {
+                break;
+            }
+        }
+        effects
+    }
+
+    /// Takes no new work from now on (SIGTERM).
+    pub fn set_stopping(&mut self) {
+        self.stopping = true;
+    }
+
+    /// Queued turns, removed; running turns stay (their ids are returned by
+    /// [`AgentTable::running_turns`]).
+    pub fn take_queued(&mut self) -> Vec<Turn> {
+        self.agents
+            .values_mut()
+            .flat_map(|a| a.queue.drain(..))
+            .collect()
+    }
+
+    /// Stops every agent (fencing); returns failed results for queued turns.
+    pub fn remove_all(&mut self, code: TurnErrorCode) -> Vec<Effect> {
+        let names = self.names();
+        names.iter().flat_map(|n| self.remove(n, code)).collect()
+    }
+}
+
+fn start_or_expire(agent: &mut HostedAgent, turn: Turn, now_ms: u64) -> Effect {
+    if let Some(deadline) = turn.request.deadline_ms {
+        if deadline <= now_ms {
+            let reason = format!(
+                "the turn's deadline passed {} ms before agent {} could run it",
+                now_ms - deadline,
+                agent.spec.name
+            );
+            return failed(turn, TurnErrorCode::Expired, reason);
+        }
+    }
+    agent.running = Some(turn.id.clone());
+    Effect::StartTurn {
+        model: agent.spec.model.clone(),
+        system: turn
+            .request
+            .system
+            .clone()
+            .or_else(|| agent.spec.system.clone()),
+        turn,
+    }
+}
+
+/// A failed result for `turn`.
+pub fn failed(turn: Turn, code: TurnErrorCode, reason: String) -> Effect {
+    let result = TurnResult::failed(&turn.request.agent, turn.request.job.clone(), code, reason);
+    Effect::TurnFailed { turn, result }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{ChatMessage, Role};
+
+    fn command(id: &str, generation: u64, body: CommandBody) -> Command {
+        Command {
+            id: id.into(),
+            node: "pi-1".into(),
+            generation,
+            body,
+        }
+    }
+
+    fn assign(id: &str, name: &str, placement: u64) -> Command {
+        command(
+            id,
+            1,
+            CommandBody::Assign {
+                agent: AgentSpec {
+                    name: name.into(),
+                    model: "llama3.2:latest".into(),
+                    system: Some("be brief".into()),
+                    labels: BTreeMap::new(),
+                },
+                placement,
+            },
+        )
+    }
+
+    fn turn(id: &str, agent: &str) -> Command {
+        command(
+            id,
+            1,
+            CommandBody::Turn(TurnRequest {
+                agent: agent.into(),
+                messages: vec![ChatMessage::new(Role::User, "hi")],
+                system: None,
+                deadline_ms: None,
+                job: None,
+            }),
+        )
+    }
+
+    fn ack_of(effects: &[Effect]) -> &Ack {
+        effects
+            .iter()
+            .find_map(|e| match e {
+                Effect::Ack { ack, .. } => Some(ack),
+                _ => None,
+            })
+            .expect("an ack")
+    }
+
+    #[test]
+    fn a_fourth_agent_is_refused_with_a_reason_naming_the_capacity() {
+        let mut t = AgentTable::new("pi-1", 3);
+        for (i, name) in ["a", "b", "c"].iter().enumerate() {
+            let effects = t.apply(assign(&format!("c{i}"), name, i as u64 + 1), 0);
+            assert!(ack_of(&effects).ok);
+            assert!(effects.contains(&Effect::CapacityChanged));
+        }
+        let effects = t.apply(assign("c9", "d", 9), 0);
+        let ack = ack_of(&effects);
+        assert!(!ack.ok);
+        let reason = ack.reason.as_deref().unwrap();
+        assert!(reason.contains("agent_capacity is 3"), "{reason}");
+        assert_eq!(t.len(), 3);
+    }
+
+    #[test]
+    fn a_repeated_command_id_is_applied_once() {
+        let mut t = AgentTable::new("pi-1", 1);
+        assert!(ack_of(&t.apply(assign("same", "a", 1), 0)).ok);
+        t.apply(
+            command(
+                "r",
+                1,
+                CommandBody::Release {
+                    agent: "a".into(),
+                    placement: 1,
+                },
+            ),
+            0,
+        );
+        let effects = t.apply(assign("same", "a", 1), 0);
+        assert!(matches!(effects[..], [Effect::Ignored { .. }]));
+        assert!(
+            t.is_empty(),
+            "the redelivered assign must not bring the agent back"
+        );
+    }
+
+    #[test]
+    fn commands_of_an_older_generation_are_ignored() {
+        let mut t = AgentTable::new("pi-1", 2);
+        let mut newer = assign("n", "a", 1);
+        newer.generation = 5;
+        t.apply(newer, 0);
+        let effects = t.apply(assign("o", "b", 2), 0);
+        assert!(
+            matches!(&effects[..], [Effect::Ignored { reason, .. }] if reason.contains("stale"))
+        );
+        assert_eq!(t.names(), vec!["a"]);
+    }
+
+    #[test]
+    fn a_late_release_of_an_older_placement_keeps_the_newer_one() {
+        let mut t = AgentTable::new("pi-1", 2);
+        t.apply(assign("a1", "a", 4), 0);
+        let effects = t.apply(
+            command(
+                "r",
+                1,
+                CommandBody::Release {
+                    agent: "a".into(),
+                    placement: 3,
+                },
+            ),
+            0,
+        );
+        assert!(!ack_of(&effects).ok);
+        assert_eq!(t.names(), vec!["a"]);
+        let effects = t.apply(assign("a0", "a", 2), 0);
+        assert!(
+            !ack_of(&effects).ok,
+            "an older assign does not downgrade the placement"
+        );
+        assert_eq!(t.views()[0].placement, 4);
+    }
+
+    #[test]
+    fn turns_of_one_agent_run_one_at_a_time_in_order() {
+        let mut t = AgentTable::new("pi-1", 2);
+        t.apply(assign("a", "alice", 1), 0);
+        let first = t.apply(turn("t1", "alice"), 0);
+        assert!(
+            matches!(&first[..], [Effect::StartTurn { turn, system, .. }] if turn.id == "t1" && system.as_deref() == Some("be brief"))
+        );
+        assert_eq!(t.apply(turn("t2", "alice"), 0), vec![Effect::Queued]);
+        assert_eq!(t.apply(turn("t3", "alice"), 0), vec![Effect::Queued]);
+        assert_eq!(t.turns_in_flight(), 3);
+        assert!(
+            t.turn_finished("alice", "t2", 0).is_empty(),
+            "only the running turn can finish"
+        );
+        let next = t.turn_finished("alice", "t1", 0);
+        assert!(matches!(&next[..], [Effect::StartTurn { turn, .. }] if turn.id == "t2"));
+        let next = t.turn_finished("alice", "t2", 0);
+        assert!(matches!(&next[..], [Effect::StartTurn { turn, .. }] if turn.id == "t3"));
+        assert!(t.turn_finished("alice", "t3", 0).is_empty());
+        assert_eq!(t.turns_in_flight(), 0);
+        assert_eq!(t.views()[0].turns_completed, 3);
+    }
+
+    #[test]
+    fn a_turn_for_an_unknown_agent_fails_with_a_reason() {
+        let mut t = AgentTable::new("pi-1", 2);
+        let effects = t.apply(turn("t", "ghost"), 0);
+        match &effects[..] {
+            [Effect::TurnFailed { result, .. }] => {
+                let error = result.error.as_ref().unwrap();
+                assert_eq!(error.code, TurnErrorCode::AgentNotAssigned);
+                assert!(error.reason.contains("ghost"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn queued_turns_past_their_deadline_fail_as_expired() {
+        let mut t = AgentTable::new("pi-1", 1);
+        t.apply(assign("a", "alice", 1), 0);
+        t.apply(turn("t1", "alice"), 0);
+        let mut late = turn("t2", "alice");
+        if let CommandBody::Turn(r) = &mut late.body {
+            r.deadline_ms = Some(100);
+        }
+        t.apply(late, 50);
+        t.apply(turn("t3", "alice"), 60);
+        let next = t.turn_finished("alice", "t1", 200);
+        assert!(
+            matches!(&next[0], Effect::TurnFailed { result, .. } if result.error.as_ref().unwrap().code == TurnErrorCode::Expired)
+        );
+        assert!(matches!(&next[1], Effect::StartTurn { turn, .. } if turn.id == "t3"));
+    }
+
+    #[test]
+    fn releasing_an_agent_fails_its_queued_turns_and_frees_the_slot() {
+        let mut t = AgentTable::new("pi-1", 1);
+        t.apply(assign("a", "alice", 1), 0);
+        t.apply(turn("t1", "alice"), 0);
+        t.apply(turn("t2", "alice"), 0);
+        let effects = t.apply(
+            command(
+                "r",
+                1,
+                CommandBody::Release {
+                    agent: "alice".into(),
+                    placement: 1,
+                },
+            ),
+            0,
+        );
+        assert!(ack_of(&effects).ok);
+        assert!(effects
+            .iter()
+            .any(|e| matches!(e, Effect::TurnFailed { turn, .. } if turn.id == "t2")));
+        assert!(t.is_empty());
+        assert!(
+            ack_of(&t.apply(assign("b", "bob", 2), 0)).ok,
+            "the slot is free again"
+        );
+        assert!(t.turn_finished("alice", "t1", 0).is_empty());
+    }
+
+    #[test]
+    fn draining_and_stopping_refuse_new_agents_and_stopping_refuses_turns() {
+        let mut t = AgentTable::new("pi-1", 4);
+        t.apply(assign("a", "alice", 1), 0);
+        let effects = t.apply(command("d", 1, CommandBody::Drain { draining: true }), 0);
+        assert!(effects.contains(&Effect::CapacityChanged));
+        assert!(t.draining());
+        assert!(ack_of(&t.apply(assign("b", "bob", 2), 0))
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("draining"));
+        t.set_stopping();
+        let effects = t.apply(turn("t", "alice"), 0);
+        assert!(
+            matches!(&effects[..], [Effect::TurnFailed { result, .. }] if result.error.as_ref().unwrap().code == TurnErrorCode::ShuttingDown)
+        );
+    }
+
+    #[test]
+    fn the_dedup_memory_is_bounded() {
+        let mut ids = RecentIds::new();
+        for i in 0..(REMEMBERED_COMMANDS * 3) {
+            assert!(ids.insert(&format!("id-{i}")));
+        }
+        assert_eq!(ids.set.len(), REMEMBERED_COMMANDS);
+        assert!(!ids.insert(&format!("id-{}", REMEMBERED_COMMANDS * 3 - 1)));
+        assert!(ids.insert("id-0"), "the oldest ids are forgotten");
+    }
+}

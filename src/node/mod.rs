@@ -1,0 +1,724 @@
+//! The node daemon (`pifleet node`): one per Pi. It announces the Pi's
+//! capacity over MQTT, hosts up to `agent_capacity` agents as the coordinator
+//! commands, and runs their chat turns through the local Ollama.
+//!
+//! One task, the main loop in this file, owns all state (the
+//! [`agents::AgentTable`]) and reacts to:
+//!
+//! * link events: on every ConnAck it announces `online`, its capacity and
+//!   subscribes again (clean sessions); commands go through the table;
+//! * turn completions from a `JoinSet` of turn tasks; each turn task waits
+//!   for one of `ollama.max_parallel` semaphore permits (FIFO), then calls
+//!   Ollama with a timeout;
+//! * probe reports every `heartbeat_secs` (capacity heartbeat);
+//! * queries from the HTTP API;
+//! * a one-second tick for the watchdog and for fencing (no broker for
+//!   `fence_secs` → stop every agent);
+//! * shutdown: take no new work, let turns in flight finish within
+//!   `shutdown_grace_secs`, fail the rest, publish `offline`, disconnect.
+
+pub mod agents;
+pub mod api;
+pub mod metrics;
+pub mod ollama;
+pub mod probe;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::NodeConfig;
+use crate::mqtt::{Link, LinkError, LinkEvent, PublishError, Publisher, Will};
+use crate::protocol::{
+    decode_command, encode, now_ms, Capacity, ChatMessage, NodeTopic, Reply, ReplyBody, Role,
+    Topics, TurnErrorCode, TurnResult, STATUS_OFFLINE, STATUS_ONLINE,
+};
+use crate::systemd::{self, Liveness};
+use agents::{AgentTable, Effect, Turn};
+use ollama::OllamaClient;
+use probe::{HostProbe, ProbeReport};
+
+/// Capacity changes within this window are published as one message.
+const CAPACITY_DEBOUNCE: Duration = Duration::from_millis(200);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot listen on api.listen {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error("capacity probe: {0}")]
+    Probe(String),
+}
+
+/// Runs the node daemon until `shutdown` is cancelled, then stops gracefully.
+pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<(), NodeError> {
+    let bind_error = |source| NodeError::Bind {
+        addr: config.api.listen,
+        source,
+    };
+    let listener = TcpListener::bind(config.api.listen)
+        .await
+        .map_err(bind_error)?;
+    let api_addr = listener.local_addr().map_err(bind_error)?;
+    let host = HostProbe::new(&config.probe).map_err(NodeError::Probe)?;
+    let topics = Topics::new(config.mqtt.topic_root.clone());
+    let will = Will {
+        topic: topics.node(&config.node_id, NodeTopic::Status),
+        payload: STATUS_OFFLINE.into(),
+        retain: true,
+    };
+    let mut link = Link::start(
+        &config.mqtt,
+        &format!("pifleet-node-{}", config.node_id),
+        Some(will),
+    )?;
+    log::info!(
+        "node {} starting: agent_capacity {}, API http://{api_addr}, broker {}, Ollama {}",
+        config.node_id,
+        config.agent_capacity,
+        config.mqtt.address(),
+        config.ollama.url
+    );
+
+    let metrics = Arc::new(metrics::NodeMetrics::new(&config.node_id));
+    metrics.agent_capacity.set(i64::from(config.agent_capacity));
+    let connected = Arc::new(AtomicBool::new(false));
+    let (query_tx, queries) = mpsc::channel(16);
+    let background = CancellationToken::new();
+    let api_state = api::ApiState {
+        node: config.node_id.clone(),
+        connected: connected.clone(),
+        metrics: metrics.clone(),
+        queries: query_tx,
+    };
+    let api_task = tokio::spawn(crate::http::serve(
+        listener,
+        api::router(api_state),
+        background.clone(),
+    ));
+    let ollama = OllamaClient::new(&config.ollama.url);
+    let (probe_tx, probes) = mpsc::channel(2);
+    let probe_task = tokio::spawn(probe::run(
+        host,
+        ollama.clone(),
+        config.heartbeat,
+        probe_tx,
+        background.clone(),
+    ));
+    let liveness = Liveness::default();
+    liveness.beat();
+    systemd::spawn_watchdog(liveness.clone(), background.clone());
+
+    let mut node = Node {
+        table: AgentTable::new(&config.node_id, config.agent_capacity),
+        session: crate::protocol::new_id(),
+        seq: 0,
+        publisher: link.publisher.clone(),
+        probe: ProbeReport::unknown(),
+        probed: false,
+        connected,
+        announced_ready: false,
+        disconnected_since: Some(Instant::now()),
+        dirty: false,
+        last_capacity: Instant::now() - CAPACITY_DEBOUNCE,
+        turns: JoinSet::new(),
+        running: HashMap::new(),
+        slots: Arc::new(Semaphore::new(config.ollama.max_parallel as usize)),
+        ollama,
+        metrics,
+        liveness,
+        stopping: false,
+        topics,
+        config,
+    };
+    node.run(&mut link.events, probes, queries, shutdown).await;
+    node.publish_capacity();
+    node.publish_status(STATUS_OFFLINE);
+    log::info!(
+        "node {} published offline; disconnecting",
+        node.config.node_id
+    );
+    link.close(Duration::from_secs(5)).await;
+    background.cancel();
+    let _ = api_task.await;
+    let _ = probe_task.await;
+    log::info!("node {} stopped", node.config.node_id);
+    Ok(())
+}
+
+/// What a turn task hands back to the main loop.
+struct TurnDone {
+    id: String,
+    generation: u64,
+    agent: String,
+    result: TurnResult,
+}
+
+/// What the main loop knows of a running turn task, to answer for it if the
+/// task dies or the grace period runs out.
+struct RunningTurn {
+    id: String,
+    generation: u64,
+    agent: String,
+    job: Option<String>,
+}
+
+struct Node {
+    config: NodeConfig,
+    topics: Topics,
+    table: AgentTable,
+    session: String,
+    seq: u64,
+    publisher: Publisher,
+    probe: ProbeReport,
+    probed: bool,
+    connected: Arc<AtomicBool>,
+    announced_ready: bool,
+    disconnected_since: Option<Instant>,
+    /// The capacity changed since it was last published.
+    dirty: bool,
+    last_capacity: Instant,
+    turns: JoinSet<TurnDone>,
+    running: HashMap<tokio::task::Id, RunningTurn>,
+    /// `ollama.max_parallel` permits, shared by all turn tasks.
+    slots: Arc<Semaphore>,
+    ollama: OllamaClient,
+    metrics: Arc<metrics::NodeMetrics>,
+    liveness: Liveness,
+    stopping: bool,
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Node {
+    async fn run(
+        &mut self,
+        events: &mut mpsc::Receiver<LinkEvent>,
+        mut probes: mpsc::Receiver<ProbeReport>,
+        mut queries: mpsc::Receiver<api::Query>,
+        shutdown: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut grace_ends: Option<Instant> = None;
+        loop {
+            self.liveness.beat();
+            self.update_gauges();
+            if self.stopping && self.turns.is_empty() && self.table.turns_in_flight() == 0 {
+                log::info!("all turns in flight are answered");
+                return;
+            }
+            let publish_at =
+                (self.dirty && self.is_connected()).then(|| self.last_capacity + CAPACITY_DEBOUNCE);
+            tokio::select! {
+                _ = shutdown.cancelled(), if !self.stopping => {
+                    grace_ends = Some(Instant::now() + self.config.shutdown_grace);
+                    self.begin_shutdown();
+                }
+                _ = sleep_until(grace_ends) => {
+                    self.grace_ran_out();
+                    return;
+                }
+                event = events.recv() => match event {
+                    Some(event) => self.on_link(event),
+                    None => {
+                        log::error!("the MQTT link stopped unexpectedly");
+                        return;
+                    }
+                },
+                Some(report) = probes.recv() => self.on_probe(report),
+                Some(query) = queries.recv() => match query {
+                    api::Query::Agents(reply) => { let _ = reply.send(self.table.views()); }
+                },
+                Some(done) = self.turns.join_next_with_id(), if !self.turns.is_empty() => self.on_turn_done(done),
+                _ = sleep_until(publish_at) => self.publish_capacity(),
+                _ = tick.tick() => self.check_fence(),
+            }
+        }
+    }
+
+    fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    fn update_gauges(&self) {
+        self.metrics.agents_running.set(self.table.len() as i64);
+        self.metrics
+            .turns_in_flight
+            .set(self.table.turns_in_flight() as i64);
+        self.metrics
+            .mqtt_connected
+            .set(i64::from(self.is_connected()));
+    }
+
+    fn on_link(&mut self, event: LinkEvent) {
+        match event {
+            LinkEvent::Connected => {
+                self.connected.store(true, Ordering::Relaxed);
+                if let Some(since) = self.disconnected_since.take() {
+                    log::debug!("broker was away for {:?}", since.elapsed());
+                }
+                // Announce before subscribing: the retained status we then
+                // receive back is already ours.
+                self.publish_status(STATUS_ONLINE);
+                self.publish_capacity();
+                let node = &self.config.node_id;
+                let filters = vec![
+                    self.topics.node(node, NodeTopic::Command),
+                    self.topics.node(node, NodeTopic::Status),
+                ];
+                if let Err(e) = self.publisher.subscribe(filters) {
+                    log::error!("cannot subscribe: {e}");
+                }
+                if !self.announced_ready {
+                    self.announced_ready = true;
+                    systemd::notify_ready(&format!(
+                        "node {} online, {} agent slots",
+                        self.config.node_id, self.config.agent_capacity
+                    ));
+                }
+            }
+            LinkEvent::Disconnected { reason } => {
+                self.connected.store(false, Ordering::Relaxed);
+                self.disconnected_since.get_or_insert_with(Instant::now);
+                log::warn!(
+                    "lost the MQTT broker ({reason}); agents keep running for up to fence_secs"
+                );
+            }
+            LinkEvent::Message { topic, payload } => match self.topics.parse_node_topic(&topic) {
+                Some((node, NodeTopic::Command)) if node == self.config.node_id => {
+                    self.on_command(&topic, &payload)
+                }
+                Some((node, NodeTopic::Status)) if node == self.config.node_id => {
+                    self.on_own_status(&payload)
+                }
+                _ => log::debug!("ignored a message on {topic}"),
+            },
+        }
+    }
+
+    /// A retained `offline` for this node while it is up is the late last
+    /// will of a previous connection: replace it, or dashboards and the
+    /// coordinator would see a live node as gone.
+    fn on_own_status(&mut self, payload: &Bytes) {
+        if payload.as_ref() == STATUS_OFFLINE.as_bytes() && !self.stopping && self.is_connected() {
+            log::warn!("a stale 'offline' (an older connection's last will) replaced this node's status; announcing online again");
+            self.publish_status(STATUS_ONLINE);
+            self.publish_capacity();
+        }
+    }
+
+    fn on_command(&mut self, topic: &str, payload: &Bytes) {
+        let command =
+            match decode_command(payload, self.publisher.max_payload(), &self.config.node_id) {
+                Ok(command) => command,
+                Err(e) => {
+                    log::warn!("ignored a command on {topic}: {e}");
+                    self.metrics.command("invalid", "rejected");
+                    return;
+                }
+            };
+        let generation = self.table.generation();
+        let effects = self.table.apply(command, now_ms());
+        if self.table.generation() > generation && generation > 0 {
+            log::info!("coordinator generation is now {}", self.table.generation());
+        }
+        self.apply(effects);
+    }
+
+    fn apply(&mut self, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::Ack {
+                    id,
+                    generation,
+                    ack,
+                } => {
+                    let kind = format!("{:?}", ack.command).to_lowercase();
+                    let agent = ack.agent.as_deref().unwrap_or("-");
+                    match (&ack.ok, &ack.reason) {
+                        (true, None) => log::info!(
+                            "{kind} {agent}: done ({} agents hosted)",
+                            ack.agents_running
+                        ),
+                        (true, Some(note)) => log::info!("{kind} {agent}: {note}"),
+                        (false, reason) => log::warn!(
+                            "{kind} {agent} refused: {}",
+                            reason.as_deref().unwrap_or("")
+                        ),
+                    }
+                    self.metrics
+                        .command(&kind, if ack.ok { "applied" } else { "refused" });
+                    self.reply(id, generation, ReplyBody::Ack(ack));
+                }
+                Effect::TurnFailed { turn, result } => {
+                    if let Some(error) = &result.error {
+                        log::warn!(
+                            "turn {} for {} failed: {}",
+                            turn.id,
+                            result.agent,
+                            error.reason
+                        );
+                    }
+                    self.metrics.command("turn", "refused");
+                    self.reply(turn.id, turn.generation, ReplyBody::TurnResult(result));
+                }
+                Effect::StartTurn {
+                    turn,
+                    model,
+                    system,
+                } => {
+                    self.metrics.command("turn", "applied");
+                    self.start_turn(turn, model, system);
+                }
+                Effect::Queued => self.metrics.command("turn", "queued"),
+                Effect::CapacityChanged => self.dirty = true,
+                Effect::Ignored { id, reason } => {
+                    log::info!("ignored command {id}: {reason}");
+                    self.metrics.command("any", "ignored");
+                }
+            }
+        }
+    }
+
+    fn start_turn(&mut self, turn: Turn, model: String, system: Option<String>) {
+        let Turn {
+            id,
+            generation,
+            request,
+        } = turn;
+        let agent = request.agent.clone();
+        let job = request.job.clone();
+        let slots = self.slots.clone();
+        let ollama = self.ollama.clone();
+        let metrics = self.metrics.clone();
+        let timeout = self.config.ollama.request_timeout;
+        let task_agent = agent.clone();
+        let task_id = id.clone();
+        let handle = self.turns.spawn(async move {
+            let result =
+                execute_turn(&slots, &ollama, &metrics, model, system, request, timeout).await;
+            TurnDone {
+                id: task_id,
+                generation,
+                agent: task_agent,
+                result,
+            }
+        });
+        self.running.insert(
+            handle.id(),
+            RunningTurn {
+                id,
+                generation,
+                agent,
+                job,
+            },
+        );
+    }
+
+    fn on_turn_done(&mut self, done: Result<(tokio::task::Id, TurnDone), tokio::task::JoinError>) {
+        let done = match done {
+            Ok((task, done)) => {
+                self.running.remove(&task);
+                done
+            }
+            Err(e) => {
+                let Some(turn) = self.running.remove(&e.id()) else {
+                    return;
+                };
+                log::error!("turn {} for {} ended abnormally: {e}", turn.id, turn.agent);
+                let reason = format!("the node's turn task failed: {e}");
+                TurnDone {
+                    result: TurnResult::failed(
+                        &turn.agent,
+                        turn.job,
+                        TurnErrorCode::OllamaError,
+                        reason,
+                    ),
+                    id: turn.id,
+                    generation: turn.generation,
+                    agent: turn.agent,
+                }
+            }
+        };
+        match &done.result.error {
+            None => log::info!(
+                "turn {} for {} answered ({} tokens)",
+                done.id,
+                done.agent,
+                done.result.usage.as_ref().map_or(0, |u| u.eval_count)
+            ),
+            Some(error) => log::warn!(
+                "turn {} for {} failed: {}",
+                done.id,
+                done.agent,
+                error.reason
+            ),
+        }
+        self.reply(
+            done.id.clone(),
+            done.generation,
+            ReplyBody::TurnResult(done.result),
+        );
+        let next = self.table.turn_finished(&done.agent, &done.id, now_ms());
+        self.apply(next);
+    }
+
+    fn on_probe(&mut self, report: ProbeReport) {
+        if report.ollama_reachable != self.probe.ollama_reachable || !self.probed {
+            match &report.ollama_error {
+                Some(e) => {
+                    log::warn!("{e}; the node keeps running and reports ollama_reachable=false")
+                }
+                None => log::info!(
+                    "Ollama at {} is reachable with {} models",
+                    self.ollama.url(),
+                    report.models.len()
+                ),
+            }
+        } else if report.models != self.probe.models {
+            log::info!("Ollama models are now {:?}", report.models);
+        }
+        self.metrics
+            .ollama_reachable
+            .set(i64::from(report.ollama_reachable));
+        if let Some(t) = report.temperature_c {
+            self.metrics.temperature_celsius.set(f64::from(t));
+        }
+        self.probe = report;
+        self.probed = true;
+        // Every probe report is a heartbeat.
+        self.publish_capacity();
+    }
+
+    fn check_fence(&mut self) {
+        let Some(since) = self.disconnected_since else {
+            return;
+        };
+        if since.elapsed() < self.config.fence_after || self.table.is_empty() {
+            return;
+        }
+        log::warn!(
+            "no broker for {}s (fence_secs): stopping all {} agents so that none runs twice once the coordinator moves them",
+            since.elapsed().as_secs(),
+            self.table.len()
+        );
+        let effects = self.table.remove_all(TurnErrorCode::Fenced);
+        self.apply(effects);
+        self.dirty = true;
+    }
+
+    fn begin_shutdown(&mut self) {
+        systemd::notify_stopping();
+        self.stopping = true;
+        self.table.set_stopping();
+        self.dirty = true;
+        log::info!(
+            "stopping: taking no new work; {} turns in flight get up to {}s (shutdown_grace_secs)",
+            self.table.turns_in_flight(),
+            self.config.shutdown_grace.as_secs()
+        );
+    }
+
+    fn grace_ran_out(&mut self) {
+        let grace = self.config.shutdown_grace.as_secs();
+        let reason = || {
+            format!(
+                "node {} stopped: its {grace}s grace period ran out first",
+                self.config.node_id
+            )
+        };
+        let mut unfinished = 0;
+        for turn in self.table.take_queued() {
+            unfinished += 1;
+            let result = TurnResult::failed(
+                &turn.request.agent,
+                turn.request.job.clone(),
+                TurnErrorCode::ShuttingDown,
+                reason(),
+            );
+            self.reply(turn.id, turn.generation, ReplyBody::TurnResult(result));
+        }
+        for (_, turn) in std::mem::take(&mut self.running) {
+            unfinished += 1;
+            let result =
+                TurnResult::failed(&turn.agent, turn.job, TurnErrorCode::ShuttingDown, reason());
+            self.reply(turn.id, turn.generation, ReplyBody::TurnResult(result));
+        }
+        self.turns.abort_all();
+        log::warn!("grace period of {grace}s ran out: {unfinished} turns answered as failed (shutting_down)");
+    }
+
+    fn reply(&self, id: String, generation: u64, body: ReplyBody) {
+        let topic = self.topics.node(&self.config.node_id, NodeTopic::Reply);
+        let reply = Reply {
+            id,
+            node: self.config.node_id.clone(),
+            session: self.session.clone(),
+            generation,
+            body,
+        };
+        match self.publisher.publish(topic.clone(), encode(&reply), false) {
+            Ok(()) => {}
+            Err(PublishError::TooLarge { size, max, .. }) => {
+                let ReplyBody::TurnResult(result) = &reply.body else {
+                    log::error!(
+                        "reply {} of {size} bytes exceeds max_payload_bytes ({max})",
+                        reply.id
+                    );
+                    return;
+                };
+                let reason = format!(
+                    "the answer ({size} bytes as JSON) exceeds mqtt.max_payload_bytes ({max})"
+                );
+                let failed = TurnResult::failed(
+                    &result.agent,
+                    result.job.clone(),
+                    TurnErrorCode::OllamaError,
+                    reason,
+                );
+                let smaller = Reply {
+                    body: ReplyBody::TurnResult(failed),
+                    ..reply
+                };
+                if let Err(e) = self.publisher.publish(topic, encode(&smaller), false) {
+                    log::error!("cannot publish reply {}: {e}", smaller.id);
+                }
+            }
+            Err(e) => log::error!("cannot publish reply {}: {e}", reply.id),
+        }
+    }
+
+    fn publish_status(&self, status: &str) {
+        let topic = self.topics.node(&self.config.node_id, NodeTopic::Status);
+        if let Err(e) = self.publisher.publish(topic, status, true) {
+            log::error!("cannot publish status {status}: {e}");
+        }
+    }
+
+    fn capacity(&mut self) -> Capacity {
+        self.seq += 1;
+        let p = &self.probe;
+        Capacity {
+            node: self.config.node_id.clone(),
+            session: self.session.clone(),
+            seq: self.seq,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            arch: std::env::consts::ARCH.to_owned(),
+            agent_capacity: self.config.agent_capacity,
+            agents_running: self.table.len() as u32,
+            agents: self.table.names(),
+            cpu: p.cpu.clone(),
+            memory: p.memory.clone(),
+            temperature_c: p.temperature_c,
+            throttled: p.throttled,
+            models: p.models.clone(),
+            ollama_reachable: p.ollama_reachable,
+            labels: self.config.labels.clone(),
+            draining: self.table.draining(),
+            ts: now_ms(),
+            max_temperature_c: Some(self.config.max_temperature_c),
+            max_parallel: self.config.ollama.max_parallel,
+            turns_in_flight: self.table.turns_in_flight() as u32,
+            generation: self.table.generation(),
+        }
+    }
+
+    /// Publishes the retained capacity message now. While disconnected it
+    /// only marks it due: the ConnAck handler publishes a fresh one.
+    fn publish_capacity(&mut self) {
+        if !self.is_connected() {
+            self.dirty = true;
+            return;
+        }
+        self.dirty = false;
+        self.last_capacity = Instant::now();
+        let capacity = self.capacity();
+        let topic = self.topics.node(&self.config.node_id, NodeTopic::Capacity);
+        if let Err(e) = self.publisher.publish(topic, encode(&capacity), true) {
+            log::error!("cannot publish capacity: {e}");
+        }
+    }
+}
+
+/// Runs one turn: waits for an Ollama slot, then asks Ollama.
+async fn execute_turn(
+    slots: &Semaphore,
+    ollama: &OllamaClient,
+    metrics: &metrics::NodeMetrics,
+    model: String,
+    system: Option<String>,
+    request: crate::protocol::TurnRequest,
+    timeout: Duration,
+) -> TurnResult {
+    let Ok(_permit) = slots.acquire().await else {
+        return TurnResult::failed(
+            &request.agent,
+            request.job,
+            TurnErrorCode::ShuttingDown,
+            "node stopping".into(),
+        );
+    };
+    if let Some(deadline) = request.deadline_ms {
+        let now = now_ms();
+        if deadline <= now {
+            let reason = format!(
+                "the turn waited for an Ollama slot until {} ms past its deadline",
+                now - deadline
+            );
+            return TurnResult::failed(&request.agent, request.job, TurnErrorCode::Expired, reason);
+        }
+    }
+    let mut messages = request.messages;
+    if let Some(system) = system {
+        if messages.first().map(|m| m.role) != Some(Role::System) {
+            messages.insert(0, ChatMessage::new(Role::System, system));
+        }
+    }
+    let started = std::time::Instant::now();
+    let outcome = ollama.chat(&model, messages, timeout).await;
+    let seconds = started.elapsed().as_secs_f64();
+    match outcome {
+        Ok((message, usage)) => {
+            metrics.ollama_request("ok", seconds);
+            TurnResult {
+                agent: request.agent,
+                ok: true,
+                model: Some(model),
+                message: Some(message),
+                usage: Some(usage),
+                error: None,
+                job: request.job,
+            }
+        }
+        Err(error) => {
+            metrics.ollama_request(error.code.as_str(), seconds);
+            TurnResult {
+                agent: request.agent,
+                ok: false,
+                model: Some(model),
+                message: None,
+                usage: None,
+                error: Some(error),
+                job: request.job,
+            }
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! Payloads of the MQTT contract: what a node announces, what the coordinator
+//! commands and what the node replies. Plain serde types, no I/O.
+//!
+//! Every command carries an `id` (receivers deduplicate: QoS 1 delivers at
+//! least once), the node id it is meant for (checked against the topic) and
+//! the coordinator's `generation` (nodes ignore older generations). Every
+//! reply and capacity message carries the node's `session`, a random id per
+//! process start, so the coordinator can tell a restarted node from a late
+//! message of its previous life. `docs/PROTOCOL.md` describes the exchange.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Retained payload of `{root}/nodes/{node}/status` while the node is up.
+pub const STATUS_ONLINE: &str = "online";
+/// Retained payload of `{root}/nodes/{node}/status` after a clean stop, and the
+/// node's last will.
+pub const STATUS_OFFLINE: &str = "offline";
+
+/// The retained capacity announcement of one node (DESIGN §4, contract).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Capacity {
+    pub node: String,
+    /// Random per process start; changes when the node restarts.
+    pub session: String,
+    /// Increases with every capacity message of one session.
+    pub seq: u64,
+    /// pifleet version of the node.
+    pub version: String,
+    pub arch: String,
+    pub agent_capacity: u32,
+    pub agents_running: u32,
+    /// Names of the agents the node hosts, sorted.
+    pub agents: Vec<String>,
+    pub cpu: CpuInfo,
+    pub memory: MemoryInfo,
+    /// Degrees Celsius of the SoC thermal zone; `null` where there is none.
+    pub temperature_c: Option<f32>,
+    /// From the Pi firmware's `get_throttled`; `null` where there is none.
+    pub throttled: Option<bool>,
+    /// Local Ollama models, normalised to `name:tag`.
+    pub models: Vec<String>,
+    pub ollama_reachable: bool,
+    pub labels: BTreeMap<String, String>,
+    pub draining: bool,
+    /// Unix time in milliseconds when the message was made.
+    pub ts: u64,
+    /// The node's own temperature limit, for the scheduler.
+    #[serde(default)]
+    pub max_temperature_c: Option<f32>,
+    /// Ollama calls the node runs at once (`ollama.max_parallel`).
+    #[serde(default)]
+    pub max_parallel: u32,
+    /// Chat turns received and not yet answered (running or queued).
+    #[serde(default)]
+    pub turns_in_flight: u32,
+    /// The highest coordinator generation the node has accepted.
+    #[serde(default)]
+    pub generation: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CpuInfo {
+    pub cores: u32,
+    pub load1: f64,
+    pub usage_pct: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemoryInfo {
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+}
+
+/// Who spoke a chat message (Ollama's roles).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+    Tool,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        ChatMessage {
+            role,
+            content: content.into(),
+        }
+    }
+}
+
+/// What defines an agent wherever it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentSpec {
+    pub name: String,
+    /// Ollama model, normalised to `name:tag`.
+    pub model: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    /// Labels a node must carry to host the agent.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A command from the coordinator to one node, on `{root}/nodes/{node}/cmd`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    /// Unique per command; repeated deliveries carry the same id.
+    pub id: String,
+    /// The node the command is for; must equal the node in the topic.
+    pub node: String,
+    /// The coordinator's generation; nodes ignore older generations.
+    pub generation: u64,
+    #[serde(flatten)]
+    pub body: CommandBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum CommandBody {
+    /// Host `agent`. `placement` increases with every placement the
+    /// coordinator makes, so a late command about an older placement of the
+    /// same agent can be told apart.
+    Assign { agent: AgentSpec, placement: u64 },
+    /// Stop hosting `agent`, unless the node holds a newer placement of it.
+    Release { agent: String, placement: u64 },
+    /// Mark the node draining (or not): the coordinator places nothing new
+    /// there and the node says so in its capacity message.
+    Drain { draining: bool },
+    /// Run one chat turn for a hosted agent.
+    Turn(TurnRequest),
+}
+
+impl CommandBody {
+    pub fn kind(&self) -> CommandKind {
+        match self {
+            CommandBody::Assign { .. } => CommandKind::Assign,
+            CommandBody::Release { .. } => CommandKind::Release,
+            CommandBody::Drain { .. } => CommandKind::Drain,
+            CommandBody::Turn(_) => CommandKind::Turn,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandKind {
+    Assign,
+    Release,
+    Drain,
+    Turn,
+}
+
+/// One chat turn: the whole conversation to send to Ollama. Nodes keep no
+/// history; the coordinator sends the stored history with every turn.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TurnRequest {
+    pub agent: String,
+    /// History followed by the new message(s), oldest first.
+    pub messages: Vec<ChatMessage>,
+    /// System prompt; sent to Ollama first unless `messages` starts with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    /// Unix ms after which nobody waits for the answer: a turn still queued
+    /// then is failed with `expired` instead of run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+    /// The job this turn serves, if any (for logs and the coordinator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+}
+
+/// A node's answer to a command, on `{root}/nodes/{node}/reply`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    /// The id of the command answered.
+    pub id: String,
+    pub node: String,
+    pub session: String,
+    /// The generation of the command answered.
+    pub generation: u64,
+    #[serde(flatten)]
+    pub body: ReplyBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ReplyBody {
+    Ack(Ack),
+    TurnResult(TurnResult),
+}
+
+/// Outcome of an assign, release or drain command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ack {
+    pub command: CommandKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<u64>,
+    pub ok: bool,
+    /// Why the command was refused (or a note on an accepted one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Agents the node hosts after applying the command.
+    pub agents_running: u32,
+}
+
+/// Outcome of a chat turn.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TurnResult {
+    pub agent: String,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<ChatMessage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<TurnError>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+}
+
+impl TurnResult {
+    pub fn failed(agent: &str, job: Option<String>, code: TurnErrorCode, reason: String) -> Self {
+        TurnResult {
+            agent: agent.to_owned(),
+            ok: false,
+            model: None,
+            message: None,
+            usage: None,
+            error: Some(TurnError { code, reason }),
+            job,
+        }
+    }
+}
+
+/// Token counts and durations (nanoseconds) as Ollama reports them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_eval_count: u64,
+    pub eval_count: u64,
+    pub total_duration: u64,
+    pub load_duration: u64,
+    pub prompt_eval_duration: u64,
+    pub eval_duration: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TurnError {
+    pub code: TurnErrorCode,
+    pub reason: String,
+}
+
+/// Why a turn failed; stable names for scripts and retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TurnErrorCode {
+    /// Nothing answered at the node's Ollama URL.
+    OllamaUnreachable,
+    /// Ollama does not have the agent's model.
+    ModelMissing,
+    /// Ollama answered 503 "server busy".
+    OllamaBusy,
+    /// Ollama did not answer within `ollama.request_timeout_secs`.
+    Timeout,
+    /// Any other error Ollama reported.
+    OllamaError,
+    /// The node does not host the agent.
+    AgentNotAssigned,
+    /// The agent was released before its queued turn ran.
+    Released,
+    /// The turn's deadline passed while it waited in the queue.
+    Expired,
+    /// The node is stopping and did not run or finish the turn.
+    ShuttingDown,
+    /// The node lost the broker for longer than its fence timeout.
+    Fenced,
+}
+
+impl TurnErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TurnErrorCode::OllamaUnreachable => "ollama_unreachable",
+            TurnErrorCode::ModelMissing => "model_missing",
+            TurnErrorCode::OllamaBusy => "ollama_busy",
+            TurnErrorCode::Timeout => "timeout",
+            TurnErrorCode::OllamaError => "ollama_error",
+            TurnErrorCode::AgentNotAssigned => "agent_not_assigned",
+            TurnErrorCode::Released => "released",
+            TurnErrorCode::Expired => "expired",
+            TurnErrorCode::ShuttingDown => "shutting_down",
+            TurnErrorCode::Fenced => "fenced",
+        }
+    }
+
+    /// Whether running the same turn elsewhere may succeed.
+    pub fn retryable(self) -> bool {
+        !matches!(self, TurnErrorCode::ModelMissing)
+    }
+}

@@ -1,0 +1,194 @@
+//! The MQTT contract shared by the node, the coordinator and simulators:
+//! topics ([`topics`]), payloads ([`messages`]) and their bounded decoding.
+//! Nothing here does I/O, so a fleet simulator can reuse it as is.
+
+mod messages;
+mod topics;
+
+pub use messages::*;
+pub use topics::{validate_node_id, validate_topic_root, NodeTopic, Topics};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Default bound on an MQTT payload, both directions: 1 MiB holds a turn with
+/// 100 history messages of ~10 KB each, or the capacity message of a node
+/// hosting ~20,000 agents.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
+
+/// Why a payload was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("payload of {size} bytes exceeds the limit of {max} bytes")]
+    TooLarge { size: usize, max: usize },
+    #[error("payload is not valid JSON for this topic: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("payload names node {payload:?} but arrived on the topic of node {topic:?}")]
+    WrongNode { payload: String, topic: String },
+}
+
+/// Decodes a JSON payload of at most `max` bytes.
+pub fn decode<T: DeserializeOwned>(payload: &[u8], max: usize) -> Result<T, DecodeError> {
+    if payload.len() > max {
+        return Err(DecodeError::TooLarge {
+            size: payload.len(),
+            max,
+        });
+    }
+    Ok(serde_json::from_slice(payload)?)
+}
+
+/// Decodes a command that arrived on the command topic of `topic_node`,
+/// rejecting one addressed to another node.
+pub fn decode_command(
+    payload: &[u8],
+    max: usize,
+    topic_node: &str,
+) -> Result<Command, DecodeError> {
+    let command: Command = decode(payload, max)?;
+    if command.node != topic_node {
+        return Err(DecodeError::WrongNode {
+            payload: command.node,
+            topic: topic_node.to_owned(),
+        });
+    }
+    Ok(command)
+}
+
+/// Encodes a payload. Serialising these plain types cannot fail.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("protocol types always serialise")
+}
+
+/// Normalises an Ollama model name as Ollama does: a name without a tag
+/// means `:latest` (`llama3.2` → `llama3.2:latest`).
+pub fn normalize_model(name: &str) -> String {
+    let name = name.trim();
+    let last_segment = name.rsplit('/').next().unwrap_or(name);
+    if last_segment.contains(':') {
+        name.to_owned()
+    } else {
+        format!("{name}:latest")
+    }
+}
+
+/// A new random id: 16 hex digits (64 bits), for sessions and command ids.
+pub fn new_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` for a Unix time in milliseconds.
+pub fn utc_timestamp(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn timestamps_are_utc_calendar_dates() {
+        assert_eq!(utc_timestamp(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(utc_timestamp(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(utc_timestamp(1_795_392_000_000), "2026-11-23T00:00:00.000Z");
+    }
+
+    #[test]
+    fn model_names_without_tag_mean_latest() {
+        assert_eq!(normalize_model("llama3.2"), "llama3.2:latest");
+        assert_eq!(normalize_model("llama3.2:latest"), "llama3.2:latest");
+        assert_eq!(normalize_model("phi3.5:3.8b"), "phi3.5:3.8b");
+        assert_eq!(
+            normalize_model("registry:5000/me/model"),
+            "registry:5000/me/model:latest"
+        );
+        assert_eq!(normalize_model("me/model:q4"), "me/model:q4");
+    }
+
+    #[test]
+    fn commands_round_trip_with_their_type_tag() {
+        let command = Command {
+            id: "c1".into(),
+            node: "pi-1".into(),
+            generation: 7,
+            body: CommandBody::Assign {
+                agent: AgentSpec {
+                    name: "alice".into(),
+                    model: "llama3.2:latest".into(),
+                    system: Some("be brief".into()),
+                    labels: BTreeMap::new(),
+                },
+                placement: 3,
+            },
+        };
+        let json = String::from_utf8(encode(&command)).unwrap();
+        assert!(json.contains(r#""type":"assign""#), "{json}");
+        let back: Command = decode(json.as_bytes(), 1024).unwrap();
+        assert_eq!(back, command);
+    }
+
+    #[test]
+    fn a_turn_result_round_trips_inside_a_reply() {
+        let reply = Reply {
+            id: "t1".into(),
+            node: "pi-1".into(),
+            session: "s".into(),
+            generation: 2,
+            body: ReplyBody::TurnResult(TurnResult::failed(
+                "alice",
+                None,
+                TurnErrorCode::OllamaBusy,
+                "busy".into(),
+            )),
+        };
+        let bytes = encode(&reply);
+        let text = std::str::from_utf8(&bytes).unwrap();
+        assert!(text.contains(r#""code":"ollama_busy""#), "{text}");
+        assert_eq!(decode::<Reply>(&bytes, 4096).unwrap(), reply);
+    }
+
+    #[test]
+    fn decoding_refuses_oversize_garbage_and_foreign_node_payloads() {
+        assert!(matches!(
+            decode::<Command>(&[b' '; 100], 10),
+            Err(DecodeError::TooLarge { size: 100, max: 10 })
+        ));
+        assert!(matches!(
+            decode::<Command>(b"{not json", 100),
+            Err(DecodeError::Json(_))
+        ));
+        let drain = br#"{"id":"x","node":"pi-2","generation":1,"type":"drain","draining":true}"#;
+        assert!(matches!(
+            decode_command(drain, 1000, "pi-1"),
+            Err(DecodeError::WrongNode { .. })
+        ));
+        assert!(decode_command(drain, 1000, "pi-2").is_ok());
+    }
+}

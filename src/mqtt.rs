@@ -40,13 +40,21 @@ const TRANSPORT_LIMIT_FACTOR: usize = 4;
 /// What the poller reports to the application.
 #[derive(Debug)]
 pub enum LinkEvent {
-    /// The broker accepted the connection (every ConnAck): subscribe and
-    /// announce again, the session is new.
+    /// The broker accepted the connection (every ConnAck): subscribe again,
+    /// the session is new.
     Connected,
+    /// The broker acknowledged a subscription: messages on it now arrive.
+    /// Announce yourself only now, or commands sent in reply could be lost.
+    Subscribed,
     /// The connection failed or dropped; the link is retrying.
     Disconnected { reason: String },
-    /// A message on a subscribed topic.
-    Message { topic: String, payload: Bytes },
+    /// A message on a subscribed topic. `retain` is set when the broker
+    /// replays its stored message on subscription, clear for live messages.
+    Message {
+        topic: String,
+        payload: Bytes,
+        retain: bool,
+    },
 }
 
 /// The last will the broker publishes if the connection dies uncleanly.
@@ -311,7 +319,9 @@ async fn poll(
             Ok(Event::Incoming(Packet::Publish(p))) => Some(LinkEvent::Message {
                 topic: p.topic,
                 payload: p.payload,
+                retain: p.retain,
             }),
+            Ok(Event::Incoming(Packet::SubAck(_))) => Some(LinkEvent::Subscribed),
             Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
             Ok(_) => None,
             Err(ConnectionError::RequestsDone) => return,

@@ -16,7 +16,8 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use serde::Serialize;
 
 use crate::protocol::{
-    Ack, AgentSpec, Command, CommandBody, CommandKind, TurnErrorCode, TurnRequest, TurnResult,
+    normalize_model, Ack, AgentSpec, Command, CommandBody, CommandKind, TurnErrorCode, TurnRequest,
+    TurnResult,
 };
 
 /// Command ids remembered for deduplication. QoS 1 redeliveries arrive within
@@ -276,10 +277,11 @@ impl AgentTable {
         &mut self,
         id: String,
         generation: u64,
-        spec: AgentSpec,
+        mut spec: AgentSpec,
         placement: u64,
         now_ms: u64,
     ) -> Vec<Effect> {
+        spec.model = normalize_model(&spec.model);
         let name = spec.name.clone();
         let refuse = |table: &Self, reason: String| {
             vec![table.ack(
@@ -527,7 +529,7 @@ mod tests {
             CommandBody::Assign {
                 agent: AgentSpec {
                     name: name.into(),
-                    model: "llama3.2:latest".into(),
+                    model: "llama3.2".into(),
                     system: Some("be brief".into()),
                     labels: BTreeMap::new(),
                 },
@@ -659,6 +661,11 @@ mod tests {
         assert!(t.turn_finished("alice", "t3", 0).is_empty());
         assert_eq!(t.turns_in_flight(), 0);
         assert_eq!(t.views()[0].turns_completed, 3);
+        assert_eq!(
+            t.views()[0].model,
+            "llama3.2:latest",
+            "model names are normalised"
+        );
     }
 
     #[test]

@@ -271,14 +271,9 @@ impl Node {
     fn on_link(&mut self, event: LinkEvent) {
         match event {
             LinkEvent::Connected => {
-                self.connected.store(true, Ordering::Relaxed);
                 if let Some(since) = self.disconnected_since.take() {
                     log::debug!("broker was away for {:?}", since.elapsed());
                 }
-                // Announce before subscribing: the retained status we then
-                // receive back is already ours.
-                self.publish_status(STATUS_ONLINE);
-                self.publish_capacity();
                 let node = &self.config.node_id;
                 let filters = vec![
                     self.topics.node(node, NodeTopic::Command),
@@ -287,6 +282,17 @@ impl Node {
                 if let Err(e) = self.publisher.subscribe(filters) {
                     log::error!("cannot subscribe: {e}");
                 }
+            }
+            LinkEvent::Subscribed => {
+                // Commands now reach us: only now say we are here.
+                self.connected.store(true, Ordering::Relaxed);
+                self.publish_status(STATUS_ONLINE);
+                self.publish_capacity();
+                log::info!(
+                    "node {} ready: online, subscribed to {}",
+                    self.config.node_id,
+                    self.topics.node(&self.config.node_id, NodeTopic::Command)
+                );
                 if !self.announced_ready {
                     self.announced_ready = true;
                     systemd::notify_ready(&format!(
@@ -302,11 +308,16 @@ impl Node {
                     "lost the MQTT broker ({reason}); agents keep running for up to fence_secs"
                 );
             }
-            LinkEvent::Message { topic, payload } => match self.topics.parse_node_topic(&topic) {
+            LinkEvent::Message {
+                topic,
+                payload,
+                retain,
+            } => match self.topics.parse_node_topic(&topic) {
                 Some((node, NodeTopic::Command)) if node == self.config.node_id => {
                     self.on_command(&topic, &payload)
                 }
-                Some((node, NodeTopic::Status)) if node == self.config.node_id => {
+                // A retained replay is the state from before our announcement.
+                Some((node, NodeTopic::Status)) if node == self.config.node_id && !retain => {
                     self.on_own_status(&payload)
                 }
                 _ => log::debug!("ignored a message on {topic}"),
@@ -314,8 +325,8 @@ impl Node {
         }
     }
 
-    /// A retained `offline` for this node while it is up is the late last
-    /// will of a previous connection: replace it, or dashboards and the
+    /// A live `offline` for this node while it is up is the late last will
+    /// of a previous connection: replace it, or dashboards and the
     /// coordinator would see a live node as gone.
     fn on_own_status(&mut self, payload: &Bytes) {
         if payload.as_ref() == STATUS_OFFLINE.as_bytes() && !self.stopping && self.is_connected() {

@@ -1,0 +1,6 @@
+//! One integration-test binary (ripgrep's layout): shared harness in `util`,
+//! one module per component.
+
+mod util;
+
+mod node;

@@ -36,8 +36,14 @@ fn cpu_ticks(pid: u32) -> u64 {
 }
 
 fn ticks_per_sec() -> f64 {
-    let out = std::process::Command::new("getconf").arg("CLK_TCK").output().expect("getconf");
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(100.0)
+    let out = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .expect("getconf");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(100.0)
 }
 
 #[tokio::main]
@@ -71,7 +77,9 @@ async fn main() {
             "id": format!("a{i}"), "node": "bench-node", "generation": 1, "type": "assign", "placement": i + 1,
             "agent": {"name": format!("agent-{i:04}"), "model": "llama3.2", "system": "You are a helpful assistant."}
         });
-        client.publish_json("pifleet/nodes/bench-node/cmd", &command).await;
+        client
+            .publish_json("pifleet/nodes/bench-node/cmd", &command)
+            .await;
     }
     client
         .wait_for("1,000 acks", Duration::from_secs(120), |log| {
@@ -87,13 +95,22 @@ async fn main() {
 
     let per_agent = (loaded.saturating_sub(idle)) as f64 * 1024.0 / AGENTS as f64;
     println!("node footprint (release build, heartbeat every 1 s, Mosquitto on loopback)");
-    println!("  idle RSS:                      {:>8.1} MiB", idle as f64 / 1024.0);
-    println!("  RSS with {AGENTS} idle agents:     {:>8.1} MiB", loaded as f64 / 1024.0);
+    println!(
+        "  idle RSS:                      {:>8.1} MiB",
+        idle as f64 / 1024.0
+    );
+    println!(
+        "  RSS with {AGENTS} idle agents:     {:>8.1} MiB",
+        loaded as f64 / 1024.0
+    );
     println!("  memory per idle agent:         {:>8.0} bytes", per_agent);
     println!(
         "  CPU per heartbeat (idle):      {:>8.2} ms  ({:.3} % of one core at 1 heartbeat/s)",
         cpu_secs / heartbeats * 1000.0,
         cpu_secs / window.as_secs_f64() * 100.0
     );
-    println!("  CPU with {AGENTS} agents, idle:    {:>8.3} % of one core", loaded_cpu * 100.0);
+    println!(
+        "  CPU with {AGENTS} agents, idle:    {:>8.3} % of one core",
+        loaded_cpu * 100.0
+    );
 }

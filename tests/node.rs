@@ -201,7 +201,10 @@ async fn a_frozen_node_is_declared_offline_by_keep_alive_and_comes_back_online_w
     // The node sends a packet every second, so the broker owes the will 1.5 x
     // keep-alive (7.5 s) later; Debian's Mosquitto 2.0 sweeps keep-alives
     // only every 5 s, hence up to 12.5 s (docs/PROTOCOL.md, "Liveness").
-    assert!(waited <= Duration::from_millis(12_500 + 1_000), "offline after {waited:?} (keep-alive 5 s)");
+    assert!(
+        waited <= Duration::from_millis(12_500 + 1_000),
+        "offline after {waited:?} (keep-alive 5 s)"
+    );
     node.proc.signal("CONT");
     client
         .wait_message("pifleet/nodes/pi-frozen/status", |m| {
@@ -789,4 +792,44 @@ fn a_node_with_a_missing_config_file_exits_64_naming_the_file() {
     );
     assert_eq!(proc.wait_exit(WAIT).code(), Some(64));
     proc.wait_for_line("/nonexistent/node.toml", WAIT);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn under_systemd_the_node_notifies_ready_pings_the_watchdog_and_notifies_stopping() {
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(WAIT)).unwrap();
+    let path = socket_path.to_str().unwrap();
+    let mut node = Node::start_with_env(
+        "pi-systemd",
+        &broker,
+        &sim.url,
+        "agent_capacity = 1",
+        "",
+        &[("NOTIFY_SOCKET", path), ("WATCHDOG_USEC", "1000000")],
+    );
+    let mut received = Vec::new();
+    let mut read_until = |needle: &str| loop {
+        let mut buf = [0u8; 1024];
+        let n = socket.recv(&mut buf).expect("a notification in time");
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        received.push(text.clone());
+        if text.contains(needle) {
+            return;
+        }
+    };
+    read_until("READY=1");
+    read_until("WATCHDOG=1");
+    node.proc.signal("TERM");
+    read_until("STOPPING=1");
+    assert_eq!(node.proc.wait_exit(WAIT).code(), Some(0));
+    assert!(
+        received
+            .iter()
+            .any(|m| m.contains("STATUS=node pi-systemd online")),
+        "{received:?}"
+    );
 }

@@ -4,3 +4,4 @@
 mod util;
 
 mod node;
+mod ollama_sim;

@@ -1,0 +1,206 @@
+//! The Ollama simulator speaks Ollama's REST API (ollama/ollama docs/api.md):
+//! field names, NDJSON streaming, nanosecond durations, error bodies.
+
+use serde_json::{json, Value};
+
+use crate::util::Sim;
+
+async fn post(url: &str, body: Value) -> (u16, String) {
+    let response = reqwest::Client::new()
+        .post(url)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_simulator_lists_shows_pulls_and_reports_its_version_like_ollama() {
+    let sim = Sim::start(&["--models", "llama3.2,phi3.5:3.8b"]);
+    let version: Value = reqwest::get(format!("{}/api/version", sim.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(version["version"].is_string());
+    let tags: Value = reqwest::get(format!("{}/api/tags", sim.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = tags["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["llama3.2:latest", "phi3.5:3.8b"]);
+    for field in ["modified_at", "size", "digest", "details"] {
+        assert!(tags["models"][0].get(field).is_some(), "{field}");
+    }
+    let (status, body) = post(
+        &format!("{}/api/show", sim.url),
+        json!({"model": "llama3.2"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(serde_json::from_str::<Value>(&body).unwrap()["details"]["format"] == "gguf");
+    let (status, body) = post(&format!("{}/api/show", sim.url), json!({"model": "nope"})).await;
+    assert_eq!(status, 404);
+    assert!(serde_json::from_str::<Value>(&body).unwrap()["error"].is_string());
+
+    let (status, body) = post(&format!("{}/api/pull", sim.url), json!({"model": "gemma2"})).await;
+    assert_eq!(status, 200);
+    let lines: Vec<Value> = body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.first().unwrap()["status"], "pulling manifest");
+    assert_eq!(lines.last().unwrap()["status"], "success");
+    let (_, body) = post(
+        &format!("{}/api/pull", sim.url),
+        json!({"model": "x", "stream": false}),
+    )
+    .await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"status": "success"})
+    );
+    let tags: Value = reqwest::get(format!("{}/api/tags", sim.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        tags["models"].as_array().unwrap().len(),
+        4,
+        "pulled models are listed"
+    );
+
+    let ps: Value = reqwest::get(format!("{}/api/ps", sim.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ps["models"], json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chat_streams_ndjson_and_answers_once_without_streaming_with_nanosecond_statistics() {
+    let sim = Sim::start(&["--tokens-per-sec", "1000", "--first-token-ms", "5"]);
+    let messages = json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "why is the sky blue?"}]);
+    let (status, body) = post(
+        &format!("{}/api/chat", sim.url),
+        json!({"model": "llama3.2", "messages": messages}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let chunks: Vec<Value> = body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(chunks.len() > 2);
+    let (last, pieces) = chunks.split_last().unwrap();
+    assert!(pieces
+        .iter()
+        .all(|c| c["done"] == false && c["message"]["role"] == "assistant"));
+    let text: String = pieces
+        .iter()
+        .map(|c| c["message"]["content"].as_str().unwrap())
+        .collect();
+    assert!(
+        text.contains("received 2 messages with system prompt \"Be brief.\""),
+        "{text}"
+    );
+    assert_eq!(last["done"], true);
+    assert_eq!(last["done_reason"], "stop");
+    for field in [
+        "total_duration",
+        "load_duration",
+        "prompt_eval_count",
+        "prompt_eval_duration",
+        "eval_count",
+        "eval_duration",
+    ] {
+        assert!(last[field].as_u64().is_some(), "{field} in {last}");
+    }
+    assert_eq!(last["eval_count"].as_u64().unwrap() as usize, pieces.len());
+
+    let (_, body) = post(
+        &format!("{}/api/chat", sim.url),
+        json!({"model": "llama3.2", "messages": messages, "stream": false}),
+    )
+    .await;
+    let one: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(one["message"]["content"].as_str().unwrap(), text);
+    assert_eq!(one["done"], true);
+
+    let (_, body) = post(
+        &format!("{}/api/generate", sim.url),
+        json!({"model": "llama3.2", "prompt": "hi", "stream": false}),
+    )
+    .await;
+    let generated: Value = serde_json::from_str(&body).unwrap();
+    assert!(generated["response"]
+        .as_str()
+        .unwrap()
+        .contains("last user message: \"hi\""));
+    assert!(generated["eval_duration"].as_u64().unwrap() > 0);
+    let ps: Value = reqwest::get(format!("{}/api/ps", sim.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ps["models"][0]["name"], "llama3.2:latest");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_simulator_fails_like_ollama_missing_model_busy_failure_rate_bad_json() {
+    let sim = Sim::start(&["--max-parallel", "1", "--first-token-ms", "1000"]);
+    let chat = format!("{}/api/chat", sim.url);
+    let (status, body) = post(
+        &chat,
+        json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}),
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert!(body.contains("not found"), "{body}");
+    let url = chat.clone();
+    let body = json!({"model": "llama3.2", "messages": [{"role": "user", "content": "x"}], "stream": false});
+    let slow = tokio::spawn(async move { post(&url, body).await });
+    crate::util::wait_until_async("the first call", crate::util::WAIT, || async {
+        sim.stats().await["in_flight"] == 1
+    })
+    .await;
+    let (status, body) = post(
+        &chat,
+        json!({"model": "llama3.2", "messages": [{"role": "user", "content": "y"}]}),
+    )
+    .await;
+    assert_eq!(status, 503);
+    assert!(body.contains("server busy"), "{body}");
+    assert_eq!(slow.await.unwrap().0, 200);
+    let response = reqwest::Client::new()
+        .post(&chat)
+        .body("{not json")
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+
+    let failing = Sim::start(&["--failure-rate", "1", "--seed", "7"]);
+    let (status, body) = post(
+        &format!("{}/api/chat", failing.url),
+        json!({"model": "llama3.2", "messages": [{"role": "user", "content": "x"}]}),
+    )
+    .await;
+    assert_eq!(status, 500);
+    assert!(body.contains("simulated failure"), "{body}");
+}

@@ -2,6 +2,7 @@
 //!
 //! * [`protocol`] — the MQTT contract shared by every daemon (and simulators)
 //! * [`node`] — the node daemon, one per Pi
+//! * [`coordinator`] — places agents, routes chats and jobs, serves the API
 //! * [`ollama_sim`] — an Ollama-compatible simulator for tests and demos
 //! * [`config`] — configuration files, validated with line/column errors
 //! * [`mqtt`] — the broker connection (rumqttc) with reconnect and backoff
@@ -11,6 +12,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod coordinator;
 pub mod http;
 pub mod mqtt;
 pub mod node;

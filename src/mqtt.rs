@@ -333,7 +333,7 @@ async fn poll(
                 let reason = describe(&e);
                 if failures == 1 {
                     log::warn!("MQTT broker {address}: {reason}; reconnecting with backoff");
-                } else if failures % 20 == 0 {
+                } else if failures.is_multiple_of(20) {
                     log::warn!("MQTT broker {address} still unreachable after {failures} attempts: {reason}");
                 } else {
                     log::debug!("MQTT broker {address}: {reason}");

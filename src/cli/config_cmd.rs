@@ -3,8 +3,9 @@
 use std::path::Path;
 
 use super::{ConfigCommand, ConfigKind, Failure};
+use crate::config::coordinator::DEFAULT_COORDINATOR_CONFIG;
 use crate::config::node::DEFAULT_NODE_CONFIG;
-use crate::config::NodeConfig;
+use crate::config::{CoordinatorConfig, NodeConfig};
 
 pub fn run(action: ConfigCommand) -> Result<(), Failure> {
     match action {
@@ -19,13 +20,14 @@ pub fn run(action: ConfigCommand) -> Result<(), Failure> {
 fn default_text(kind: ConfigKind) -> &'static str {
     match kind {
         ConfigKind::Node => DEFAULT_NODE_CONFIG,
+        ConfigKind::Coordinator => DEFAULT_COORDINATOR_CONFIG,
     }
 }
 
 fn check(file: &Path, kind: Option<ConfigKind>) -> Result<(), Failure> {
     let text = crate::config::read(file)?;
     let name = file.display().to_string();
-    match kind.unwrap_or(ConfigKind::Node) {
+    match kind.unwrap_or_else(|| guess_kind(&text)) {
         ConfigKind::Node => {
             let config =
                 NodeConfig::parse(&name, &text).map_err(|e| Failure::usage(e.to_string()))?;
@@ -36,6 +38,32 @@ fn check(file: &Path, kind: Option<ConfigKind>) -> Result<(), Failure> {
                 config.mqtt.address()
             );
         }
+        ConfigKind::Coordinator => {
+            let config = CoordinatorConfig::parse(&name, &text)
+                .map_err(|e| Failure::usage(e.to_string()))?;
+            println!(
+                "{name}: ok (coordinator, API {}, store {}, broker {})",
+                config.api.listen,
+                config.store_path.display(),
+                config.mqtt.address()
+            );
+        }
     }
     Ok(())
+}
+
+/// A coordinator config has tables or keys a node config has not; anything
+/// else is checked as a node config (which then names what is wrong).
+fn guess_kind(text: &str) -> ConfigKind {
+    let Ok(table) = text.parse::<toml::Table>() else {
+        return ConfigKind::Node;
+    };
+    let coordinator_only = ["store", "timeouts", "queue", "scheduler", "history_limit"];
+    if coordinator_only.iter().any(|k| table.contains_key(*k))
+        && !table.contains_key("agent_capacity")
+    {
+        ConfigKind::Coordinator
+    } else {
+        ConfigKind::Node
+    }
 }

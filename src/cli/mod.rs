@@ -13,7 +13,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{LoadError, NodeConfig};
+use crate::config::{CoordinatorConfig, LoadError, NodeConfig};
 use crate::ollama_sim::{SimConfig, DEFAULT_MODELS};
 
 /// Exit code for a bad configuration or argument (sysexits EX_USAGE).
@@ -36,6 +36,12 @@ pub enum Command {
     Node {
         /// Node configuration file (TOML).
         #[arg(long, short, default_value = "/etc/pifleet/node.toml")]
+        config: PathBuf,
+    },
+    /// Run the coordinator: place agents, route chats and jobs, serve the API.
+    Coordinator {
+        /// Coordinator configuration file (TOML).
+        #[arg(long, short, default_value = "/etc/pifleet/coordinator.toml")]
         config: PathBuf,
     },
     /// Check a configuration file, or print a commented default.
@@ -63,6 +69,7 @@ pub enum ConfigCommand {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ConfigKind {
     Node,
+    Coordinator,
 }
 
 #[derive(Debug, clap::Args)]
@@ -134,6 +141,7 @@ impl From<LoadError> for Failure {
 pub fn run(cli: Cli) -> ExitCode {
     let outcome = match cli.command {
         Command::Node { config } => run_node(config),
+        Command::Coordinator { config } => run_coordinator(config),
         Command::Config { action } => config_cmd::run(action),
         Command::OllamaSim(args) => run_sim(args),
     };
@@ -163,6 +171,16 @@ fn run_node(path: PathBuf) -> Result<(), Failure> {
     runtime(2)?.block_on(async {
         let shutdown = crate::systemd::shutdown_on_signals();
         crate::node::run(config, shutdown)
+            .await
+            .map_err(|e| Failure::runtime(&e))
+    })
+}
+
+fn run_coordinator(path: PathBuf) -> Result<(), Failure> {
+    let config = CoordinatorConfig::load(&path)?;
+    runtime(2)?.block_on(async {
+        let shutdown = crate::systemd::shutdown_on_signals();
+        crate::coordinator::run(config, shutdown)
             .await
             .map_err(|e| Failure::runtime(&e))
     })

@@ -4,8 +4,9 @@
 //! reported as `file:line:column: message`.
 //!
 //! Secrets can come from the environment instead of the file:
-//! `PIFLEET_MQTT_USERNAME`, `PIFLEET_MQTT_PASSWORD`.
+//! `PIFLEET_MQTT_USERNAME`, `PIFLEET_MQTT_PASSWORD`, `PIFLEET_API_TOKEN`.
 
+pub mod coordinator;
 pub mod node;
 
 use std::fmt;
@@ -17,6 +18,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+pub use coordinator::CoordinatorConfig;
 pub use node::NodeConfig;
 
 /// One problem in a configuration file, with its position (1-based).

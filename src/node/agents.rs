@@ -123,6 +123,8 @@ impl RecentIds {
 
 pub struct AgentTable {
     node: String,
+    /// Time of the command being applied, stamped on acks.
+    now_ms: u64,
     capacity: u32,
     agents: BTreeMap<String, HostedAgent>,
     generation: u64,
@@ -135,6 +137,7 @@ impl AgentTable {
     pub fn new(node: &str, capacity: u32) -> Self {
         AgentTable {
             node: node.to_owned(),
+            now_ms: 0,
             capacity,
             agents: BTreeMap::new(),
             generation: 0,
@@ -204,6 +207,7 @@ impl AgentTable {
             body,
             ..
         } = command;
+        self.now_ms = now_ms;
         if !self.recent.insert(&id) {
             return vec![Effect::Ignored {
                 id,
@@ -269,6 +273,7 @@ impl AgentTable {
                 ok,
                 reason,
                 agents_running: self.agents.len() as u32,
+                ts: self.now_ms,
             },
         }
     }

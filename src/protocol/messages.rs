@@ -224,6 +224,10 @@ pub struct Ack {
     pub reason: Option<String>,
     /// Agents the node hosts after applying the command.
     pub agents_running: u32,
+    /// Node clock (Unix ms) when the command was applied: a capacity message
+    /// with a later `ts` reflects it.
+    #[serde(default)]
+    pub ts: u64,
 }
 
 /// Outcome of a chat turn.

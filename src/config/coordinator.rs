@@ -1,0 +1,417 @@
+//! The coordinator's configuration (`pifleet coordinator --config FILE`);
+//! [`DEFAULT_COORDINATOR_CONFIG`] is what `pifleet config default
+//! coordinator` prints. The API token may come from `PIFLEET_API_TOKEN`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{
+    int_in, secs_in, socket_addr, Checker, ConfigError, LoadError, MqttConfig, RawMqtt, Source,
+};
+
+/// The commented default printed by `pifleet config default coordinator`.
+pub const DEFAULT_COORDINATOR_CONFIG: &str = r#"# pifleet coordinator configuration (/etc/pifleet/coordinator.toml).
+# Check it with: pifleet config check /etc/pifleet/coordinator.toml
+
+# Messages of history kept per agent (oldest dropped first) and sent with
+# every chat turn.
+history_limit = 100
+
+[mqtt]
+host = "127.0.0.1"
+port = 1883
+# username = "coordinator"
+# password = "..."            # or set PIFLEET_MQTT_PASSWORD
+# ca_file = "/etc/pifleet/ca.pem"   # enables TLS
+keep_alive_secs = 15
+topic_root = "pifleet"
+max_payload_bytes = 1048576
+
+[api]
+listen = "127.0.0.1:9470"
+# With a token, every /v1 call needs "Authorization: Bearer <token>".
+# token = "..."               # or set PIFLEET_API_TOKEN
+# Largest request body accepted (bytes).
+max_body_bytes = 262144
+
+[store]
+path = "/var/lib/pifleet/coordinator.db"
+
+[timeouts]
+# A node is lost when no capacity message came for this long...
+node_lost_after_secs = 35
+# ...or this long after its last will ('offline') unless it speaks again.
+offline_grace_secs = 2
+# Seconds to wait after a node is lost before placing its agents elsewhere.
+# 0 moves them at once; set it above the nodes' fence_secs to be sure an
+# agent never runs twice, at the price of that much downtime.
+fence_secs = 0
+# An assignment not acknowledged in time is placed elsewhere.
+assign_ack_secs = 10
+# A chat turn not answered in time fails with 504.
+chat_secs = 120
+# A job turn not answered in time is retried.
+job_secs = 300
+
+[queue]
+# Jobs waiting per agent and in total; beyond that, 429 with Retry-After.
+max_jobs_per_agent = 100
+max_jobs = 10000
+# Attempts per job before it is failed.
+max_attempts = 3
+# Seconds suggested to clients in Retry-After.
+retry_after_secs = 5
+
+[scheduler]
+# Move agents off a node more than this factor above the fleet's average
+# utilisation (seed 001: 1.2). 0 turns rebalancing off.
+rebalance_threshold = 1.2
+# Agents in motion at once for rebalancing.
+rebalance_max_moves = 2
+# Draining: agents moved at once, and seconds after which the rest are moved
+# regardless.
+drain_max_parallel = 2
+drain_deadline_secs = 300
+"#;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCoordinator {
+    history_limit: Option<Spanned<i64>>,
+    #[serde(default)]
+    mqtt: RawMqtt,
+    #[serde(default)]
+    api: RawApi,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+    #[serde(default)]
+    queue: RawQueue,
+    #[serde(default)]
+    scheduler: RawScheduler,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    listen: Option<Spanned<String>>,
+    token: Option<Spanned<String>>,
+    max_body_bytes: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    path: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    node_lost_after_secs: Option<Spanned<i64>>,
+    offline_grace_secs: Option<Spanned<i64>>,
+    fence_secs: Option<Spanned<i64>>,
+    assign_ack_secs: Option<Spanned<i64>>,
+    chat_secs: Option<Spanned<i64>>,
+    job_secs: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQueue {
+    max_jobs_per_agent: Option<Spanned<i64>>,
+    max_jobs: Option<Spanned<i64>>,
+    max_attempts: Option<Spanned<i64>>,
+    retry_after_secs: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScheduler {
+    rebalance_threshold: Option<Spanned<f64>>,
+    rebalance_max_moves: Option<Spanned<i64>>,
+    drain_max_parallel: Option<Spanned<i64>>,
+    drain_deadline_secs: Option<Spanned<i64>>,
+}
+
+/// Validated coordinator configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CoordinatorConfig {
+    pub history_limit: usize,
+    pub mqtt: MqttConfig,
+    pub api: CoordinatorApi,
+    pub store_path: PathBuf,
+    pub timeouts: Timeouts,
+    pub queue: QueueLimits,
+    pub scheduler: SchedulerSettings,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CoordinatorApi {
+    pub listen: SocketAddr,
+    pub token: Option<String>,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timeouts {
+    pub node_lost_after: Duration,
+    pub offline_grace: Duration,
+    pub fence: Duration,
+    pub assign_ack: Duration,
+    pub chat: Duration,
+    pub job: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueLimits {
+    pub max_jobs_per_agent: usize,
+    pub max_jobs: usize,
+    pub max_attempts: u32,
+    pub retry_after_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchedulerSettings {
+    /// 0 disables rebalancing.
+    pub rebalance_threshold: f64,
+    pub rebalance_max_moves: usize,
+    pub drain_max_parallel: usize,
+    pub drain_deadline: Duration,
+}
+
+impl CoordinatorConfig {
+    /// Every default, with the store at `store_path` (for `pifleet up` and tests).
+    pub fn with_defaults(store_path: PathBuf) -> CoordinatorConfig {
+        CoordinatorConfig {
+            history_limit: 100,
+            mqtt: MqttConfig::default(),
+            api: CoordinatorApi {
+                listen: "127.0.0.1:9470".parse().expect("valid default"),
+                token: None,
+                max_body_bytes: 256 * 1024,
+            },
+            store_path,
+            timeouts: Timeouts {
+                node_lost_after: Duration::from_secs(35),
+                offline_grace: Duration::from_secs(2),
+                fence: Duration::ZERO,
+                assign_ack: Duration::from_secs(10),
+                chat: Duration::from_secs(120),
+                job: Duration::from_secs(300),
+            },
+            queue: QueueLimits {
+                max_jobs_per_agent: 100,
+                max_jobs: 10_000,
+                max_attempts: 3,
+                retry_after_secs: 5,
+            },
+            scheduler: SchedulerSettings {
+                rebalance_threshold: 1.2,
+                rebalance_max_moves: 2,
+                drain_max_parallel: 2,
+                drain_deadline: Duration::from_secs(300),
+            },
+        }
+    }
+
+    /// Reads and validates `path`, then applies environment overrides.
+    pub fn load(path: &Path) -> Result<CoordinatorConfig, LoadError> {
+        let text = super::read(path)?;
+        let mut config = CoordinatorConfig::parse(&path.display().to_string(), &text)?;
+        config.mqtt.apply_env();
+        if let Ok(token) = std::env::var("PIFLEET_API_TOKEN") {
+            config.api.token = Some(token);
+        }
+        Ok(config)
+    }
+
+    pub fn parse(name: &str, text: &str) -> Result<CoordinatorConfig, ConfigError> {
+        let source = Source {
+            name: name.to_owned(),
+            text,
+        };
+        let raw: RawCoordinator = source.parse()?;
+        let mut c = Checker::new(&source);
+        let d = CoordinatorConfig::with_defaults(PathBuf::from("/var/lib/pifleet/coordinator.db"));
+        let history_limit = c.value(
+            "history_limit",
+            &raw.history_limit,
+            d.history_limit,
+            int_in(1, 100_000),
+        );
+        let mqtt = MqttConfig::validate(&raw.mqtt, &mut c);
+        let api = CoordinatorApi {
+            listen: c.value("api.listen", &raw.api.listen, d.api.listen, socket_addr),
+            token: c.value("api.token", &raw.api.token, None, |t: String| {
+                if t.len() < 16 {
+                    Err("must be at least 16 characters".into())
+                } else {
+                    Ok(Some(t))
+                }
+            }),
+            max_body_bytes: c.value(
+                "api.max_body_bytes",
+                &raw.api.max_body_bytes,
+                d.api.max_body_bytes,
+                int_in(1024, 64 * 1024 * 1024),
+            ),
+        };
+        let store_path = c.value("store.path", &raw.store.path, d.store_path, |p: String| {
+            if p.trim().is_empty() {
+                Err("must not be empty".into())
+            } else {
+                Ok(PathBuf::from(p))
+            }
+        });
+        let t = &raw.timeouts;
+        let timeouts = Timeouts {
+            node_lost_after: c.value(
+                "timeouts.node_lost_after_secs",
+                &t.node_lost_after_secs,
+                d.timeouts.node_lost_after,
+                secs_in(2, 3600),
+            ),
+            offline_grace: c.value(
+                "timeouts.offline_grace_secs",
+                &t.offline_grace_secs,
+                d.timeouts.offline_grace,
+                secs_in(0, 600),
+            ),
+            fence: c.value(
+                "timeouts.fence_secs",
+                &t.fence_secs,
+                d.timeouts.fence,
+                secs_in(0, 86_400),
+            ),
+            assign_ack: c.value(
+                "timeouts.assign_ack_secs",
+                &t.assign_ack_secs,
+                d.timeouts.assign_ack,
+                secs_in(1, 3600),
+            ),
+            chat: c.value(
+                "timeouts.chat_secs",
+                &t.chat_secs,
+                d.timeouts.chat,
+                secs_in(1, 86_400),
+            ),
+            job: c.value(
+                "timeouts.job_secs",
+                &t.job_secs,
+                d.timeouts.job,
+                secs_in(1, 86_400),
+            ),
+        };
+        let q = &raw.queue;
+        let queue = QueueLimits {
+            max_jobs_per_agent: c.value(
+                "queue.max_jobs_per_agent",
+                &q.max_jobs_per_agent,
+                d.queue.max_jobs_per_agent,
+                int_in(1, 1_000_000),
+            ),
+            max_jobs: c.value(
+                "queue.max_jobs",
+                &q.max_jobs,
+                d.queue.max_jobs,
+                int_in(1, 10_000_000),
+            ),
+            max_attempts: c.value(
+                "queue.max_attempts",
+                &q.max_attempts,
+                d.queue.max_attempts,
+                int_in(1, 100),
+            ),
+            retry_after_secs: c.value(
+                "queue.retry_after_secs",
+                &q.retry_after_secs,
+                d.queue.retry_after_secs,
+                int_in(1, 3600),
+            ),
+        };
+        let s = &raw.scheduler;
+        let scheduler = SchedulerSettings {
+            rebalance_threshold: c.value(
+                "scheduler.rebalance_threshold",
+                &s.rebalance_threshold,
+                d.scheduler.rebalance_threshold,
+                |v: f64| {
+                    if v == 0.0 || (1.0..=10.0).contains(&v) {
+                        Ok(v)
+                    } else {
+                        Err(format!("must be 0 (off) or between 1.0 and 10.0 (got {v})"))
+                    }
+                },
+            ),
+            rebalance_max_moves: c.value(
+                "scheduler.rebalance_max_moves",
+                &s.rebalance_max_moves,
+                d.scheduler.rebalance_max_moves,
+                int_in(1, 10_000),
+            ),
+            drain_max_parallel: c.value(
+                "scheduler.drain_max_parallel",
+                &s.drain_max_parallel,
+                d.scheduler.drain_max_parallel,
+                int_in(1, 10_000),
+            ),
+            drain_deadline: c.value(
+                "scheduler.drain_deadline_secs",
+                &s.drain_deadline_secs,
+                d.scheduler.drain_deadline,
+                secs_in(0, 86_400),
+            ),
+        };
+        c.finish(CoordinatorConfig {
+            history_limit,
+            mqtt,
+            api,
+            store_path,
+            timeouts,
+            queue,
+            scheduler,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_printed_default_is_valid_and_means_the_defaults() {
+        let config = CoordinatorConfig::parse("default", DEFAULT_COORDINATOR_CONFIG).unwrap();
+        assert_eq!(
+            config,
+            CoordinatorConfig::with_defaults(PathBuf::from("/var/lib/pifleet/coordinator.db"))
+        );
+    }
+
+    #[test]
+    fn an_empty_file_means_every_default() {
+        let config = CoordinatorConfig::parse("c", "").unwrap();
+        assert_eq!(config.history_limit, 100);
+        assert_eq!(config.api.listen.port(), 9470);
+    }
+
+    #[test]
+    fn bad_values_are_reported_with_their_position() {
+        let err = CoordinatorConfig::parse(
+            "c.toml",
+            "[scheduler]\nrebalance_threshold = 0.5\n[api]\ntoken = \"short\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("c.toml:2:23: scheduler.rebalance_threshold"),
+            "{err}"
+        );
+        assert!(err.contains("c.toml:4:9: api.token"), "{err}");
+    }
+}

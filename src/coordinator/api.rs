@@ -1,0 +1,621 @@
+//! The coordinator's HTTP API (DESIGN §5, contract). Handlers validate input
+//! (422), enforce the body limit (413) and the bearer token (401), then ask
+//! the coordinator task through [`ApiRequest`]s; errors are JSON
+//! `{"error", "code"}`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use super::core::{ApiResult, Coordinator, Responder};
+use super::metrics::CoordinatorMetrics;
+use crate::http::{no_route, ApiError};
+use crate::protocol::{normalize_model, AgentSpec, ChatMessage, Role};
+
+/// What handlers ask the coordinator task.
+pub enum ApiRequest {
+    Status {
+        events: usize,
+        reply: Responder,
+    },
+    Nodes {
+        reply: Responder,
+    },
+    Node {
+        node: String,
+        reply: Responder,
+    },
+    Drain {
+        node: String,
+        max_parallel: Option<usize>,
+        deadline: Option<Duration>,
+        reply: Responder,
+    },
+    Uncordon {
+        node: String,
+        reply: Responder,
+    },
+    Agents {
+        reply: Responder,
+    },
+    Agent {
+        name: String,
+        reply: Responder,
+    },
+    CreateAgent {
+        spec: AgentSpec,
+        reply: Responder,
+    },
+    DeleteAgent {
+        name: String,
+        reply: Responder,
+    },
+    Chat {
+        agent: String,
+        messages: Vec<ChatMessage>,
+        reply: Responder,
+    },
+    SubmitJob {
+        agent: String,
+        message: String,
+        priority: i64,
+        reply: Responder,
+    },
+    Job {
+        id: String,
+        reply: Responder,
+    },
+    Jobs {
+        agent: Option<String>,
+        state: Option<String>,
+        limit: usize,
+        reply: Responder,
+    },
+    Events {
+        limit: usize,
+        reply: Responder,
+    },
+}
+
+/// Answers one request on the coordinator task.
+pub fn handle(c: &mut Coordinator, request: ApiRequest) {
+    let found = |value: Value, what: &str| {
+        if value.is_null() {
+            Err(ApiError::not_found(what.to_owned()))
+        } else {
+            Ok((StatusCode::OK, value))
+        }
+    };
+    let (reply, result): (Responder, ApiResult) = match request {
+        ApiRequest::Status { events, reply } => {
+            (reply, Ok((StatusCode::OK, c.status_json(events))))
+        }
+        ApiRequest::Nodes { reply } => (reply, Ok((StatusCode::OK, c.nodes_json()))),
+        ApiRequest::Node { node, reply } => {
+            let v = c.node_json(&node);
+            (reply, found(v, &format!("no node named {node}")))
+        }
+        ApiRequest::Drain {
+            node,
+            max_parallel,
+            deadline,
+            reply,
+        } => (reply, c.drain(&node, max_parallel, deadline)),
+        ApiRequest::Uncordon { node, reply } => (reply, c.uncordon(&node)),
+        ApiRequest::Agents { reply } => (reply, Ok((StatusCode::OK, c.agents_json()))),
+        ApiRequest::Agent { name, reply } => {
+            let v = c.agent_json(&name);
+            (reply, found(v, &format!("no agent named {name}")))
+        }
+        ApiRequest::CreateAgent { spec, reply } => (reply, c.create_agent(spec)),
+        ApiRequest::DeleteAgent { name, reply } => (reply, c.delete_agent(&name)),
+        ApiRequest::Chat {
+            agent,
+            messages,
+            reply,
+        } => return c.chat(&agent, messages, reply),
+        ApiRequest::SubmitJob {
+            agent,
+            message,
+            priority,
+            reply,
+        } => (reply, c.submit_job(&agent, message, priority)),
+        ApiRequest::Job { id, reply } => (reply, c.job(&id)),
+        ApiRequest::Jobs {
+            agent,
+            state,
+            limit,
+            reply,
+        } => (
+            reply,
+            c.list_jobs(agent.as_deref(), state.as_deref(), limit),
+        ),
+        ApiRequest::Events { limit, reply } => (
+            reply,
+            Ok((StatusCode::OK, json!({"events": c.events(limit)}))),
+        ),
+    };
+    let _ = reply.send(result);
+}
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub requests: mpsc::Sender<ApiRequest>,
+    pub ready: Arc<AtomicBool>,
+    pub metrics: Arc<CoordinatorMetrics>,
+    pub token: Option<String>,
+    pub max_body: usize,
+    pub chat_timeout: Duration,
+}
+
+impl ApiState {
+    async fn ask(&self, make: impl FnOnce(Responder) -> ApiRequest) -> Response {
+        self.ask_within(None, make).await
+    }
+
+    async fn ask_within(
+        &self,
+        timeout: Option<Duration>,
+        make: impl FnOnce(Responder) -> ApiRequest,
+    ) -> Response {
+        let (tx, rx) = oneshot::channel();
+        let stopping =
+            || ApiError::unavailable("stopping", "the coordinator is stopping").into_response();
+        if self.requests.send(make(tx)).await.is_err() {
+            return stopping();
+        }
+        let answer = match timeout {
+            Some(limit) => match tokio::time::timeout(limit, rx).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    let message = format!("no answer within {}s", limit.as_secs());
+                    return ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", message)
+                        .into_response();
+                }
+            },
+            None => rx.await,
+        };
+        match answer {
+            Ok(Ok((status, body))) => (status, Json(body)).into_response(),
+            Ok(Err(error)) => error.into_response(),
+            Err(_) => stopping(),
+        }
+    }
+}
+
+pub fn router(state: ApiState) -> Router {
+    let max_body = state.max_body;
+    let v1 = Router::new()
+        .route("/status", get(status))
+        .route("/nodes", get(nodes))
+        .route("/nodes/{node}", get(node))
+        .route("/nodes/{node}/drain", post(drain))
+        .route("/nodes/{node}/uncordon", post(uncordon))
+        .route("/agents", get(agents).post(create_agent))
+        .route("/agents/{name}", get(agent).delete(delete_agent))
+        .route("/agents/{name}/jobs", post(submit_job).get(agent_jobs))
+        .route("/chat", post(chat))
+        .route("/jobs", get(jobs))
+        .route("/jobs/{id}", get(job))
+        .route("/events", get(events))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route(
+            "/health",
+            get(|| async { Json(json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")})) }),
+        )
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .nest("/v1", v1)
+        .fallback(no_route)
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}
+
+/// Compares without stopping at the first difference.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(State(s): State<ApiState>, request: Request, next: Next) -> Response {
+    if let Some(token) = &s.token {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| same_secret(g.trim().as_bytes(), token.as_bytes())) {
+            let mut response = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this API needs \"Authorization: Bearer <token>\" (set PIFLEET_TOKEN for the CLI)",
+            )
+            .into_response();
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            return response;
+        }
+    }
+    next.run(request).await
+}
+
+/// A JSON body: any content type, size-limited (413), invalid → 422.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    "request body exceeds api.max_body_bytes",
+                )
+            } else {
+                ApiError::new(StatusCode::BAD_REQUEST, "bad_body", rejection.body_text())
+            }
+        })?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| invalid(format!("body is not the expected JSON: {e}")))
+    }
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", message)
+}
+
+/// Agent names: `[a-z0-9][a-z0-9_-]{0,62}`.
+pub fn validate_agent_name(name: &str) -> Result<(), ApiError> {
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let rest_ok =
+        chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    if first_ok && rest_ok && name.len() <= 63 {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "name {name:?} must match [a-z0-9][a-z0-9_-]{{0,62}}: lowercase letters, digits, '_' and '-', at most 63"
+        )))
+    }
+}
+
+const MAX_TEXT: usize = 128 * 1024;
+
+fn validate_text(field: &str, text: &str, allow_empty: bool) -> Result<(), ApiError> {
+    if !allow_empty && text.trim().is_empty() {
+        return Err(invalid(format!("{field} must not be empty")));
+    }
+    if text.len() > MAX_TEXT {
+        return Err(invalid(format!("{field} is longer than {MAX_TEXT} bytes")));
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewAgent {
+    name: String,
+    model: String,
+    #[serde(default)]
+    system: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+fn validate_new_agent(body: NewAgent) -> Result<AgentSpec, ApiError> {
+    validate_agent_name(&body.name)?;
+    let model = body.model.trim();
+    if model.is_empty()
+        || model.len() > 200
+        || model.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(invalid(format!(
+            "model {:?} is not an Ollama model name such as \"llama3.2\"",
+            body.model
+        )));
+    }
+    if let Some(system) = &body.system {
+        validate_text("system", system, true)?;
+    }
+    for (k, v) in &body.labels {
+        if k.is_empty() || k.len() > 63 || v.len() > 63 {
+            return Err(invalid(format!(
+                "label {k:?}={v:?}: names must be 1 to 63 characters, values at most 63"
+            )));
+        }
+    }
+    Ok(AgentSpec {
+        name: body.name,
+        model: normalize_model(model),
+        system: body.system,
+        labels: body.labels,
+    })
+}
+
+#[derive(Deserialize)]
+struct RawMessage {
+    role: String,
+    content: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChatBody {
+    agent: String,
+    messages: Vec<RawMessage>,
+}
+
+fn validate_messages(raw: Vec<RawMessage>) -> Result<Vec<ChatMessage>, ApiError> {
+    if raw.is_empty() {
+        return Err(invalid("messages must not be empty"));
+    }
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = match m.role.as_str() {
+                "system" => Role::System,
+                "user" => Role::User,
+                "assistant" => Role::Assistant,
+                "tool" => Role::Tool,
+                other => {
+                    return Err(invalid(format!(
+                        "messages[{i}].role {other:?} is not one of system, user, assistant, tool"
+                    )))
+                }
+            };
+            validate_text(&format!("messages[{i}].content"), &m.content, false)?;
+            Ok(ChatMessage::new(role, m.content))
+        })
+        .collect()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobBody {
+    message: String,
+    #[serde(default)]
+    priority: i64,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DrainBody {
+    max_parallel: Option<usize>,
+    deadline_secs: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    agent: Option<String>,
+    state: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn ready(State(s): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    if s.ready.load(Ordering::Relaxed) {
+        Ok(Json(json!({"ready": true})))
+    } else {
+        Err(ApiError::unavailable(
+            "not_ready",
+            "the store is not open or the MQTT broker is not connected",
+        ))
+    }
+}
+
+async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+}
+
+async fn status(State(s): State<ApiState>, Query(q): Query<ListQuery>) -> Response {
+    let events = q.limit.unwrap_or(10).min(1000);
+    s.ask(|reply| ApiRequest::Status { events, reply }).await
+}
+
+async fn nodes(State(s): State<ApiState>) -> Response {
+    s.ask(|reply| ApiRequest::Nodes { reply }).await
+}
+
+async fn node(State(s): State<ApiState>, Path(node): Path<String>) -> Response {
+    s.ask(|reply| ApiRequest::Node { node, reply }).await
+}
+
+async fn drain(State(s): State<ApiState>, Path(node): Path<String>, body: Bytes) -> Response {
+    let body: DrainBody = if body.iter().all(u8::is_ascii_whitespace) {
+        DrainBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => {
+                return invalid(format!("body is not the expected JSON: {e}")).into_response()
+            }
+        }
+    };
+    if body.max_parallel == Some(0) {
+        return invalid("max_parallel must be at least 1").into_response();
+    }
+    let deadline = body.deadline_secs.map(Duration::from_secs);
+    s.ask(|reply| ApiRequest::Drain {
+        node,
+        max_parallel: body.max_parallel,
+        deadline,
+        reply,
+    })
+    .await
+}
+
+async fn uncordon(State(s): State<ApiState>, Path(node): Path<String>) -> Response {
+    s.ask(|reply| ApiRequest::Uncordon { node, reply }).await
+}
+
+async fn agents(State(s): State<ApiState>) -> Response {
+    s.ask(|reply| ApiRequest::Agents { reply }).await
+}
+
+async fn agent(State(s): State<ApiState>, Path(name): Path<String>) -> Response {
+    s.ask(|reply| ApiRequest::Agent { name, reply }).await
+}
+
+async fn create_agent(
+    State(s): State<ApiState>,
+    body: Result<JsonBody<NewAgent>, ApiError>,
+) -> Response {
+    let spec = match body.and_then(|JsonBody(b)| validate_new_agent(b)) {
+        Ok(spec) => spec,
+        Err(e) => return e.into_response(),
+    };
+    s.ask(|reply| ApiRequest::CreateAgent { spec, reply }).await
+}
+
+async fn delete_agent(State(s): State<ApiState>, Path(name): Path<String>) -> Response {
+    s.ask(|reply| ApiRequest::DeleteAgent { name, reply }).await
+}
+
+async fn chat(State(s): State<ApiState>, body: Result<JsonBody<ChatBody>, ApiError>) -> Response {
+    let checked = body.and_then(|JsonBody(b)| {
+        validate_agent_name(&b.agent)?;
+        Ok((b.agent, validate_messages(b.messages)?))
+    });
+    let (agent, messages) = match checked {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    let limit = s.chat_timeout;
+    s.ask_within(Some(limit), |reply| ApiRequest::Chat {
+        agent,
+        messages,
+        reply,
+    })
+    .await
+}
+
+async fn submit_job(
+    State(s): State<ApiState>,
+    Path(agent): Path<String>,
+    body: Result<JsonBody<JobBody>, ApiError>,
+) -> Response {
+    let body = match body {
+        Ok(JsonBody(b)) => b,
+        Err(e) => return e.into_response(),
+    };
+    if let Err(e) = validate_text("message", &body.message, false) {
+        return e.into_response();
+    }
+    if !(-1000..=1000).contains(&body.priority) {
+        return invalid(format!(
+            "priority must be between -1000 and 1000 (got {})",
+            body.priority
+        ))
+        .into_response();
+    }
+    s.ask(|reply| ApiRequest::SubmitJob {
+        agent,
+        message: body.message,
+        priority: body.priority,
+        reply,
+    })
+    .await
+}
+
+async fn agent_jobs(
+    State(s): State<ApiState>,
+    Path(agent): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    s.ask(|reply| ApiRequest::Jobs {
+        agent: Some(agent),
+        state: q.state,
+        limit,
+        reply,
+    })
+    .await
+}
+
+async fn jobs(State(s): State<ApiState>, Query(q): Query<ListQuery>) -> Response {
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    s.ask(|reply| ApiRequest::Jobs {
+        agent: q.agent,
+        state: q.state,
+        limit,
+        reply,
+    })
+    .await
+}
+
+async fn job(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
+    s.ask(|reply| ApiRequest::Job { id, reply }).await
+}
+
+async fn events(State(s): State<ApiState>, Query(q): Query<ListQuery>) -> Response {
+    let limit = q.limit.unwrap_or(100).min(1000);
+    s.ask(|reply| ApiRequest::Events { limit, reply }).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_names_follow_the_contract() {
+        for ok in ["a", "alice", "agent-7", "x_1", &"a".repeat(63)] {
+            assert!(validate_agent_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "Alice", "-a", "_a", "a b", "a/b", &"a".repeat(64), "ä"] {
+            assert!(validate_agent_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn messages_need_known_roles_and_content() {
+        let m = |role: &str, content: &str| RawMessage {
+            role: role.into(),
+            content: content.into(),
+        };
+        assert!(validate_messages(vec![]).is_err());
+        let e = validate_messages(vec![m("user", "hi"), m("robot", "x")]).unwrap_err();
+        assert!(e.message.contains("messages[1].role"), "{}", e.message);
+        assert!(validate_messages(vec![m("user", "  ")]).is_err());
+        assert_eq!(
+            validate_messages(vec![m("user", "hi")]).unwrap()[0].role,
+            Role::User
+        );
+    }
+
+    #[test]
+    fn new_agents_get_normalised_models() {
+        let spec = validate_new_agent(NewAgent {
+            name: "alice".into(),
+            model: "llama3.2".into(),
+            system: None,
+            labels: BTreeMap::new(),
+        })
+        .unwrap();
+        assert_eq!(spec.model, "llama3.2:latest");
+    }
+}

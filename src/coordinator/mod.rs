@@ -1,0 +1,190 @@
+//! The coordinator daemon (`pifleet coordinator`): places agents on the
+//! least-loaded nodes, moves them when a node dies or is drained, routes chat
+//! turns and queued jobs to them, and serves the HTTP API (DESIGN §5).
+//!
+//! One task owns all state ([`core::Coordinator`]); the HTTP handlers and
+//! the MQTT link talk to it through channels:
+//!
+//! * link events: retained `status` and `capacity` messages build the fleet
+//!   view, `reply` messages confirm assignments and carry turn results;
+//! * API requests, each with a oneshot for its answer (a chat's answer is
+//!   sent when its turn completes);
+//! * a tick every 250 ms: reconciliation, timeouts, the fleet summary.
+//!
+//! On SIGTERM it answers waiting chats, publishes `offline` on
+//! `pifleet/coordinator/status` and disconnects; nodes keep running their
+//! agents and the next coordinator picks them up from the store and the
+//! retained capacity messages.
+
+pub mod api;
+pub mod core;
+pub mod fleet;
+pub mod metrics;
+pub mod scheduler;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::coordinator::CoordinatorConfig;
+use crate::mqtt::{Link, LinkError, LinkEvent, Will};
+use crate::protocol::{NodeTopic, STATUS_OFFLINE, STATUS_ONLINE};
+use crate::systemd::{self, Liveness};
+use api::ApiRequest;
+
+const TICK: Duration = Duration::from_millis(250);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error("cannot listen on api.listen {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Link(#[from] LinkError),
+}
+
+/// Runs the coordinator until `shutdown` is cancelled.
+pub async fn run(
+    config: CoordinatorConfig,
+    shutdown: CancellationToken,
+) -> Result<(), CoordinatorError> {
+    let bind_error = |source| CoordinatorError::Bind {
+        addr: config.api.listen,
+        source,
+    };
+    let listener = TcpListener::bind(config.api.listen)
+        .await
+        .map_err(bind_error)?;
+    let api_addr = listener.local_addr().map_err(bind_error)?;
+    let store = store::Store::open(&config.store_path, config.history_limit)?;
+    let topics = crate::protocol::Topics::new(config.mqtt.topic_root.clone());
+    let will = Will {
+        topic: topics.coordinator_status(),
+        payload: STATUS_OFFLINE.into(),
+        retain: true,
+    };
+    let client_id = format!(
+        "pifleet-coordinator-{}",
+        config.mqtt.topic_root.replace('/', "-")
+    );
+    let mut link = Link::start(&config.mqtt, &client_id, Some(will))?;
+    let metrics = Arc::new(metrics::CoordinatorMetrics::new());
+    let mut coordinator = core::Coordinator::load(
+        config.clone(),
+        store,
+        link.publisher.clone(),
+        metrics.clone(),
+    )?;
+    log::info!(
+        "coordinator starting: API http://{api_addr}, broker {}, store {}",
+        config.mqtt.address(),
+        config.store_path.display()
+    );
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let (tx, mut requests) = mpsc::channel::<ApiRequest>(1024);
+    let background = CancellationToken::new();
+    let state = api::ApiState {
+        requests: tx,
+        ready: ready.clone(),
+        metrics,
+        token: config.api.token.clone(),
+        max_body: config.api.max_body_bytes,
+        chat_timeout: config.timeouts.chat + Duration::from_secs(5),
+    };
+    let server = tokio::spawn(crate::http::serve(
+        listener,
+        api::router(state),
+        background.clone(),
+    ));
+    let liveness = Liveness::default();
+    liveness.beat();
+    systemd::spawn_watchdog(liveness.clone(), background.clone());
+
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut announced = false;
+    loop {
+        liveness.beat();
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            event = link.events.recv() => match event {
+                Some(LinkEvent::Connected) => {
+                    let filters = [NodeTopic::Status, NodeTopic::Capacity, NodeTopic::Reply]
+                        .map(|kind| coordinator.topics.all_nodes(kind))
+                        .to_vec();
+                    if let Err(e) = link.publisher.subscribe(filters) {
+                        log::error!("cannot subscribe: {e}");
+                    }
+                }
+                Some(LinkEvent::Subscribed) => {
+                    coordinator.on_subscribed();
+                    let topic = coordinator.topics.coordinator_status();
+                    if let Err(e) = link.publisher.publish(topic, STATUS_ONLINE, true) {
+                        log::error!("cannot publish the coordinator status: {e}");
+                    }
+                    ready.store(true, Ordering::Relaxed);
+                    log::info!("coordinator ready: API http://{api_addr}, generation {}", coordinator.generation);
+                    if !announced {
+                        announced = true;
+                        systemd::notify_ready(&format!("coordinator ready on {api_addr}"));
+                    }
+                }
+                Some(LinkEvent::Disconnected { reason }) => {
+                    ready.store(false, Ordering::Relaxed);
+                    log::warn!("lost the MQTT broker ({reason}); nodes keep their agents meanwhile");
+                }
+                Some(LinkEvent::Message { topic, payload, retain }) => {
+                    match coordinator.topics.parse_node_topic(&topic) {
+                        Some((node, NodeTopic::Status)) => coordinator.on_status(node, &payload),
+                        Some((node, NodeTopic::Capacity)) => coordinator.on_capacity(node, &payload, retain),
+                        Some((node, NodeTopic::Reply)) => coordinator.on_reply(node, &payload),
+                        _ => log::debug!("ignored a message on {topic}"),
+                    }
+                }
+                None => {
+                    log::error!("the MQTT link stopped unexpectedly");
+                    break;
+                }
+            },
+            Some(request) = requests.recv() => api::handle(&mut coordinator, request),
+            _ = tick.tick() => {
+                coordinator.reconcile();
+                if ready.load(Ordering::Relaxed) {
+                    coordinator.publish_summary();
+                }
+            }
+        }
+    }
+
+    systemd::notify_stopping();
+    ready.store(false, Ordering::Relaxed);
+    coordinator.stop();
+    // Stop taking requests, answer what is queued, then leave the broker.
+    background.cancel();
+    requests.close();
+    while let Ok(request) = requests.try_recv() {
+        api::handle(&mut coordinator, request);
+    }
+    let _ = server.await;
+    if let Err(e) = link.publisher.publish(
+        coordinator.topics.coordinator_status(),
+        STATUS_OFFLINE,
+        true,
+    ) {
+        log::error!("cannot publish the coordinator status: {e}");
+    }
+    link.close(Duration::from_secs(5)).await;
+    log::info!("coordinator stopped");
+    Ok(())
+}

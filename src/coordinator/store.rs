@@ -1,0 +1,628 @@
+//! The coordinator's desired state in SQLite (WAL): agents and where they
+//! were last placed, each agent's history (capped), jobs, node flags, and
+//! the counters that must survive restarts (generation, placement ids, job
+//! order). Every change is written before the command that follows from it
+//! is sent, so a coordinator killed at any point restarts with a state it
+//! can reconcile against what the nodes report.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use crate::protocol::{AgentSpec, ChatMessage, Role, Usage};
+
+#[derive(Debug, thiserror::Error)]
+#[error("store {path}: {action}: {source}")]
+pub struct StoreError {
+    path: String,
+    action: &'static str,
+    source: rusqlite::Error,
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// An agent as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentRow {
+    pub spec: AgentSpec,
+    pub created_ms: u64,
+    /// `pending`, `assigned`, `running` or `stopping`.
+    pub state: String,
+    pub node: Option<String>,
+    pub placement: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    Queued,
+    Running,
+    Completed,
+    Failed,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Completed => "completed",
+            JobState::Failed => "failed",
+        }
+    }
+
+    fn parse(s: &str) -> JobState {
+        match s {
+            "running" => JobState::Running,
+            "completed" => JobState::Completed,
+            "failed" => JobState::Failed,
+            _ => JobState::Queued,
+        }
+    }
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRow {
+    pub id: String,
+    pub agent: String,
+    pub message: String,
+    pub priority: i64,
+    /// Submission order, for FIFO within a priority.
+    pub seq: u64,
+    pub state: JobState,
+    pub attempts: u32,
+    pub node: Option<String>,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    pub answer: Option<String>,
+    pub error: Option<String>,
+    pub usage: Option<Usage>,
+}
+
+/// Cordon and drain state of a node, kept across coordinator restarts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeFlags {
+    pub cordoned: bool,
+    pub draining: bool,
+    /// Unix ms after which a drain moves every remaining agent at once.
+    pub drain_deadline_ms: Option<u64>,
+    pub drain_max_parallel: Option<usize>,
+}
+
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+    history_limit: usize,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS agents (
+    name TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    system TEXT,
+    labels TEXT NOT NULL DEFAULT '{}',
+    created_ms INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    node TEXT,
+    placement INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS messages (
+    agent TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    role TEXT NOT NULL,
+    content TEXT NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    PRIMARY KEY (agent, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    agent TEXT NOT NULL,
+    message TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    node TEXT,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    answer TEXT,
+    error TEXT,
+    usage TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, agent);
+CREATE TABLE IF NOT EXISTS nodes (
+    node TEXT PRIMARY KEY,
+    cordoned INTEGER NOT NULL,
+    draining INTEGER NOT NULL,
+    drain_deadline_ms INTEGER,
+    drain_max_parallel INTEGER
+);
+";
+
+fn role_name(role: Role) -> &'static str {
+    role.as_str()
+}
+
+fn parse_role(s: &str) -> Role {
+    match s {
+        "system" => Role::System,
+        "assistant" => Role::Assistant,
+        "tool" => Role::Tool,
+        _ => Role::User,
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `path`.
+    pub fn open(path: &Path, history_limit: usize) -> Result<Store> {
+        let err = |action| {
+            let path = path.display().to_string();
+            move |source| StoreError {
+                path,
+                action,
+                source,
+            }
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError {
+                path: path.display().to_string(),
+                action: "create its directory",
+                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+            })?;
+        }
+        let conn = Connection::open(path).map_err(err("open"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err("enable WAL"))?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(err("set synchronous"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(err("set busy timeout"))?;
+        conn.execute_batch(SCHEMA).map_err(err("create schema"))?;
+        Ok(Store {
+            conn,
+            path: path.to_owned(),
+            history_limit,
+        })
+    }
+
+    fn err(&self, action: &'static str) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+        move |source| StoreError {
+            path: self.path.display().to_string(),
+            action,
+            source,
+        }
+    }
+
+    fn counter(&self, key: &str) -> Result<u64> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()
+            .map(|v| v.unwrap_or(0) as u64)
+            .map_err(self.err("read a counter"))
+    }
+
+    fn set_counter(&self, key: &str, value: u64) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2",
+                params![key, value as i64],
+            )
+            .map(|_| ())
+            .map_err(self.err("write a counter"))
+    }
+
+    /// A generation above every earlier one: the clock in ms, or the last
+    /// generation plus one if the clock went back.
+    pub fn begin_generation(&self, now_ms: u64) -> Result<u64> {
+        let generation = (self.counter("generation")? + 1).max(now_ms);
+        self.set_counter("generation", generation)?;
+        Ok(generation)
+    }
+
+    /// The next placement id (never reused).
+    pub fn next_placement(&self) -> Result<u64> {
+        let next = self.counter("placement")? + 1;
+        self.set_counter("placement", next)?;
+        Ok(next)
+    }
+
+    /// The highest placement id handed out so far.
+    pub fn last_placement(&self) -> Result<u64> {
+        self.counter("placement")
+    }
+
+    fn next_job_seq(&self) -> Result<u64> {
+        let next = self.counter("job_seq")? + 1;
+        self.set_counter("job_seq", next)?;
+        Ok(next)
+    }
+
+    pub fn agents(&self) -> Result<Vec<AgentRow>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, model, system, labels, created_ms, state, node, placement FROM agents ORDER BY name")
+            .map_err(self.err("list agents"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                let labels: String = r.get(3)?;
+                Ok(AgentRow {
+                    spec: AgentSpec {
+                        name: r.get(0)?,
+                        model: r.get(1)?,
+                        system: r.get(2)?,
+                        labels: serde_json::from_str(&labels).unwrap_or_default(),
+                    },
+                    created_ms: r.get::<_, i64>(4)? as u64,
+                    state: r.get(5)?,
+                    node: r.get(6)?,
+                    placement: r.get::<_, i64>(7)? as u64,
+                })
+            })
+            .map_err(self.err("list agents"))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(self.err("list agents"))
+    }
+
+    /// Inserts a new pending agent; false when the name exists.
+    pub fn insert_agent(&self, spec: &AgentSpec, created_ms: u64) -> Result<bool> {
+        let labels = serde_json::to_string(&spec.labels).unwrap_or_else(|_| "{}".into());
+        self.conn
+            .execute(
+                "INSERT INTO agents (name, model, system, labels, created_ms, state) VALUES (?1, ?2, ?3, ?4, ?5, 'pending')
+                 ON CONFLICT(name) DO NOTHING",
+                params![spec.name, spec.model, spec.system, labels, created_ms as i64],
+            )
+            .map(|n| n == 1)
+            .map_err(self.err("insert an agent"))
+    }
+
+    pub fn set_agent_state(
+        &self,
+        name: &str,
+        state: &str,
+        node: Option<&str>,
+        placement: u64,
+    ) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "UPDATE agents SET state = ?2, node = ?3, placement = ?4 WHERE name = ?1",
+            )
+            .and_then(|mut s| s.execute(params![name, state, node, placement as i64]))
+            .map(|_| ())
+            .map_err(self.err("update an agent"))
+    }
+
+    /// Removes an agent and its history; its open jobs fail.
+    pub fn delete_agent(&self, name: &str, now_ms: u64) -> Result<()> {
+        let tx = self
+            .conn
+            .unchecked_transaction()
+            .map_err(self.err("delete an agent"))?;
+        tx.execute("DELETE FROM agents WHERE name = ?1", [name])
+            .map_err(self.err("delete an agent"))?;
+        tx.execute("DELETE FROM messages WHERE agent = ?1", [name])
+            .map_err(self.err("delete history"))?;
+        tx.execute(
+            "UPDATE jobs SET state = 'failed', error = 'the agent was stopped', updated_ms = ?2
+             WHERE agent = ?1 AND state IN ('queued', 'running')",
+            params![name, now_ms as i64],
+        )
+        .map_err(self.err("fail the agent's jobs"))?;
+        tx.commit().map_err(self.err("delete an agent"))
+    }
+
+    /// The agent's last `history_limit` messages, oldest first.
+    pub fn history(&self, agent: &str) -> Result<Vec<ChatMessage>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT role, content FROM (SELECT seq, role, content FROM messages WHERE agent = ?1 ORDER BY seq DESC LIMIT ?2)
+                 ORDER BY seq",
+            )
+            .map_err(self.err("read history"))?;
+        let rows = stmt
+            .query_map(params![agent, self.history_limit as i64], |r| {
+                Ok(ChatMessage::new(
+                    parse_role(&r.get::<_, String>(0)?),
+                    r.get::<_, String>(1)?,
+                ))
+            })
+            .map_err(self.err("read history"))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(self.err("read history"))
+    }
+
+    /// Appends to the agent's history and drops what exceeds the limit.
+    pub fn append_history(&self, agent: &str, messages: &[ChatMessage], now_ms: u64) -> Result<()> {
+        let tx = self
+            .conn
+            .unchecked_transaction()
+            .map_err(self.err("append history"))?;
+        let last: i64 = tx
+            .query_row(
+                "SELECT COALESCE(MAX(seq), 0) FROM messages WHERE agent = ?1",
+                [agent],
+                |r| r.get(0),
+            )
+            .map_err(self.err("append history"))?;
+        for (i, m) in messages.iter().enumerate() {
+            tx.execute(
+                "INSERT INTO messages (agent, seq, role, content, ts_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![agent, last + 1 + i as i64, role_name(m.role), m.content, now_ms as i64],
+            )
+            .map_err(self.err("append history"))?;
+        }
+        let newest = last + messages.len() as i64;
+        tx.execute(
+            "DELETE FROM messages WHERE agent = ?1 AND seq <= ?2",
+            params![agent, newest - self.history_limit as i64],
+        )
+        .map_err(self.err("trim history"))?;
+        tx.commit().map_err(self.err("append history"))
+    }
+
+    /// Stores a new queued job, giving it its place in submission order.
+    pub fn insert_job(&self, job: &mut JobRow) -> Result<()> {
+        job.seq = self.next_job_seq()?;
+        self.write_job(job, "INSERT INTO")
+    }
+
+    pub fn update_job(&self, job: &JobRow) -> Result<()> {
+        self.write_job(job, "REPLACE INTO")
+    }
+
+    fn write_job(&self, job: &JobRow, verb: &str) -> Result<()> {
+        let usage = job
+            .usage
+            .as_ref()
+            .and_then(|u| serde_json::to_string(u).ok());
+        let sql = format!(
+            "{verb} jobs (id, agent, message, priority, seq, state, attempts, node, created_ms, updated_ms, answer, error, usage)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+        );
+        self.conn
+            .prepare_cached(&sql)
+            .and_then(|mut s| {
+                s.execute(params![
+                    job.id,
+                    job.agent,
+                    job.message,
+                    job.priority,
+                    job.seq as i64,
+                    job.state.as_str(),
+                    job.attempts,
+                    job.node,
+                    job.created_ms as i64,
+                    job.updated_ms as i64,
+                    job.answer,
+                    job.error,
+                    usage
+                ])
+            })
+            .map(|_| ())
+            .map_err(self.err("write a job"))
+    }
+
+    fn job_row(r: &Row<'_>) -> rusqlite::Result<JobRow> {
+        let usage: Option<String> = r.get(12)?;
+        Ok(JobRow {
+            id: r.get(0)?,
+            agent: r.get(1)?,
+            message: r.get(2)?,
+            priority: r.get(3)?,
+            seq: r.get::<_, i64>(4)? as u64,
+            state: JobState::parse(&r.get::<_, String>(5)?),
+            attempts: r.get(6)?,
+            node: r.get(7)?,
+            created_ms: r.get::<_, i64>(8)? as u64,
+            updated_ms: r.get::<_, i64>(9)? as u64,
+            answer: r.get(10)?,
+            error: r.get(11)?,
+            usage: usage.and_then(|u| serde_json::from_str(&u).ok()),
+        })
+    }
+
+    const JOB_COLUMNS: &'static str =
+        "id, agent, message, priority, seq, state, attempts, node, created_ms, updated_ms, answer, error, usage";
+
+    pub fn job(&self, id: &str) -> Result<Option<JobRow>> {
+        let sql = format!("SELECT {} FROM jobs WHERE id = ?1", Self::JOB_COLUMNS);
+        self.conn
+            .query_row(&sql, [id], Self::job_row)
+            .optional()
+            .map_err(self.err("read a job"))
+    }
+
+    /// Jobs, newest first, optionally of one agent or state; at most `limit`.
+    pub fn jobs(
+        &self,
+        agent: Option<&str>,
+        state: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<JobRow>> {
+        let sql = format!(
+            "SELECT {} FROM jobs WHERE (?1 IS NULL OR agent = ?1) AND (?2 IS NULL OR state = ?2) ORDER BY seq DESC LIMIT ?3",
+            Self::JOB_COLUMNS
+        );
+        let mut stmt = self.conn.prepare(&sql).map_err(self.err("list jobs"))?;
+        let rows = stmt
+            .query_map(params![agent, state, limit as i64], Self::job_row)
+            .map_err(self.err("list jobs"))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(self.err("list jobs"))
+    }
+
+    /// Queued and running jobs, in submission order.
+    pub fn open_jobs(&self) -> Result<Vec<JobRow>> {
+        let sql = format!(
+            "SELECT {} FROM jobs WHERE state IN ('queued', 'running') ORDER BY seq",
+            Self::JOB_COLUMNS
+        );
+        let mut stmt = self
+            .conn
+            .prepare(&sql)
+            .map_err(self.err("list open jobs"))?;
+        let rows = stmt
+            .query_map([], Self::job_row)
+            .map_err(self.err("list open jobs"))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(self.err("list open jobs"))
+    }
+
+    pub fn node_flags(&self) -> Result<BTreeMap<String, NodeFlags>> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT node, cordoned, draining, drain_deadline_ms, drain_max_parallel FROM nodes",
+            )
+            .map_err(self.err("read node flags"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    NodeFlags {
+                        cordoned: r.get::<_, i64>(1)? != 0,
+                        draining: r.get::<_, i64>(2)? != 0,
+                        drain_deadline_ms: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
+                        drain_max_parallel: r.get::<_, Option<i64>>(4)?.map(|v| v as usize),
+                    },
+                ))
+            })
+            .map_err(self.err("read node flags"))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(self.err("read node flags"))
+    }
+
+    pub fn set_node_flags(&self, node: &str, flags: &NodeFlags) -> Result<()> {
+        self.conn
+            .execute(
+                "REPLACE INTO nodes (node, cordoned, draining, drain_deadline_ms, drain_max_parallel) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    node,
+                    i64::from(flags.cordoned),
+                    i64::from(flags.draining),
+                    flags.drain_deadline_ms.map(|v| v as i64),
+                    flags.drain_max_parallel.map(|v| v as i64)
+                ],
+            )
+            .map(|_| ())
+            .map_err(self.err("write node flags"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str) -> AgentSpec {
+        AgentSpec {
+            name: name.into(),
+            model: "llama3.2:latest".into(),
+            system: Some("be brief".into()),
+            labels: BTreeMap::from([("room".into(), "attic".into())]),
+        }
+    }
+
+    #[test]
+    fn agents_and_counters_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/c.db");
+        {
+            let s = Store::open(&path, 3).unwrap();
+            assert!(s.insert_agent(&spec("alice"), 10).unwrap());
+            assert!(
+                !s.insert_agent(&spec("alice"), 11).unwrap(),
+                "names are unique"
+            );
+            let p = s.next_placement().unwrap();
+            s.set_agent_state("alice", "assigned", Some("pi-1"), p)
+                .unwrap();
+            assert_eq!(s.begin_generation(1000).unwrap(), 1000);
+        }
+        let s = Store::open(&path, 3).unwrap();
+        let agents = s.agents().unwrap();
+        assert_eq!(agents.len(), 1);
+        assert_eq!(agents[0].spec, spec("alice"));
+        assert_eq!(
+            (
+                agents[0].state.as_str(),
+                agents[0].node.as_deref(),
+                agents[0].placement
+            ),
+            ("assigned", Some("pi-1"), 1)
+        );
+        assert_eq!(
+            s.next_placement().unwrap(),
+            2,
+            "placement ids are never reused"
+        );
+        assert_eq!(
+            s.begin_generation(5).unwrap(),
+            1001,
+            "generations grow even if the clock goes back"
+        );
+    }
+
+    #[test]
+    fn history_is_capped_to_the_newest_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("c.db"), 3).unwrap();
+        s.insert_agent(&spec("a"), 0).unwrap();
+        for i in 0..5 {
+            s.append_history("a", &[ChatMessage::new(Role::User, format!("m{i}"))], 0)
+                .unwrap();
+        }
+        let h: Vec<String> = s
+            .history("a")
+            .unwrap()
+            .into_iter()
+            .map(|m| m.content)
+            .collect();
+        assert_eq!(h, ["m2", "m3", "m4"]);
+        s.delete_agent("a", 0).unwrap();
+        assert!(s.history("a").unwrap().is_empty());
+    }
+
+    #[test]
+    fn jobs_keep_their_submission_order_and_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("c.db"), 3).unwrap();
+        let mut job = JobRow {
+            id: "j1".into(),
+            agent: "a".into(),
+            message: "do it".into(),
+            priority: 5,
+            seq: 0,
+            state: JobState::Queued,
+            attempts: 0,
+            node: None,
+            created_ms: 1,
+            updated_ms: 1,
+            answer: None,
+            error: None,
+            usage: None,
+        };
+        s.insert_job(&mut job).unwrap();
+        let mut second = JobRow {
+            id: "j2".into(),
+            ..job.clone()
+        };
+        s.insert_job(&mut second).unwrap();
+        assert!(second.seq > job.seq);
+        job.state = JobState::Completed;
+        job.answer = Some("done".into());
+        job.usage = Some(Usage {
+            eval_count: 3,
+            ..Usage::default()
+        });
+        s.update_job(&job).unwrap();
+        assert_eq!(s.job("j1").unwrap().unwrap(), job);
+        assert_eq!(s.open_jobs().unwrap().len(), 1);
+        s.delete_agent("a", 9).unwrap();
+        assert_eq!(s.job("j2").unwrap().unwrap().state, JobState::Failed);
+    }
+}

@@ -4,6 +4,7 @@
 //! * [`node`] — the node daemon, one per Pi
 //! * [`coordinator`] — places agents, routes chats and jobs, serves the API
 //! * [`ollama_sim`] — an Ollama-compatible simulator for tests and demos
+//! * [`up`] — a whole fleet on one machine (`pifleet up`)
 //! * [`config`] — configuration files, validated with line/column errors
 //! * [`mqtt`] — the broker connection (rumqttc) with reconnect and backoff
 //! * [`http`], [`systemd`] — what the daemons share for HTTP and systemd
@@ -19,3 +20,4 @@ pub mod node;
 pub mod ollama_sim;
 pub mod protocol;
 pub mod systemd;
+pub mod up;

@@ -769,7 +769,8 @@ impl Coordinator {
             })
             .collect();
         for (name, node) in due {
-            self.requeue_agent(&name, Some(&node), &format!("its node {node} was lost"));
+            // No need to avoid it: a lost node takes nothing until it is back.
+            self.requeue_agent(&name, None, &format!("its node {node} was lost"));
         }
     }
 
@@ -857,13 +858,18 @@ impl Coordinator {
             let _ = reply.send(Err(ApiError::not_found(format!("no agent named {name}"))));
             return;
         };
-        if a.state != AgentState::Running {
+        // Assigned or moving: it runs shortly, so the chat waits for it (the
+        // API's chat timeout bounds the wait). Pending or stopping: it may
+        // not run any time soon, so say why now.
+        if matches!(a.state, AgentState::Pending | AgentState::Stopping) {
             let why = a
                 .pending_reason
                 .clone()
                 .unwrap_or_else(|| "it is being placed".into());
             let message = format!("agent {name} is not running ({}): {why}", a.state.as_str());
-            let _ = reply.send(Err(ApiError::unavailable("agent_not_running", message)));
+            let retry = self.config.queue.retry_after_secs;
+            let error = ApiError::unavailable("agent_not_running", message).retry_after(retry);
+            let _ = reply.send(Err(error));
             return;
         }
         a.chats.push_back(ChatWaiter { messages, reply });
@@ -1503,7 +1509,7 @@ impl Coordinator {
                     .unwrap_or(1)
                     .saturating_sub(in_motion)
             };
-            let mut scheduler = self.scheduler();
+            let mut scheduler = self.scheduler_with_pending();
             let mut started = 0;
             for name in hosted {
                 if started >= budget {
@@ -1623,6 +1629,26 @@ impl Coordinator {
             })
             .collect();
         Scheduler::new(nodes)
+    }
+
+    /// The scheduler with a slot reserved for every pending agent that fits,
+    /// so trial placements (drains) do not count on room they will take.
+    fn scheduler_with_pending(&self) -> Scheduler {
+        let mut scheduler = self.scheduler();
+        let now = Instant::now();
+        for a in self
+            .agents
+            .values()
+            .filter(|a| a.state == AgentState::Pending)
+        {
+            let request = Request {
+                model: &a.spec.model,
+                labels: &a.spec.labels,
+                avoid: a.avoided(now).or(a.moving_from.as_deref()),
+            };
+            let _ = scheduler.place(&request);
+        }
+        scheduler
     }
 
     /// Places pending agents, oldest first.
@@ -1797,6 +1823,11 @@ impl Coordinator {
             None => json!({"node": node, "agent_capacity": 0, "agents_running": 0, "agents": []}),
         };
         v["state"] = json!(view.liveness.name());
+        if !view.is_online() {
+            // Its last report no longer says what runs there.
+            v["agents_running"] = json!(0);
+            v["agents"] = json!([]);
+        }
         v["cordoned"] = json!(flags.cordoned);
         v["draining"] = json!(flags.draining || view.capacity.as_ref().is_some_and(|c| c.draining));
         v["assigned"] = json!(assigned);

@@ -241,10 +241,10 @@ impl Scheduler {
         }
         let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
         for n in &self.nodes {
-            let why = if request.avoid == Some(n.id.as_str()) {
-                "being left".to_owned()
-            } else if let Some(blocked) = &n.blocked {
+            let why = if let Some(blocked) = &n.blocked {
                 blocked.describe()
+            } else if request.avoid == Some(n.id.as_str()) {
+                "being left".to_owned()
             } else if !n.free() {
                 "full".into()
             } else if !n.has_model(request.model) {

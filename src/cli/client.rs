@@ -1,0 +1,604 @@
+//! Client commands against the coordinator's HTTP API. Each prints a human
+//! report, or the API's JSON with `--json`; on an HTTP error it prints the
+//! server's message and code and exits 1.
+
+use std::collections::BTreeMap;
+
+use clap::Subcommand;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use super::Failure;
+use crate::protocol::utc_timestamp;
+
+/// Where the coordinator is and how to talk to it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Connection {
+    /// Coordinator API URL.
+    #[arg(
+        long,
+        global = true,
+        env = "PIFLEET_COORDINATOR",
+        default_value = "http://127.0.0.1:9470"
+    )]
+    pub coordinator: String,
+    /// Bearer token, when the coordinator has api.token set.
+    #[arg(long, global = true, env = "PIFLEET_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print the API's JSON instead of a report.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    /// List jobs, newest first.
+    List {
+        #[arg(long)]
+        agent: Option<String>,
+        /// queued, running, completed or failed.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Queue a job for an agent; prints its id.
+    Submit {
+        agent: String,
+        message: String,
+        /// Higher runs first (-1000 to 1000).
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        priority: i64,
+    },
+    /// Show one job and its outcome.
+    Show { id: String },
+}
+
+/// A client command, run against the coordinator.
+#[derive(Debug)]
+pub enum ClientCommand {
+    Status {
+        events: usize,
+    },
+    Nodes,
+    Agents,
+    Spawn {
+        name: String,
+        model: String,
+        system: Option<String>,
+        labels: Vec<String>,
+        count: Option<u32>,
+    },
+    Stop {
+        names: Vec<String>,
+    },
+    Chat {
+        agent: String,
+        message: String,
+    },
+    Drain {
+        node: String,
+        max_parallel: Option<usize>,
+        deadline_secs: Option<u64>,
+    },
+    Uncordon {
+        node: String,
+    },
+    Jobs(Option<JobsCommand>),
+}
+
+struct Api {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Api {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, Failure> {
+        let url = format!("{}{path}", self.base.trim_end_matches('/'));
+        let mut request = self.http.request(method, &url);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.map_err(|e| Failure {
+            code: 1,
+            message: format!(
+                "cannot reach the coordinator at {}: {}\n(is `pifleet up` or `pifleet coordinator` running? set --coordinator or PIFLEET_COORDINATOR)",
+                self.base,
+                root_cause(&e)
+            ),
+        })?;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        let value: Value = serde_json::from_str(&text).unwrap_or_else(|_| json!({"error": text}));
+        if status.is_success() {
+            return Ok(value);
+        }
+        let error = value["error"].as_str().unwrap_or("request failed");
+        let code = value["code"].as_str().unwrap_or("");
+        Err(Failure {
+            code: 1,
+            message: format!("{error} ({code}, HTTP {})", status.as_u16()),
+        })
+    }
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
+fn print_json(value: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
+}
+
+/// Runs `command` and prints its outcome.
+pub fn run(connection: Connection, command: ClientCommand) -> Result<(), Failure> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::runtime(&e))?;
+    let api = Api {
+        base: connection.coordinator.clone(),
+        token: connection.token.clone(),
+        http: reqwest::Client::new(),
+    };
+    runtime.block_on(execute(&api, connection.json, command))
+}
+
+async fn execute(api: &Api, as_json: bool, command: ClientCommand) -> Result<(), Failure> {
+    match command {
+        ClientCommand::Status { events } => {
+            let status = api
+                .call(Method::GET, &format!("/v1/status?limit={events}"), None)
+                .await?;
+            if as_json {
+                print_json(&status);
+            } else {
+                print!("{}", status_report(&status));
+            }
+        }
+        ClientCommand::Nodes => {
+            let nodes = api.call(Method::GET, "/v1/nodes", None).await?;
+            if as_json {
+                print_json(&nodes);
+            } else {
+                print!(
+                    "{}",
+                    nodes_table(nodes["nodes"].as_array().map_or(&[][..], Vec::as_slice))
+                );
+            }
+        }
+        ClientCommand::Agents => {
+            let agents = api.call(Method::GET, "/v1/agents", None).await?;
+            if as_json {
+                print_json(&agents);
+            } else {
+                print!(
+                    "{}",
+                    agents_table(agents["agents"].as_array().map_or(&[][..], Vec::as_slice))
+                );
+            }
+        }
+        ClientCommand::Spawn {
+            name,
+            model,
+            system,
+            labels,
+            count,
+        } => {
+            let labels = parse_labels(&labels)?;
+            let names: Vec<String> = match count {
+                None => vec![name],
+                Some(n) => (1..=n).map(|i| format!("{name}-{i}")).collect(),
+            };
+            let mut created = Vec::new();
+            for name in names {
+                let body =
+                    json!({"name": name, "model": model, "system": system, "labels": labels});
+                let agent = api.call(Method::POST, "/v1/agents", Some(body)).await?;
+                if !as_json {
+                    println!(
+                        "spawned {} ({}, {})",
+                        agent["name"].as_str().unwrap_or(&name),
+                        agent["model"].as_str().unwrap_or(""),
+                        agent["state"].as_str().unwrap_or("")
+                    );
+                }
+                created.push(agent);
+            }
+            if as_json {
+                print_json(&json!({ "agents": created }));
+            }
+        }
+        ClientCommand::Stop { names } => {
+            let mut stopped = Vec::new();
+            for name in names {
+                let result = api
+                    .call(Method::DELETE, &format!("/v1/agents/{name}"), None)
+                    .await?;
+                if !as_json {
+                    println!("{name}: {}", result["state"].as_str().unwrap_or("stopped"));
+                }
+                stopped.push(result);
+            }
+            if as_json {
+                print_json(&json!({ "agents": stopped }));
+            }
+        }
+        ClientCommand::Chat { agent, message } => {
+            let body = json!({"agent": agent, "messages": [{"role": "user", "content": message}]});
+            let answer = api.call(Method::POST, "/v1/chat", Some(body)).await?;
+            if as_json {
+                print_json(&answer);
+            } else {
+                println!("{}", answer["message"]["content"].as_str().unwrap_or(""));
+                let usage = &answer["usage"];
+                eprintln!(
+                    "({} on {}: {} tokens in {:.2}s)",
+                    agent,
+                    answer["node"].as_str().unwrap_or("?"),
+                    usage["eval_count"].as_u64().unwrap_or(0),
+                    usage["total_duration"].as_u64().unwrap_or(0) as f64 / 1e9
+                );
+            }
+        }
+        ClientCommand::Drain {
+            node,
+            max_parallel,
+            deadline_secs,
+        } => {
+            let body = json!({"max_parallel": max_parallel, "deadline_secs": deadline_secs});
+            let result = api
+                .call(Method::POST, &format!("/v1/nodes/{node}/drain"), Some(body))
+                .await?;
+            if as_json {
+                print_json(&result);
+            } else {
+                println!(
+                    "draining {node}: {} agents to move away",
+                    result["agents_running"].as_u64().unwrap_or(0)
+                );
+            }
+        }
+        ClientCommand::Uncordon { node } => {
+            let result = api
+                .call(Method::POST, &format!("/v1/nodes/{node}/uncordon"), None)
+                .await?;
+            if as_json {
+                print_json(&result);
+            } else {
+                println!("{node} takes agents again");
+            }
+        }
+        ClientCommand::Jobs(command) => jobs(api, as_json, command).await?,
+    }
+    Ok(())
+}
+
+async fn jobs(api: &Api, as_json: bool, command: Option<JobsCommand>) -> Result<(), Failure> {
+    let command = command.unwrap_or(JobsCommand::List {
+        agent: None,
+        state: None,
+        limit: 50,
+    });
+    match command {
+        JobsCommand::List {
+            agent,
+            state,
+            limit,
+        } => {
+            let mut query = format!("/v1/jobs?limit={limit}");
+            if let Some(agent) = agent {
+                query.push_str(&format!("&agent={agent}"));
+            }
+            if let Some(state) = state {
+                query.push_str(&format!("&state={state}"));
+            }
+            let jobs = api.call(Method::GET, &query, None).await?;
+            if as_json {
+                print_json(&jobs);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = jobs["jobs"]
+                .as_array()
+                .map_or(&[][..], Vec::as_slice)
+                .iter()
+                .map(|j| {
+                    vec![
+                        text(&j["job_id"]),
+                        text(&j["agent"]),
+                        text(&j["status"]),
+                        text(&j["priority"]),
+                        text(&j["attempts"]),
+                        truncate(
+                            j["answer"].as_str().or(j["error"].as_str()).unwrap_or(""),
+                            50,
+                        ),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &[
+                        "JOB",
+                        "AGENT",
+                        "STATUS",
+                        "PRIORITY",
+                        "ATTEMPTS",
+                        "ANSWER / ERROR"
+                    ],
+                    &rows
+                )
+            );
+        }
+        JobsCommand::Submit {
+            agent,
+            message,
+            priority,
+        } => {
+            let body = json!({"message": message, "priority": priority});
+            let job = api
+                .call(
+                    Method::POST,
+                    &format!("/v1/agents/{agent}/jobs"),
+                    Some(body),
+                )
+                .await?;
+            if as_json {
+                print_json(&job);
+            } else {
+                println!("{}", text(&job["job_id"]));
+            }
+        }
+        JobsCommand::Show { id } => {
+            let job = api
+                .call(Method::GET, &format!("/v1/jobs/{id}"), None)
+                .await?;
+            if as_json {
+                print_json(&job);
+            } else {
+                println!(
+                    "job {} for {}: {} (attempts {})",
+                    text(&job["job_id"]),
+                    text(&job["agent"]),
+                    text(&job["status"]),
+                    text(&job["attempts"])
+                );
+                if let Some(answer) = job["answer"].as_str() {
+                    println!("{answer}");
+                }
+                if let Some(error) = job["error"].as_str() {
+                    println!("error: {error}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>, Failure> {
+    labels
+        .iter()
+        .map(|l| match l.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+            _ => Err(Failure::usage(format!(
+                "--label {l:?} must look like key=value"
+            ))),
+        })
+        .collect()
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    let line = s.lines().next().unwrap_or("");
+    if line.chars().count() > max {
+        format!("{}…", line.chars().take(max - 1).collect::<String>())
+    } else {
+        line.to_owned()
+    }
+}
+
+/// A left-aligned text table.
+fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        format!("  {}\n", padded.join("  ").trim_end())
+    };
+    let mut out = line(headers.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        out.push_str(&line(row.clone()));
+    }
+    out
+}
+
+fn node_row(n: &Value) -> Vec<String> {
+    let temperature = n["temperature_c"]
+        .as_f64()
+        .map_or("-".into(), |t| format!("{t:.1}°C"));
+    let mut flags = Vec::new();
+    if n["draining"] == true {
+        flags.push("draining");
+    } else if n["cordoned"] == true {
+        flags.push("cordoned");
+    }
+    if n["throttled"] == true {
+        flags.push("throttled");
+    }
+    if n["ollama_reachable"] == false {
+        flags.push("ollama-down");
+    }
+    vec![
+        text(&n["node"]),
+        text(&n["state"]),
+        format!(
+            "{}/{}",
+            n["agents_running"].as_u64().unwrap_or(0),
+            n["agent_capacity"].as_u64().unwrap_or(0)
+        ),
+        n["cpu"]["load1"]
+            .as_f64()
+            .map_or("-".into(), |l| format!("{l:.2}")),
+        n["cpu"]["usage_pct"]
+            .as_f64()
+            .map_or("-".into(), |u| format!("{u:.0}%")),
+        temperature,
+        flags.join(","),
+        truncate(
+            &n["agents"]
+                .as_array()
+                .map(|a| a.iter().map(text).collect::<Vec<_>>().join(","))
+                .unwrap_or_default(),
+            40,
+        ),
+    ]
+}
+
+fn nodes_table(nodes: &[Value]) -> String {
+    let rows: Vec<Vec<String>> = nodes.iter().map(node_row).collect();
+    table(
+        &[
+            "NODE",
+            "STATE",
+            "AGENTS",
+            "LOAD1",
+            "CPU",
+            "TEMP",
+            "FLAGS",
+            "AGENT NAMES",
+        ],
+        &rows,
+    )
+}
+
+fn agents_table(agents: &[Value]) -> String {
+    let rows: Vec<Vec<String>> = agents
+        .iter()
+        .map(|a| {
+            vec![
+                text(&a["name"]),
+                text(&a["model"]),
+                text(&a["state"]),
+                text(&a["node"]),
+                text(&a["queued_jobs"]),
+                truncate(a["pending_reason"].as_str().unwrap_or(""), 60),
+            ]
+        })
+        .collect();
+    table(
+        &["AGENT", "MODEL", "STATE", "NODE", "JOBS", "WHY PENDING"],
+        &rows,
+    )
+}
+
+/// The `pifleet status` report, after seed 001's `scale.sh status`.
+pub fn status_report(s: &Value) -> String {
+    let n = |k: &str| s[k].as_u64().unwrap_or(0);
+    let mut out = String::new();
+    out.push_str("PIFLEET FLEET STATUS\n====================\n\n");
+    out.push_str("Current Scale:\n");
+    out.push_str(&format!(
+        "  Agents: {} / {} running ({:.0}%)\n",
+        n("agents_running"),
+        n("agent_capacity"),
+        s["utilisation_pct"].as_f64().unwrap_or(0.0)
+    ));
+    out.push_str(&format!(
+        "  Pending: {}   Assigned: {}   Moving: {}\n",
+        n("agents_pending"),
+        n("agents_assigned"),
+        n("agents_moving")
+    ));
+    out.push_str(&format!(
+        "  Nodes online: {} / {}\n\n",
+        n("nodes_online"),
+        n("nodes_total")
+    ));
+    out.push_str("Nodes:\n");
+    out.push_str(&nodes_table(
+        s["nodes"].as_array().map_or(&[][..], Vec::as_slice),
+    ));
+    out.push_str(&format!(
+        "\nQueue Depth: {} jobs ({} running)\n\n",
+        n("queue_depth"),
+        n("jobs_running")
+    ));
+    out.push_str("Scheduling Events (recent):\n");
+    let events = s["events"].as_array().map_or(&[][..], Vec::as_slice);
+    if events.is_empty() {
+        out.push_str("  (none)\n");
+    }
+    for e in events.iter().rev() {
+        let ts = utc_timestamp(e["ts_ms"].as_u64().unwrap_or(0));
+        out.push_str(&format!("  {}  {}\n", &ts[11..19], text(&e["message"])));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_report_shows_scale_nodes_queue_and_events() {
+        let status = json!({
+            "agents_running": 12, "agent_capacity": 14, "utilisation_pct": 85.7, "agents_pending": 1,
+            "agents_assigned": 0, "agents_moving": 0, "nodes_online": 3, "nodes_total": 3,
+            "queue_depth": 5, "jobs_running": 1,
+            "nodes": [{"node": "pi-1", "state": "online", "agents_running": 2, "agent_capacity": 2,
+                       "cpu": {"load1": 0.31, "usage_pct": 12.0}, "temperature_c": 48.3, "agents": ["a", "b"]}],
+            "events": [{"ts_ms": 1_795_392_000_000u64 + 3_723_000, "message": "placed a on pi-1"}]
+        });
+        let report = status_report(&status);
+        assert!(report.contains("Agents: 12 / 14 running (86%)"), "{report}");
+        assert!(report.contains("Nodes online: 3 / 3"), "{report}");
+        assert!(report.contains("pi-1  online  2/2"), "{report}");
+        assert!(report.contains("48.3°C"), "{report}");
+        assert!(
+            report.contains("Queue Depth: 5 jobs (1 running)"),
+            "{report}"
+        );
+        assert!(report.contains("01:02:03  placed a on pi-1"), "{report}");
+    }
+
+    #[test]
+    fn labels_must_be_key_value_pairs() {
+        assert_eq!(
+            parse_labels(&["room=attic".into()]).unwrap()["room"],
+            "attic"
+        );
+        assert!(parse_labels(&["attic".into()]).is_err());
+    }
+}

@@ -1,0 +1,398 @@
+//! `pifleet up`: a whole fleet on one machine in one command, for trying
+//! pifleet and for development. It runs
+//!
+//! * an embedded MQTT broker (rumqttd) on its own thread,
+//! * the Ollama simulator, only when no Ollama answers at `--ollama-url`
+//!   (and says so loudly),
+//! * the coordinator, in this process,
+//! * N node daemons as child processes (`pifleet node`), each in its own
+//!   process group so that Ctrl-C reaches only `pifleet up`, which stops
+//!   them first (SIGTERM), then the coordinator.
+//!
+//! The broker keeps at most 4 segments of 4 MiB per subscription filter in
+//! memory (rumqttd keeps `max_segment_size × max_segment_count`; its default
+//! of 100 MB × 10 is sized for servers, not a laptop or a Pi). Production
+//! fleets use Mosquitto.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use url::Url;
+
+use crate::config::node::{ollama_url, NodeConfig};
+use crate::config::CoordinatorConfig;
+use crate::node::ollama::OllamaClient;
+use crate::ollama_sim::SimConfig;
+
+/// What `pifleet up` starts.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    pub nodes: usize,
+    pub capacity: u32,
+    pub api_port: u16,
+    pub mqtt_port: u16,
+    pub ollama_url: String,
+    /// Keep the store and logs here across runs; a temporary directory
+    /// (removed on exit) otherwise.
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpError {
+    #[error("{what} port {port} is in use ({source}); pick another with {flag}")]
+    PortInUse {
+        what: &'static str,
+        port: u16,
+        flag: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cannot prepare {path}: {source}")]
+    Files {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the embedded MQTT broker did not start on 127.0.0.1:{0}")]
+    Broker(u16),
+    #[error("cannot start node {node}: {source}")]
+    Spawn {
+        node: String,
+        source: std::io::Error,
+    },
+    #[error("Ollama simulator: {0}")]
+    Sim(#[from] crate::ollama_sim::SimError),
+    #[error("coordinator: {0}")]
+    Coordinator(#[from] crate::coordinator::CoordinatorError),
+}
+
+fn files_error(path: &Path) -> impl Fn(std::io::Error) -> UpError + '_ {
+    move |source| UpError::Files {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn check_port(what: &'static str, port: u16, flag: &'static str) -> Result<(), UpError> {
+    std::net::TcpListener::bind(("127.0.0.1", port))
+        .map(drop)
+        .map_err(|source| UpError::PortInUse {
+            what,
+            port,
+            flag,
+            source,
+        })
+}
+
+/// Starts rumqttd on a thread of its own and waits until it accepts.
+fn start_broker(port: u16) -> Result<(), UpError> {
+    use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+    let listen = SocketAddr::from(([127, 0, 0, 1], port));
+    let server = ServerSettings {
+        name: "pifleet-up".into(),
+        listen,
+        tls: None,
+        next_connection_delay_ms: 1,
+        connections: ConnectionSettings {
+            connection_timeout_ms: 10_000,
+            max_payload_size: 4 * crate::protocol::DEFAULT_MAX_PAYLOAD_BYTES,
+            max_inflight_count: 500,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
+        },
+    };
+    let config = Config {
+        router: RouterConfig {
+            max_connections: 1024,
+            max_outgoing_packet_count: 500,
+            max_segment_size: 4 * 1024 * 1024,
+            max_segment_count: 4,
+            ..RouterConfig::default()
+        },
+        v4: Some(HashMap::from([("pifleet-up".to_owned(), server)])),
+        ..Config::default()
+    };
+    std::thread::Builder::new()
+        .name("mqtt-broker".into())
+        .spawn(move || {
+            let mut broker = Broker::new(config);
+            if let Err(e) = broker.start() {
+                log::error!("embedded MQTT broker stopped: {e}");
+            }
+        })
+        .map_err(|_| UpError::Broker(port))?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(listen).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(UpError::Broker(port))
+}
+
+struct NodeChild {
+    id: String,
+    config: PathBuf,
+    log: PathBuf,
+    child: Child,
+    exited: bool,
+}
+
+fn spawn_node(id: &str, config: &Path, log: &Path) -> Result<Child, UpError> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().map_err(|source| UpError::Spawn {
+        node: id.to_owned(),
+        source,
+    })?;
+    let log_file = std::fs::File::create(log).map_err(files_error(log))?;
+    let log_err = log_file.try_clone().map_err(files_error(log))?;
+    Command::new(exe)
+        .arg("node")
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(log_file)
+        .stderr(log_err)
+        .process_group(0)
+        .spawn()
+        .map_err(|source| UpError::Spawn {
+            node: id.to_owned(),
+            source,
+        })
+}
+
+fn node_toml(id: &str, capacity: u32, mqtt_port: u16, ollama: &Url) -> String {
+    format!(
+        "node_id = \"{id}\"\nagent_capacity = {capacity}\nheartbeat_secs = 5\nshutdown_grace_secs = 10\n\
+         [mqtt]\nport = {mqtt_port}\nkeep_alive_secs = 10\n[ollama]\nurl = \"{ollama}\"\nmax_parallel = 2\n\
+         [api]\nlisten = \"127.0.0.1:0\"\n"
+    )
+}
+
+/// Runs the fleet until `shutdown`.
+pub async fn run(options: UpOptions, shutdown: CancellationToken) -> Result<(), UpError> {
+    if !(1..=64).contains(&options.nodes) {
+        return Err(UpError::Invalid(format!(
+            "--nodes must be between 1 and 64 (got {})",
+            options.nodes
+        )));
+    }
+    if options.capacity == 0 {
+        return Err(UpError::Invalid("--capacity must be at least 1".into()));
+    }
+    let ollama = ollama_url(options.ollama_url.clone())
+        .map_err(|e| UpError::Invalid(format!("--ollama-url: {e}")))?;
+    check_port("MQTT", options.mqtt_port, "--mqtt-port")?;
+    check_port("API", options.api_port, "--api-port")?;
+    let (data_dir, temporary) = match &options.data_dir {
+        Some(dir) => (dir.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("pifleet-up-{}", std::process::id())),
+            true,
+        ),
+    };
+    std::fs::create_dir_all(&data_dir).map_err(files_error(&data_dir))?;
+
+    start_broker(options.mqtt_port)?;
+    println!(
+        "pifleet up: embedded MQTT broker (rumqttd) on 127.0.0.1:{}",
+        options.mqtt_port
+    );
+
+    let sim_shutdown = CancellationToken::new();
+    let (ollama, simulated) = match OllamaClient::new(&ollama).models().await {
+        Ok(models) => {
+            println!(
+                "pifleet up: using the real Ollama at {ollama} ({} models)",
+                models.len()
+            );
+            (ollama, false)
+        }
+        Err(why) => {
+            let config = SimConfig {
+                listen: "127.0.0.1:0".parse().expect("valid address"),
+                ..SimConfig::default()
+            };
+            let listener = crate::ollama_sim::bind(&config).await?;
+            let addr = listener
+                .local_addr()
+                .map_err(|e| UpError::Sim(crate::ollama_sim::SimError::Invalid(e.to_string())))?;
+            let router = crate::ollama_sim::router(crate::ollama_sim::Sim::new(config.clone()));
+            tokio::spawn(crate::http::serve(listener, router, sim_shutdown.clone()));
+            let url = ollama_url(format!("http://{addr}")).expect("a valid URL");
+            println!(
+                "pifleet up: ****************************************************************"
+            );
+            println!("pifleet up: NO OLLAMA at {ollama}: {why}");
+            println!("pifleet up: using the built-in Ollama SIMULATOR at {url}");
+            println!(
+                "pifleet up: answers are canned; models: {}",
+                config.models.join(", ")
+            );
+            println!(
+                "pifleet up: ****************************************************************"
+            );
+            (url, true)
+        }
+    };
+
+    let mut coordinator_config = CoordinatorConfig::with_defaults(data_dir.join("coordinator.db"));
+    coordinator_config.mqtt.port = options.mqtt_port;
+    coordinator_config.api.listen = SocketAddr::from(([127, 0, 0, 1], options.api_port));
+    coordinator_config.timeouts.node_lost_after = Duration::from_secs(20);
+    let coordinator_shutdown = CancellationToken::new();
+    let mut coordinator = tokio::spawn(crate::coordinator::run(
+        coordinator_config,
+        coordinator_shutdown.clone(),
+    ));
+
+    let nodes_dir = data_dir.join("nodes");
+    std::fs::create_dir_all(&nodes_dir).map_err(files_error(&nodes_dir))?;
+    let mut nodes = Vec::new();
+    for i in 1..=options.nodes {
+        let id = format!("up-{i}");
+        let config = nodes_dir.join(format!("{id}.toml"));
+        let log = nodes_dir.join(format!("{id}.log"));
+        let text = node_toml(&id, options.capacity, options.mqtt_port, &ollama);
+        NodeConfig::parse(&id, &text).map_err(|e| UpError::Invalid(e.to_string()))?;
+        std::fs::write(&config, text).map_err(files_error(&config))?;
+        let child = spawn_node(&id, &config, &log)?;
+        nodes.push(NodeChild {
+            id,
+            config,
+            log,
+            child,
+            exited: false,
+        });
+    }
+
+    let api = format!("http://127.0.0.1:{}", options.api_port);
+    let online = wait_for_nodes(&api, options.nodes, Duration::from_secs(30)).await;
+    println!(
+        "pifleet up: fleet is ready ({online}/{} nodes online, {} agent slots each)",
+        options.nodes, options.capacity
+    );
+    println!(
+        "  API          {api}   (pifleet status; set PIFLEET_COORDINATOR={api} if not the default)"
+    );
+    println!(
+        "  MQTT broker  127.0.0.1:{}   (mosquitto_sub -h 127.0.0.1 -p {} -t 'pifleet/#' -v)",
+        options.mqtt_port, options.mqtt_port
+    );
+    println!(
+        "  Ollama       {ollama}{}",
+        if simulated { "   (SIMULATOR)" } else { "" }
+    );
+    for n in &nodes {
+        println!(
+            "  node {}    pid {}, log {}",
+            n.id,
+            n.child.id(),
+            n.log.display()
+        );
+    }
+    println!(
+        "  data         {}{}",
+        data_dir.display(),
+        if temporary { " (removed on exit)" } else { "" }
+    );
+    println!("Try: pifleet spawn alice --model llama3.2 && pifleet chat alice \"hello\" && pifleet status");
+    println!("Ctrl-C stops everything.");
+
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            result = &mut coordinator => {
+                let outcome = match result {
+                    Ok(Ok(())) => "stopped".to_owned(),
+                    Ok(Err(e)) => format!("failed: {e}"),
+                    Err(e) => format!("crashed: {e}"),
+                };
+                println!("pifleet up: the coordinator {outcome}; stopping the fleet");
+                stop_nodes(&mut nodes).await;
+                return Ok(());
+            }
+            _ = tick.tick() => {
+                for n in nodes.iter_mut().filter(|n| !n.exited) {
+                    if let Ok(Some(status)) = n.child.try_wait() {
+                        n.exited = true;
+                        println!(
+                            "pifleet up: node {} exited ({status}); its agents move to the other nodes. Restart it with: {} node --config {}",
+                            n.id,
+                            std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "pifleet".into()),
+                            n.config.display()
+                        );
+                    }
+                }
+            }
+        }
+    }
+    println!(
+        "pifleet up: stopping {} nodes, then the coordinator",
+        nodes.iter().filter(|n| !n.exited).count()
+    );
+    stop_nodes(&mut nodes).await;
+    coordinator_shutdown.cancel();
+    match tokio::time::timeout(Duration::from_secs(10), coordinator).await {
+        Ok(Ok(Err(e))) => println!("pifleet up: the coordinator stopped with an error: {e}"),
+        Err(_) => println!("pifleet up: the coordinator did not stop within 10s"),
+        _ => {}
+    }
+    sim_shutdown.cancel();
+    if temporary {
+        let _ = std::fs::remove_dir_all(&data_dir);
+    }
+    println!("pifleet up: stopped");
+    Ok(())
+}
+
+/// SIGTERM to every node still running, then wait for them (SIGKILL after 15 s).
+async fn stop_nodes(nodes: &mut [NodeChild]) {
+    for n in nodes.iter().filter(|n| !n.exited) {
+        if let Some(pid) = rustix::process::Pid::from_raw(n.child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for n in nodes.iter_mut().filter(|n| !n.exited) {
+        loop {
+            match n.child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() >= deadline => {
+                    println!("pifleet up: node {} did not stop in time; killing it", n.id);
+                    let _ = n.child.kill();
+                    let _ = n.child.wait();
+                    break;
+                }
+                Ok(None) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        n.exited = true;
+    }
+}
+
+/// Polls the coordinator until `want` nodes are online; returns how many are.
+async fn wait_for_nodes(api: &str, want: usize, limit: Duration) -> u64 {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + limit;
+    let mut online = 0;
+    while Instant::now() < deadline {
+        if let Ok(response) = client.get(format!("{api}/v1/status")).send().await {
+            if let Ok(status) = response.json::<serde_json::Value>().await {
+                online = status["nodes_online"].as_u64().unwrap_or(0);
+                if online >= want as u64 {
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    online
+}

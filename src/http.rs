@@ -45,11 +45,15 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(json!({"error": self.message, "code": self.code})),
-        )
-            .into_response()
+        let body = Json(json!({"error": self.message, "code": self.code}));
+        let mut response = (self.status, body).into_response();
+        if let Some(secs) = self.retry_after {
+            let value = axum::http::HeaderValue::from(secs);
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, value);
+        }
+        response
     }
 }
 

@@ -3,5 +3,6 @@
 
 mod util;
 
+mod coordinator;
 mod node;
 mod ollama_sim;

@@ -358,13 +358,23 @@ impl Coordinator {
     }
 
     fn set_state(&mut self, name: &str, state: AgentState, node: Option<String>) {
+        let mut abandoned = None;
         if let Some(a) = self.agents.get_mut(name) {
+            if a.state == AgentState::Running && state != AgentState::Running {
+                abandoned = a.turn.take();
+            }
             a.state = state;
             a.node = node;
             a.since = Instant::now();
             a.deadline = None;
         }
         self.persist(name);
+        // A turn on the node it leaves will not be answered there: chats get
+        // an error, jobs go back to the queue (not counted as an attempt).
+        if let Some(turn) = abandoned {
+            let reason = format!("agent {name} left its node before answering");
+            self.turn_failed(&turn, TurnErrorCode::Released, reason, false);
+        }
     }
 
     /// Sends `agent` to `node` under a new placement id.
@@ -858,10 +868,15 @@ impl Coordinator {
             let _ = reply.send(Err(ApiError::not_found(format!("no agent named {name}"))));
             return;
         };
-        // Assigned or moving: it runs shortly, so the chat waits for it (the
-        // API's chat timeout bounds the wait). Pending or stopping: it may
-        // not run any time soon, so say why now.
-        if matches!(a.state, AgentState::Pending | AgentState::Stopping) {
+        // Assigned, moving, or pending but not yet tried: it runs shortly, so
+        // the chat waits for it (the API's chat timeout bounds the wait).
+        // Stopping, or pending for a known reason (no room...): say why now.
+        let hopeless = match a.state {
+            AgentState::Stopping => true,
+            AgentState::Pending => a.pending_reason.is_some(),
+            _ => false,
+        };
+        if hopeless {
             let why = a
                 .pending_reason
                 .clone()
@@ -1071,6 +1086,9 @@ impl Coordinator {
             return;
         }
         let Some(node) = a.node.clone() else { return };
+        if !self.fleet.is_online(&node) {
+            return; // it will be placed elsewhere, or its node comes back
+        }
         while let Some(waiter) = a.chats.pop_front() {
             if waiter.reply.is_closed() {
                 continue;

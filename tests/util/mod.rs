@@ -572,3 +572,172 @@ impl Drop for Client {
         self.task.abort();
     }
 }
+
+/// A coordinator process with its config and store in a temp dir. The API
+/// port is fixed at the first start so that a restart keeps the URL.
+pub struct Coordinator {
+    pub api: String,
+    pub proc: Proc,
+    pub config: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Coordinator {
+    /// Starts `pifleet coordinator` against `broker`; `extra` TOML is merged
+    /// over a config that sets the broker port, the API address and the store.
+    pub fn start(broker: &Mosquitto, extra: &str) -> Coordinator {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("coordinator.toml");
+        let port = free_port();
+        let base = format!(
+            "[mqtt]\nport = {}\nkeep_alive_secs = 5\n[api]\nlisten = \"127.0.0.1:{port}\"\n[store]\npath = \"{}\"\n[timeouts]\nnode_lost_after_secs = 6\n",
+            broker.port,
+            dir.path().join("coordinator.db").display()
+        );
+        std::fs::write(&config, merge_toml(&base, extra)).expect("write coordinator.toml");
+        let proc = Self::spawn(&config);
+        Coordinator {
+            api: format!("http://127.0.0.1:{port}"),
+            proc,
+            config,
+            dir,
+        }
+    }
+
+    fn spawn(config: &Path) -> Proc {
+        let proc = Proc::spawn(
+            "coordinator",
+            &["coordinator", "--config", config.to_str().unwrap()],
+            &[],
+        );
+        proc.wait_for_line("coordinator ready", WAIT);
+        proc
+    }
+
+    /// Starts it again on the same config and store (after a kill).
+    pub fn restart(&mut self) {
+        let _ = self.proc.wait_exit(WAIT);
+        self.proc = Self::spawn(&self.config);
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        http_get(&format!("{}{path}", self.api)).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        send(
+            reqwest::Method::POST,
+            &format!("{}{path}", self.api),
+            Some(body),
+            None,
+        )
+        .await
+    }
+
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        send(
+            reqwest::Method::DELETE,
+            &format!("{}{path}", self.api),
+            None,
+            None,
+        )
+        .await
+    }
+
+    pub async fn spawn_agent(&self, name: &str, model: &str) -> Value {
+        let (status, body) = self.post("/v1/agents", serde_json::json!({"name": name, "model": model, "system": format!("You are {name}.")})).await;
+        assert_eq!(status, 201, "spawn {name}: {body}");
+        body
+    }
+
+    pub async fn agents(&self) -> Vec<Value> {
+        let (status, body) = self.get("/v1/agents").await;
+        assert_eq!(status, 200, "{body}");
+        body["agents"].as_array().cloned().unwrap_or_default()
+    }
+
+    pub async fn agent(&self, name: &str) -> Value {
+        self.get(&format!("/v1/agents/{name}")).await.1
+    }
+
+    /// Agents running, per node.
+    pub async fn placement(&self) -> std::collections::BTreeMap<String, Vec<String>> {
+        let mut by_node: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for a in self.agents().await {
+            if a["state"] == "running" {
+                by_node
+                    .entry(a["node"].as_str().unwrap().to_owned())
+                    .or_default()
+                    .push(a["name"].as_str().unwrap().to_owned());
+            }
+        }
+        by_node
+    }
+
+    pub async fn wait_nodes_online(&self, n: u64) {
+        wait_until_async(&format!("{n} nodes online"), WAIT, || async {
+            self.get("/v1/status").await.1["nodes_online"] == n
+        })
+        .await;
+    }
+
+    pub async fn wait_running(&self, n: usize) {
+        wait_until_async(&format!("{n} agents running"), WAIT, || async {
+            self.agents()
+                .await
+                .iter()
+                .filter(|a| a["state"] == "running")
+                .count()
+                == n
+        })
+        .await;
+    }
+
+    pub async fn events(&self) -> Vec<Value> {
+        let (_, body) = self.get("/v1/events?limit=1000").await;
+        let mut events = body["events"].as_array().cloned().unwrap_or_default();
+        events.reverse(); // oldest first
+        events
+    }
+}
+
+/// Any HTTP call: status and JSON body (Null if not JSON).
+pub async fn send(
+    method: reqwest::Method,
+    url: &str,
+    body: Option<Value>,
+    token: Option<&str>,
+) -> (u16, Value) {
+    let mut request = reqwest::Client::new().request(method, url);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e}"));
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Polls `probe` every 20 ms until it returns something.
+pub async fn poll<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(found) = probe().await {
+            return found;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

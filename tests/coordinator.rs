@@ -1,0 +1,878 @@
+//! Acceptance tests of the coordinator (issue 3): a real Mosquitto, the
+//! coordinator and the node daemons as real processes, the Ollama simulator.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::util::{
+    poll, send, wait_until_async, Client, Coordinator, Mosquitto, Node, Proc, Received, Sim, WAIT,
+};
+
+const ALL_NODES: [&str; 3] = [
+    "pifleet/nodes/+/reply",
+    "pifleet/nodes/+/status",
+    "pifleet/nodes/+/capacity",
+];
+
+fn counts(placement: &BTreeMap<String, Vec<String>>) -> BTreeMap<String, usize> {
+    placement
+        .iter()
+        .map(|(n, a)| (n.clone(), a.len()))
+        .collect()
+}
+
+/// Replays what nodes announced, in the order the broker delivered it: an
+/// ok assign ack means the node hosts the agent from then on, an ok release
+/// ack that it no longer does, an `offline` status that it hosts nothing.
+/// Returns the largest number of nodes any agent was on at once, with a
+/// description of the first double.
+fn most_nodes_per_agent(log: &[Received]) -> (usize, Option<String>) {
+    let mut hosts: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut worst = (0, None);
+    for m in log {
+        let parts: Vec<&str> = m.topic.split('/').collect();
+        let (node, kind) = (parts[2].to_owned(), parts[3]);
+        match kind {
+            "status" if m.text() == "offline" => {
+                hosts.remove(&node);
+            }
+            "reply" => {
+                let r = m.json();
+                if r["type"] != "ack" || r["ok"] != true {
+                    continue;
+                }
+                let agent = r["agent"].as_str().unwrap_or("").to_owned();
+                match r["command"].as_str() {
+                    Some("assign") => {
+                        hosts.entry(node).or_default().insert(agent);
+                    }
+                    Some("release") => {
+                        hosts.entry(node).or_default().remove(&agent);
+                    }
+                    _ => {}
+                }
+            }
+            _ => continue,
+        }
+        let mut on: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for (node, agents) in &hosts {
+            for a in agents {
+                on.entry(a).or_default().push(node);
+            }
+        }
+        for (agent, nodes) in on {
+            if nodes.len() > worst.0 {
+                worst = (nodes.len(), Some(format!("{agent} on {nodes:?}")));
+            }
+        }
+    }
+    worst
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn capacities_2_4_8_fill_exactly_proportionally_and_a_15th_agent_waits_for_new_capacity() {
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&[]);
+    let coordinator = Coordinator::start(&broker, "");
+    let _nodes: Vec<Node> = [("n2", 2), ("n4", 4), ("n8", 8)]
+        .iter()
+        .map(|(id, cap)| {
+            Node::start(
+                id,
+                &broker,
+                &sim.url,
+                &format!("agent_capacity = {cap}"),
+                "",
+            )
+        })
+        .collect();
+    coordinator.wait_nodes_online(3).await;
+    let capacity = BTreeMap::from([("n2", 2.0), ("n4", 4.0), ("n8", 8.0)]);
+    for step in 1..=7usize {
+        coordinator
+            .spawn_agent(&format!("a{step:02}"), "llama3.2")
+            .await;
+        coordinator.wait_running(step).await;
+        let placed = counts(&coordinator.placement().await);
+        for (node, cap) in &capacity {
+            let have = *placed.get(*node).unwrap_or(&0) as f64;
+            let share = step as f64 * cap / 14.0;
+            assert!(
+                (have - share).abs() <= 1.0,
+                "after {step} agents {node} has {have}, its share is {share:.2}: {placed:?}"
+            );
+        }
+    }
+    for step in 8..=14 {
+        coordinator
+            .spawn_agent(&format!("a{step:02}"), "llama3.2")
+            .await;
+    }
+    coordinator.wait_running(14).await;
+    let placed = counts(&coordinator.placement().await);
+    assert_eq!(
+        placed,
+        BTreeMap::from([("n2".into(), 2), ("n4".into(), 4), ("n8".into(), 8)])
+    );
+
+    coordinator.spawn_agent("a15", "llama3.2").await;
+    // It stays pending, saying why, while the fleet is full.
+    wait_until_async("a15 to explain why it waits", WAIT, || async {
+        coordinator.agent("a15").await["pending_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("3 full"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(coordinator.agent("a15").await["state"], "pending");
+    // New capacity: it is placed there at once.
+    let _extra = Node::start("n1", &broker, &sim.url, "agent_capacity = 1", "");
+    wait_until_async("a15 to run on n1", WAIT, || async {
+        let a = coordinator.agent("a15").await;
+        a["state"] == "running" && a["node"] == "n1"
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_of_100_agents_against_100_slots_never_overfills_a_node() {
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&[]);
+    let coordinator = Coordinator::start(&broker, "");
+    let recorder = Client::connect(&broker, &ALL_NODES).await;
+    let caps = [("b10", 10u64), ("b20", 20), ("b30", 30), ("b40", 40)];
+    let _nodes: Vec<Node> = caps
+        .iter()
+        .map(|(id, cap)| {
+            Node::start(
+                id,
+                &broker,
+                &sim.url,
+                &format!("agent_capacity = {cap}"),
+                "",
+            )
+        })
+        .collect();
+    coordinator.wait_nodes_online(4).await;
+    let api = coordinator.api.clone();
+    let tasks: Vec<_> = (0..10)
+        .map(|t| {
+            let api = api.clone();
+            tokio::spawn(async move {
+                for i in 0..10 {
+                    let body = json!({"name": format!("burst-{t}-{i}"), "model": "llama3.2"});
+                    let (status, reply) = send(
+                        reqwest::Method::POST,
+                        &format!("{api}/v1/agents"),
+                        Some(body),
+                        None,
+                    )
+                    .await;
+                    assert_eq!(status, 201, "{reply}");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    coordinator.wait_running(100).await;
+    let placed = counts(&coordinator.placement().await);
+    assert_eq!(
+        placed,
+        caps.iter()
+            .map(|(n, c)| (n.to_string(), *c as usize))
+            .collect::<BTreeMap<_, _>>()
+    );
+    // The coordinator never asked a node for more than it has: no refusal.
+    let log = recorder.messages();
+    let refusals: Vec<Value> = log
+        .iter()
+        .filter(|m| m.topic.ends_with("/reply"))
+        .map(Received::json)
+        .filter(|r| r["ok"] == false)
+        .collect();
+    assert!(
+        refusals.is_empty(),
+        "nodes refused assignments: {refusals:?}"
+    );
+    for m in log.iter().filter(|m| m.topic.ends_with("/capacity")) {
+        let c = m.json();
+        assert!(
+            c["agents_running"].as_u64() <= c["agent_capacity"].as_u64(),
+            "{c}"
+        );
+    }
+    assert_eq!(most_nodes_per_agent(&log).0, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_of_a_node_moves_its_agents_once_each_and_a_moved_agent_keeps_its_history() {
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&[]);
+    let coordinator = Coordinator::start(&broker, "[scheduler]\nrebalance_threshold = 0");
+    let recorder = Client::connect(&broker, &ALL_NODES).await;
+    let mut nodes: BTreeMap<String, Node> = ["k1", "k2", "k3"]
+        .iter()
+        .map(|id| {
+            (
+                id.to_string(),
+                Node::start(id, &broker, &sim.url, "agent_capacity = 4", ""),
+            )
+        })
+        .collect();
+    coordinator.wait_nodes_online(3).await;
+    for i in 0..6 {
+        coordinator.spawn_agent(&format!("m{i}"), "llama3.2").await;
+    }
+    coordinator.wait_running(6).await;
+    let chat = |text: &str| json!({"agent": "m0", "messages": [{"role": "user", "content": text}]});
+    let (status, first) = coordinator.post("/v1/chat", chat("My name is Ada.")).await;
+    assert_eq!(status, 200, "{first}");
+    let victim = first["node"].as_str().unwrap().to_owned();
+    assert_eq!(
+        coordinator
+            .post("/v1/chat", chat("What is my name?"))
+            .await
+            .0,
+        200
+    );
+    let moving: Vec<String> = coordinator.placement().await[&victim].clone();
+
+    nodes.get_mut(&victim).unwrap().proc.signal("KILL");
+    wait_until_async(
+        "the agents of the killed node to run elsewhere",
+        WAIT,
+        || async {
+            let placement = coordinator.placement().await;
+            !placement.contains_key(&victim) && placement.values().map(Vec::len).sum::<usize>() == 6
+        },
+    )
+    .await;
+    for agent in &moving {
+        let a = coordinator.agent(agent).await;
+        assert_ne!(a["node"], victim.as_str(), "{a}");
+    }
+    let (status, answer) = coordinator
+        .post("/v1/chat", chat("Do you remember me?"))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_ne!(answer["node"], victim.as_str());
+    let text = answer["message"]["content"].as_str().unwrap();
+    // System prompt + two earlier exchanges + the new message.
+    assert!(
+        text.contains("received 6 messages"),
+        "the history did not move with the agent: {text}"
+    );
+    assert!(
+        text.contains("with system prompt \"You are m0.\""),
+        "{text}"
+    );
+
+    let (most, example) = most_nodes_per_agent(&recorder.messages());
+    assert_eq!(most, 1, "an agent ran on two nodes at once: {example:?}");
+    let lost = coordinator
+        .events()
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "node_lost")
+        .count();
+    assert_eq!(lost, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coordinator_killed_during_a_burst_restarts_with_every_agent_on_exactly_one_node() {
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&[]);
+    let mut coordinator = Coordinator::start(&broker, "");
+    let recorder = Client::connect(
+        &broker,
+        &[
+            "pifleet/nodes/+/cmd",
+            "pifleet/nodes/+/reply",
+            "pifleet/nodes/+/status",
+        ],
+    )
+    .await;
+    let _nodes: Vec<Node> = ["r1", "r2", "r3"]
+        .iter()
+        .map(|id| Node::start(id, &broker, &sim.url, "agent_capacity = 10", ""))
+        .collect();
+    coordinator.wait_nodes_online(3).await;
+    let api = coordinator.api.clone();
+    // A burst that keeps going through the crash: each name is retried until
+    // it exists (201, or 409 when it was created just before the kill).
+    let burst = tokio::spawn(async move {
+        let mut created = Vec::new();
+        for i in 0..30 {
+            let name = format!("crash-{i:02}");
+            loop {
+                let body = json!({"name": name, "model": "llama3.2"});
+                let request = reqwest::Client::new()
+                    .post(format!("{api}/v1/agents"))
+                    .json(&body)
+                    .send()
+                    .await;
+                match request {
+                    Ok(r) if r.status().as_u16() == 201 || r.status().as_u16() == 409 => break,
+                    _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+            created.push(name);
+        }
+        created
+    });
+    wait_until_async("a third of the burst", WAIT, || async {
+        coordinator.agents().await.len() >= 10
+    })
+    .await;
+    coordinator.proc.signal("KILL");
+    let killed_at = recorder.messages().len();
+    coordinator.restart();
+    let created = burst.await.unwrap();
+    assert_eq!(created.len(), 30);
+    coordinator.wait_running(30).await;
+    let agents = coordinator.agents().await;
+    assert_eq!(agents.len(), 30, "the same agents exist after the restart");
+    // Each on exactly one node, as the nodes themselves report it.
+    wait_until_async("the nodes to report 30 agents", WAIT, || async {
+        let (_, nodes) = coordinator.get("/v1/nodes").await;
+        let mut seen = BTreeMap::<String, usize>::new();
+        for n in nodes["nodes"].as_array().unwrap() {
+            for a in n["agents"].as_array().unwrap() {
+                *seen.entry(a.as_str().unwrap().to_owned()).or_default() += 1;
+            }
+        }
+        seen.len() == 30 && seen.values().all(|&c| c == 1)
+    })
+    .await;
+    let (most, example) = most_nodes_per_agent(&recorder.messages());
+    assert_eq!(most, 1, "{example:?}");
+    // Nothing that ran was stopped: no release was sent after the restart.
+    let releases: Vec<Value> = recorder.messages()[killed_at..]
+        .iter()
+        .filter(|m| m.topic.ends_with("/cmd"))
+        .map(Received::json)
+        .filter(|c| c["type"] == "release")
+        .collect();
+    assert!(
+        releases.is_empty(),
+        "the restarted coordinator released running agents: {releases:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_whose_node_dies_mid_turn_completes_on_another_node() {
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&["--first-token-ms", "1500"]);
+    let coordinator = Coordinator::start(&broker, "[scheduler]\nrebalance_threshold = 0");
+    let mut nodes: BTreeMap<String, Node> = ["j1", "j2"]
+        .iter()
+        .map(|id| {
+            (
+                id.to_string(),
+                Node::start(id, &broker, &sim.url, "agent_capacity = 2", ""),
+            )
+        })
+        .collect();
+    coordinator.wait_nodes_online(2).await;
+    coordinator.spawn_agent("worker", "llama3.2").await;
+    coordinator.wait_running(1).await;
+    let (status, job) = coordinator
+        .post(
+            "/v1/agents/worker/jobs",
+            json!({"message": "summarise the logs", "priority": 3}),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    assert_eq!(job["status"], "queued");
+    let id = job["job_id"].as_str().unwrap().to_owned();
+    let first_node: String = poll("the job to run", WAIT, || async {
+        let (_, j) = coordinator.get(&format!("/v1/jobs/{id}")).await;
+        (j["status"] == "running").then(|| j["node"].as_str().unwrap_or("").to_owned())
+    })
+    .await;
+    wait_until_async("the turn to reach Ollama", WAIT, || async {
+        sim.stats().await["in_flight"] == 1
+    })
+    .await;
+    nodes.get_mut(&first_node).unwrap().proc.signal("KILL");
+    let done: Value = poll("the job to complete", WAIT, || async {
+        let (_, j) = coordinator.get(&format!("/v1/jobs/{id}")).await;
+        (j["status"] == "completed").then_some(j)
+    })
+    .await;
+    assert_ne!(done["node"], first_node.as_str(), "{done}");
+    assert!(
+        done["answer"]
+            .as_str()
+            .unwrap()
+            .contains("summarise the logs"),
+        "{done}"
+    );
+    assert!(done["usage"]["eval_count"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_queued_jobs_complete_highest_priority_first_and_in_order_within_a_priority_per_agent(
+) {
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&["--first-token-ms", "5", "--tokens-per-sec", "2000"]);
+    let coordinator = Coordinator::start(&broker, "");
+    // No node yet: the agents wait, so every job is queued before any runs.
+    for agent in ["pa", "pb"] {
+        coordinator.spawn_agent(agent, "llama3.2").await;
+    }
+    let mut submitted: Vec<(String, String, i64, usize)> = Vec::new();
+    for i in 0..50usize {
+        let agent = if i % 2 == 0 { "pa" } else { "pb" };
+        let priority = [1, 5, 3, 5, 0, 9, 1][i % 7];
+        let (status, job) = coordinator
+            .post(
+                &format!("/v1/agents/{agent}/jobs"),
+                json!({"message": format!("job {i}"), "priority": priority}),
+            )
+            .await;
+        assert_eq!(status, 202, "{job}");
+        submitted.push((
+            agent.to_owned(),
+            job["job_id"].as_str().unwrap().to_owned(),
+            priority,
+            i,
+        ));
+    }
+    assert_eq!(coordinator.get("/v1/status").await.1["queue_depth"], 50);
+    let _node = Node::start("q1", &broker, &sim.url, "agent_capacity = 2", "");
+    wait_until_async(
+        "all 50 jobs to complete",
+        Duration::from_secs(60),
+        || async {
+            let (_, jobs) = coordinator.get("/v1/jobs?state=completed&limit=100").await;
+            jobs["jobs"].as_array().unwrap().len() == 50
+        },
+    )
+    .await;
+    let (_, jobs) = coordinator.get("/v1/jobs?limit=100").await;
+    let finished: BTreeMap<String, u64> = jobs["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| {
+            (
+                j["job_id"].as_str().unwrap().to_owned(),
+                j["updated_ms"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    for agent in ["pa", "pb"] {
+        let mut expected: Vec<&(String, String, i64, usize)> =
+            submitted.iter().filter(|s| s.0 == agent).collect();
+        expected.sort_by_key(|s| (-s.2, s.3));
+        let mut actual = expected.clone();
+        actual.sort_by_key(|s| finished[&s.1]);
+        let order =
+            |v: &[&(String, String, i64, usize)]| v.iter().map(|s| (s.2, s.3)).collect::<Vec<_>>();
+        assert_eq!(
+            order(&actual),
+            order(&expected),
+            "{agent}: (priority, submission) in completion order"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_answers_429_422_401_413_409_and_404_as_json() {
+    let broker = Mosquitto::start();
+    let token = "a-long-enough-secret-token";
+    let coordinator = Coordinator::start(
+        &broker,
+        &format!("[api]\ntoken = \"{token}\"\nmax_body_bytes = 4096\n[queue]\nmax_jobs_per_agent = 3\nretry_after_secs = 7"),
+    );
+    let url = |path: &str| format!("{}{path}", coordinator.api);
+    let call = |method: reqwest::Method, path: &str, body: Option<Value>| {
+        let url = url(path);
+        async move { send(method, &url, body, Some(token)).await }
+    };
+    // No token, wrong token, right token.
+    let (status, body) = send(reqwest::Method::GET, &url("/v1/agents"), None, None).await;
+    assert_eq!((status, body["code"].as_str()), (401, Some("unauthorized")));
+    assert_eq!(
+        send(
+            reqwest::Method::GET,
+            &url("/v1/agents"),
+            None,
+            Some("wrong")
+        )
+        .await
+        .0,
+        401
+    );
+    assert_eq!(call(reqwest::Method::GET, "/v1/agents", None).await.0, 200);
+    assert_eq!(
+        send(reqwest::Method::GET, &url("/health"), None, None)
+            .await
+            .0,
+        200,
+        "probes need no token"
+    );
+
+    // Bad bodies.
+    for (body, word) in [
+        (json!({"name": "Bad Name", "model": "llama3.2"}), "name"),
+        (json!({"name": "ok", "model": ""}), "model"),
+        (json!({"name": "ok"}), "model"),
+        (
+            json!({"name": "ok", "model": "x", "colour": "red"}),
+            "colour",
+        ),
+    ] {
+        let (status, reply) = call(reqwest::Method::POST, "/v1/agents", Some(body)).await;
+        assert_eq!(status, 422, "{reply}");
+        assert_eq!(reply["code"], "invalid");
+        assert!(reply["error"].as_str().unwrap().contains(word), "{reply}");
+    }
+    let not_json = reqwest::Client::new()
+        .post(url("/v1/agents"))
+        .bearer_auth(token)
+        .body("{nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(not_json.status().as_u16(), 422);
+    for (body, word) in [
+        (json!({"agent": "a", "messages": []}), "empty"),
+        (
+            json!({"agent": "a", "messages": [{"role": "robot", "content": "x"}]}),
+            "robot",
+        ),
+        (
+            json!({"agent": "a", "messages": [{"role": "user", "content": "  "}]}),
+            "empty",
+        ),
+    ] {
+        let (status, reply) = call(reqwest::Method::POST, "/v1/chat", Some(body)).await;
+        assert_eq!(status, 422, "{reply}");
+        assert!(reply["error"].as_str().unwrap().contains(word), "{reply}");
+    }
+    // Oversize.
+    let big = json!({"name": "big", "model": "llama3.2", "system": "x".repeat(10_000)});
+    let (status, reply) = call(reqwest::Method::POST, "/v1/agents", Some(big)).await;
+    assert_eq!((status, reply["code"].as_str()), (413, Some("too_large")));
+
+    // Duplicates and unknowns.
+    assert_eq!(
+        call(
+            reqwest::Method::POST,
+            "/v1/agents",
+            Some(json!({"name": "q", "model": "llama3.2"}))
+        )
+        .await
+        .0,
+        201
+    );
+    assert_eq!(
+        call(
+            reqwest::Method::POST,
+            "/v1/agents",
+            Some(json!({"name": "q", "model": "llama3.2"}))
+        )
+        .await
+        .0,
+        409
+    );
+    assert_eq!(
+        call(reqwest::Method::GET, "/v1/agents/nobody", None)
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        call(reqwest::Method::GET, "/v1/jobs/nojob", None).await.0,
+        404
+    );
+    // Chat to an agent that cannot run (no nodes): 503 with the reason.
+    wait_until_async("q to say why it waits", WAIT, || async {
+        let (_, a) = call(reqwest::Method::GET, "/v1/agents/q", None).await;
+        a["pending_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("no nodes"))
+    })
+    .await;
+    let (status, reply) = call(
+        reqwest::Method::POST,
+        "/v1/chat",
+        Some(json!({"agent": "q", "messages": [{"role": "user", "content": "hi"}]})),
+    )
+    .await;
+    assert_eq!(status, 503, "{reply}");
+    assert!(
+        reply["error"].as_str().unwrap().contains("no nodes"),
+        "{reply}"
+    );
+
+    // Queue full: the fourth job of an agent gets 429 with Retry-After.
+    for i in 0..3 {
+        let (status, _) = call(
+            reqwest::Method::POST,
+            "/v1/agents/q/jobs",
+            Some(json!({"message": format!("job {i}")})),
+        )
+        .await;
+        assert_eq!(status, 202);
+    }
+    let full = reqwest::Client::new()
+        .post(url("/v1/agents/q/jobs"))
+        .bearer_auth(token)
+        .json(&json!({"message": "one too many"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(full.status().as_u16(), 429);
+    assert_eq!(full.headers()["retry-after"], "7");
+    let body: Value = full.json().await.unwrap();
+    assert_eq!(body["code"], "queue_full");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("max_jobs_per_agent"),
+        "{body}"
+    );
+    let (status, reply) = call(
+        reqwest::Method::POST,
+        "/v1/agents/q/jobs",
+        Some(json!({"message": "x", "priority": 5000})),
+    )
+    .await;
+    assert_eq!(status, 422, "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn draining_a_node_of_6_agents_moves_at_most_2_at_a_time_and_leaves_it_empty_and_draining() {
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&[]);
+    let coordinator = Coordinator::start(&broker, "[scheduler]\nrebalance_threshold = 0");
+    let recorder = Client::connect(&broker, &ALL_NODES).await;
+    let _d = Node::start("d", &broker, &sim.url, "agent_capacity = 6", "");
+    coordinator.wait_nodes_online(1).await;
+    for i in 0..6 {
+        coordinator.spawn_agent(&format!("dr{i}"), "llama3.2").await;
+    }
+    coordinator.wait_running(6).await;
+    let _e = Node::start("e", &broker, &sim.url, "agent_capacity = 4", "");
+    let _f = Node::start("f", &broker, &sim.url, "agent_capacity = 4", "");
+    coordinator.wait_nodes_online(3).await;
+    let drain_from = recorder.messages().len();
+    let (status, node) = coordinator
+        .post("/v1/nodes/d/drain", json!({"max_parallel": 2}))
+        .await;
+    assert_eq!(status, 200, "{node}");
+    wait_until_async("d to be empty", WAIT, || async {
+        let placement = coordinator.placement().await;
+        !placement.contains_key("d") && placement.values().map(Vec::len).sum::<usize>() == 6
+    })
+    .await;
+    // The node itself says it is draining.
+    let capacity = recorder
+        .wait_message("pifleet/nodes/d/capacity", |m| {
+            m.json()["draining"] == true && m.json()["agents_running"] == 0
+        })
+        .await;
+    assert_eq!(capacity.json()["agents"], json!([]));
+    // Never more than 2 in motion: by the coordinator's events...
+    let mut in_motion = 0i32;
+    let mut most = 0;
+    for e in coordinator.events().await {
+        match e["kind"].as_str() {
+            Some("moving") => in_motion += 1,
+            Some("moved") => in_motion -= 1,
+            _ => {}
+        }
+        most = most.max(in_motion);
+    }
+    assert_eq!(most, 2, "moves in flight at once (events)");
+    assert_eq!(in_motion, 0);
+    // ...and by what the nodes acknowledged: agents hosted nowhere.
+    let log = recorder.messages();
+    let mut hosted: BTreeMap<String, String> =
+        (0..6).map(|i| (format!("dr{i}"), "d".to_owned())).collect();
+    let mut most_unhosted = 0;
+    for m in &log[drain_from..] {
+        let r = m.json();
+        if !m.topic.ends_with("/reply") || r["type"] != "ack" || r["ok"] != true {
+            continue;
+        }
+        let Some(agent) = r["agent"].as_str().map(str::to_owned) else {
+            continue; // drain acks name no agent
+        };
+        let node = m.topic.split('/').nth(2).unwrap().to_owned();
+        match r["command"].as_str() {
+            Some("release") => {
+                hosted.remove(&agent);
+            }
+            Some("assign") => {
+                hosted.insert(agent, node);
+            }
+            _ => {}
+        }
+        most_unhosted = most_unhosted.max(6 - hosted.len());
+    }
+    assert!(
+        most_unhosted <= 2,
+        "{most_unhosted} agents were hosted nowhere at once"
+    );
+    assert!(hosted.values().all(|n| n != "d"));
+    assert_eq!(most_nodes_per_agent(&log).0, 1);
+
+    // Uncordon: it takes agents again.
+    let (status, node) = coordinator.post("/v1/nodes/d/uncordon", json!({})).await;
+    assert_eq!((status, node["cordoned"].as_bool()), (200, Some(false)));
+    recorder
+        .wait_message("pifleet/nodes/d/capacity", |m| {
+            m.json()["draining"] == false && m.at > capacity.at
+        })
+        .await;
+    coordinator.spawn_agent("after", "llama3.2").await;
+    wait_until_async("the new agent on the emptiest node, d", WAIT, || async {
+        coordinator.agent("after").await["node"] == "d"
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stale_offline_on_a_live_node_status_moves_nothing() {
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&[]);
+    let coordinator = Coordinator::start(&broker, "");
+    let node = Node::start("live", &broker, &sim.url, "agent_capacity = 2", "");
+    coordinator.wait_nodes_online(1).await;
+    coordinator.spawn_agent("stay", "llama3.2").await;
+    coordinator.wait_running(1).await;
+    // What the broker would publish for an older connection's last will.
+    let rogue = Client::connect(&broker, &["pifleet/nodes/live/status"]).await;
+    rogue.publish("pifleet/nodes/live/status", "offline").await;
+    node.proc.wait_for_line("stale 'offline'", WAIT);
+    let back = rogue
+        .wait_message("pifleet/nodes/live/status", |m| {
+            m.text() == "online" && !m.retain
+        })
+        .await;
+    assert_eq!(back.text(), "online");
+    tokio::time::sleep(Duration::from_secs(3)).await; // longer than offline_grace_secs
+    let a = coordinator.agent("stay").await;
+    assert_eq!(
+        (a["state"].as_str(), a["node"].as_str()),
+        (Some("running"), Some("live")),
+        "{a}"
+    );
+    assert!(coordinator
+        .events()
+        .await
+        .iter()
+        .all(|e| e["kind"] != "node_lost"));
+}
+
+#[test]
+fn pifleet_up_then_spawn_chat_and_status_from_a_second_terminal() {
+    let api_port = crate::util::free_port();
+    let mqtt_port = crate::util::free_port();
+    let data = tempfile::tempdir().unwrap();
+    let no_ollama = format!("http://127.0.0.1:{}", crate::util::free_port());
+    let mut up = Proc::spawn(
+        "up",
+        &[
+            "up",
+            "--nodes",
+            "3",
+            "--capacity",
+            "4",
+            "--api-port",
+            &api_port.to_string(),
+            "--mqtt-port",
+            &mqtt_port.to_string(),
+            "--ollama-url",
+            &no_ollama,
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ],
+        &[],
+    );
+    up.wait_for_line("SIMULATOR", WAIT);
+    up.wait_for_line("fleet is ready (3/3 nodes online", WAIT);
+    let api = format!("http://127.0.0.1:{api_port}");
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(crate::util::pifleet_bin())
+            .args(args)
+            .env("PIFLEET_COORDINATOR", &api)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "pifleet {args:?}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    assert!(cli(&[
+        "spawn",
+        "alice",
+        "--model",
+        "llama3.2",
+        "--system",
+        "You are Alice."
+    ])
+    .contains("spawned alice"));
+    let answer = cli(&["chat", "alice", "hello there"]);
+    assert!(
+        answer.contains("last user message: \"hello there\""),
+        "{answer}"
+    );
+    assert!(answer.contains("You are Alice."), "{answer}");
+    let status = cli(&["status"]);
+    assert!(status.contains("Agents: 1 / 12 running"), "{status}");
+    assert!(status.contains("Nodes online: 3 / 3"), "{status}");
+    let json: Value = serde_json::from_str(&cli(&["status", "--json"])).unwrap();
+    assert_eq!(json["agents_running"], 1);
+    // The embedded broker carries the contract topics.
+    let sub = std::process::Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &mqtt_port.to_string(),
+            "-t",
+            "pifleet/nodes/+/capacity",
+            "-C",
+            "1",
+            "-W",
+            "10",
+        ])
+        .output()
+        .unwrap();
+    let capacity: Value = serde_json::from_slice(&sub.stdout).expect("a capacity message");
+    assert_eq!(capacity["agent_capacity"], 4);
+    // A failing command exits non-zero with the server's error.
+    let out = std::process::Command::new(crate::util::pifleet_bin())
+        .args(["chat", "nobody", "hi"])
+        .env("PIFLEET_COORDINATOR", &api)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no agent named nobody"));
+
+    up.signal("INT");
+    assert_eq!(up.wait_exit(WAIT).code(), Some(0), "{:?}", up.output());
+    up.wait_for_line("pifleet up: stopped", WAIT);
+    let leftover = std::process::Command::new("pgrep")
+        .args(["-f", data.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        leftover.stdout.is_empty(),
+        "node processes survived: {}",
+        String::from_utf8_lossy(&leftover.stdout)
+    );
+}

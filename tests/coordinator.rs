@@ -876,3 +876,161 @@ fn pifleet_up_then_spawn_chat_and_status_from_a_second_terminal() {
         String::from_utf8_lossy(&leftover.stdout)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_returning_node_gets_agents_back_by_bounded_rebalancing_without_bouncing() {
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&[]);
+    let coordinator = Coordinator::start(&broker, "[scheduler]\nrebalance_max_moves = 1");
+    let start = |id: &str| Node::start(id, &broker, &sim.url, "agent_capacity = 4", "");
+    let _n1 = start("rb1");
+    let _n2 = start("rb2");
+    let mut n3 = start("rb3");
+    coordinator.wait_nodes_online(3).await;
+    for i in 0..6 {
+        coordinator.spawn_agent(&format!("rb{i}"), "llama3.2").await;
+    }
+    coordinator.wait_running(6).await;
+    assert_eq!(
+        counts(&coordinator.placement().await)
+            .values()
+            .copied()
+            .collect::<Vec<_>>(),
+        vec![2, 2, 2]
+    );
+    n3.proc.signal("KILL");
+    wait_until_async("rb3's agents to move", WAIT, || async {
+        let c = counts(&coordinator.placement().await);
+        !c.contains_key("rb3") && c.values().sum::<usize>() == 6
+    })
+    .await;
+    let _n3_again = start("rb3");
+    wait_until_async("rebalancing back to 2/2/2", WAIT, || async {
+        counts(&coordinator.placement().await)
+            .values()
+            .copied()
+            .collect::<Vec<_>>()
+            == vec![2, 2, 2]
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let events = coordinator.events().await;
+    let mut in_motion = 0i32;
+    let mut most = 0;
+    let mut moved: BTreeMap<String, usize> = BTreeMap::new();
+    for e in &events {
+        match e["kind"].as_str() {
+            Some("moving") => {
+                in_motion += 1;
+                *moved
+                    .entry(e["agent"].as_str().unwrap().to_owned())
+                    .or_default() += 1;
+            }
+            Some("moved") => in_motion -= 1,
+            _ => {}
+        }
+        most = most.max(in_motion);
+    }
+    assert_eq!(
+        most, 1,
+        "rebalance_max_moves = 1 bounds the moves in flight"
+    );
+    assert_eq!(
+        moved.values().sum::<usize>(),
+        2,
+        "two agents moved back: {moved:?}"
+    );
+    assert!(
+        moved.values().all(|&n| n == 1),
+        "an agent bounced: {moved:?}"
+    );
+    assert_eq!(
+        counts(&coordinator.placement().await)
+            .values()
+            .copied()
+            .collect::<Vec<_>>(),
+        vec![2, 2, 2]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_an_agent_releases_it_from_its_node() {
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&[]);
+    let coordinator = Coordinator::start(&broker, "");
+    let recorder = Client::connect(&broker, &["pifleet/nodes/del/capacity"]).await;
+    let _node = Node::start("del", &broker, &sim.url, "agent_capacity = 2", "");
+    coordinator.wait_nodes_online(1).await;
+    coordinator.spawn_agent("gone", "llama3.2").await;
+    coordinator.wait_running(1).await;
+    recorder
+        .wait_message("pifleet/nodes/del/capacity", |m| {
+            m.json()["agents"] == json!(["gone"])
+        })
+        .await;
+    let (status, body) = coordinator.delete("/v1/agents/gone").await;
+    assert_eq!(status, 200, "{body}");
+    recorder
+        .wait_message("pifleet/nodes/del/capacity", |m| {
+            m.json()["agents"] == json!([])
+        })
+        .await;
+    wait_until_async("the agent to be gone", WAIT, || async {
+        coordinator.get("/v1/agents/gone").await.0 == 404
+    })
+    .await;
+    assert_eq!(coordinator.delete("/v1/agents/gone").await.0, 404);
+    // The name is free again.
+    coordinator.spawn_agent("gone", "llama3.2").await;
+}
+
+#[test]
+fn config_check_covers_coordinator_configs() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(crate::util::pifleet_bin())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["config", "default", "coordinator"]);
+    assert!(out.status.success());
+    let good = dir.path().join("coordinator.toml");
+    std::fs::write(&good, &out.stdout).unwrap();
+    let check = run(&["config", "check", good.to_str().unwrap()]);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(String::from_utf8_lossy(&check.stdout).contains("ok (coordinator"));
+    for (text, position, words) in [
+        (
+            "history_limit = 5\n[queue]\nmax_jobs = \"many\"\n",
+            "bad.toml:3:12:",
+            "expected an integer",
+        ),
+        ("[store]\npaht = \"x\"\n", "bad.toml:2:1:", "paht"),
+        (
+            "history_limit = 0\n[scheduler]\ndrain_max_parallel = 0\n",
+            "bad.toml:1:17:",
+            "history_limit",
+        ),
+    ] {
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, text).unwrap();
+        let check = run(&[
+            "config",
+            "check",
+            bad.to_str().unwrap(),
+            "--kind",
+            "coordinator",
+        ]);
+        let stderr = String::from_utf8_lossy(&check.stderr);
+        assert_eq!(check.status.code(), Some(64), "{stderr}");
+        assert!(
+            stderr.contains(position) && stderr.contains(words),
+            "{stderr}"
+        );
+    }
+}

@@ -98,7 +98,12 @@ impl Source<'_> {
     /// [`ConfigError`] at the offending position.
     pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, ConfigError> {
         toml::from_str(self.text).map_err(|e| {
-            let message = e.message().trim().to_owned();
+            // Say "integer" and "number", not Rust's type names.
+            let message = e
+                .message()
+                .trim()
+                .replace("expected i64", "expected an integer")
+                .replace("expected f64", "expected a number");
             self.error(vec![self.problem(e.span(), message)])
         })
     }

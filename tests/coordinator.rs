@@ -885,7 +885,7 @@ async fn a_returning_node_gets_agents_back_by_bounded_rebalancing_without_bounci
     let start = |id: &str| Node::start(id, &broker, &sim.url, "agent_capacity = 4", "");
     let _n1 = start("rb1");
     let _n2 = start("rb2");
-    let mut n3 = start("rb3");
+    let n3 = start("rb3");
     coordinator.wait_nodes_online(3).await;
     for i in 0..6 {
         coordinator.spawn_agent(&format!("rb{i}"), "llama3.2").await;

@@ -20,4 +20,5 @@ pub mod node;
 pub mod ollama_sim;
 pub mod protocol;
 pub mod systemd;
+pub mod timing;
 pub mod up;

@@ -66,7 +66,13 @@ async fn a_node_announces_online_and_a_retained_capacity_with_every_contract_fie
         .wait_message("pifleet/nodes/pi-cap/status", |_| true)
         .await;
     assert_eq!(status.text(), "online");
-    assert!(status.retain, "status must be retained");
+    // A client that subscribes now gets it as the broker's retained copy.
+    let late = Client::connect(&broker, &["pifleet/nodes/pi-cap/status"]).await;
+    let replay = late
+        .wait_message("pifleet/nodes/pi-cap/status", |_| true)
+        .await;
+    assert_eq!(replay.text(), "online");
+    assert!(replay.retain, "status must be retained");
     let capacity = client
         .wait_message("pifleet/nodes/pi-cap/capacity", |m| {
             m.json()["ollama_reachable"] == true

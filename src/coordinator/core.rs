@@ -18,7 +18,7 @@
 //! so no agent runs on two nodes at once.
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,6 +46,11 @@ const REBALANCE_COOLDOWN: Duration = Duration::from_secs(120);
 const RESEND_AFTER: Duration = Duration::from_secs(5);
 /// Recent events kept for `GET /v1/events`.
 const EVENTS_KEPT: usize = 1000;
+/// Pending agents are placed in batches at most this soon after they appear,
+/// so that a burst of creations costs one placement pass, not one each.
+const PLACEMENT_DELAY: Duration = Duration::from_millis(20);
+/// How often rebalancing is considered when the fleet did not change.
+const REBALANCE_EVERY: Duration = Duration::from_secs(2);
 
 /// An API answer: status and JSON body, or a JSON error.
 pub type ApiResult = Result<(StatusCode, Value), ApiError>;
@@ -80,11 +85,6 @@ impl AgentState {
             AgentState::Running => "running",
             AgentState::Stopping => "stopping",
         }
-    }
-
-    /// Whether the agent occupies a slot on its node.
-    fn occupies(self) -> bool {
-        !matches!(self, AgentState::Pending)
     }
 }
 
@@ -203,6 +203,13 @@ pub struct Coordinator {
     publisher: Publisher,
     pub fleet: Fleet,
     pub agents: BTreeMap<String, Agent>,
+    /// Agents per node they occupy a slot on (every state but pending).
+    by_node: HashMap<String, BTreeSet<String>>,
+    /// Pending agents, in placement order: (created, name).
+    pending: BTreeSet<(u64, String)>,
+    /// When the next placement pass is due, if one is wanted.
+    placement_at: Option<Instant>,
+    last_rebalance: Option<Instant>,
     flags: BTreeMap<String, NodeFlags>,
     /// Open jobs (queued or running).
     jobs: HashMap<String, JobRow>,
@@ -235,6 +242,10 @@ impl Coordinator {
             generation,
             fleet: Fleet::default(),
             agents: BTreeMap::new(),
+            by_node: HashMap::new(),
+            pending: BTreeSet::new(),
+            placement_at: None,
+            last_rebalance: None,
             flags: store.node_flags()?,
             jobs: HashMap::new(),
             turns: HashMap::new(),
@@ -268,6 +279,13 @@ impl Coordinator {
                 c.fleet.expect(node, now);
                 agent.deadline = Some(deadline);
             }
+            c.index(
+                &agent.spec.name,
+                agent.created_ms,
+                None,
+                agent.state,
+                agent.node.as_deref(),
+            );
             c.agents.insert(agent.spec.name.clone(), agent);
         }
         for mut job in c.store.open_jobs()? {
@@ -357,17 +375,70 @@ impl Coordinator {
         }
     }
 
+    /// Keeps `by_node` and `pending` in step with an agent's state and node.
+    fn index(
+        &mut self,
+        name: &str,
+        created: u64,
+        old: Option<(AgentState, Option<&str>)>,
+        state: AgentState,
+        node: Option<&str>,
+    ) {
+        if let Some((old_state, old_node)) = old {
+            if let Some(old_node) = old_node {
+                if let Some(set) = self.by_node.get_mut(old_node) {
+                    set.remove(name);
+                }
+            }
+            if old_state == AgentState::Pending {
+                self.pending.remove(&(created, name.to_owned()));
+            }
+        }
+        if let Some(node) = node {
+            self.by_node
+                .entry(node.to_owned())
+                .or_default()
+                .insert(name.to_owned());
+        }
+        if state == AgentState::Pending {
+            self.pending.insert((created, name.to_owned()));
+            self.want_placement();
+        }
+    }
+
+    /// Asks for a placement pass shortly (once per burst).
+    fn want_placement(&mut self) {
+        self.placement_at
+            .get_or_insert_with(|| Instant::now() + PLACEMENT_DELAY);
+    }
+
+    /// When the main loop should run [`Coordinator::place_pending`].
+    pub fn placement_due(&self) -> Option<Instant> {
+        self.placement_at
+    }
+
+    /// The only place an agent's state or node changes.
     fn set_state(&mut self, name: &str, state: AgentState, node: Option<String>) {
         let mut abandoned = None;
-        if let Some(a) = self.agents.get_mut(name) {
-            if a.state == AgentState::Running && state != AgentState::Running {
-                abandoned = a.turn.take();
-            }
-            a.state = state;
-            a.node = node;
-            a.since = Instant::now();
-            a.deadline = None;
+        let Some(a) = self.agents.get_mut(name) else {
+            return;
+        };
+        if a.state == AgentState::Running && state != AgentState::Running {
+            abandoned = a.turn.take();
         }
+        let old = (a.state, a.node.clone());
+        let created = a.created_ms;
+        a.state = state;
+        a.node = node.clone();
+        a.since = Instant::now();
+        a.deadline = None;
+        self.index(
+            name,
+            created,
+            Some((old.0, old.1.as_deref())),
+            state,
+            node.as_deref(),
+        );
         self.persist(name);
         // A turn on the node it leaves will not be answered there: chats get
         // an error, jobs go back to the queue (not counted as an attempt).
@@ -441,6 +512,12 @@ impl Coordinator {
 
     fn remove_agent(&mut self, name: &str) {
         if let Some(mut a) = self.agents.remove(name) {
+            if let Some(node) = &a.node {
+                if let Some(set) = self.by_node.get_mut(node) {
+                    set.remove(name);
+                }
+            }
+            self.pending.remove(&(a.created_ms, name.to_owned()));
             for waiter in a.chats.drain(..) {
                 let _ = waiter.reply.send(Err(ApiError::not_found(format!(
                     "agent {name} was stopped"
@@ -549,15 +626,20 @@ impl Coordinator {
         let listed: std::collections::HashSet<&str> =
             capacity.agents.iter().map(String::as_str).collect();
         let gone: Vec<(String, AgentState)> = self
-            .agents
-            .iter()
-            .filter(|(name, a)| a.on(node) && !listed.contains(name.as_str()))
-            .filter(|(_, a)| match a.state {
-                AgentState::Running => capacity.ts > a.confirmed_ts,
-                AgentState::Releasing | AgentState::Stopping => true,
-                _ => false,
+            .by_node
+            .get(node)
+            .into_iter()
+            .flatten()
+            .filter(|name| !listed.contains(name.as_str()))
+            .filter_map(|name| {
+                let a = self.agents.get(name)?;
+                let gone = match a.state {
+                    AgentState::Running => capacity.ts > a.confirmed_ts,
+                    AgentState::Releasing | AgentState::Stopping => true,
+                    _ => false,
+                };
+                gone.then(|| (name.clone(), a.state))
             })
-            .map(|(name, a)| (name.clone(), a.state))
             .collect();
         for (name, state) in gone {
             match state {
@@ -730,11 +812,10 @@ impl Coordinator {
 
     fn node_lost(&mut self, node: &str, reason: &str) {
         let affected: Vec<String> = self
-            .agents
-            .iter()
-            .filter(|(_, a)| a.on(node))
-            .map(|(n, _)| n.clone())
-            .collect();
+            .by_node
+            .get(node)
+            .map(|set| set.iter().cloned().collect())
+            .unwrap_or_default();
         self.event(
             "node_lost",
             None,
@@ -814,13 +895,13 @@ impl Coordinator {
         }
         let name = spec.name.clone();
         self.agents.insert(name.clone(), Agent::new(spec, created));
+        self.index(&name, created, None, AgentState::Pending, None);
         self.event(
             "created",
             Some(&name),
             None,
             format!("agent {name} created"),
         );
-        self.place_pending();
         let view = self.agent_json(&name);
         Ok((StatusCode::CREATED, view))
     }
@@ -1589,23 +1670,18 @@ impl Coordinator {
     /// The scheduler's view: every known node with its load, counting
     /// assignments in flight and agents the node reports that are not ours.
     fn scheduler(&self) -> Scheduler {
-        let mut load: HashMap<&str, u32> = HashMap::new();
-        for a in self.agents.values() {
-            if let (true, Some(node)) = (a.state.occupies(), a.node.as_deref()) {
-                *load.entry(node).or_default() += 1;
-            }
-        }
         let nodes = self
             .fleet
             .nodes()
             .filter_map(|view| {
                 let c = view.capacity.as_ref()?;
-                let ours = load.get(view.id.as_str()).copied().unwrap_or(0);
+                let ours = self.by_node.get(&view.id);
                 let strays = c
                     .agents
                     .iter()
-                    .filter(|n| !self.agents.get(*n).is_some_and(|a| a.on(&view.id)))
+                    .filter(|n| !ours.is_some_and(|set| set.contains(*n)))
                     .count() as u32;
+                let ours = ours.map_or(0, |set| set.len() as u32);
                 let flags = self.flags.get(&view.id).cloned().unwrap_or_default();
                 let blocked = if !view.is_online() {
                     Some(Blocked::Offline)
@@ -1672,23 +1748,22 @@ impl Coordinator {
     /// Places pending agents, oldest first.
     pub fn place_pending(&mut self) {
         if self.settled_at.is_none_or(|at| Instant::now() < at) {
+            // Retained state is still arriving: try again once it settled.
+            if self.placement_at.is_some() {
+                self.placement_at = self.settled_at;
+            }
+            return;
+        }
+        self.placement_at = None;
+        if self.pending.is_empty() {
             return;
         }
         let now = Instant::now();
-        let mut pending: Vec<(u64, String)> = self
-            .agents
-            .iter()
-            .filter(|(_, a)| a.state == AgentState::Pending)
-            .map(|(n, a)| (a.created_ms, n.clone()))
-            .collect();
-        if pending.is_empty() {
-            return;
-        }
-        pending.sort();
+        let pending: Vec<String> = self.pending.iter().map(|(_, name)| name.clone()).collect();
         let mut scheduler = self.scheduler();
         let mut full_reason: Option<String> = None;
         let mut placements = Vec::new();
-        for (_, name) in pending {
+        for name in pending {
             let Some(a) = self.agents.get_mut(&name) else {
                 continue;
             };
@@ -1711,18 +1786,29 @@ impl Coordinator {
                 }
             }
         }
+        if placements.is_empty() {
+            return;
+        }
+        // One transaction for the whole pass.
+        self.store.begin();
         for (name, node) in placements {
             self.assign(&name, &node);
         }
+        self.store.commit();
     }
 
     fn rebalance(&mut self, now: Instant) {
         let s = self.config.scheduler.clone();
-        if s.rebalance_threshold <= 0.0
-            || self.agents.values().any(|a| a.state == AgentState::Pending)
+        if s.rebalance_threshold <= 0.0 || !self.pending.is_empty() {
+            return;
+        }
+        if self
+            .last_rebalance
+            .is_some_and(|t| now.duration_since(t) < REBALANCE_EVERY)
         {
             return;
         }
+        self.last_rebalance = Some(now);
         let in_motion = self
             .agents
             .values()

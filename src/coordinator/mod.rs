@@ -158,6 +158,7 @@ pub async fn run(
                 }
             },
             Some(request) = requests.recv() => api::handle(&mut coordinator, request),
+            _ = crate::timing::sleep_until(coordinator.placement_due()) => coordinator.place_pending(),
             _ = tick.tick() => {
                 coordinator.reconcile();
                 if ready.load(Ordering::Relaxed) {

@@ -187,6 +187,27 @@ impl Store {
         })
     }
 
+    /// Starts a transaction around a batch of writes (a placement pass).
+    /// Errors are logged: the writes then happen one by one.
+    pub fn begin(&self) {
+        if let Err(e) = self.conn.execute_batch("BEGIN") {
+            log::warn!(
+                "store {}: cannot begin a transaction: {e}",
+                self.path.display()
+            );
+        }
+    }
+
+    /// Commits what [`Store::begin`] started.
+    pub fn commit(&self) {
+        if self.conn.is_autocommit() {
+            return;
+        }
+        if let Err(e) = self.conn.execute_batch("COMMIT") {
+            log::error!("store {}: cannot commit: {e}", self.path.display());
+        }
+    }
+
     fn err(&self, action: &'static str) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
         move |source| StoreError {
             path: self.path.display().to_string(),

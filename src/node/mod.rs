@@ -30,10 +30,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use std::time::Instant;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
-use tokio::time::Instant;
+
+use crate::timing::sleep_until;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::NodeConfig;
@@ -199,13 +201,6 @@ struct Node {
     metrics: Arc<metrics::NodeMetrics>,
     liveness: Liveness,
     stopping: bool,
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }
 
 impl Node {

@@ -449,17 +449,17 @@ impl Coordinator {
     }
 
     /// Sends `agent` to `node` under a new placement id.
-    fn assign(&mut self, name: &str, node: &str) {
+    /// Records the assignment of `name` to `node` under a new placement id
+    /// and returns the command to send once the record is committed.
+    fn assign(&mut self, name: &str, node: &str) -> Option<CommandBody> {
         let placement = match self.store.next_placement() {
             Ok(p) => p,
             Err(e) => {
                 log::error!("{e}");
-                return;
+                return None;
             }
         };
-        let Some(a) = self.agents.get_mut(name) else {
-            return;
-        };
+        let a = self.agents.get_mut(name)?;
         a.placement = placement;
         a.pending_reason = None;
         let spec = a.spec.clone();
@@ -468,19 +468,16 @@ impl Coordinator {
             a.deadline = Some(Instant::now() + self.config.timeouts.assign_ack);
         }
         self.metrics.placements.inc();
-        self.send(
-            node,
-            CommandBody::Assign {
-                agent: spec,
-                placement,
-            },
-        );
         self.event(
             "placed",
             Some(name),
             Some(node),
             format!("placed {name} on {node} (placement {placement})"),
         );
+        Some(CommandBody::Assign {
+            agent: spec,
+            placement,
+        })
     }
 
     /// Asks `node` to release `name` held under `placement` or older.
@@ -1789,12 +1786,21 @@ impl Coordinator {
         if placements.is_empty() {
             return;
         }
-        // One transaction for the whole pass.
+        // Record the whole pass in one transaction, then send: a command is
+        // never out before the assignment it makes is stored.
         self.store.begin();
-        for (name, node) in placements {
-            self.assign(&name, &node);
+        let commands: Vec<(String, CommandBody)> = placements
+            .into_iter()
+            .filter_map(|(name, node)| Some((node.clone(), self.assign(&name, &node)?)))
+            .collect();
+        if !self.store.commit() {
+            // Not stored, so not sent: the assignments time out and are
+            // placed again.
+            return;
         }
-        self.store.commit();
+        for (node, command) in commands {
+            self.send(&node, command);
+        }
     }
 
     fn rebalance(&mut self, now: Instant) {

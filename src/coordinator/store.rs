@@ -198,13 +198,18 @@ impl Store {
         }
     }
 
-    /// Commits what [`Store::begin`] started.
-    pub fn commit(&self) {
+    /// Commits what [`Store::begin`] started; false if that failed.
+    pub fn commit(&self) -> bool {
         if self.conn.is_autocommit() {
-            return;
+            return true;
         }
-        if let Err(e) = self.conn.execute_batch("COMMIT") {
-            log::error!("store {}: cannot commit: {e}", self.path.display());
+        match self.conn.execute_batch("COMMIT") {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!("store {}: cannot commit: {e}", self.path.display());
+                let _ = self.conn.execute_batch("ROLLBACK");
+                false
+            }
         }
     }
 

@@ -277,48 +277,65 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
-/// A tokio runtime for a daemon: `threads` workers are plenty on a Pi, where
-/// Ollama does the heavy lifting.
-pub fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, Failure> {
+/// Runs a daemon to completion on a tokio runtime with two workers (plenty
+/// on a Pi, where Ollama does the heavy lifting), with SIGTERM and SIGINT as
+/// its shutdown trigger.
+fn run_daemon<F, E>(daemon: impl FnOnce(CancellationToken) -> F) -> Result<(), Failure>
+where
+    F: std::future::Future<Output = Result<(), E>>,
+    E: Into<Failure>,
+{
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
+        .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| Failure::runtime(&e))
+        .map_err(|e| Failure::runtime(&e))?
+        .block_on(async {
+            daemon(crate::systemd::shutdown_on_signals())
+                .await
+                .map_err(Into::into)
+        })
+}
+
+macro_rules! runtime_failure {
+    ($($error:ty),*) => {$(
+        impl From<$error> for Failure {
+            fn from(e: $error) -> Self {
+                Failure::runtime(&e)
+            }
+        }
+    )*};
+}
+
+runtime_failure!(
+    crate::node::NodeError,
+    crate::coordinator::CoordinatorError,
+    crate::ollama_sim::SimError
+);
+
+impl From<crate::up::UpError> for Failure {
+    fn from(e: crate::up::UpError) -> Self {
+        match e {
+            crate::up::UpError::Invalid(_) | crate::up::UpError::PortInUse { .. } => {
+                Failure::usage(e.to_string())
+            }
+            other => Failure::runtime(&other),
+        }
+    }
 }
 
 fn run_node(path: PathBuf) -> Result<(), Failure> {
     let config = NodeConfig::load(&path)?;
-    runtime(2)?.block_on(async {
-        let shutdown = crate::systemd::shutdown_on_signals();
-        crate::node::run(config, shutdown)
-            .await
-            .map_err(|e| Failure::runtime(&e))
-    })
+    run_daemon(|shutdown| crate::node::run(config, shutdown))
 }
 
 fn run_up(options: crate::up::UpOptions) -> Result<(), Failure> {
-    runtime(2)?.block_on(async {
-        let shutdown = crate::systemd::shutdown_on_signals();
-        crate::up::run(options, shutdown)
-            .await
-            .map_err(|e| match e {
-                crate::up::UpError::Invalid(_) | crate::up::UpError::PortInUse { .. } => {
-                    Failure::usage(e.to_string())
-                }
-                other => Failure::runtime(&other),
-            })
-    })
+    run_daemon(|shutdown| crate::up::run(options, shutdown))
 }
 
 fn run_coordinator(path: PathBuf) -> Result<(), Failure> {
     let config = CoordinatorConfig::load(&path)?;
-    runtime(2)?.block_on(async {
-        let shutdown = crate::systemd::shutdown_on_signals();
-        crate::coordinator::run(config, shutdown)
-            .await
-            .map_err(|e| Failure::runtime(&e))
-    })
+    run_daemon(|shutdown| crate::coordinator::run(config, shutdown))
 }
 
 fn run_sim(args: SimArgs) -> Result<(), Failure> {
@@ -334,10 +351,5 @@ fn run_sim(args: SimArgs) -> Result<(), Failure> {
     config
         .validate()
         .map_err(|e| Failure::usage(e.to_string()))?;
-    runtime(2)?.block_on(async {
-        let shutdown: CancellationToken = crate::systemd::shutdown_on_signals();
-        crate::ollama_sim::run(config, shutdown)
-            .await
-            .map_err(|e| Failure::runtime(&e))
-    })
+    run_daemon(|shutdown| crate::ollama_sim::run(config, shutdown))
 }

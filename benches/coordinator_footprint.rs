@@ -265,7 +265,7 @@ async fn main() {
     let hosted: usize = fleet.lock().unwrap().values().map(|n| n.agents.len()).sum();
     assert_eq!(hosted, AGENTS, "the simulated nodes host every agent once");
 
-    println!("coordinator footprint (release build, Mosquitto on loopback, {NODES} simulated nodes x {CAPACITY} slots)");
+    println!("coordinator footprint ({} build, Mosquitto on loopback, {NODES} simulated nodes x {CAPACITY} slots)", if cfg!(debug_assertions) { "debug" } else { "release" });
     println!(
         "  RSS, no nodes:                   {:>8.1} MiB",
         empty as f64 / 1024.0

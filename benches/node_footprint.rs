@@ -94,7 +94,14 @@ async fn main() {
     let loaded_cpu = (cpu_ticks(pid) - before) as f64 / hz / started.elapsed().as_secs_f64();
 
     let per_agent = (loaded.saturating_sub(idle)) as f64 * 1024.0 / AGENTS as f64;
-    println!("node footprint (release build, heartbeat every 1 s, Mosquitto on loopback)");
+    println!(
+        "node footprint ({} build, heartbeat every 1 s, Mosquitto on loopback)",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+    );
     println!(
         "  idle RSS:                      {:>8.1} MiB",
         idle as f64 / 1024.0

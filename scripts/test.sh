@@ -29,6 +29,6 @@ echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
-echo "==> cargo test"
-cargo test --locked --all-targets
+echo "==> cargo test (benchmarks: cargo bench, see docs/BENCHMARKS.md)"
+cargo test --locked --lib --bins --tests
 echo "==> all tests passed"

@@ -1034,3 +1034,261 @@ fn config_check_covers_coordinator_configs() {
         );
     }
 }
+
+/// A node that announces itself but never answers commands, and claims to
+/// host an agent nobody asked for.
+async fn mute_node(broker: &Mosquitto, id: &str, capacity: u32, agents: &[&str]) -> Client {
+    let client = Client::connect(broker, &[]).await;
+    client
+        .publish(&format!("pifleet/nodes/{id}/status"), "online")
+        .await;
+    announce_capacity(&client, id, capacity, agents, 1).await;
+    client
+}
+
+async fn announce_capacity(client: &Client, id: &str, capacity: u32, agents: &[&str], seq: u64) {
+    let announce = json!({
+        "node": id, "session": "mute0000mute0000", "seq": seq, "version": "test", "arch": "aarch64",
+        "agent_capacity": capacity, "agents_running": agents.len(), "agents": agents,
+        "cpu": {"cores": 4, "load1": 0.0, "usage_pct": 0.0},
+        "memory": {"total_bytes": 1, "available_bytes": 1},
+        "temperature_c": null, "throttled": null, "models": ["llama3.2:latest"], "ollama_reachable": true,
+        "labels": {}, "draining": false, "ts": 1
+    });
+    client
+        .publish_json(&format!("pifleet/nodes/{id}/capacity"), &announce)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unconfirmed_assignment_is_placed_elsewhere_and_a_stray_agent_is_released() {
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&[]);
+    let coordinator = Coordinator::start(
+        &broker,
+        "[timeouts]\nassign_ack_secs = 2\nnode_lost_after_secs = 60",
+    );
+    let commands = Client::connect(&broker, &["pifleet/nodes/mute/cmd"]).await;
+    // It claims an agent nobody placed: that one is released.
+    let mute = mute_node(&broker, "mute", 10, &["ghost"]).await;
+    coordinator.wait_nodes_online(1).await;
+    let released = commands
+        .wait_message("pifleet/nodes/mute/cmd", |m| {
+            m.json()["type"] == "release" && m.json()["agent"] == "ghost"
+        })
+        .await;
+    assert!(released.json()["placement"].as_u64().is_some());
+    let _real = Node::start("real", &broker, &sim.url, "agent_capacity = 1", "");
+    coordinator.wait_nodes_online(2).await;
+    // Now empty and bigger than "real": least loaded, it gets the next agent,
+    // and never confirms it.
+    announce_capacity(&mute, "mute", 10, &[], 2).await;
+    wait_until_async("the coordinator to see mute empty", WAIT, || async {
+        coordinator.get("/v1/nodes/mute").await.1["agents_running"] == 0
+    })
+    .await;
+    coordinator.spawn_agent("patient", "llama3.2").await;
+    commands
+        .wait_message("pifleet/nodes/mute/cmd", |m| {
+            m.json()["type"] == "assign" && m.json()["agent"]["name"] == "patient"
+        })
+        .await;
+    wait_until_async("patient to run on the real node", WAIT, || async {
+        let a = coordinator.agent("patient").await;
+        a["state"] == "running" && a["node"] == "real"
+    })
+    .await;
+    let events = coordinator.events().await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "assign_timeout" && e["node"] == "mute"),
+        "{events:?}"
+    );
+    // The mute node was told to drop the placement it never confirmed.
+    commands
+        .wait_message("pifleet/nodes/mute/cmd", |m| {
+            m.json()["type"] == "release" && m.json()["agent"] == "patient"
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chat_that_gets_no_answer_in_time_is_504() {
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&["--first-token-ms", "10000"]);
+    let coordinator = Coordinator::start(&broker, "[timeouts]\nchat_secs = 1");
+    let _node = Node::start("slow", &broker, &sim.url, "agent_capacity = 1", "");
+    coordinator.wait_nodes_online(1).await;
+    coordinator.spawn_agent("sleepy", "llama3.2").await;
+    coordinator.wait_running(1).await;
+    let started = std::time::Instant::now();
+    let (status, body) = coordinator
+        .post(
+            "/v1/chat",
+            json!({"agent": "sleepy", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(status, 504, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        body["error"].as_str().unwrap().contains("in time"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn at_the_drain_deadline_the_remaining_agents_leave_even_without_room_elsewhere() {
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&[]);
+    let coordinator = Coordinator::start(&broker, "[scheduler]\nrebalance_threshold = 0");
+    let _full = Node::start("full", &broker, &sim.url, "agent_capacity = 3", "");
+    coordinator.wait_nodes_online(1).await;
+    for i in 0..3 {
+        coordinator.spawn_agent(&format!("dl{i}"), "llama3.2").await;
+    }
+    coordinator.wait_running(3).await;
+    let _small = Node::start("small", &broker, &sim.url, "agent_capacity = 1", "");
+    coordinator.wait_nodes_online(2).await;
+    let (status, _) = coordinator
+        .post(
+            "/v1/nodes/full/drain",
+            json!({"max_parallel": 1, "deadline_secs": 2}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    // One fits on "small"; the other two leave at the deadline and wait.
+    wait_until_async("one agent running elsewhere, two waiting", WAIT, || async {
+        let agents = coordinator.agents().await;
+        let count = |state: &str| agents.iter().filter(|a| a["state"] == state).count();
+        count("running") == 1 && count("pending") == 2
+    })
+    .await;
+    assert_eq!(
+        coordinator.placement().await.keys().collect::<Vec<_>>(),
+        vec!["small"]
+    );
+    wait_until_async(
+        "the waiting agents to say the node is draining",
+        WAIT,
+        || async {
+            let agents = coordinator.agents().await;
+            agents.iter().filter(|a| a["state"] == "pending").all(|a| {
+                a["pending_reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("draining"))
+            })
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_cli_command_works_against_a_coordinator_with_a_token_and_prints_json_on_request() {
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&[]);
+    let token = "cli-test-token-0123456789";
+    let mut coordinator = Coordinator::start(&broker, &format!("[api]\ntoken = \"{token}\""));
+    coordinator.token = Some(token.to_owned());
+    let _node = Node::start("cli1", &broker, &sim.url, "agent_capacity = 4", "");
+    let api = coordinator.api.clone();
+    let run = move |args: &[&str], token: Option<&str>| {
+        let mut command = std::process::Command::new(crate::util::pifleet_bin());
+        command
+            .args(args)
+            .env("PIFLEET_COORDINATOR", &api)
+            .env_remove("PIFLEET_TOKEN");
+        if let Some(token) = token {
+            command.env("PIFLEET_TOKEN", token);
+        }
+        let out = command.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let ok = |args: &[&str]| {
+        let (code, out, err) = run(args, Some(token));
+        assert_eq!(code, Some(0), "pifleet {args:?}: {out}{err}");
+        out
+    };
+    let (code, _, err) = run(&["agents"], None);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("unauthorized"), "{err}");
+
+    coordinator.wait_nodes_online(1).await;
+    assert!(
+        ok(&["spawn", "team", "--model", "llama3.2", "--count", "3", "--label", "x=y"])
+            .contains("spawned team-3")
+    );
+    let agents: Value = serde_json::from_str(&ok(&["agents", "--json"])).unwrap();
+    assert_eq!(agents["agents"].as_array().unwrap().len(), 3);
+    assert_eq!(agents["agents"][0]["labels"]["x"], "y");
+    // Nobody carries label x=y: they wait, and say why.
+    wait_until_async("the agents to say why they wait", WAIT, || async {
+        ok(&["agents"])
+            .matches("without the required labels")
+            .count()
+            == 3
+    })
+    .await;
+    ok(&["stop", "team-1", "team-2", "team-3"]);
+    ok(&["spawn", "solo", "--model", "llama3.2"]);
+    coordinator.wait_running(1).await;
+    let nodes = ok(&["nodes"]);
+    assert!(
+        nodes.contains("cli1") && nodes.contains("1/4") && nodes.contains("solo"),
+        "{nodes}"
+    );
+    let id = ok(&[
+        "jobs",
+        "submit",
+        "solo",
+        "write a haiku",
+        "--priority",
+        "-3",
+    ])
+    .trim()
+    .to_owned();
+    wait_until_async("the job to complete", WAIT, || async {
+        coordinator_job_status(&coordinator, &id).await == "completed"
+    })
+    .await;
+    assert!(ok(&["jobs", "show", &id]).contains("write a haiku"));
+    assert!(ok(&["jobs"]).contains(&id));
+    let listed: Value =
+        serde_json::from_str(&ok(&["jobs", "list", "--agent", "solo", "--json"])).unwrap();
+    assert_eq!(listed["jobs"][0]["priority"], -3);
+    assert!(ok(&["drain", "cli1"]).contains("draining cli1"));
+    let node: Value = serde_json::from_str(&ok(&["nodes", "--json"])).unwrap();
+    assert_eq!(node["nodes"][0]["draining"], true);
+    assert!(ok(&["uncordon", "cli1"]).contains("takes agents again"));
+    let status: Value = serde_json::from_str(&ok(&["status", "--json"])).unwrap();
+    assert!(status["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["kind"] == "uncordon"));
+    let (code, _, err) = run(&["stop", "nobody"], Some(token));
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("no agent named nobody (not_found, HTTP 404)"),
+        "{err}"
+    );
+    let (code, _, err) = run(
+        &["spawn", "x", "--model", "m", "--label", "novalue"],
+        Some(token),
+    );
+    assert_eq!(code, Some(64));
+    assert!(err.contains("key=value"), "{err}");
+}
+
+async fn coordinator_job_status(coordinator: &Coordinator, id: &str) -> String {
+    let (_, job) = coordinator.get(&format!("/v1/jobs/{id}")).await;
+    job["status"].as_str().unwrap_or("").to_owned()
+}

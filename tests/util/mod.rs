@@ -577,6 +577,8 @@ impl Drop for Client {
 /// port is fixed at the first start so that a restart keeps the URL.
 pub struct Coordinator {
     pub api: String,
+    /// Sent as a bearer token by the helpers below, when set.
+    pub token: Option<String>,
     pub proc: Proc,
     pub config: PathBuf,
     pub dir: tempfile::TempDir,
@@ -598,6 +600,7 @@ impl Coordinator {
         let proc = Self::spawn(&config);
         Coordinator {
             api: format!("http://127.0.0.1:{port}"),
+            token: None,
             proc,
             config,
             dir,
@@ -621,25 +624,23 @@ impl Coordinator {
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        http_get(&format!("{}{path}", self.api)).await
+        self.call(reqwest::Method::GET, path, None).await
     }
 
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        send(
-            reqwest::Method::POST,
-            &format!("{}{path}", self.api),
-            Some(body),
-            None,
-        )
-        .await
+        self.call(reqwest::Method::POST, path, Some(body)).await
     }
 
     pub async fn delete(&self, path: &str) -> (u16, Value) {
+        self.call(reqwest::Method::DELETE, path, None).await
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
         send(
-            reqwest::Method::DELETE,
+            method,
             &format!("{}{path}", self.api),
-            None,
-            None,
+            body,
+            self.token.as_deref(),
         )
         .await
     }

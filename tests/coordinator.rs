@@ -1292,3 +1292,39 @@ async fn coordinator_job_status(coordinator: &Coordinator, id: &str) -> String {
     let (_, job) = coordinator.get(&format!("/v1/jobs/{id}")).await;
     job["status"].as_str().unwrap_or("").to_owned()
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_queued_when_the_coordinator_is_killed_complete_after_it_restarts() {
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&["--first-token-ms", "1000"]);
+    let mut coordinator = Coordinator::start(&broker, "");
+    let _node = Node::start("jr", &broker, &sim.url, "agent_capacity = 1", "");
+    coordinator.wait_nodes_online(1).await;
+    coordinator.spawn_agent("busy", "llama3.2").await;
+    coordinator.wait_running(1).await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let (status, job) = coordinator
+            .post(
+                "/v1/agents/busy/jobs",
+                json!({"message": format!("job {i}")}),
+            )
+            .await;
+        assert_eq!(status, 202);
+        ids.push(job["job_id"].as_str().unwrap().to_owned());
+    }
+    wait_until_async("the first job at Ollama", WAIT, || async {
+        sim.stats().await["in_flight"] == 1
+    })
+    .await;
+    coordinator.proc.signal("KILL");
+    coordinator.restart();
+    for id in &ids {
+        let job: Value = poll(&format!("job {id} to complete"), WAIT, || async {
+            let (_, j) = coordinator.get(&format!("/v1/jobs/{id}")).await;
+            (j["status"] == "completed").then_some(j)
+        })
+        .await;
+        assert!(job["answer"].as_str().unwrap().contains("job "), "{job}");
+    }
+}

@@ -1481,6 +1481,18 @@ impl Coordinator {
             self.place_pending();
             self.rebalance(now);
         }
+        // Work waiting for agents that run and are idle (e.g. jobs loaded
+        // from the store for agents a capacity message confirmed).
+        let idle_with_work: Vec<String> = self
+            .agents
+            .iter()
+            .filter(|(_, a)| a.state == AgentState::Running && a.turn.is_none())
+            .filter(|(_, a)| !a.jobs.is_empty() || !a.chats.is_empty())
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in idle_with_work {
+            self.dispatch(&name);
+        }
         self.update_gauges();
     }
 
@@ -1760,12 +1772,16 @@ impl Coordinator {
         let mut scheduler = self.scheduler();
         let mut full_reason: Option<String> = None;
         let mut placements = Vec::new();
+        let mut unplaced_with_chats = Vec::new();
         for name in pending {
             let Some(a) = self.agents.get_mut(&name) else {
                 continue;
             };
             if let Some(reason) = &full_reason {
                 a.pending_reason = Some(reason.clone());
+                if !a.chats.is_empty() {
+                    unplaced_with_chats.push(name);
+                }
                 continue;
             }
             let request = Request {
@@ -1780,8 +1796,20 @@ impl Coordinator {
                         full_reason = Some(e.reason.clone());
                     }
                     a.pending_reason = Some(e.reason);
+                    if !a.chats.is_empty() {
+                        unplaced_with_chats.push(name);
+                    }
                 }
             }
+        }
+        // Chats that waited for the agent to land: it cannot now, say why.
+        for name in unplaced_with_chats {
+            let reason = self
+                .agents
+                .get(&name)
+                .and_then(|a| a.pending_reason.clone())
+                .unwrap_or_default();
+            self.fail_chats(&name, &format!("it cannot be placed: {reason}"));
         }
         if placements.is_empty() {
             return;

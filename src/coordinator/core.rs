@@ -448,7 +448,6 @@ impl Coordinator {
         }
     }
 
-    /// Sends `agent` to `node` under a new placement id.
     /// Records the assignment of `name` to `node` under a new placement id
     /// and returns the command to send once the record is committed.
     fn assign(&mut self, name: &str, node: &str) -> Option<CommandBody> {
@@ -1303,17 +1302,17 @@ impl Coordinator {
                         | TurnErrorCode::ShuttingDown
                 );
                 if placement_problem {
-                    if let Some(agent) = self.turns.get(id).map(|t| t.agent.clone()) {
-                        if self
-                            .agents
-                            .get(&agent)
-                            .is_some_and(|a| a.on(node) && a.state == AgentState::Running)
-                        {
-                            self.requeue_agent(
-                                &agent,
-                                Some(node),
-                                &format!("{node} answered {}", error.code.as_str()),
-                            );
+                    let agent = self.turns.get(id).map(|t| t.agent.clone());
+                    if let Some(a) = agent.as_ref().and_then(|name| self.agents.get_mut(name)) {
+                        if a.on(node) && a.state == AgentState::Running {
+                            // Detach the turn so that leaving the node does not
+                            // answer it too: it gets the node's own reason below.
+                            if a.turn.as_deref() == Some(id) {
+                                a.turn = None;
+                            }
+                            let why = format!("{node} answered {}", error.code.as_str());
+                            let name = a.spec.name.clone();
+                            self.requeue_agent(&name, Some(node), &why);
                         }
                     }
                 }
@@ -1472,6 +1471,9 @@ impl Coordinator {
         self.release_lost_agents();
         self.expire_commands(now);
         self.expire_turns(now);
+        // Forget releases of strays long enough ago to resend them if needed.
+        self.strays
+            .retain(|_, at| now.duration_since(*at) < RESEND_AFTER * 12);
         let nodes: Vec<String> = self.fleet.nodes().map(|n| n.id.clone()).collect();
         for node in &nodes {
             self.sync_drain_flag(node);

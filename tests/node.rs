@@ -839,3 +839,42 @@ async fn under_systemd_the_node_notifies_ready_pings_the_watchdog_and_notifies_s
         "{received:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_broker_restart_the_node_announces_itself_again_and_takes_commands() {
+    let mut broker = Mosquitto::start();
+    let sim = Sim::start(&[]);
+    let node = Node::start("pi-rst", &broker, &sim.url, "agent_capacity = 2", "");
+    // The test broker keeps nothing across a restart: no retained messages,
+    // no subscriptions. Only the node's reconnection can bring them back.
+    broker.restart();
+    node.proc.wait_for_line("lost the MQTT broker", WAIT);
+    crate::util::wait_until("the node to be ready again", WAIT, || {
+        node.proc.count_lines("node pi-rst ready") >= 2
+    });
+    let client = Client::connect(
+        &broker,
+        &[
+            "pifleet/nodes/pi-rst/status",
+            "pifleet/nodes/pi-rst/capacity",
+            "pifleet/nodes/pi-rst/reply",
+        ],
+    )
+    .await;
+    let status = client
+        .wait_message("pifleet/nodes/pi-rst/status", |_| true)
+        .await;
+    assert_eq!((status.text().as_str(), status.retain), ("online", true));
+    client
+        .wait_message("pifleet/nodes/pi-rst/capacity", |m| {
+            m.retain && m.json()["node"] == "pi-rst"
+        })
+        .await;
+    client
+        .publish_json(
+            &cmd_topic("pi-rst"),
+            &assign("after-restart", "pi-rst", "alice", "llama3.2", 1),
+        )
+        .await;
+    assert_eq!(client.reply("pi-rst", "after-restart").await["ok"], true);
+}

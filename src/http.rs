@@ -62,6 +62,16 @@ pub async fn no_route(uri: axum::http::Uri) -> ApiError {
     ApiError::not_found(format!("no such endpoint: {}", uri.path()))
 }
 
+/// Binds an API listener; returns it with the address it got (port 0 picks
+/// a free port).
+pub async fn bind(
+    addr: std::net::SocketAddr,
+) -> std::io::Result<(TcpListener, std::net::SocketAddr)> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}
+
 /// Serves `router` on `listener` until `shutdown` is cancelled, then lets
 /// requests in progress finish.
 pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) {

@@ -28,7 +28,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -58,14 +57,12 @@ pub async fn run(
     config: CoordinatorConfig,
     shutdown: CancellationToken,
 ) -> Result<(), CoordinatorError> {
-    let bind_error = |source| CoordinatorError::Bind {
-        addr: config.api.listen,
-        source,
-    };
-    let listener = TcpListener::bind(config.api.listen)
+    let (listener, api_addr) = crate::http::bind(config.api.listen)
         .await
-        .map_err(bind_error)?;
-    let api_addr = listener.local_addr().map_err(bind_error)?;
+        .map_err(|source| CoordinatorError::Bind {
+            addr: config.api.listen,
+            source,
+        })?;
     let store = store::Store::open(&config.store_path, config.history_limit)?;
     let topics = crate::protocol::Topics::new(config.mqtt.topic_root.clone());
     let will = Will {

@@ -31,7 +31,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use std::time::Instant;
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 
@@ -67,14 +66,12 @@ pub enum NodeError {
 
 /// Runs the node daemon until `shutdown` is cancelled, then stops gracefully.
 pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<(), NodeError> {
-    let bind_error = |source| NodeError::Bind {
-        addr: config.api.listen,
-        source,
-    };
-    let listener = TcpListener::bind(config.api.listen)
+    let (listener, api_addr) = crate::http::bind(config.api.listen)
         .await
-        .map_err(bind_error)?;
-    let api_addr = listener.local_addr().map_err(bind_error)?;
+        .map_err(|source| NodeError::Bind {
+            addr: config.api.listen,
+            source,
+        })?;
     let host = HostProbe::new(&config.probe).map_err(NodeError::Probe)?;
     let topics = Topics::new(config.mqtt.topic_root.clone());
     let will = Will {

@@ -41,8 +41,14 @@ struct StderrLog {
 
 impl Log for StderrLog {
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        let target = metadata.target();
+        if target.starts_with("rumqttd") {
+            // The embedded broker of `pifleet up` declares its tracing spans
+            // at error level; they are chatter, not errors. Shown at debug.
+            return self.level >= LevelFilter::Debug;
+        }
         metadata.level() <= self.level
-            && (metadata.target().starts_with("pifleet") || metadata.level() <= Level::Warn)
+            && (target.starts_with("pifleet") || metadata.level() <= Level::Warn)
     }
 
     fn log(&self, record: &Record<'_>) {

@@ -28,16 +28,27 @@ use crate::config::CoordinatorConfig;
 use crate::node::ollama::OllamaClient;
 use crate::ollama_sim::SimConfig;
 
-/// What `pifleet up` starts.
-#[derive(Debug, Clone)]
+/// What `pifleet up` starts (its command-line options).
+#[derive(Debug, Clone, clap::Args)]
 pub struct UpOptions {
+    /// Node daemons to start.
+    #[arg(long, default_value_t = 3)]
     pub nodes: usize,
+    /// Agent slots per node.
+    #[arg(long, default_value_t = 4)]
     pub capacity: u32,
+    /// Coordinator API port on 127.0.0.1.
+    #[arg(long, default_value_t = 9470)]
     pub api_port: u16,
+    /// Embedded MQTT broker port on 127.0.0.1.
+    #[arg(long, default_value_t = 1883)]
     pub mqtt_port: u16,
+    /// Ollama to use; the built-in simulator runs when none answers here.
+    #[arg(long, default_value = "http://127.0.0.1:11434")]
     pub ollama_url: String,
-    /// Keep the store and logs here across runs; a temporary directory
-    /// (removed on exit) otherwise.
+    /// Keep the coordinator's store and the node logs here across runs
+    /// (default: a temporary directory, removed on exit).
+    #[arg(long)]
     pub data_dir: Option<PathBuf>,
 }
 

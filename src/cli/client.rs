@@ -54,37 +54,59 @@ pub enum JobsCommand {
     Show { id: String },
 }
 
-/// A client command, run against the coordinator.
-#[derive(Debug)]
+/// The client commands, run against the coordinator's API.
+#[derive(Debug, Subcommand)]
 pub enum ClientCommand {
+    /// Fleet report: agents running / capacity, nodes, queue depth, recent events.
     Status {
+        /// How many recent scheduling events to show.
+        #[arg(long, default_value_t = 10)]
         events: usize,
     },
+    /// Nodes with their capacity, load, temperature and agents.
     Nodes,
+    /// Agents with their state and node.
     Agents,
+    /// Create an agent (or N agents NAME-1..N with --count).
     Spawn {
         name: String,
+        /// Ollama model, e.g. llama3.2 (a name without a tag means :latest).
+        #[arg(long)]
         model: String,
+        /// System prompt.
+        #[arg(long)]
         system: Option<String>,
+        /// A label the node must carry, key=value; repeatable.
+        #[arg(long = "label")]
         labels: Vec<String>,
+        /// Create NAME-1 .. NAME-N.
+        #[arg(long)]
         count: Option<u32>,
     },
+    /// Stop and remove agents.
     Stop {
+        #[arg(required = true)]
         names: Vec<String>,
     },
-    Chat {
-        agent: String,
-        message: String,
-    },
+    /// Send one message to an agent and print its answer.
+    Chat { agent: String, message: String },
+    /// Move every agent off a node and place nothing new there.
     Drain {
         node: String,
+        /// Agents in motion at once (default: scheduler.drain_max_parallel).
+        #[arg(long)]
         max_parallel: Option<usize>,
+        /// Seconds after which the rest move regardless.
+        #[arg(long)]
         deadline_secs: Option<u64>,
     },
-    Uncordon {
-        node: String,
+    /// Let a drained or cordoned node take agents again.
+    Uncordon { node: String },
+    /// Queued jobs: list (default), submit, show.
+    Jobs {
+        #[command(subcommand)]
+        action: Option<JobsCommand>,
     },
-    Jobs(Option<JobsCommand>),
 }
 
 struct Api {
@@ -285,7 +307,7 @@ async fn execute(api: &Api, as_json: bool, command: ClientCommand) -> Result<(),
                 println!("{node} takes agents again");
             }
         }
-        ClientCommand::Jobs(command) => jobs(api, as_json, command).await?,
+        ClientCommand::Jobs { action } => jobs(api, as_json, action).await?,
     }
     Ok(())
 }

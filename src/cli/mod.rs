@@ -38,26 +38,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a whole fleet on this machine: embedded broker, coordinator, N nodes.
-    Up {
-        /// Node daemons to start.
-        #[arg(long, default_value_t = 3)]
-        nodes: usize,
-        /// Agent slots per node.
-        #[arg(long, default_value_t = 4)]
-        capacity: u32,
-        /// Coordinator API port on 127.0.0.1.
-        #[arg(long, default_value_t = 9470)]
-        api_port: u16,
-        /// Embedded MQTT broker port on 127.0.0.1.
-        #[arg(long, default_value_t = 1883)]
-        mqtt_port: u16,
-        /// Ollama to use; the built-in simulator runs when none answers here.
-        #[arg(long, default_value = "http://127.0.0.1:11434")]
-        ollama_url: String,
-        /// Keep the coordinator's store and the node logs here across runs.
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-    },
+    Up(crate::up::UpOptions),
     /// Run the node daemon: announce this machine over MQTT and host agents.
     Node {
         /// Node configuration file (TOML).
@@ -70,56 +51,8 @@ pub enum Command {
         #[arg(long, short, default_value = "/etc/pifleet/coordinator.toml")]
         config: PathBuf,
     },
-    /// Fleet report: agents running / capacity, nodes, queue depth, recent events.
-    Status {
-        /// How many recent scheduling events to show.
-        #[arg(long, default_value_t = 10)]
-        events: usize,
-    },
-    /// Nodes with their capacity, load, temperature and agents.
-    Nodes,
-    /// Agents with their state and node.
-    Agents,
-    /// Create an agent (or N agents NAME-1..N with --count).
-    Spawn {
-        name: String,
-        /// Ollama model, e.g. llama3.2 (a name without a tag means :latest).
-        #[arg(long)]
-        model: String,
-        /// System prompt.
-        #[arg(long)]
-        system: Option<String>,
-        /// A label the node must carry, key=value; repeatable.
-        #[arg(long = "label")]
-        labels: Vec<String>,
-        /// Create NAME-1 .. NAME-N.
-        #[arg(long)]
-        count: Option<u32>,
-    },
-    /// Stop and remove agents.
-    Stop {
-        #[arg(required = true)]
-        names: Vec<String>,
-    },
-    /// Send one message to an agent and print its answer.
-    Chat { agent: String, message: String },
-    /// Move every agent off a node and place nothing new there.
-    Drain {
-        node: String,
-        /// Agents in motion at once (default: scheduler.drain_max_parallel).
-        #[arg(long)]
-        max_parallel: Option<usize>,
-        /// Seconds after which the rest move regardless.
-        #[arg(long)]
-        deadline_secs: Option<u64>,
-    },
-    /// Let a drained or cordoned node take agents again.
-    Uncordon { node: String },
-    /// Queued jobs: list (default), submit, show.
-    Jobs {
-        #[command(subcommand)]
-        action: Option<JobsCommand>,
-    },
+    #[command(flatten)]
+    Client(ClientCommand),
     /// Check a configuration file, or print a commented default.
     Config {
         #[command(subcommand)]
@@ -204,67 +137,22 @@ impl Failure {
     }
 }
 
+/// An unreadable or invalid configuration is a usage error.
 impl From<LoadError> for Failure {
     fn from(e: LoadError) -> Self {
-        match e {
-            LoadError::Invalid(_) => Failure::usage(e.to_string()),
-            LoadError::Io { .. } => Failure::usage(e.to_string()),
-        }
+        Failure::usage(e.to_string())
     }
 }
 
 /// Runs a parsed command line and returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
-    let client = |command| client::run(cli.connection.clone(), command);
     let outcome = match cli.command {
-        Command::Up {
-            nodes,
-            capacity,
-            api_port,
-            mqtt_port,
-            ollama_url,
-            data_dir,
-        } => run_up(crate::up::UpOptions {
-            nodes,
-            capacity,
-            api_port,
-            mqtt_port,
-            ollama_url,
-            data_dir,
-        }),
+        Command::Up(options) => run_daemon(|shutdown| crate::up::run(options, shutdown)),
         Command::Node { config } => run_node(config),
         Command::Coordinator { config } => run_coordinator(config),
         Command::Config { action } => config_cmd::run(action),
         Command::OllamaSim(args) => run_sim(args),
-        Command::Status { events } => client(ClientCommand::Status { events }),
-        Command::Nodes => client(ClientCommand::Nodes),
-        Command::Agents => client(ClientCommand::Agents),
-        Command::Spawn {
-            name,
-            model,
-            system,
-            labels,
-            count,
-        } => client(ClientCommand::Spawn {
-            name,
-            model,
-            system,
-            labels,
-            count,
-        }),
-        Command::Stop { names } => client(ClientCommand::Stop { names }),
-        Command::Chat { agent, message } => client(ClientCommand::Chat { agent, message }),
-        Command::Drain {
-            node,
-            max_parallel,
-            deadline_secs,
-        } => client(ClientCommand::Drain {
-            node,
-            max_parallel,
-            deadline_secs,
-        }),
-        Command::Uncordon { node } => client(ClientCommand::Uncordon { node }),
-        Command::Jobs { action } => client(ClientCommand::Jobs(action)),
+        Command::Client(command) => client::run(cli.connection, command),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -327,10 +215,6 @@ impl From<crate::up::UpError> for Failure {
 fn run_node(path: PathBuf) -> Result<(), Failure> {
     let config = NodeConfig::load(&path)?;
     run_daemon(|shutdown| crate::node::run(config, shutdown))
-}
-
-fn run_up(options: crate::up::UpOptions) -> Result<(), Failure> {
-    run_daemon(|shutdown| crate::up::run(options, shutdown))
 }
 
 fn run_coordinator(path: PathBuf) -> Result<(), Failure> {

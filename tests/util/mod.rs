@@ -251,10 +251,6 @@ impl Proc {
         assert!(status.success(), "kill -{signal} {} failed", self.pid());
     }
 
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
     /// Waits for the process to exit and returns its status.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         if let Some(status) = self.status {

@@ -1328,3 +1328,63 @@ async fn jobs_queued_when_the_coordinator_is_killed_complete_after_it_restarts()
         assert!(job["answer"].as_str().unwrap().contains("job "), "{job}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_that_stops_heartbeating_but_stays_connected_is_lost_and_its_agent_moves() {
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&[]);
+    let coordinator = Coordinator::start(&broker, "[timeouts]\nnode_lost_after_secs = 3");
+    let commands = Client::connect(&broker, &["pifleet/nodes/silent/cmd"]).await;
+    // Five free slots against one: the silent node is the least loaded.
+    let silent = mute_node(&broker, "silent", 5, &[]).await;
+    let _steady = Node::start(
+        "steady",
+        &broker,
+        &sim.url,
+        "agent_capacity = 1\nheartbeat_secs = 1",
+        "",
+    );
+    coordinator.wait_nodes_online(2).await;
+    coordinator.spawn_agent("quiet", "llama3.2").await;
+    commands
+        .wait_message("pifleet/nodes/silent/cmd", |m| {
+            m.json()["type"] == "assign" && m.json()["agent"]["name"] == "quiet"
+        })
+        .await;
+    // It confirms by listing the agent, then says nothing more. Its MQTT
+    // connection stays up, so the broker never publishes its last will.
+    announce_capacity(&silent, "silent", 5, &["quiet"], 2).await;
+    wait_until_async("quiet to run on the silent node", WAIT, || async {
+        let a = coordinator.agent("quiet").await;
+        a["state"] == "running" && a["node"] == "silent"
+    })
+    .await;
+    wait_until_async("quiet to move to the steady node", WAIT, || async {
+        let a = coordinator.agent("quiet").await;
+        a["state"] == "running" && a["node"] == "steady"
+    })
+    .await;
+    let events = coordinator.events().await;
+    let lost = events
+        .iter()
+        .find(|e| e["kind"] == "node_lost" && e["node"] == "silent")
+        .unwrap_or_else(|| panic!("no node_lost event for silent: {events:?}"));
+    assert!(
+        lost["message"]
+            .as_str()
+            .unwrap()
+            .contains("no capacity message for 3s"),
+        "{lost}"
+    );
+    let (_, node) = coordinator.get("/v1/nodes/silent").await;
+    assert_ne!(node["state"], "online", "{node}");
+    // When it speaks again still claiming the agent, it is told to let go.
+    announce_capacity(&silent, "silent", 5, &["quiet"], 3).await;
+    commands
+        .wait_message("pifleet/nodes/silent/cmd", |m| {
+            m.json()["type"] == "release" && m.json()["agent"] == "quiet"
+        })
+        .await;
+    let a = coordinator.agent("quiet").await;
+    assert_eq!(a["node"], "steady", "{a}");
+}

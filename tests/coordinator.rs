@@ -7,7 +7,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::util::{
-    poll, send, wait_until_async, Client, Coordinator, Mosquitto, Node, Proc, Received, Sim, WAIT,
+    http_get, poll, send, wait_until_async, Client, Coordinator, Mosquitto, Node, Proc, Received,
+    Sim, WAIT,
 };
 
 const ALL_NODES: [&str; 3] = [
@@ -1337,13 +1338,7 @@ async fn a_node_that_stops_heartbeating_but_stays_connected_is_lost_and_its_agen
     let commands = Client::connect(&broker, &["pifleet/nodes/silent/cmd"]).await;
     // Five free slots against one: the silent node is the least loaded.
     let silent = mute_node(&broker, "silent", 5, &[]).await;
-    let _steady = Node::start(
-        "steady",
-        &broker,
-        &sim.url,
-        "agent_capacity = 1\nheartbeat_secs = 1",
-        "",
-    );
+    let _steady = Node::start("steady", &broker, &sim.url, "agent_capacity = 1", "");
     coordinator.wait_nodes_online(2).await;
     coordinator.spawn_agent("quiet", "llama3.2").await;
     commands
@@ -1387,4 +1382,52 @@ async fn a_node_that_stops_heartbeating_but_stays_connected_is_lost_and_its_agen
         .await;
     let a = coordinator.agent("quiet").await;
     assert_eq!(a["node"], "steady", "{a}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_killed_and_restarted_at_once_is_recognised_as_a_new_session_and_runs_its_agents_again(
+) {
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&[]);
+    let coordinator = Coordinator::start(&broker, "");
+    let node = Node::start("phoenix", &broker, &sim.url, "agent_capacity = 2", "");
+    coordinator.wait_nodes_online(1).await;
+    coordinator.spawn_agent("ash-1", "llama3.2").await;
+    coordinator.spawn_agent("ash-2", "llama3.2").await;
+    coordinator.wait_running(2).await;
+    let (_, before) = coordinator.get("/v1/nodes/phoenix").await;
+    let mut node = node;
+    node.proc.signal("KILL");
+    node.proc.wait_exit(WAIT);
+    // Same id, same config, a fresh process: it hosts nothing yet.
+    let again = Node::start("phoenix", &broker, &sim.url, "agent_capacity = 2", "");
+    wait_until_async("both agents to run on the new phoenix", WAIT, || async {
+        let (_, n) = coordinator.get("/v1/nodes/phoenix").await;
+        n["session"] != before["session"] && n["agents"].as_array().map(Vec::len) == Some(2)
+    })
+    .await;
+    let (status, body) = http_get(&format!("{}/v1/agents", again.api)).await;
+    assert_eq!(status, 200);
+    let mut names: Vec<&str> = body["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["ash-1", "ash-2"], "{body}");
+    let events = coordinator.events().await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "node_restarted" && e["node"] == "phoenix"),
+        "{events:?}"
+    );
+    let (_, chat) = coordinator
+        .post(
+            "/v1/chat",
+            json!({"agent": "ash-1", "messages": [{"role": "user", "content": "still there?"}]}),
+        )
+        .await;
+    assert!(chat["message"]["content"].as_str().is_some(), "{chat}");
 }

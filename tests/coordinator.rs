@@ -1048,17 +1048,23 @@ async fn mute_node(broker: &Mosquitto, id: &str, capacity: u32, agents: &[&str])
 }
 
 async fn announce_capacity(client: &Client, id: &str, capacity: u32, agents: &[&str], seq: u64) {
-    let announce = json!({
+    client
+        .publish_json(
+            &format!("pifleet/nodes/{id}/capacity"),
+            &capacity_message(id, capacity, agents, seq),
+        )
+        .await;
+}
+
+fn capacity_message(id: &str, capacity: u32, agents: &[&str], seq: u64) -> Value {
+    json!({
         "node": id, "session": "mute0000mute0000", "seq": seq, "version": "test", "arch": "aarch64",
         "agent_capacity": capacity, "agents_running": agents.len(), "agents": agents,
         "cpu": {"cores": 4, "load1": 0.0, "usage_pct": 0.0},
         "memory": {"total_bytes": 1, "available_bytes": 1},
         "temperature_c": null, "throttled": null, "models": ["llama3.2:latest"], "ollama_reachable": true,
         "labels": {}, "draining": false, "ts": 1
-    });
-    client
-        .publish_json(&format!("pifleet/nodes/{id}/capacity"), &announce)
-        .await;
+    })
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1430,4 +1436,55 @@ async fn a_node_killed_and_restarted_at_once_is_recognised_as_a_new_session_and_
         )
         .await;
     assert!(chat["message"]["content"].as_str().is_some(), "{chat}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn garbage_on_the_status_capacity_and_reply_topics_is_logged_and_ignored_and_the_coordinator_keeps_serving(
+) {
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&[]);
+    let coordinator = Coordinator::start(&broker, "[mqtt]\nmax_payload_bytes = 16384");
+    let _node = Node::start("sturdy", &broker, &sim.url, "agent_capacity = 2", "");
+    coordinator.wait_nodes_online(1).await;
+    let vandal = Client::connect(&broker, &[]).await;
+    let topic = |kind: &str| format!("pifleet/nodes/sturdy/{kind}");
+    vandal.publish(&topic("status"), "banana").await;
+    vandal.publish(&topic("capacity"), "{not json").await;
+    vandal
+        .publish(&topic("capacity"), format!("\"{}\"", "x".repeat(40_000)))
+        .await;
+    vandal
+        .publish_json(&topic("capacity"), &capacity_message("impostor", 9, &[], 1))
+        .await;
+    vandal.publish(&topic("reply"), [0xff, 0xfe, 0x00]).await;
+    vandal
+        .publish_json(
+            &topic("reply"),
+            &json!({"id": "r-1", "node": "elsewhere", "session": "s", "generation": 1,
+                    "type": "ack", "command": "assign", "agent": "a", "placement": 1,
+                    "ok": true, "agents_running": 1}),
+        )
+        .await;
+    let log = &coordinator.proc;
+    log.wait_for_line("ignored the status of sturdy", WAIT);
+    log.wait_for_line("ignored the capacity message of sturdy", WAIT);
+    log.wait_for_line(
+        "ignored a capacity message on the topic of sturdy naming node impostor",
+        WAIT,
+    );
+    log.wait_for_line("exceeds the limit of 16384 bytes", WAIT);
+    log.wait_for_line("ignored a reply from sturdy", WAIT);
+    log.wait_for_line("ignored a reply on the topic of sturdy naming node", WAIT);
+    // The node is still online and takes agents; nothing was lost.
+    let (_, node) = coordinator.get("/v1/nodes/sturdy").await;
+    assert_eq!(node["state"], "online", "{node}");
+    assert_eq!(node["agent_capacity"], 2, "{node}");
+    coordinator.spawn_agent("steadfast", "llama3.2").await;
+    coordinator.wait_running(1).await;
+    assert!(coordinator
+        .events()
+        .await
+        .iter()
+        .all(|e| e["kind"] != "node_lost" && e["node"] != "impostor"));
+    assert_eq!(log.count_lines("connected to MQTT broker"), 1);
 }

@@ -538,7 +538,20 @@ impl Coordinator {
     }
 
     pub fn on_status(&mut self, node: &str, payload: &[u8]) {
-        let online = payload == crate::protocol::STATUS_ONLINE.as_bytes();
+        use crate::protocol::{STATUS_OFFLINE, STATUS_ONLINE};
+        let online = match payload {
+            p if p == STATUS_ONLINE.as_bytes() => true,
+            p if p == STATUS_OFFLINE.as_bytes() => false,
+            // A cleared retained status (`mosquitto_pub -r -n`) says nothing.
+            [] => return,
+            other => {
+                log::warn!(
+                    "ignored the status of {node}: expected \"{STATUS_ONLINE}\" or \"{STATUS_OFFLINE}\", got {:?}",
+                    String::from_utf8_lossy(&other[..other.len().min(64)])
+                );
+                return;
+            }
+        };
         if let Some(change) = self.fleet.status(node, online, Instant::now()) {
             self.on_change(change);
         }

@@ -1293,6 +1293,10 @@ async fn every_cli_command_works_against_a_coordinator_with_a_token_and_prints_j
     );
     assert_eq!(code, Some(64));
     assert!(err.contains("key=value"), "{err}");
+    let (code, _, err) = run(&["spawn", "x", "--model", "m", "--count", "0"], Some(token));
+    assert_eq!(code, Some(64));
+    assert!(err.contains("--count"), "{err}");
+    assert_eq!(run(&["--version"], None).0, Some(0));
 }
 
 async fn coordinator_job_status(coordinator: &Coordinator, id: &str) -> String {

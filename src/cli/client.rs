@@ -79,8 +79,8 @@ pub enum ClientCommand {
         /// A label the node must carry, key=value; repeatable.
         #[arg(long = "label")]
         labels: Vec<String>,
-        /// Create NAME-1 .. NAME-N.
-        #[arg(long)]
+        /// Create NAME-1 .. NAME-N (1 to 100,000).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         count: Option<u32>,
     },
     /// Stop and remove agents.

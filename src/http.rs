@@ -57,6 +57,45 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Fallback for a known path asked with a method it does not take; axum
+/// still adds the `Allow` header.
+pub async fn wrong_method(
+    method: axum::http::Method,
+    axum::extract::OriginalUri(uri): axum::extract::OriginalUri,
+) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} does not take {method}", uri.path()),
+    )
+}
+
+/// Query-string parameters; a bad one is a 422 JSON error naming it.
+pub struct QueryParams<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestParts<S>
+    for QueryParams<T>
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::try_from_uri(&parts.uri)
+            .map(|axum::extract::Query(q)| QueryParams(q))
+            .map_err(|e| {
+                let detail = std::error::Error::source(&e)
+                    .map_or_else(|| e.to_string(), ToString::to_string);
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid",
+                    format!("bad query string: {detail}"),
+                )
+            })
+    }
+}
+
 /// Fallback for unknown paths.
 pub async fn no_route(uri: axum::http::Uri) -> ApiError {
     ApiError::not_found(format!("no such endpoint: {}", uri.path()))

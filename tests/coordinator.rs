@@ -648,6 +648,26 @@ async fn the_api_answers_429_422_401_413_409_and_404_as_json() {
     )
     .await;
     assert_eq!(status, 422, "{reply}");
+    // Bad query strings and wrong methods are JSON errors too.
+    let (status, reply) = call(reqwest::Method::GET, "/v1/events?limit=many", None).await;
+    assert_eq!(
+        (status, reply["code"].as_str()),
+        (422, Some("invalid")),
+        "{reply}"
+    );
+    assert!(
+        reply["error"].as_str().unwrap().contains("limit"),
+        "{reply}"
+    );
+    let (status, reply) = call(reqwest::Method::GET, "/v1/jobs?state=lost", None).await;
+    assert_eq!(status, 422, "{reply}");
+    assert!(
+        reply["error"].as_str().unwrap().contains("queued, running"),
+        "{reply}"
+    );
+    let (status, reply) = call(reqwest::Method::PUT, "/v1/agents", None).await;
+    assert_eq!(status, 405, "{reply}");
+    assert_eq!(reply["error"], "/v1/agents does not take PUT", "{reply}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -696,6 +696,10 @@ async fn the_node_api_answers_health_readiness_metrics_and_json_errors() {
     let (status, body) = http_get(&format!("{}/nope", node.api)).await;
     assert_eq!(status, 404);
     assert_eq!(body["code"], "not_found");
+    let url = format!("{}/v1/agents", node.api);
+    let (status, body) = crate::util::send(reqwest::Method::DELETE, &url, None, None).await;
+    assert_eq!(status, 405);
+    assert_eq!(body["error"], "/v1/agents does not take DELETE", "{body}");
     let metrics = reqwest::get(format!("{}/metrics", node.api))
         .await
         .unwrap()

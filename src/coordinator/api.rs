@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::core::{ApiResult, Coordinator, Responder};
 use super::metrics::CoordinatorMetrics;
-use crate::http::{no_route, ApiError};
+use crate::http::{no_route, wrong_method, ApiError, QueryParams};
 use crate::protocol::{normalize_model, AgentSpec, ChatMessage, Role};
 
 /// What handlers ask the coordinator task.
@@ -211,7 +211,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/jobs", get(jobs))
         .route("/jobs/{id}", get(job))
         .route("/events", get(events))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .method_not_allowed_fallback(wrong_method);
     Router::new()
         .route(
             "/health",
@@ -221,6 +222,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .nest("/v1", v1)
         .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
 }
@@ -432,7 +434,7 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
     )
 }
 
-async fn status(State(s): State<ApiState>, Query(q): Query<ListQuery>) -> Response {
+async fn status(State(s): State<ApiState>, QueryParams(q): QueryParams<ListQuery>) -> Response {
     let events = q.limit.unwrap_or(10).min(1000);
     s.ask(|reply| ApiRequest::Status { events, reply }).await
 }
@@ -543,24 +545,33 @@ async fn submit_job(
 }
 
 async fn agent_jobs(
-    State(s): State<ApiState>,
+    s: State<ApiState>,
     Path(agent): Path<String>,
-    Query(q): Query<ListQuery>,
+    QueryParams(q): QueryParams<ListQuery>,
 ) -> Response {
-    let limit = q.limit.unwrap_or(100).min(10_000);
-    s.ask(|reply| ApiRequest::Jobs {
-        agent: Some(agent),
-        state: q.state,
-        limit,
-        reply,
-    })
-    .await
+    list_jobs(s, Some(agent), q).await
 }
 
-async fn jobs(State(s): State<ApiState>, Query(q): Query<ListQuery>) -> Response {
+async fn jobs(s: State<ApiState>, QueryParams(q): QueryParams<ListQuery>) -> Response {
+    let agent = q.agent.clone();
+    list_jobs(s, agent, q).await
+}
+
+async fn list_jobs(State(s): State<ApiState>, agent: Option<String>, q: ListQuery) -> Response {
+    use super::store::JobState;
+    if let Some(state) = q.state.as_deref() {
+        if !JobState::ALL.iter().any(|s| s.as_str() == state) {
+            let known: Vec<&str> = JobState::ALL.iter().map(|s| s.as_str()).collect();
+            return invalid(format!(
+                "state {state:?} is not one of {}",
+                known.join(", ")
+            ))
+            .into_response();
+        }
+    }
     let limit = q.limit.unwrap_or(100).min(10_000);
     s.ask(|reply| ApiRequest::Jobs {
-        agent: q.agent,
+        agent,
         state: q.state,
         limit,
         reply,
@@ -572,7 +583,7 @@ async fn job(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
     s.ask(|reply| ApiRequest::Job { id, reply }).await
 }
 
-async fn events(State(s): State<ApiState>, Query(q): Query<ListQuery>) -> Response {
+async fn events(State(s): State<ApiState>, QueryParams(q): QueryParams<ListQuery>) -> Response {
     let limit = q.limit.unwrap_or(100).min(1000);
     s.ask(|reply| ApiRequest::Events { limit, reply }).await
 }

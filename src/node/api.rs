@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::agents::AgentView;
 use super::metrics::NodeMetrics;
-use crate::http::{no_route, ApiError};
+use crate::http::{no_route, wrong_method, ApiError};
 
 /// Questions the API asks the node's main loop, which owns the agent table.
 pub enum Query {
@@ -43,6 +43,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/agents", get(agents))
         .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
         .with_state(state)
 }
 

@@ -84,6 +84,15 @@ impl SimConfig {
                 self.tokens_per_sec
             )));
         }
+        if let Some(bad) = self
+            .models
+            .iter()
+            .find(|m| !crate::protocol::is_model_name(m))
+        {
+            return Err(SimError::Invalid(format!(
+                "--models: {bad:?} is not a model name such as \"llama3.2\""
+            )));
+        }
         if !(0.0..=1.0).contains(&self.failure_rate) {
             return Err(SimError::Invalid(format!(
                 "--failure-rate must be between 0 and 1 (got {})",
@@ -622,6 +631,28 @@ async fn stats(State(sim): State<Sim>) -> Json<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bad_options_are_refused_naming_the_option() {
+        assert!(SimConfig::default().validate().is_ok());
+        let refused = |config: SimConfig| config.validate().unwrap_err().to_string();
+        let models = |m: &[&str]| SimConfig {
+            models: m.iter().map(|m| m.to_string()).collect(),
+            ..SimConfig::default()
+        };
+        assert!(refused(models(&["llama3.2", ""])).contains("--models: \"\""));
+        assert!(refused(models(&["two words"])).contains("--models"));
+        let speed = SimConfig {
+            tokens_per_sec: f64::NAN,
+            ..SimConfig::default()
+        };
+        assert!(refused(speed).contains("--tokens-per-sec"));
+        let failures = SimConfig {
+            failure_rate: -0.1,
+            ..SimConfig::default()
+        };
+        assert!(refused(failures).contains("--failure-rate"));
+    }
 
     #[test]
     fn the_answer_shows_history_length_system_prompt_and_last_user_message() {

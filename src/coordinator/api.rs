@@ -327,10 +327,7 @@ struct NewAgent {
 fn validate_new_agent(body: NewAgent) -> Result<AgentSpec, ApiError> {
     validate_agent_name(&body.name)?;
     let model = body.model.trim();
-    if model.is_empty()
-        || model.len() > 200
-        || model.chars().any(|c| c.is_whitespace() || c.is_control())
-    {
+    if !crate::protocol::is_model_name(model) {
         return Err(invalid(format!(
             "model {:?} is not an Ollama model name such as \"llama3.2\"",
             body.model

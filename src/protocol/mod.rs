@@ -60,6 +60,14 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("protocol types always serialise")
 }
 
+/// Whether `name` can be an Ollama model name: 1 to 200 characters, no
+/// whitespace or control characters.
+pub fn is_model_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && !name.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
 /// Normalises an Ollama model name as Ollama does: a name without a tag
 /// means `:latest` (`llama3.2` → `llama3.2:latest`).
 pub fn normalize_model(name: &str) -> String {

@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::util::{
-    http_get, poll, send, wait_until_async, Client, Coordinator, Mosquitto, Node, Proc, Received,
-    Sim, WAIT,
+    http_get, poll, send, wait_until, wait_until_async, Client, Coordinator, Mosquitto, Node, Proc,
+    Received, Sim, WAIT,
 };
 
 const ALL_NODES: [&str; 3] = [
@@ -1511,4 +1511,128 @@ async fn garbage_on_the_status_capacity_and_reply_topics_is_logged_and_ignored_a
         .iter()
         .all(|e| e["kind"] != "node_lost" && e["node"] != "impostor"));
     assert_eq!(log.count_lines("connected to MQTT broker"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_restart_moves_nothing_and_chats_in_flight_are_answered_once() {
+    let mut broker = Mosquitto::start();
+    let sim = Sim::start(&["--first-token-ms", "1500"]);
+    let coordinator = Coordinator::start(&broker, "[timeouts]\nchat_secs = 30");
+    let _a = Node::start("br-a", &broker, &sim.url, "agent_capacity = 2", "");
+    let _b = Node::start("br-b", &broker, &sim.url, "agent_capacity = 2", "");
+    coordinator.wait_nodes_online(2).await;
+    let names = ["calm-1", "calm-2", "calm-3"];
+    for name in names {
+        coordinator.spawn_agent(name, "llama3.2").await;
+    }
+    coordinator.wait_running(3).await;
+    let before = coordinator.placement().await;
+    let events_before = coordinator.events().await.len();
+    let chat = |agent: &str, text: &str| {
+        let (api, token) = (coordinator.api.clone(), coordinator.token.clone());
+        let body = json!({"agent": agent, "messages": [{"role": "user", "content": text}]});
+        tokio::spawn(async move {
+            send(
+                reqwest::Method::POST,
+                &format!("{api}/v1/chat"),
+                Some(body),
+                token.as_deref(),
+            )
+            .await
+        })
+    };
+    let in_flight: Vec<_> = names
+        .iter()
+        .map(|n| chat(n, "across the restart"))
+        .collect();
+    wait_until_async("Ollama to be answering", WAIT, || async {
+        sim.stats().await["in_flight"].as_u64() >= Some(1)
+    })
+    .await;
+    // The test broker keeps nothing: every retained status and capacity is
+    // gone, and the daemons have to announce and subscribe again. It stays
+    // down longer than the coordinator's offline grace (2 s), and the
+    // answers are ready while it is down.
+    broker.restart_after(Duration::from_secs(3));
+    for (name, chat) in names.iter().zip(in_flight) {
+        let (status, body) = chat.await.unwrap();
+        assert_eq!(status, 200, "{name}: {body}");
+    }
+    // Each answer was recorded once: system prompt, one exchange, the new message.
+    let (status, body) = chat("calm-2", "and now?").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let answer = body["message"]["content"].as_str().unwrap();
+    assert!(answer.contains("received 4 messages"), "{answer}");
+    coordinator.wait_nodes_online(2).await;
+    assert_eq!(coordinator.placement().await, before);
+    let events = coordinator.events().await;
+    let new = &events[..events.len() - events_before];
+    assert!(
+        new.iter().all(|e| !matches!(
+            e["kind"].as_str(),
+            Some("node_lost" | "placed" | "moving" | "released" | "vanished")
+        )),
+        "the broker restart moved agents: {new:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_that_reconnects_gets_its_turns_in_flight_again_and_the_chat_is_answered() {
+    let broker = Mosquitto::start();
+    let coordinator = Coordinator::start(&broker, "[timeouts]\nchat_secs = 30");
+    let commands = Client::connect(&broker, &["pifleet/nodes/flaky/cmd"]).await;
+    let flaky = mute_node(&broker, "flaky", 1, &[]).await;
+    coordinator.wait_nodes_online(1).await;
+    coordinator.spawn_agent("patient", "llama3.2").await;
+    commands
+        .wait_message("pifleet/nodes/flaky/cmd", |m| m.json()["type"] == "assign")
+        .await;
+    announce_capacity(&flaky, "flaky", 1, &["patient"], 2).await;
+    coordinator.wait_running(1).await;
+    let (api, token) = (coordinator.api.clone(), coordinator.token.clone());
+    let chat = tokio::spawn(async move {
+        send(
+            reqwest::Method::POST,
+            &format!("{api}/v1/chat"),
+            Some(json!({"agent": "patient", "messages": [{"role": "user", "content": "hello?"}]})),
+            token.as_deref(),
+        )
+        .await
+    });
+    let first = commands
+        .wait_message("pifleet/nodes/flaky/cmd", |m| m.json()["type"] == "turn")
+        .await
+        .json();
+    // The node reconnects (its answer to anything sent meanwhile would be
+    // lost): it announces itself live, and the turn comes again, same id.
+    flaky.publish("pifleet/nodes/flaky/status", "online").await;
+    wait_until("the turn to be sent again", WAIT, || {
+        commands
+            .on_topic("pifleet/nodes/flaky/cmd")
+            .iter()
+            .filter(|m| m.json()["id"] == first["id"])
+            .count()
+            == 2
+    });
+    let again: Vec<Value> = commands
+        .on_topic("pifleet/nodes/flaky/cmd")
+        .iter()
+        .map(Received::json)
+        .filter(|c| c["id"] == first["id"])
+        .collect();
+    assert_eq!(first["messages"][0]["content"], "hello?", "{first}");
+    assert_eq!(again[1]["messages"], first["messages"], "{again:?}");
+    assert_eq!(again[1]["deadline_ms"], first["deadline_ms"]);
+    flaky
+        .publish_json(
+            "pifleet/nodes/flaky/reply",
+            &json!({"id": first["id"], "node": "flaky", "session": "mute0000mute0000",
+                    "generation": first["generation"], "type": "turn_result", "agent": "patient",
+                    "ok": true, "model": "llama3.2:latest",
+                    "message": {"role": "assistant", "content": "here I am"}}),
+        )
+        .await;
+    let (status, body) = chat.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["message"]["content"], "here I am", "{body}");
 }

@@ -345,6 +345,30 @@ async fn a_chat_turn_reaches_ollama_with_system_prompt_and_history_and_returns_t
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_turn_that_arrives_again_is_answered_again_without_a_second_ollama_call() {
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&["--first-token-ms", "800"]);
+    let _node = Node::start("pi-again", &broker, &sim.url, "agent_capacity = 1", "");
+    let client = Client::connect(&broker, &["pifleet/nodes/pi-again/reply"]).await;
+    assign_all(&client, "pi-again", &["echo"], "llama3.2").await;
+    let command = turn("t-again", "pi-again", "echo", hello("once only"));
+    // Twice while it runs: the repeat is ignored, the turn runs once.
+    client.publish_json(&cmd_topic("pi-again"), &command).await;
+    client.publish_json(&cmd_topic("pi-again"), &command).await;
+    let first = client.reply("pi-again", "t-again").await;
+    assert_eq!(first["ok"], true, "{first}");
+    // Once more after the answer (as when the answer was lost on the way
+    // to a reconnecting coordinator): the same answer comes again.
+    client.publish_json(&cmd_topic("pi-again"), &command).await;
+    crate::util::wait_until("the answer to come again", WAIT, || {
+        client.replies("pi-again", "t-again").len() == 2
+    });
+    let replies = client.replies("pi-again", "t-again");
+    assert_eq!(replies[0], replies[1]);
+    assert_eq!(sim.stats().await["generations"], 1, "Ollama ran it once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn with_max_parallel_1_five_concurrent_turns_reach_ollama_one_at_a_time() {
     let broker = Mosquitto::start();
     let sim = Sim::start(&["--first-token-ms", "150"]);

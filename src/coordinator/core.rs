@@ -181,6 +181,8 @@ struct TurnInFlight {
     kind: TurnKind,
     new_messages: Vec<ChatMessage>,
     deadline: Instant,
+    /// The deadline as sent to the node (Unix ms), for resending.
+    deadline_ms: u64,
     started: Instant,
 }
 
@@ -537,7 +539,7 @@ impl Coordinator {
             .get_or_insert(Instant::now() + Duration::from_millis(500));
     }
 
-    pub fn on_status(&mut self, node: &str, payload: &[u8]) {
+    pub fn on_status(&mut self, node: &str, payload: &[u8], retained: bool) {
         use crate::protocol::{STATUS_OFFLINE, STATUS_ONLINE};
         let online = match payload {
             p if p == STATUS_ONLINE.as_bytes() => true,
@@ -554,6 +556,11 @@ impl Coordinator {
         };
         if let Some(change) = self.fleet.status(node, online, Instant::now()) {
             self.on_change(change);
+        }
+        if online && !retained {
+            // The node (re)subscribed just now: what was sent to it while
+            // it was away is lost.
+            self.resend_turns(Some(node), &format!("{node} announced itself"));
         }
     }
 
@@ -1217,63 +1224,28 @@ impl Coordinator {
         kind: TurnKind,
         timeout: Duration,
     ) {
-        let history = match self.store.history(name) {
-            Ok(h) => h,
-            Err(e) => {
-                log::error!("{e}");
-                Vec::new()
-            }
-        };
-        let system = self.agents.get(name).and_then(|a| a.spec.system.clone());
         let job = match &kind {
             TurnKind::Job(id) => Some(id.clone()),
             TurnKind::Chat(_) => None,
         };
-        let mut messages = history;
-        messages.extend(new_messages.iter().cloned());
         let id = self.next_id("t");
-        let mut command = Command {
-            id: id.clone(),
-            node: node.to_owned(),
-            generation: self.generation,
-            body: CommandBody::Turn(TurnRequest {
-                agent: name.to_owned(),
-                messages,
-                system,
-                deadline_ms: Some(now_ms() + timeout.as_millis() as u64),
-                job,
-            }),
-        };
-        // Keep within the payload limit: drop the oldest history first.
-        let max = self.publisher.max_payload();
-        let mut payload = encode(&command);
-        while payload.len() > max {
-            let CommandBody::Turn(turn) = &mut command.body else {
-                break;
-            };
-            if turn.messages.len() <= new_messages.len() {
-                break;
-            }
-            turn.messages.remove(0);
-            payload = encode(&command);
-        }
-        if payload.len() > max {
-            let reason = format!(
-                "the message is too large to send ({} bytes; mqtt.max_payload_bytes is {max})",
-                payload.len()
-            );
-            match kind {
-                TurnKind::Chat(reply) => {
-                    let _ = reply.send(Err(ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "too_large",
-                        reason,
-                    )));
+        let deadline_ms = now_ms() + timeout.as_millis() as u64;
+        let payload = match self.turn_command(&id, name, node, &new_messages, job, deadline_ms) {
+            Ok(payload) => payload,
+            Err(reason) => {
+                match kind {
+                    TurnKind::Chat(reply) => {
+                        let _ = reply.send(Err(ApiError::new(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "too_large",
+                            reason,
+                        )));
+                    }
+                    TurnKind::Job(job) => self.finish_job(&job, None, Some(reason)),
                 }
-                TurnKind::Job(job) => self.finish_job(&job, None, Some(reason)),
+                return;
             }
-            return;
-        }
+        };
         if let Err(e) =
             self.publisher
                 .publish(self.topics.node(node, NodeTopic::Command), payload, false)
@@ -1292,9 +1264,99 @@ impl Coordinator {
                 kind,
                 new_messages,
                 deadline: now + timeout,
+                deadline_ms,
                 started: now,
             },
         );
+    }
+
+    /// The encoded turn command `id`: the agent's system prompt, its stored
+    /// history and `new_messages`, within the payload limit (the oldest
+    /// history goes first); an error says why it cannot be sent.
+    fn turn_command(
+        &self,
+        id: &str,
+        name: &str,
+        node: &str,
+        new_messages: &[ChatMessage],
+        job: Option<String>,
+        deadline_ms: u64,
+    ) -> Result<Vec<u8>, String> {
+        let history = match self.store.history(name) {
+            Ok(h) => h,
+            Err(e) => {
+                log::error!("{e}");
+                Vec::new()
+            }
+        };
+        let system = self.agents.get(name).and_then(|a| a.spec.system.clone());
+        let mut messages = history;
+        messages.extend(new_messages.iter().cloned());
+        let mut command = Command {
+            id: id.to_owned(),
+            node: node.to_owned(),
+            generation: self.generation,
+            body: CommandBody::Turn(TurnRequest {
+                agent: name.to_owned(),
+                messages,
+                system,
+                deadline_ms: Some(deadline_ms),
+                job,
+            }),
+        };
+        let max = self.publisher.max_payload();
+        let mut payload = encode(&command);
+        while payload.len() > max {
+            let CommandBody::Turn(turn) = &mut command.body else {
+                break;
+            };
+            if turn.messages.len() <= new_messages.len() {
+                break;
+            }
+            turn.messages.remove(0);
+            payload = encode(&command);
+        }
+        if payload.len() > max {
+            return Err(format!(
+                "the message is too large to send ({} bytes; mqtt.max_payload_bytes is {max})",
+                payload.len()
+            ));
+        }
+        Ok(payload)
+    }
+
+    /// Sends the turns in flight (on `node`, or everywhere) again under
+    /// their own ids. A command or answer published while the node or the
+    /// coordinator was not connected is lost with clean sessions; a node
+    /// ignores a turn it is still running and answers one it finished
+    /// again, so resending is safe.
+    pub fn resend_turns(&self, node: Option<&str>, why: &str) {
+        let due: Vec<(&String, &TurnInFlight)> = self
+            .turns
+            .iter()
+            .filter(|(_, t)| node.is_none_or(|n| t.node == n) && self.fleet.is_online(&t.node))
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        log::info!("{why}: sending {} turns in flight again", due.len());
+        for (id, t) in due {
+            let job = match &t.kind {
+                TurnKind::Job(job) => Some(job.clone()),
+                TurnKind::Chat(_) => None,
+            };
+            let sent = self
+                .turn_command(id, &t.agent, &t.node, &t.new_messages, job, t.deadline_ms)
+                .and_then(|payload| {
+                    let topic = self.topics.node(&t.node, NodeTopic::Command);
+                    self.publisher
+                        .publish(topic, payload, false)
+                        .map_err(|e| e.to_string())
+                });
+            if let Err(e) = sent {
+                log::error!("cannot send turn {id} to {} again: {e}", t.node);
+            }
+        }
     }
 
     fn on_turn_result(&mut self, node: &str, id: &str, result: TurnResult) {

@@ -126,6 +126,8 @@ pub async fn run(
                 }
                 Some(LinkEvent::Subscribed) => {
                     coordinator.on_subscribed();
+                    // Answers published while we were away are lost.
+                    coordinator.resend_turns(None, "reconnected to the broker");
                     let topic = coordinator.topics.coordinator_status();
                     if let Err(e) = link.publisher.publish(topic, STATUS_ONLINE, true) {
                         log::error!("cannot publish the coordinator status: {e}");
@@ -143,7 +145,7 @@ pub async fn run(
                 }
                 Some(LinkEvent::Message { topic, payload, retain }) => {
                     match coordinator.topics.parse_node_topic(&topic) {
-                        Some((node, NodeTopic::Status)) => coordinator.on_status(node, &payload),
+                        Some((node, NodeTopic::Status)) => coordinator.on_status(node, &payload, retain),
                         Some((node, NodeTopic::Capacity)) => coordinator.on_capacity(node, &payload, retain),
                         Some((node, NodeTopic::Reply)) => coordinator.on_reply(node, &payload),
                         _ => log::debug!("ignored a message on {topic}"),

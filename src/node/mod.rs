@@ -18,6 +18,7 @@
 //!   `shutdown_grace_secs`, fail the rest, publish `offline`, disconnect.
 
 pub mod agents;
+pub mod answered;
 pub mod api;
 pub mod metrics;
 pub mod ollama;
@@ -38,13 +39,14 @@ use crate::timing::sleep_until;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::NodeConfig;
-use crate::mqtt::{Link, LinkError, LinkEvent, PublishError, Publisher, Will};
+use crate::mqtt::{Link, LinkError, LinkEvent, Publisher, Will};
 use crate::protocol::{
     decode_command, encode, now_ms, Capacity, ChatMessage, NodeTopic, Reply, ReplyBody, Role,
     Topics, TurnErrorCode, TurnResult, STATUS_OFFLINE, STATUS_ONLINE,
 };
 use crate::systemd::{self, Liveness};
 use agents::{AgentTable, Effect, Turn};
+use answered::AnsweredTurns;
 use ollama::OllamaClient;
 use probe::{HostProbe, ProbeReport};
 
@@ -140,6 +142,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<(), 
         metrics,
         liveness,
         stopping: false,
+        answered: AnsweredTurns::default(),
         topics,
         config,
     };
@@ -198,6 +201,8 @@ struct Node {
     metrics: Arc<metrics::NodeMetrics>,
     liveness: Liveness,
     stopping: bool,
+    /// Answers of recent turns, for turn commands that arrive again.
+    answered: AnsweredTurns,
 }
 
 impl Node {
@@ -338,6 +343,9 @@ impl Node {
                     return;
                 }
             };
+        if self.answer_again(&command) {
+            return;
+        }
         let generation = self.table.generation();
         let effects = self.table.apply(command, now_ms());
         if self.table.generation() > generation && generation > 0 {
@@ -542,12 +550,10 @@ impl Node {
 
     fn grace_ran_out(&mut self) {
         let grace = self.config.shutdown_grace.as_secs();
-        let reason = || {
-            format!(
-                "node {} stopped: its {grace}s grace period ran out first",
-                self.config.node_id
-            )
-        };
+        let reason = format!(
+            "node {} stopped: its {grace}s grace period ran out first",
+            self.config.node_id
+        );
         let mut unfinished = 0;
         for turn in self.table.take_queued() {
             unfinished += 1;
@@ -555,58 +561,85 @@ impl Node {
                 &turn.request.agent,
                 turn.request.job.clone(),
                 TurnErrorCode::ShuttingDown,
-                reason(),
+                reason.clone(),
             );
             self.reply(turn.id, turn.generation, ReplyBody::TurnResult(result));
         }
         for (_, turn) in std::mem::take(&mut self.running) {
             unfinished += 1;
-            let result =
-                TurnResult::failed(&turn.agent, turn.job, TurnErrorCode::ShuttingDown, reason());
+            let result = TurnResult::failed(
+                &turn.agent,
+                turn.job,
+                TurnErrorCode::ShuttingDown,
+                reason.clone(),
+            );
             self.reply(turn.id, turn.generation, ReplyBody::TurnResult(result));
         }
         self.turns.abort_all();
         log::warn!("grace period of {grace}s ran out: {unfinished} turns answered as failed (shutting_down)");
     }
 
-    fn reply(&self, id: String, generation: u64, body: ReplyBody) {
+    fn reply(&mut self, id: String, generation: u64, body: ReplyBody) {
         let topic = self.topics.node(&self.config.node_id, NodeTopic::Reply);
-        let reply = Reply {
+        let is_turn = matches!(body, ReplyBody::TurnResult(_));
+        let mut reply = Reply {
             id,
             node: self.config.node_id.clone(),
             session: self.session.clone(),
             generation,
             body,
         };
-        match self.publisher.publish(topic.clone(), encode(&reply), false) {
-            Ok(()) => {}
-            Err(PublishError::TooLarge { size, max, .. }) => {
-                let ReplyBody::TurnResult(result) = &reply.body else {
-                    log::error!(
-                        "reply {} of {size} bytes exceeds max_payload_bytes ({max})",
-                        reply.id
-                    );
-                    return;
-                };
-                let reason = format!(
-                    "the answer ({size} bytes as JSON) exceeds mqtt.max_payload_bytes ({max})"
+        let mut payload = encode(&reply);
+        let max = self.publisher.max_payload();
+        if payload.len() > max {
+            let ReplyBody::TurnResult(result) = &reply.body else {
+                log::error!(
+                    "reply {} of {} bytes exceeds max_payload_bytes ({max})",
+                    reply.id,
+                    payload.len()
                 );
-                let failed = TurnResult::failed(
-                    &result.agent,
-                    result.job.clone(),
-                    TurnErrorCode::OllamaError,
-                    reason,
-                );
-                let smaller = Reply {
-                    body: ReplyBody::TurnResult(failed),
-                    ..reply
-                };
-                if let Err(e) = self.publisher.publish(topic, encode(&smaller), false) {
-                    log::error!("cannot publish reply {}: {e}", smaller.id);
-                }
-            }
-            Err(e) => log::error!("cannot publish reply {}: {e}", reply.id),
+                return;
+            };
+            let reason = format!(
+                "the answer ({} bytes as JSON) exceeds mqtt.max_payload_bytes ({max})",
+                payload.len()
+            );
+            let failed = TurnResult::failed(
+                &result.agent,
+                result.job.clone(),
+                TurnErrorCode::OllamaError,
+                reason,
+            );
+            reply.body = ReplyBody::TurnResult(failed);
+            payload = encode(&reply);
         }
+        if is_turn {
+            self.answered.insert(reply.id.clone(), payload.clone());
+        }
+        if let Err(e) = self.publisher.publish(topic, payload, false) {
+            log::error!("cannot publish reply {}: {e}", reply.id);
+        }
+    }
+
+    /// A turn command seen before whose answer is remembered: the answer was
+    /// probably lost on its way, so it is published again. True if so.
+    fn answer_again(&self, command: &crate::protocol::Command) -> bool {
+        if !matches!(command.body, crate::protocol::CommandBody::Turn(_)) {
+            return false;
+        }
+        let Some(payload) = self.answered.get(&command.id) else {
+            return false;
+        };
+        log::info!(
+            "turn {} arrived again: publishing its answer again",
+            command.id
+        );
+        let topic = self.topics.node(&self.config.node_id, NodeTopic::Reply);
+        if let Err(e) = self.publisher.publish(topic, payload.to_vec(), false) {
+            log::error!("cannot publish reply {}: {e}", command.id);
+        }
+        self.metrics.command("turn", "answered_again");
+        true
     }
 
     fn publish_status(&self, status: &str) {

@@ -126,8 +126,14 @@ impl Mosquitto {
 
     /// Stops the broker (SIGKILL) and starts it again on the same port.
     pub fn restart(&mut self) {
+        self.restart_after(Duration::ZERO);
+    }
+
+    /// Kills the broker, leaves the port closed for `down`, starts it again.
+    pub fn restart_after(&mut self, down: Duration) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        std::thread::sleep(down);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(child) = Self::spawn(self.dir.path(), self.port) {

@@ -1517,7 +1517,10 @@ async fn garbage_on_the_status_capacity_and_reply_topics_is_logged_and_ignored_a
 async fn a_broker_restart_moves_nothing_and_chats_in_flight_are_answered_once() {
     let mut broker = Mosquitto::start();
     let sim = Sim::start(&["--first-token-ms", "1500"]);
-    let coordinator = Coordinator::start(&broker, "[timeouts]\nchat_secs = 30");
+    let coordinator = Coordinator::start(
+        &broker,
+        "[timeouts]\nchat_secs = 30\nnode_lost_after_secs = 4",
+    );
     let _a = Node::start("br-a", &broker, &sim.url, "agent_capacity = 2", "");
     let _b = Node::start("br-b", &broker, &sim.url, "agent_capacity = 2", "");
     coordinator.wait_nodes_online(2).await;
@@ -1551,9 +1554,10 @@ async fn a_broker_restart_moves_nothing_and_chats_in_flight_are_answered_once() 
     .await;
     // The test broker keeps nothing: every retained status and capacity is
     // gone, and the daemons have to announce and subscribe again. It stays
-    // down longer than the coordinator's offline grace (2 s), and the
-    // answers are ready while it is down.
-    broker.restart_after(Duration::from_secs(3));
+    // down longer than the coordinator's node_lost_after (4 s): the silence
+    // is the coordinator's own, not the nodes'. The answers are ready while
+    // it is down.
+    broker.restart_after(Duration::from_secs(6));
     for (name, chat) in names.iter().zip(in_flight) {
         let (status, body) = chat.await.unwrap();
         assert_eq!(status, 200, "{name}: {body}");

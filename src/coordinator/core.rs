@@ -225,6 +225,8 @@ pub struct Coordinator {
     command_seq: u64,
     /// Placement starts once retained state had time to arrive.
     settled_at: Option<Instant>,
+    /// Connected to the broker and subscribed.
+    link_up: bool,
     pub metrics: Arc<CoordinatorMetrics>,
     summary_published: Option<(Instant, Value)>,
 }
@@ -257,6 +259,7 @@ impl Coordinator {
             drained_reported: BTreeMap::new(),
             command_seq: 0,
             settled_at: None,
+            link_up: false,
             metrics,
             summary_published: None,
             store,
@@ -535,8 +538,20 @@ impl Coordinator {
 
     /// The broker acknowledged our subscriptions: state replays follow.
     pub fn on_subscribed(&mut self) {
+        let now = Instant::now();
+        if self.settled_at.is_some() && !self.link_up {
+            // Back after an outage of our own: not hearing the nodes meanwhile
+            // says nothing about them.
+            self.fleet.heard_all(now);
+        }
+        self.link_up = true;
         self.settled_at
-            .get_or_insert(Instant::now() + Duration::from_millis(500));
+            .get_or_insert(now + Duration::from_millis(500));
+    }
+
+    /// The coordinator lost the broker: node liveness waits until it is back.
+    pub fn on_disconnected(&mut self) {
+        self.link_up = false;
     }
 
     pub fn on_status(&mut self, node: &str, payload: &[u8], retained: bool) {
@@ -1540,8 +1555,10 @@ impl Coordinator {
     pub fn reconcile(&mut self) {
         let now = Instant::now();
         let t = self.config.timeouts.clone();
-        for change in self.fleet.tick(now, t.node_lost_after, t.offline_grace) {
-            self.on_change(change);
+        if self.link_up {
+            for change in self.fleet.tick(now, t.node_lost_after, t.offline_grace) {
+                self.on_change(change);
+            }
         }
         self.release_lost_agents();
         self.expire_commands(now);

@@ -203,6 +203,18 @@ impl Fleet {
         }
     }
 
+    /// The coordinator itself was cut off from the broker until `now`: what
+    /// it did not hear meanwhile says nothing about the nodes, so every node
+    /// gets a full `lost_after` from now to be heard again.
+    pub fn heard_all(&mut self, now: Instant) {
+        for view in self.nodes.values_mut() {
+            view.last_heard = now;
+            if let Liveness::Suspect { since } = &mut view.liveness {
+                *since = now;
+            }
+        }
+    }
+
     /// Declares lost what stayed silent or suspect too long.
     pub fn tick(
         &mut self,
@@ -371,6 +383,23 @@ mod tests {
             f.status("b", true, t),
             Some(Change::Joined { node: "b".into() })
         );
+    }
+
+    #[test]
+    fn silence_while_the_coordinator_was_cut_off_does_not_count() {
+        let mut fleet = Fleet::default();
+        let t0 = Instant::now();
+        fleet.status("pi-1", true, t0);
+        fleet.capacity(cap("pi-1", "s1", 1), false, t0);
+        assert!(fleet.is_online("pi-1"));
+        let back = t0 + Duration::from_secs(60);
+        fleet.heard_all(back);
+        assert!(fleet
+            .tick(back + LOST_AFTER / 2, LOST_AFTER, GRACE)
+            .is_empty());
+        assert!(fleet.is_online("pi-1"));
+        let lost = fleet.tick(back + LOST_AFTER, LOST_AFTER, GRACE);
+        assert!(matches!(&lost[..], [Change::Lost { node, .. }] if node == "pi-1"));
     }
 
     #[test]

@@ -141,6 +141,7 @@ pub async fn run(
                 }
                 Some(LinkEvent::Disconnected { reason }) => {
                     ready.store(false, Ordering::Relaxed);
+                    coordinator.on_disconnected();
                     log::warn!("lost the MQTT broker ({reason}); nodes keep their agents meanwhile");
                 }
                 Some(LinkEvent::Message { topic, payload, retain }) => {

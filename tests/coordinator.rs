@@ -1640,3 +1640,36 @@ async fn a_node_that_reconnects_gets_its_turns_in_flight_again_and_the_chat_is_a
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["message"]["content"], "here I am", "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn finished_jobs_are_deleted_after_keep_finished_secs() {
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&[]);
+    let coordinator = Coordinator::start(&broker, "[queue]\nkeep_finished_secs = 2");
+    let _node = Node::start("keeper", &broker, &sim.url, "agent_capacity = 1", "");
+    coordinator.wait_nodes_online(1).await;
+    coordinator.spawn_agent("tidy", "llama3.2").await;
+    coordinator.wait_running(1).await;
+    let (status, job) = coordinator
+        .post("/v1/agents/tidy/jobs", json!({"message": "short-lived"}))
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["job_id"].as_str().unwrap().to_owned();
+    wait_until_async("the job to complete", WAIT, || async {
+        coordinator_job_status(&coordinator, &id).await == "completed"
+    })
+    .await;
+    let done = std::time::Instant::now();
+    wait_until_async("the finished job to be deleted", WAIT, || async {
+        coordinator.get(&format!("/v1/jobs/{id}")).await.0 == 404
+    })
+    .await;
+    assert!(
+        done.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        done.elapsed()
+    );
+    coordinator
+        .proc
+        .wait_for_line("deleted 1 finished jobs older than 2s", WAIT);
+}

@@ -65,6 +65,9 @@ max_jobs = 10000
 max_attempts = 3
 # Seconds suggested to clients in Retry-After.
 retry_after_secs = 5
+# Completed and failed jobs are kept this long (GET /v1/jobs/{id}), then
+# deleted, so the store does not grow forever. 604800 = 7 days.
+keep_finished_secs = 604800
 
 [scheduler]
 # Move agents off a node more than this factor above the fleet's average
@@ -128,6 +131,7 @@ struct RawQueue {
     max_jobs: Option<Spanned<i64>>,
     max_attempts: Option<Spanned<i64>>,
     retry_after_secs: Option<Spanned<i64>>,
+    keep_finished_secs: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -174,6 +178,8 @@ pub struct QueueLimits {
     pub max_jobs: usize,
     pub max_attempts: u32,
     pub retry_after_secs: u64,
+    /// How long finished jobs stay in the store.
+    pub keep_finished: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -210,6 +216,7 @@ impl CoordinatorConfig {
                 max_jobs: 10_000,
                 max_attempts: 3,
                 retry_after_secs: 5,
+                keep_finished: Duration::from_secs(7 * 24 * 3600),
             },
             scheduler: SchedulerSettings {
                 rebalance_threshold: 1.2,
@@ -333,6 +340,12 @@ impl CoordinatorConfig {
                 &q.retry_after_secs,
                 d.queue.retry_after_secs,
                 int_in(1, 3600),
+            ),
+            keep_finished: c.value(
+                "queue.keep_finished_secs",
+                &q.keep_finished_secs,
+                d.queue.keep_finished,
+                secs_in(1, 10 * 365 * 24 * 3600),
             ),
         };
         let s = &raw.scheduler;

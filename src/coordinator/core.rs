@@ -227,6 +227,8 @@ pub struct Coordinator {
     settled_at: Option<Instant>,
     /// Connected to the broker and subscribed.
     link_up: bool,
+    /// When finished jobs were last pruned from the store.
+    pruned_at: Option<Instant>,
     pub metrics: Arc<CoordinatorMetrics>,
     summary_published: Option<(Instant, Value)>,
 }
@@ -260,6 +262,7 @@ impl Coordinator {
             command_seq: 0,
             settled_at: None,
             link_up: false,
+            pruned_at: None,
             metrics,
             summary_published: None,
             store,
@@ -547,6 +550,28 @@ impl Coordinator {
         self.link_up = true;
         self.settled_at
             .get_or_insert(now + Duration::from_millis(500));
+    }
+
+    /// Deletes finished jobs older than `queue.keep_finished_secs`, checking
+    /// once a minute (or as often as that, if shorter).
+    fn prune_finished_jobs(&mut self, now: Instant) {
+        let keep = self.config.queue.keep_finished;
+        if self
+            .pruned_at
+            .is_some_and(|at| now.duration_since(at) < keep.min(Duration::from_secs(60)))
+        {
+            return;
+        }
+        self.pruned_at = Some(now);
+        let before = now_ms().saturating_sub(keep.as_millis() as u64);
+        match self.store.prune_finished_jobs(before) {
+            Ok(0) => {}
+            Ok(n) => log::info!(
+                "deleted {n} finished jobs older than {}s (queue.keep_finished_secs)",
+                keep.as_secs()
+            ),
+            Err(e) => log::error!("{e}"),
+        }
     }
 
     /// The coordinator lost the broker: node liveness waits until it is back.
@@ -1563,6 +1588,7 @@ impl Coordinator {
         self.release_lost_agents();
         self.expire_commands(now);
         self.expire_turns(now);
+        self.prune_finished_jobs(now);
         // Forget releases of strays long enough ago to resend them if needed.
         self.strays
             .retain(|_, at| now.duration_since(*at) < RESEND_AFTER * 12);

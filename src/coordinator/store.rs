@@ -489,6 +489,17 @@ impl Store {
             .map_err(self.err("list jobs"))
     }
 
+    /// Deletes completed and failed jobs last updated before `before_ms`;
+    /// returns how many.
+    pub fn prune_finished_jobs(&self, before_ms: u64) -> Result<usize> {
+        self.conn
+            .prepare_cached(
+                "DELETE FROM jobs WHERE state IN ('completed', 'failed') AND updated_ms < ?1",
+            )
+            .and_then(|mut s| s.execute([before_ms as i64]))
+            .map_err(self.err("prune finished jobs"))
+    }
+
     /// Queued and running jobs, in submission order.
     pub fn open_jobs(&self) -> Result<Vec<JobRow>> {
         let sql = format!(
@@ -657,5 +668,43 @@ mod tests {
         assert_eq!(s.open_jobs().unwrap().len(), 1);
         s.delete_agent("a", 9).unwrap();
         assert_eq!(s.job("j2").unwrap().unwrap().state, JobState::Failed);
+    }
+
+    #[test]
+    fn only_finished_jobs_older_than_the_limit_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("c.db"), 3).unwrap();
+        let job = |id: &str, state: JobState, updated_ms: u64| JobRow {
+            id: id.into(),
+            agent: "a".into(),
+            message: "m".into(),
+            priority: 0,
+            seq: 0,
+            state,
+            attempts: 1,
+            node: None,
+            created_ms: 1,
+            updated_ms,
+            answer: None,
+            error: None,
+            usage: None,
+        };
+        for mut j in [
+            job("old-done", JobState::Completed, 100),
+            job("old-failed", JobState::Failed, 100),
+            job("old-queued", JobState::Queued, 100),
+            job("old-running", JobState::Running, 100),
+            job("new-done", JobState::Completed, 300),
+        ] {
+            s.insert_job(&mut j).unwrap();
+        }
+        assert_eq!(s.prune_finished_jobs(200).unwrap(), 2);
+        let left: Vec<String> = s
+            .jobs(None, None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|j| j.id)
+            .collect();
+        assert_eq!(left, ["new-done", "old-running", "old-queued"]);
     }
 }

@@ -482,21 +482,32 @@ fn node_row(n: &Value) -> Vec<String> {
     if n["ollama_reachable"] == false {
         flags.push("ollama-down");
     }
+    // Load and temperature of a node that is not online are old news.
+    let online = n["state"] == "online";
+    let live = |value: String| if online { value } else { "-".into() };
+    let state = match n["last_seen_secs"].as_u64() {
+        Some(secs) if !online => format!("{} (seen {} ago)", text(&n["state"]), ago(secs)),
+        _ => text(&n["state"]),
+    };
     vec![
         text(&n["node"]),
-        text(&n["state"]),
+        state,
         format!(
             "{}/{}",
             n["agents_running"].as_u64().unwrap_or(0),
             n["agent_capacity"].as_u64().unwrap_or(0)
         ),
-        n["cpu"]["load1"]
-            .as_f64()
-            .map_or("-".into(), |l| format!("{l:.2}")),
-        n["cpu"]["usage_pct"]
-            .as_f64()
-            .map_or("-".into(), |u| format!("{u:.0}%")),
-        temperature,
+        live(
+            n["cpu"]["load1"]
+                .as_f64()
+                .map_or("-".into(), |l| format!("{l:.2}")),
+        ),
+        live(
+            n["cpu"]["usage_pct"]
+                .as_f64()
+                .map_or("-".into(), |u| format!("{u:.0}%")),
+        ),
+        live(temperature),
         flags.join(","),
         truncate(
             &n["agents"]
@@ -506,6 +517,16 @@ fn node_row(n: &Value) -> Vec<String> {
             40,
         ),
     ]
+}
+
+/// A duration in its largest whole unit: 42s, 5m, 3h, 2d.
+fn ago(secs: u64) -> String {
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m", secs / 60),
+        3600..86_400 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86_400),
+    }
 }
 
 fn nodes_table(nodes: &[Value]) -> String {
@@ -613,6 +634,20 @@ mod tests {
             "{report}"
         );
         assert!(report.contains("01:02:03  placed a on pi-1"), "{report}");
+    }
+
+    #[test]
+    fn a_node_that_is_not_online_shows_when_it_was_seen_and_no_stale_load() {
+        let node = json!({"node": "pi-2", "state": "offline", "agents_running": 0, "agent_capacity": 4,
+                          "cpu": {"load1": 0.31, "usage_pct": 12.0}, "temperature_c": 48.3,
+                          "last_seen_secs": 150, "agents": []});
+        let row = node_row(&node);
+        assert_eq!(row[1], "offline (seen 2m ago)");
+        assert_eq!(row[3..6], ["-", "-", "-"]);
+        assert_eq!(
+            [ago(0), ago(59), ago(3599), ago(7200), ago(200_000)],
+            ["0s", "59s", "59m", "2h", "2d"]
+        );
     }
 
     #[test]

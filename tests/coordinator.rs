@@ -1673,3 +1673,59 @@ async fn finished_jobs_are_deleted_after_keep_finished_secs() {
         .proc
         .wait_for_line("deleted 1 finished jobs older than 2s", WAIT);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_taken_out_of_the_fleet_can_be_forgotten_once_offline() {
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&[]);
+    let mut coordinator = Coordinator::start(&broker, "");
+    let _keep = Node::start("keep", &broker, &sim.url, "agent_capacity = 2", "");
+    let mut gone = Node::start("gone", &broker, &sim.url, "agent_capacity = 2", "");
+    coordinator.wait_nodes_online(2).await;
+    coordinator.spawn_agent("left", "llama3.2").await;
+    coordinator.spawn_agent("right", "llama3.2").await;
+    coordinator.wait_running(2).await;
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(crate::util::pifleet_bin())
+            .args(args)
+            .env("PIFLEET_COORDINATOR", &coordinator.api)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    };
+    let (code, text) = cli(&["forget", "gone"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("node gone is online"), "{text}");
+
+    gone.proc.signal("KILL");
+    gone.proc.wait_exit(WAIT);
+    wait_until_async("the node to be lost", WAIT, || async {
+        coordinator.get("/v1/nodes/gone").await.1["state"] == "offline"
+    })
+    .await;
+    let (code, text) = cli(&["forget", "gone"]);
+    assert_eq!((code, text.trim()), (Some(0), "forgot gone"));
+    assert_eq!(coordinator.get("/v1/nodes/gone").await.0, 404);
+    let (_, nodes) = coordinator.get("/v1/nodes").await;
+    assert_eq!(nodes["nodes"].as_array().unwrap().len(), 1, "{nodes}");
+    // Both agents fit on the node that is left.
+    wait_until_async("both agents on keep", WAIT, || async {
+        coordinator.placement().await.get("keep").map(Vec::len) == Some(2)
+    })
+    .await;
+    // Nothing about it stays retained on the broker...
+    let watcher = Client::connect(&broker, &["pifleet/nodes/gone/#"]).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(watcher.messages().is_empty(), "{:?}", watcher.messages());
+    // ...so a restarted coordinator does not bring it back.
+    coordinator.proc.signal("TERM");
+    coordinator.restart();
+    coordinator.wait_nodes_online(1).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(coordinator.get("/v1/nodes/gone").await.0, 404);
+    // If the Pi does come back, it simply joins again.
+    let _back = Node::start("gone", &broker, &sim.url, "agent_capacity = 2", "");
+    coordinator.wait_nodes_online(2).await;
+}

@@ -102,6 +102,8 @@ pub enum ClientCommand {
     },
     /// Let a drained or cordoned node take agents again.
     Uncordon { node: String },
+    /// Remove a node that is offline for good (a Pi taken out of the fleet).
+    Forget { node: String },
     /// Queued jobs: list (default), submit, show.
     Jobs {
         #[command(subcommand)]
@@ -285,27 +287,22 @@ async fn execute(api: &Api, as_json: bool, command: ClientCommand) -> Result<(),
             deadline_secs,
         } => {
             let body = json!({"max_parallel": max_parallel, "deadline_secs": deadline_secs});
-            let result = api
-                .call(Method::POST, &format!("/v1/nodes/{node}/drain"), Some(body))
-                .await?;
-            if as_json {
-                print_json(&result);
-            } else {
-                println!(
-                    "draining {node}: {} agents to move away",
-                    result["agents_running"].as_u64().unwrap_or(0)
-                );
-            }
+            let path = format!("/v1/nodes/{node}/drain");
+            let result = api.call(Method::POST, &path, Some(body)).await?;
+            let moving = result["agents_running"].as_u64().unwrap_or(0);
+            print_result(as_json, &result, || {
+                format!("draining {node}: {moving} agents to move away")
+            });
         }
         ClientCommand::Uncordon { node } => {
-            let result = api
-                .call(Method::POST, &format!("/v1/nodes/{node}/uncordon"), None)
-                .await?;
-            if as_json {
-                print_json(&result);
-            } else {
-                println!("{node} takes agents again");
-            }
+            let path = format!("/v1/nodes/{node}/uncordon");
+            let result = api.call(Method::POST, &path, None).await?;
+            print_result(as_json, &result, || format!("{node} takes agents again"));
+        }
+        ClientCommand::Forget { node } => {
+            let path = format!("/v1/nodes/{node}");
+            let result = api.call(Method::DELETE, &path, None).await?;
+            print_result(as_json, &result, || format!("forgot {node}"));
         }
         ClientCommand::Jobs { action } => jobs(api, as_json, action).await?,
     }
@@ -526,6 +523,15 @@ fn ago(secs: u64) -> String {
         60..3600 => format!("{}m", secs / 60),
         3600..86_400 => format!("{}h", secs / 3600),
         _ => format!("{}d", secs / 86_400),
+    }
+}
+
+/// Prints `result` as JSON with `--json`, else the sentence `human` makes.
+fn print_result(as_json: bool, result: &Value, human: impl FnOnce() -> String) {
+    if as_json {
+        print_json(result);
+    } else {
+        println!("{}", human());
     }
 }
 

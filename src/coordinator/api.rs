@@ -48,6 +48,10 @@ pub enum ApiRequest {
         node: String,
         reply: Responder,
     },
+    ForgetNode {
+        node: String,
+        reply: Responder,
+    },
     Agents {
         reply: Responder,
     },
@@ -115,6 +119,7 @@ pub fn handle(c: &mut Coordinator, request: ApiRequest) {
             reply,
         } => (reply, c.drain(&node, max_parallel, deadline)),
         ApiRequest::Uncordon { node, reply } => (reply, c.uncordon(&node)),
+        ApiRequest::ForgetNode { node, reply } => (reply, c.forget_node(&node)),
         ApiRequest::Agents { reply } => (reply, Ok((StatusCode::OK, c.agents_json()))),
         ApiRequest::Agent { name, reply } => {
             let v = c.agent_json(&name);
@@ -201,7 +206,7 @@ pub fn router(state: ApiState) -> Router {
     let v1 = Router::new()
         .route("/status", get(status))
         .route("/nodes", get(nodes))
-        .route("/nodes/{node}", get(node))
+        .route("/nodes/{node}", get(node).delete(forget_node))
         .route("/nodes/{node}/drain", post(drain))
         .route("/nodes/{node}/uncordon", post(uncordon))
         .route("/agents", get(agents).post(create_agent))
@@ -470,6 +475,10 @@ async fn drain(State(s): State<ApiState>, Path(node): Path<String>, body: Bytes)
 
 async fn uncordon(State(s): State<ApiState>, Path(node): Path<String>) -> Response {
     s.ask(|reply| ApiRequest::Uncordon { node, reply }).await
+}
+
+async fn forget_node(State(s): State<ApiState>, Path(node): Path<String>) -> Response {
+    s.ask(|reply| ApiRequest::ForgetNode { node, reply }).await
 }
 
 async fn agents(State(s): State<ApiState>) -> Response {

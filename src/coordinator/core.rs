@@ -605,6 +605,9 @@ impl Coordinator {
     }
 
     pub fn on_capacity(&mut self, node: &str, payload: &[u8], retained: bool) {
+        if payload.is_empty() {
+            return; // a cleared retained capacity (a forgotten node)
+        }
         let capacity: Capacity =
             match crate::protocol::decode(payload, self.publisher.max_payload()) {
                 Ok(c) => c,
@@ -1176,6 +1179,67 @@ impl Coordinator {
         );
         self.reconcile();
         Ok((StatusCode::OK, self.node_json(node)))
+    }
+
+    /// Forgets a node that is not online (a Pi taken out of the fleet): its
+    /// agents are placed elsewhere, its flags deleted, and its retained
+    /// status and capacity cleared on the broker so that dashboards and a
+    /// restarted coordinator stop showing it. If it comes back it joins as
+    /// a new node.
+    pub fn forget_node(&mut self, node: &str) -> ApiResult {
+        let Some(view) = self.fleet.get(node) else {
+            return Err(ApiError::not_found(format!("no node named {node}")));
+        };
+        if matches!(
+            view.liveness,
+            super::fleet::Liveness::Online | super::fleet::Liveness::Suspect { .. }
+        ) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "node_online",
+                format!("node {node} is online: stop its daemon first (drain it to move its agents gracefully)"),
+            ));
+        }
+        let hosted: Vec<String> = self
+            .by_node
+            .get(node)
+            .map(|set| set.iter().cloned().collect())
+            .unwrap_or_default();
+        for name in &hosted {
+            match self.agents.get(name).map(|a| a.state) {
+                Some(AgentState::Releasing | AgentState::Stopping) => self.released(name, node),
+                Some(_) => {
+                    self.requeue_agent(name, None, &format!("its node {node} was forgotten"))
+                }
+                None => {}
+            }
+        }
+        self.fleet.forget(node);
+        self.flags.remove(node);
+        self.drain_sent.remove(node);
+        self.drained_reported.remove(node);
+        if let Err(e) = self.store.delete_node_flags(node) {
+            log::error!("{e}");
+        }
+        for kind in [NodeTopic::Status, NodeTopic::Capacity] {
+            if let Err(e) = self
+                .publisher
+                .publish(self.topics.node(node, kind), Vec::new(), true)
+            {
+                log::error!("cannot clear the retained {kind:?} of {node}: {e}");
+            }
+        }
+        self.event(
+            "forgotten",
+            None,
+            Some(node),
+            format!(
+                "forgot node {node}; {} of its agents to place elsewhere",
+                hosted.len()
+            ),
+        );
+        self.reconcile();
+        Ok((StatusCode::OK, json!({"node": node, "forgotten": true})))
     }
 
     fn set_flags(&mut self, node: &str, flags: NodeFlags) {

@@ -110,6 +110,11 @@ impl Fleet {
         self.nodes.get(node).is_some_and(NodeView::is_online)
     }
 
+    /// Drops everything known about `node`.
+    pub fn forget(&mut self, node: &str) {
+        self.nodes.remove(node);
+    }
+
     /// Remembers a node that stored agents point at, so that it is declared
     /// lost if it never speaks.
     pub fn expect(&mut self, node: &str, now: Instant) {

@@ -541,6 +541,13 @@ impl Store {
             .map_err(self.err("read node flags"))
     }
 
+    pub fn delete_node_flags(&self, node: &str) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM nodes WHERE node = ?1", [node])
+            .map(|_| ())
+            .map_err(self.err("delete node flags"))
+    }
+
     pub fn set_node_flags(&self, node: &str, flags: &NodeFlags) -> Result<()> {
         self.conn
             .execute(

@@ -1729,3 +1729,31 @@ async fn a_node_taken_out_of_the_fleet_can_be_forgotten_once_offline() {
     let _back = Node::start("gone", &broker, &sim.url, "agent_capacity = 2", "");
     coordinator.wait_nodes_online(2).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coordinator_paused_longer_than_node_lost_after_moves_nothing_when_it_resumes() {
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&[]);
+    let coordinator = Coordinator::start(&broker, "[timeouts]\nnode_lost_after_secs = 3");
+    let _a = Node::start("pa", &broker, &sim.url, "agent_capacity = 2", "");
+    let _b = Node::start("pb", &broker, &sim.url, "agent_capacity = 2", "");
+    coordinator.wait_nodes_online(2).await;
+    for name in ["still-1", "still-2"] {
+        coordinator.spawn_agent(name, "llama3.2").await;
+    }
+    coordinator.wait_running(2).await;
+    let before = coordinator.placement().await;
+    coordinator.proc.signal("STOP");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    coordinator.proc.signal("CONT");
+    coordinator
+        .proc
+        .wait_for_line("every node gets a fresh node_lost_after", WAIT);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(coordinator.placement().await, before);
+    let events = coordinator.events().await;
+    assert!(
+        events.iter().all(|e| e["kind"] != "node_lost"),
+        "{events:?}"
+    );
+}

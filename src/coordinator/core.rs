@@ -51,6 +51,9 @@ const EVENTS_KEPT: usize = 1000;
 const PLACEMENT_DELAY: Duration = Duration::from_millis(20);
 /// How often rebalancing is considered when the fleet did not change.
 const REBALANCE_EVERY: Duration = Duration::from_secs(2);
+/// Reconciliation runs every 250 ms; a gap this long means the coordinator
+/// itself was stopped (SIGSTOP, a VM pause, a starved CPU).
+const STALLED_AFTER: Duration = Duration::from_secs(5);
 
 /// An API answer: status and JSON body, or a JSON error.
 pub type ApiResult = Result<(StatusCode, Value), ApiError>;
@@ -229,6 +232,8 @@ pub struct Coordinator {
     link_up: bool,
     /// When finished jobs were last pruned from the store.
     pruned_at: Option<Instant>,
+    /// When `reconcile` last ran, to notice that we were stalled.
+    reconciled_at: Option<Instant>,
     pub metrics: Arc<CoordinatorMetrics>,
     summary_published: Option<(Instant, Value)>,
 }
@@ -263,6 +268,7 @@ impl Coordinator {
             settled_at: None,
             link_up: false,
             pruned_at: None,
+            reconciled_at: None,
             metrics,
             summary_published: None,
             store,
@@ -1644,6 +1650,20 @@ impl Coordinator {
     pub fn reconcile(&mut self) {
         let now = Instant::now();
         let t = self.config.timeouts.clone();
+        if let Some(stall) = self
+            .reconciled_at
+            .map(|at| now.duration_since(at))
+            .filter(|gap| *gap >= STALLED_AFTER)
+        {
+            // Messages the nodes sent meanwhile are still queued for us:
+            // our own stall is not their silence.
+            log::warn!(
+                "the coordinator did not run for {:.1}s; every node gets a fresh node_lost_after",
+                stall.as_secs_f64()
+            );
+            self.fleet.heard_all(now);
+        }
+        self.reconciled_at = Some(now);
         if self.link_up {
             for change in self.fleet.tick(now, t.node_lost_after, t.offline_grace) {
                 self.on_change(change);

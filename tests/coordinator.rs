@@ -1418,7 +1418,7 @@ async fn a_node_that_stops_heartbeating_but_stays_connected_is_lost_and_its_agen
 async fn a_node_killed_and_restarted_at_once_is_recognised_as_a_new_session_and_runs_its_agents_again(
 ) {
     let broker = Mosquitto::start();
-    let sim = Sim::start(&[]);
+    let sim = Sim::start(&["--first-token-ms", "3000"]);
     let coordinator = Coordinator::start(&broker, "");
     let node = Node::start("phoenix", &broker, &sim.url, "agent_capacity = 2", "");
     coordinator.wait_nodes_online(1).await;
@@ -1426,6 +1426,26 @@ async fn a_node_killed_and_restarted_at_once_is_recognised_as_a_new_session_and_
     coordinator.spawn_agent("ash-2", "llama3.2").await;
     coordinator.wait_running(2).await;
     let (_, before) = coordinator.get("/v1/nodes/phoenix").await;
+    // A chat in flight when the node dies is answered at once, not at its
+    // timeout: the new process never heard of it.
+    let (api, token) = (coordinator.api.clone(), coordinator.token.clone());
+    let chat = tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let reply = send(
+            reqwest::Method::POST,
+            &format!("{api}/v1/chat"),
+            Some(
+                json!({"agent": "ash-2", "messages": [{"role": "user", "content": "mid-flight"}]}),
+            ),
+            token.as_deref(),
+        )
+        .await;
+        (reply, started.elapsed())
+    });
+    wait_until_async("the turn to reach Ollama", WAIT, || async {
+        sim.stats().await["in_flight"] == 1
+    })
+    .await;
     let mut node = node;
     node.proc.signal("KILL");
     node.proc.wait_exit(WAIT);
@@ -1446,6 +1466,13 @@ async fn a_node_killed_and_restarted_at_once_is_recognised_as_a_new_session_and_
         .collect();
     names.sort();
     assert_eq!(names, ["ash-1", "ash-2"], "{body}");
+    let ((status, reply), took) = chat.await.unwrap();
+    assert_eq!(
+        (status, reply["code"].as_str()),
+        (503, Some("released")),
+        "{reply}"
+    );
+    assert!(took < Duration::from_secs(10), "{took:?}");
     let events = coordinator.events().await;
     assert!(
         events

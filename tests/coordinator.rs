@@ -1784,3 +1784,41 @@ async fn a_coordinator_paused_longer_than_node_lost_after_moves_nothing_when_it_
         "{events:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pifleet_chat_asks_again_while_its_agent_moves_off_a_dead_node() {
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&["--first-token-ms", "2000"]);
+    let coordinator = Coordinator::start(&broker, "[queue]\nretry_after_secs = 1");
+    let hop = Node::start("hop", &broker, &sim.url, "agent_capacity = 1", "");
+    coordinator.wait_nodes_online(1).await;
+    coordinator.spawn_agent("mover", "llama3.2").await;
+    coordinator.wait_running(1).await;
+    let _land = Node::start("land", &broker, &sim.url, "agent_capacity = 1", "");
+    coordinator.wait_nodes_online(2).await;
+    let api = coordinator.api.clone();
+    let cli = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(crate::util::pifleet_bin())
+            .args(["chat", "mover", "are you there?"])
+            .env("PIFLEET_COORDINATOR", api)
+            .output()
+            .unwrap()
+    });
+    wait_until_async("the turn to reach Ollama", WAIT, || async {
+        sim.stats().await["in_flight"] == 1
+    })
+    .await;
+    hop.proc.signal("KILL");
+    let out = cli.await.unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stderr.contains("asking again"), "{stderr}");
+    assert!(
+        stdout.contains("last user message: \"are you there?\""),
+        "{stdout}"
+    );
+    assert!(stderr.contains("(mover on land:"), "{stderr}");
+}

@@ -89,7 +89,14 @@ pub enum ClientCommand {
         names: Vec<String>,
     },
     /// Send one message to an agent and print its answer.
-    Chat { agent: String, message: String },
+    Chat {
+        agent: String,
+        message: String,
+        /// Seconds to keep retrying while the agent is being moved between
+        /// nodes (a retryable 503); 0 fails at once.
+        #[arg(long, default_value_t = 30)]
+        wait: u64,
+    },
     /// Move every agent off a node and place nothing new there.
     Drain {
         node: String,
@@ -117,6 +124,28 @@ struct Api {
     http: reqwest::Client,
 }
 
+/// An error answer of the coordinator.
+struct Refusal {
+    status: u16,
+    code: String,
+    /// `Retry-After`, in seconds.
+    retry_after: Option<u64>,
+    message: String,
+}
+
+impl Refusal {
+    /// The agent is between nodes or its node is briefly busy: asking again
+    /// shortly is likely to work.
+    fn is_transient(&self) -> bool {
+        self.status == 503
+            && self.retry_after.is_some()
+            && matches!(
+                self.code.as_str(),
+                "released" | "shutting_down" | "agent_not_assigned" | "fenced" | "ollama_busy"
+            )
+    }
+}
+
 impl Api {
     async fn call(
         &self,
@@ -124,6 +153,23 @@ impl Api {
         path: &str,
         body: Option<Value>,
     ) -> Result<Value, Failure> {
+        match self.request(method, path, body).await? {
+            Ok(value) => Ok(value),
+            Err(refusal) => Err(Failure {
+                code: 1,
+                message: refusal.message,
+            }),
+        }
+    }
+
+    /// Sends one request: Err if the coordinator cannot be reached, Ok(Err)
+    /// if it refused.
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Result<Value, Refusal>, Failure> {
         let url = format!("{}{path}", self.base.trim_end_matches('/'));
         let mut request = self.http.request(method, &url);
         if let Some(token) = &self.token {
@@ -141,17 +187,53 @@ impl Api {
             ),
         })?;
         let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok());
         let text = response.text().await.unwrap_or_default();
         let value: Value = serde_json::from_str(&text).unwrap_or_else(|_| json!({"error": text}));
         if status.is_success() {
-            return Ok(value);
+            return Ok(Ok(value));
         }
         let error = value["error"].as_str().unwrap_or("request failed");
-        let code = value["code"].as_str().unwrap_or("");
-        Err(Failure {
-            code: 1,
+        let code = value["code"].as_str().unwrap_or("").to_owned();
+        Ok(Err(Refusal {
+            status: status.as_u16(),
             message: format!("{error} ({code}, HTTP {})", status.as_u16()),
-        })
+            code,
+            retry_after,
+        }))
+    }
+
+    /// A chat, asked again while the agent is between nodes, for up to
+    /// `wait`.
+    async fn chat(&self, body: Value, wait: std::time::Duration) -> Result<Value, Failure> {
+        let give_up = std::time::Instant::now() + wait;
+        loop {
+            let refusal = match self
+                .request(Method::POST, "/v1/chat", Some(body.clone()))
+                .await?
+            {
+                Ok(answer) => return Ok(answer),
+                Err(refusal) => refusal,
+            };
+            let pause =
+                std::time::Duration::from_secs(refusal.retry_after.unwrap_or(1).clamp(1, 5));
+            if !refusal.is_transient() || std::time::Instant::now() + pause > give_up {
+                return Err(Failure {
+                    code: 1,
+                    message: refusal.message,
+                });
+            }
+            eprintln!(
+                "pifleet: {}; asking again in {}s",
+                refusal.message,
+                pause.as_secs()
+            );
+            tokio::time::sleep(pause).await;
+        }
     }
 }
 
@@ -264,9 +346,13 @@ async fn execute(api: &Api, as_json: bool, command: ClientCommand) -> Result<(),
                 print_json(&json!({ "agents": stopped }));
             }
         }
-        ClientCommand::Chat { agent, message } => {
+        ClientCommand::Chat {
+            agent,
+            message,
+            wait,
+        } => {
             let body = json!({"agent": agent, "messages": [{"role": "user", "content": message}]});
-            let answer = api.call(Method::POST, "/v1/chat", Some(body)).await?;
+            let answer = api.chat(body, std::time::Duration::from_secs(wait)).await?;
             if as_json {
                 print_json(&answer);
             } else {

@@ -665,6 +665,12 @@ async fn the_api_answers_429_422_401_413_409_and_404_as_json() {
         reply["error"].as_str().unwrap().contains("queued, running"),
         "{reply}"
     );
+    let (status, reply) = call(reqwest::Method::GET, "/v1/agents/%FF", None).await;
+    assert_eq!(
+        (status, reply["code"].as_str()),
+        (400, Some("bad_path")),
+        "{reply}"
+    );
     let (status, reply) = call(reqwest::Method::PUT, "/v1/agents", None).await;
     assert_eq!(status, 405, "{reply}");
     assert_eq!(reply["error"], "/v1/agents does not take PUT", "{reply}");

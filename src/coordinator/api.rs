@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::core::{ApiResult, Coordinator, Responder};
 use super::metrics::CoordinatorMetrics;
-use crate::http::{no_route, wrong_method, ApiError, QueryParams};
+use crate::http::{no_route, wrong_method, ApiError, PathParam, QueryParams};
 use crate::protocol::{normalize_model, AgentSpec, ChatMessage, Role};
 
 /// What handlers ask the coordinator task.
@@ -445,11 +445,15 @@ async fn nodes(State(s): State<ApiState>) -> Response {
     s.ask(|reply| ApiRequest::Nodes { reply }).await
 }
 
-async fn node(State(s): State<ApiState>, Path(node): Path<String>) -> Response {
+async fn node(State(s): State<ApiState>, PathParam(node): PathParam<String>) -> Response {
     s.ask(|reply| ApiRequest::Node { node, reply }).await
 }
 
-async fn drain(State(s): State<ApiState>, Path(node): Path<String>, body: Bytes) -> Response {
+async fn drain(
+    State(s): State<ApiState>,
+    PathParam(node): PathParam<String>,
+    body: Bytes,
+) -> Response {
     let body: DrainBody = if body.iter().all(u8::is_ascii_whitespace) {
         DrainBody::default()
     } else {
@@ -473,11 +477,11 @@ async fn drain(State(s): State<ApiState>, Path(node): Path<String>, body: Bytes)
     .await
 }
 
-async fn uncordon(State(s): State<ApiState>, Path(node): Path<String>) -> Response {
+async fn uncordon(State(s): State<ApiState>, PathParam(node): PathParam<String>) -> Response {
     s.ask(|reply| ApiRequest::Uncordon { node, reply }).await
 }
 
-async fn forget_node(State(s): State<ApiState>, Path(node): Path<String>) -> Response {
+async fn forget_node(State(s): State<ApiState>, PathParam(node): PathParam<String>) -> Response {
     s.ask(|reply| ApiRequest::ForgetNode { node, reply }).await
 }
 
@@ -485,7 +489,7 @@ async fn agents(State(s): State<ApiState>) -> Response {
     s.ask(|reply| ApiRequest::Agents { reply }).await
 }
 
-async fn agent(State(s): State<ApiState>, Path(name): Path<String>) -> Response {
+async fn agent(State(s): State<ApiState>, PathParam(name): PathParam<String>) -> Response {
     s.ask(|reply| ApiRequest::Agent { name, reply }).await
 }
 
@@ -500,7 +504,7 @@ async fn create_agent(
     s.ask(|reply| ApiRequest::CreateAgent { spec, reply }).await
 }
 
-async fn delete_agent(State(s): State<ApiState>, Path(name): Path<String>) -> Response {
+async fn delete_agent(State(s): State<ApiState>, PathParam(name): PathParam<String>) -> Response {
     s.ask(|reply| ApiRequest::DeleteAgent { name, reply }).await
 }
 
@@ -524,7 +528,7 @@ async fn chat(State(s): State<ApiState>, body: Result<JsonBody<ChatBody>, ApiErr
 
 async fn submit_job(
     State(s): State<ApiState>,
-    Path(agent): Path<String>,
+    PathParam(agent): PathParam<String>,
     body: Result<JsonBody<JobBody>, ApiError>,
 ) -> Response {
     let body = match body {
@@ -552,7 +556,7 @@ async fn submit_job(
 
 async fn agent_jobs(
     s: State<ApiState>,
-    Path(agent): Path<String>,
+    PathParam(agent): PathParam<String>,
     QueryParams(q): QueryParams<ListQuery>,
 ) -> Response {
     list_jobs(s, Some(agent), q).await
@@ -585,7 +589,7 @@ async fn list_jobs(State(s): State<ApiState>, agent: Option<String>, q: ListQuer
     .await
 }
 
-async fn job(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
+async fn job(State(s): State<ApiState>, PathParam(id): PathParam<String>) -> Response {
     s.ask(|reply| ApiRequest::Job { id, reply }).await
 }
 

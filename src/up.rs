@@ -170,6 +170,9 @@ fn spawn_node(id: &str, config: &Path, log: &Path) -> Result<Child, UpError> {
         .stdin(Stdio::null())
         .stdout(log_file)
         .stderr(log_err)
+        // If `up` dies without stopping them (SIGKILL), the nodes notice
+        // and stop themselves rather than run on as orphans.
+        .env(crate::node::PARENT_PID_ENV, std::process::id().to_string())
         .process_group(0)
         .spawn()
         .map_err(|source| UpError::Spawn {

@@ -801,18 +801,19 @@ async fn a_stale_offline_on_a_live_node_status_moves_nothing() {
         .all(|e| e["kind"] != "node_lost"));
 }
 
-#[test]
-fn pifleet_up_then_spawn_chat_and_status_from_a_second_terminal() {
+/// `pifleet up` with `nodes` nodes of 4 slots on free ports, no Ollama (so
+/// its simulator), once ready: the process, API port, MQTT port, data dir.
+fn start_up(nodes: u32) -> (Proc, u16, u16, tempfile::TempDir) {
     let api_port = crate::util::free_port();
     let mqtt_port = crate::util::free_port();
     let data = tempfile::tempdir().unwrap();
     let no_ollama = format!("http://127.0.0.1:{}", crate::util::free_port());
-    let mut up = Proc::spawn(
+    let up = Proc::spawn(
         "up",
         &[
             "up",
             "--nodes",
-            "3",
+            &nodes.to_string(),
             "--capacity",
             "4",
             "--api-port",
@@ -827,7 +828,43 @@ fn pifleet_up_then_spawn_chat_and_status_from_a_second_terminal() {
         &[],
     );
     up.wait_for_line("SIMULATOR", WAIT);
-    up.wait_for_line("fleet is ready (3/3 nodes online", WAIT);
+    up.wait_for_line(
+        &format!("fleet is ready ({nodes}/{nodes} nodes online"),
+        WAIT,
+    );
+    (up, api_port, mqtt_port, data)
+}
+
+#[test]
+fn pifleet_up_killed_with_sigkill_leaves_no_node_running() {
+    let (up, _, _, data) = start_up(2);
+    let pids: Vec<u32> = up
+        .output()
+        .iter()
+        .filter(|l| l.trim_start().starts_with("node up-"))
+        .filter_map(|l| l.split("pid ").nth(1)?.split(',').next()?.parse().ok())
+        .collect();
+    assert_eq!(pids.len(), 2, "{:?}", up.output());
+    up.signal("KILL");
+    let running = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| !stat.contains(") Z "))
+    };
+    wait_until("the orphaned nodes to stop", WAIT, || {
+        !pids.iter().any(|&p| running(p))
+    });
+    for node in ["up-1", "up-2"] {
+        let log = std::fs::read_to_string(data.path().join(format!("nodes/{node}.log"))).unwrap();
+        assert!(
+            log.contains("that started this node is gone; stopping"),
+            "{log}"
+        );
+    }
+}
+
+#[test]
+fn pifleet_up_then_spawn_chat_and_status_from_a_second_terminal() {
+    let (mut up, api_port, mqtt_port, data) = start_up(3);
     let api = format!("http://127.0.0.1:{api_port}");
     let cli = |args: &[&str]| {
         let out = std::process::Command::new(crate::util::pifleet_bin())

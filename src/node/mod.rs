@@ -50,6 +50,10 @@ use answered::AnsweredTurns;
 use ollama::OllamaClient;
 use probe::{HostProbe, ProbeReport};
 
+/// Set by `pifleet up` to its own process id: a node whose parent is no
+/// longer that process stops gracefully (checked every second).
+pub const PARENT_PID_ENV: &str = "PIFLEET_UP_PID";
+
 /// Capacity changes within this window are published as one message.
 const CAPACITY_DEBOUNCE: Duration = Duration::from_millis(200);
 
@@ -143,6 +147,10 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<(), 
         liveness,
         stopping: false,
         answered: AnsweredTurns::default(),
+        parent: std::env::var(PARENT_PID_ENV)
+            .ok()
+            .and_then(|pid| pid.parse().ok())
+            .and_then(rustix::process::Pid::from_raw),
         topics,
         config,
     };
@@ -203,6 +211,8 @@ struct Node {
     stopping: bool,
     /// Answers of recent turns, for turn commands that arrive again.
     answered: AnsweredTurns,
+    /// The `pifleet up` process that started this node, if any.
+    parent: Option<rustix::process::Pid>,
 }
 
 impl Node {
@@ -246,8 +256,24 @@ impl Node {
                 },
                 Some(done) = self.turns.join_next_with_id(), if !self.turns.is_empty() => self.on_turn_done(done),
                 _ = sleep_until(publish_at) => self.publish_capacity(),
-                _ = tick.tick() => self.check_fence(),
+                _ = tick.tick() => {
+                    self.check_fence();
+                    self.check_parent(&shutdown);
+                }
             }
+        }
+    }
+
+    /// Stops the node when the `pifleet up` that started it is gone.
+    fn check_parent(&mut self, shutdown: &CancellationToken) {
+        let Some(parent) = self.parent else { return };
+        if rustix::process::getppid() != Some(parent) {
+            log::warn!(
+                "pifleet up (pid {}) that started this node is gone; stopping",
+                parent.as_raw_nonzero()
+            );
+            self.parent = None;
+            shutdown.cancel();
         }
     }
 

@@ -832,6 +832,8 @@ fn start_up(nodes: u32) -> (Proc, u16, u16, tempfile::TempDir) {
         &format!("fleet is ready ({nodes}/{nodes} nodes online"),
         WAIT,
     );
+    // The last line of the report that follows (node pids, data dir).
+    up.wait_for_line("Ctrl-C stops everything", WAIT);
     (up, api_port, mqtt_port, data)
 }
 

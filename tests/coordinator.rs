@@ -72,23 +72,23 @@ fn most_nodes_per_agent(log: &[Received]) -> (usize, Option<String>) {
     worst
 }
 
+/// One node daemon per `(id, agent_capacity)`.
+fn start_nodes(broker: &Mosquitto, sim: &Sim, nodes: &[(&str, u64)]) -> Vec<Node> {
+    nodes
+        .iter()
+        .map(|(id, cap)| {
+            let top = format!("agent_capacity = {cap}");
+            Node::start(id, broker, &sim.url, &top, "")
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn capacities_2_4_8_fill_exactly_proportionally_and_a_15th_agent_waits_for_new_capacity() {
     let broker = Mosquitto::start();
     let sim = Sim::start(&[]);
     let coordinator = Coordinator::start(&broker, "");
-    let _nodes: Vec<Node> = [("n2", 2), ("n4", 4), ("n8", 8)]
-        .iter()
-        .map(|(id, cap)| {
-            Node::start(
-                id,
-                &broker,
-                &sim.url,
-                &format!("agent_capacity = {cap}"),
-                "",
-            )
-        })
-        .collect();
+    let _nodes = start_nodes(&broker, &sim, &[("n2", 2), ("n4", 4), ("n8", 8)]);
     coordinator.wait_nodes_online(3).await;
     let capacity = BTreeMap::from([("n2", 2.0), ("n4", 4.0), ("n8", 8.0)]);
     for step in 1..=7usize {
@@ -144,18 +144,7 @@ async fn a_burst_of_100_agents_against_100_slots_never_overfills_a_node() {
     let coordinator = Coordinator::start(&broker, "");
     let recorder = Client::connect(&broker, &ALL_NODES).await;
     let caps = [("b10", 10u64), ("b20", 20), ("b30", 30), ("b40", 40)];
-    let _nodes: Vec<Node> = caps
-        .iter()
-        .map(|(id, cap)| {
-            Node::start(
-                id,
-                &broker,
-                &sim.url,
-                &format!("agent_capacity = {cap}"),
-                "",
-            )
-        })
-        .collect();
+    let _nodes = start_nodes(&broker, &sim, &caps);
     coordinator.wait_nodes_online(4).await;
     let api = coordinator.api.clone();
     let tasks: Vec<_> = (0..10)

@@ -272,33 +272,19 @@ async fn execute(api: &Api, as_json: bool, command: ClientCommand) -> Result<(),
             let status = api
                 .call(Method::GET, &format!("/v1/status?limit={events}"), None)
                 .await?;
-            if as_json {
-                print_json(&status);
-            } else {
-                print!("{}", status_report(&status));
-            }
+            print_result(as_json, &status, || status_report(&status));
         }
         ClientCommand::Nodes => {
             let nodes = api.call(Method::GET, "/v1/nodes", None).await?;
-            if as_json {
-                print_json(&nodes);
-            } else {
-                print!(
-                    "{}",
-                    nodes_table(nodes["nodes"].as_array().map_or(&[][..], Vec::as_slice))
-                );
-            }
+            print_result(as_json, &nodes, || {
+                nodes_table(nodes["nodes"].as_array().map_or(&[][..], Vec::as_slice))
+            });
         }
         ClientCommand::Agents => {
             let agents = api.call(Method::GET, "/v1/agents", None).await?;
-            if as_json {
-                print_json(&agents);
-            } else {
-                print!(
-                    "{}",
-                    agents_table(agents["agents"].as_array().map_or(&[][..], Vec::as_slice))
-                );
-            }
+            print_result(as_json, &agents, || {
+                agents_table(agents["agents"].as_array().map_or(&[][..], Vec::as_slice))
+            });
         }
         ClientCommand::Spawn {
             name,
@@ -465,11 +451,7 @@ async fn jobs(api: &Api, as_json: bool, command: Option<JobsCommand>) -> Result<
                     Some(body),
                 )
                 .await?;
-            if as_json {
-                print_json(&job);
-            } else {
-                println!("{}", text(&job["job_id"]));
-            }
+            print_result(as_json, &job, || text(&job["job_id"]));
         }
         JobsCommand::Show { id } => {
             let job = api
@@ -612,12 +594,18 @@ fn ago(secs: u64) -> String {
     }
 }
 
-/// Prints `result` as JSON with `--json`, else the sentence `human` makes.
+/// Prints `result` as JSON with `--json`, else the text `human` makes,
+/// ending in a newline.
 fn print_result(as_json: bool, result: &Value, human: impl FnOnce() -> String) {
     if as_json {
         print_json(result);
     } else {
-        println!("{}", human());
+        let text = human();
+        if text.ends_with('\n') {
+            print!("{text}");
+        } else {
+            println!("{text}");
+        }
     }
 }
 

@@ -10,9 +10,11 @@
 # rustc with the arm64 standard library, the aarch64 gcc for the bundled
 # SQLite). Output: target/aarch64-unknown-linux-gnu/<profile>/pifleet.
 #
-# 32-bit Pi OS (armv7-unknown-linux-gnueabihf): Debian ships no armhf
-# standard library for rustc-web, so build that target with `cross` (see
-# Cross.toml and the README).
+# 32-bit Pi OS (armv7-unknown-linux-gnueabihf): build it with `cross` (see
+# Cross.toml and the README). Debian's route does not reach it: bookworm's
+# armhf standard library for rustc-web is 1.85 (checked 2026-11-28; the
+# 1.96 update exists for amd64 and arm64 only), older than the compiler
+# here and than pifleet's rust-version 1.95.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

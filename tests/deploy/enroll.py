@@ -21,7 +21,7 @@ Needs root, systemd-nspawn, debootstrap, Ansible and mosquitto-clients
 (scripts/test.sh installs them), target/debug/pifleet and the amd64 .deb
 (scripts/package-deb.sh amd64 target/debug/pifleet).
 
-    sudo tests/e2e/enroll.py            # about three minutes with a cached root
+    sudo tests/deploy/enroll.py            # about three minutes with a cached root
 """
 
 import hashlib
@@ -295,6 +295,12 @@ def inventory(workdir, machines, sims, key, mqtt_port, api_port):
 
     nodes_group = {name: pi(name, agent_capacity=cap, pifleet_node_labels={"board": "pi5" if cap > 2 else "pi4"})
                    for name, cap in PIS.items()}
+    # This machine has no thermal zone and no Pi firmware. Point pi-b's probe
+    # at two other sysfs files (lo's MTU, 65536, read as millidegrees; its
+    # addr_assign_type, 0, as throttle flags) to show that the unit's
+    # sandbox lets the node read /sys.
+    nodes_group["pi-b"].update(pifleet_node_temperature_file="/sys/class/net/lo/mtu",
+                               pifleet_node_throttled_file="/sys/class/net/lo/addr_assign_type")
     nodes_group[NEW_PI[0]] = pi(NEW_PI[0], ansible_host="{{ pi_ip | default('') }}")
     data = {"all": {
         "vars": {
@@ -351,6 +357,13 @@ def run_checks(workdir, machines, sims, key):
         json.loads(cli(base, "--json", "status").stdout)))
     caps = {n["node"]: n["agent_capacity"] for n in online["nodes"]}
     check(caps == PIS, f"pifleet status shows the inventory's capacities: {caps}")
+    # Under the hardened unit, sysinfo still reads /proc and the probe /sys.
+    for name, node in nodes(base).items():
+        check(node["cpu"]["cores"] >= 1 and node["memory"]["total_bytes"] > 0,
+              f"{name} reports its cores and memory from /proc: {node['cpu']}, {node['memory']}")
+    pi_b = nodes(base)["pi-b"]
+    check(abs((pi_b["temperature_c"] or 0) - 65.536) < 0.01 and pi_b["throttled"] is False,
+          f"pi-b reads its temperature and throttle files in /sys: {pi_b['temperature_c']}, {pi_b['throttled']}")
     log(f"pifleet status: {caps}")
 
     # 2. Agents in proportion to capacity; a chat answered.
@@ -457,13 +470,13 @@ def check_broker(port, credentials, dashboard):
 
 def main():
     if os.geteuid() != 0:
-        sys.exit("tests/e2e/enroll.py needs root (systemd-nspawn, mount)")
+        sys.exit("tests/deploy/enroll.py needs root (systemd-nspawn, mount)")
     for tool in ["systemd-nspawn", "debootstrap", "mosquitto_sub", ANSIBLE_PLAYBOOK]:
         if not shutil.which(tool):
-            sys.exit(f"tests/e2e/enroll.py: {tool} not found (scripts/test.sh installs it)")
+            sys.exit(f"tests/deploy/enroll.py: {tool} not found (scripts/test.sh installs it)")
     for path in [PIFLEET, DEB]:
         if not path.exists():
-            sys.exit(f"tests/e2e/enroll.py: {path} is missing (scripts/test.sh builds it)")
+            sys.exit(f"tests/deploy/enroll.py: {path} is missing (scripts/test.sh builds it)")
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="pifleet-e2e-", dir=os.environ.get("PIFLEET_E2E_WORKDIR")))
     try:

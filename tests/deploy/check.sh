@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Checks of what goes onto the Pis, short of booting them (tests/deploy/enroll.py
+# does that): the Ansible code linted, the systemd units verified and rated
+# by systemd itself, the ARM64 build and its .deb inspected.
+#
+#     tests/deploy/check.sh      # uses sudo for one private mount unless run as root
+#
+# scripts/test.sh runs it with the tools it installed on PATH.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+fail() { echo "FAILED: $*" >&2; exit 1; }
+
+echo "==> yamllint, ansible-lint (production profile), ansible-playbook --syntax-check"
+yamllint --strict ansible inventory.example.yaml
+ansible-lint --profile production ansible inventory.example.yaml
+ansible-playbook -i inventory.example.yaml ansible/pi-fleet.yaml --syntax-check
+version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
+grep -qx "pifleet_package_version: $version" ansible/roles/pifleet_package/defaults/main.yaml ||
+    fail "pifleet_package_version in ansible/roles/pifleet_package/defaults/main.yaml is not Cargo.toml's $version"
+
+echo "==> systemd-analyze verify and security (at most 2.5) of systemd/*.service"
+# verify wants ExecStart's binary at /usr/bin/pifleet: show it there in a
+# private mount namespace only, over the host's /usr/bin.
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+bindir=$(mktemp -d)
+trap 'rm -rf "$bindir"' EXIT
+cp target/debug/pifleet "$bindir/pifleet"
+out=$($sudo unshare --mount sh -c "mount -t overlay overlay -o lowerdir=$bindir:/usr/bin /usr/bin &&
+    systemd-analyze verify systemd/pifleet-node.service systemd/pifleet-coordinator.service" 2>&1) ||
+    fail "systemd-analyze verify: $out"
+[ -z "$out" ] || fail "systemd-analyze verify warned: $out"
+for unit in systemd/pifleet-node.service systemd/pifleet-coordinator.service; do
+    line=$(systemd-analyze security --offline=true "$unit" 2>&1 | grep 'Overall exposure level')
+    echo "    $line"
+    score=$(echo "$line" | sed -n 's/.*: \([0-9.]*\) .*/\1/p')
+    [ -n "$score" ] || fail "no exposure level for $unit"
+    awk -v s="$score" 'BEGIN { exit !(s <= 2.5) }' || fail "$unit is rated $score, above 2.5"
+done
+
+echo "==> scripts/build-arm64.sh (PROFILE=${PROFILE:-release})"
+deb=$(scripts/build-arm64.sh | tail -n1)
+dir=${PROFILE:-release}
+[ "$dir" = dev ] && dir=debug
+binary=target/aarch64-unknown-linux-gnu/$dir/pifleet
+file "$binary" | tee /dev/stderr | grep -q 'ELF 64-bit LSB .*ARM aarch64' || fail "$binary is not an aarch64 ELF"
+got=$(qemu-aarch64 -L /usr/aarch64-linux-gnu "$binary" --version)
+[ "$got" = "pifleet $version" ] || fail "qemu-aarch64 $binary --version printed '$got', not 'pifleet $version'"
+echo "    qemu-aarch64 $binary --version: $got"
+info=$(dpkg-deb --info "$deb")
+echo "$info" | grep -q '^ Architecture: arm64$' || fail "$deb is not Architecture: arm64"
+echo "$info" | grep -q "^ Version: $version$" || fail "$deb is not Version: $version"
+contents=$(dpkg-deb --contents "$deb" | awk '{print $NF}')
+for path in ./usr/bin/pifleet ./lib/systemd/system/pifleet-node.service \
+    ./lib/systemd/system/pifleet-coordinator.service \
+    ./usr/share/doc/pifleet/examples/node.toml ./usr/share/doc/pifleet/examples/coordinator.toml; do
+    echo "$contents" | grep -qx "$path" || fail "$deb lacks $path"
+done
+# The example configurations in the package are valid.
+for kind in node coordinator; do
+    dpkg-deb --fsys-tarfile "$deb" | tar -xO "./usr/share/doc/pifleet/examples/$kind.toml" > "$bindir/$kind.toml"
+    target/debug/pifleet config check "$bindir/$kind.toml" >/dev/null || fail "the packaged $kind.toml does not pass pifleet config check"
+done
+echo "    $deb: the binary, both units and the example configs"
+echo "==> deployment checks passed"

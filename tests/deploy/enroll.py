@@ -384,6 +384,8 @@ def run_checks(workdir, machines, sims, key):
     joined = wait_for(f"{hostname} online", lambda: (
         lambda n: n.get(hostname, {}).get("state") == "online" and n[hostname])(nodes(base)))
     check(joined["agent_capacity"] == capacity, f"{hostname} joined with agent_capacity {capacity}: {joined}")
+    journal = machines[name].ssh("journalctl -u pifleet-node --no-pager -o cat").stdout
+    check(f"node {hostname} ready: online" in journal, f"the journal of {hostname} holds the daemon's own lines")
     log(f"{hostname} joined with agent_capacity {capacity}")
 
     # 4. Nothing changes on a second run, full or limited.

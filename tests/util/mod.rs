@@ -697,8 +697,12 @@ impl Coordinator {
     }
 
     pub async fn events(&self) -> Vec<Value> {
-        let (_, body) = self.get("/v1/events?limit=1000").await;
-        let mut events = body["events"].as_array().cloned().unwrap_or_default();
+        let (status, body) = self.get("/v1/events?limit=1000").await;
+        assert_eq!(status, 200, "GET /v1/events: {body}");
+        let mut events = body["events"]
+            .as_array()
+            .cloned()
+            .unwrap_or_else(|| panic!("GET /v1/events has no events list: {body}"));
         events.reverse(); // oldest first
         events
     }

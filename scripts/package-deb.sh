@@ -29,10 +29,11 @@ chmod 0755 "$root"
 install -D -m 0755 "$binary" "$root/usr/bin/pifleet"
 # Debug builds carry hundreds of MB of debug information: a Pi needs none.
 case $arch in
-    arm64) strip=aarch64-linux-gnu-strip ;;
-    armhf) strip=arm-linux-gnueabihf-strip ;;
-    *) strip=strip ;;
+    arm64) tools=aarch64-linux-gnu- ;;
+    armhf) tools=arm-linux-gnueabihf- ;;
+    *) tools="" ;;
 esac
+strip=${tools}strip
 if command -v "$strip" >/dev/null; then
     "$strip" --strip-debug "$root/usr/bin/pifleet"
 fi
@@ -46,6 +47,10 @@ for kind in node coordinator; do
     cargo run --quiet --locked --bin pifleet -- config default "$kind" > "$doc/examples/$kind.toml"
 done
 
+# The newest glibc symbol version the binary needs is the libc6 it depends on.
+glibc=$("${tools}objdump" -T "$root/usr/bin/pifleet" | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -n1)
+[ -n "$glibc" ] || { echo "$0: cannot tell which glibc $binary needs" >&2; exit 1; }
+
 mkdir -p "$root/DEBIAN"
 installed_kib=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
 cat > "$root/DEBIAN/control" <<CONTROL
@@ -55,7 +60,7 @@ Architecture: $arch
 Maintainer: pifleet developers <pifleet@localhost>
 Section: net
 Priority: optional
-Depends: libc6
+Depends: libc6 (>= $glibc)
 Recommends: mosquitto-clients
 Installed-Size: $installed_kib
 Description: $description

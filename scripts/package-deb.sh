@@ -48,7 +48,8 @@ for kind in node coordinator; do
 done
 
 # The newest glibc symbol version the binary needs is the libc6 it depends on.
-glibc=$("${tools}objdump" -T "$root/usr/bin/pifleet" | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -n1)
+glibc=$("${tools}objdump" -T "$root/usr/bin/pifleet" | { grep -o 'GLIBC_[0-9][0-9.]*' || true; } |
+    sed 's/GLIBC_//' | sort -uV | tail -n1)
 [ -n "$glibc" ] || { echo "$0: cannot tell which glibc $binary needs" >&2; exit 1; }
 
 mkdir -p "$root/DEBIAN"

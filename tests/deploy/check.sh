@@ -32,7 +32,8 @@ out=$($sudo unshare --mount sh -c "mount -t overlay overlay -o lowerdir=$bindir:
     fail "systemd-analyze verify: $out"
 [ -z "$out" ] || fail "systemd-analyze verify warned: $out"
 for unit in systemd/pifleet-node.service systemd/pifleet-coordinator.service; do
-    line=$(systemd-analyze security --offline=true "$unit" 2>&1 | grep 'Overall exposure level')
+    line=$(systemd-analyze security --offline=true "$unit" 2>&1 | grep 'Overall exposure level') ||
+        fail "systemd-analyze security gave no exposure level for $unit"
     echo "    $line"
     score=$(echo "$line" | sed -n 's/.*: \([0-9.]*\) .*/\1/p')
     [ -n "$score" ] || fail "no exposure level for $unit"
@@ -45,7 +46,7 @@ dir=${PROFILE:-release}
 [ "$dir" = dev ] && dir=debug
 binary=target/aarch64-unknown-linux-gnu/$dir/pifleet
 file "$binary" | tee /dev/stderr | grep -q 'ELF 64-bit LSB .*ARM aarch64' || fail "$binary is not an aarch64 ELF"
-got=$(qemu-aarch64 -L /usr/aarch64-linux-gnu "$binary" --version)
+got=$(qemu-aarch64 -L /usr/aarch64-linux-gnu "$binary" --version) || fail "qemu-aarch64 $binary --version failed"
 [ "$got" = "pifleet $version" ] || fail "qemu-aarch64 $binary --version printed '$got', not 'pifleet $version'"
 echo "    qemu-aarch64 $binary --version: $got"
 info=$(dpkg-deb --info "$deb")

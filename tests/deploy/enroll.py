@@ -347,7 +347,7 @@ def run_checks(workdir, machines, sims, key):
               f"the journal of {name} holds the daemon's own lines:\n{journal[-2000:]}")
         check("llama3.2:latest" in sims[name].models(), f"the ollama role pulled llama3.2 on {name}")
         conf = machine.ssh("cat /etc/pifleet/node.toml; stat -c %a /etc/pifleet/node.env").stdout
-        check(f"agent_capacity = {PIS[name]}" in conf and conf.strip().endswith("600"),
+        check(f"\nagent_capacity = {PIS[name]}\n" in conf and conf.strip().endswith("600"),
               f"{name}'s configuration renders its capacity; its secrets file is 0600:\n{conf}")
     log("units active, journals hold the daemons' lines, models pulled")
 
@@ -449,7 +449,8 @@ def check_broker(port, credentials, dashboard):
     check(anonymous.returncode != 0 and "not authorised" in anonymous.stderr.lower(),
           f"an anonymous client is refused: rc {anonymous.returncode} {anonymous.stderr!r}")
     wrong = mqtt("mosquitto_pub", port, node_a[0], "wrong-password", "-t", "pifleet/e2e", "-m", marker)
-    check(wrong.returncode != 0, "a wrong password is refused")
+    check(wrong.returncode != 0 and "not authorised" in wrong.stderr.lower(),
+          f"a wrong password is refused: rc {wrong.returncode} {wrong.stderr!r}")
 
     # Writes that must not land: retained, so that a dashboard subscribing
     # afterwards would see any that did. pi-b's own retained status and

@@ -1,0 +1,161 @@
+use super::*;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentState {
+    Pending,
+    Assigned,
+    Running,
+    /// Being released from its node to move elsewhere.
+    Releasing,
+    /// Being released from its node because it was deleted.
+    Stopping,
+}
+
+impl AgentState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentState::Pending => "pending",
+            AgentState::Assigned => "assigned",
+            AgentState::Running => "running",
+            AgentState::Releasing => "moving",
+            AgentState::Stopping => "stopping",
+        }
+    }
+
+    pub(super) fn stored(self) -> &'static str {
+        match self {
+            AgentState::Pending | AgentState::Releasing => "pending",
+            AgentState::Assigned => "assigned",
+            AgentState::Running => "running",
+            AgentState::Stopping => "stopping",
+        }
+    }
+}
+
+pub(super) struct ChatWaiter {
+    pub(super) messages: Vec<ChatMessage>,
+    pub(super) reply: Responder,
+}
+
+/// A queued job in an agent's heap: higher priority first, then FIFO.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct QueuedJob {
+    pub(super) priority: i64,
+    pub(super) seq: u64,
+    pub(super) id: String,
+}
+
+impl Ord for QueuedJob {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.priority
+            .cmp(&other.priority)
+            .then_with(|| other.seq.cmp(&self.seq))
+    }
+}
+
+impl PartialOrd for QueuedJob {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+pub struct Agent {
+    pub spec: AgentSpec,
+    pub created_ms: u64,
+    pub state: AgentState,
+    pub node: Option<String>,
+    pub placement: u64,
+    pub(super) since: Instant,
+    /// When an assignment or release must have been acknowledged.
+    pub(super) deadline: Option<Instant>,
+    /// Node clock of the last confirmation that the node hosts it.
+    pub(super) confirmed_ts: u64,
+    pub pending_reason: Option<String>,
+    /// A node not to place it on, until when.
+    pub(super) avoid: Option<(String, Instant)>,
+    /// The node it is moving away from, while in motion.
+    pub(super) moving_from: Option<String>,
+    pub(super) last_moved: Option<Instant>,
+    pub(super) turn: Option<String>,
+    pub(super) chats: VecDeque<ChatWaiter>,
+    pub(super) jobs: BinaryHeap<QueuedJob>,
+}
+
+impl Agent {
+    pub(super) fn new(spec: AgentSpec, created_ms: u64) -> Agent {
+        Agent {
+            spec,
+            created_ms,
+            state: AgentState::Pending,
+            node: None,
+            placement: 0,
+            since: Instant::now(),
+            deadline: None,
+            confirmed_ts: 0,
+            pending_reason: None,
+            avoid: None,
+            moving_from: None,
+            last_moved: None,
+            turn: None,
+            chats: VecDeque::new(),
+            jobs: BinaryHeap::new(),
+        }
+    }
+
+    pub(super) fn avoided(&self, now: Instant) -> Option<&str> {
+        match &self.avoid {
+            Some((node, until)) if *until > now => Some(node),
+            _ => None,
+        }
+    }
+
+    pub(super) fn on(&self, node: &str) -> bool {
+        self.node.as_deref() == Some(node)
+    }
+}
+
+pub(super) enum TurnKind {
+    Chat(Responder),
+    Job(String),
+}
+
+pub(super) struct TurnInFlight {
+    pub(super) agent: String,
+    pub(super) node: String,
+    pub(super) kind: TurnKind,
+    pub(super) new_messages: Vec<ChatMessage>,
+    pub(super) deadline: Instant,
+    /// The deadline as sent to the node (Unix ms), for resending.
+    pub(super) deadline_ms: u64,
+    pub(super) started: Instant,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Event {
+    pub ts_ms: u64,
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    pub(super) fn jobs_pop_highest_priority_first_then_in_submission_order() {
+        let mut heap = BinaryHeap::new();
+        for (priority, seq) in [(1, 1), (5, 2), (1, 3), (9, 4), (5, 5)] {
+            heap.push(QueuedJob {
+                priority,
+                seq,
+                id: format!("{priority}-{seq}"),
+            });
+        }
+        let order: Vec<String> = std::iter::from_fn(|| heap.pop().map(|j| j.id)).collect();
+        assert_eq!(order, ["9-4", "5-2", "5-5", "1-1", "1-3"]);
+    }
+}

@@ -1,0 +1,354 @@
+//! The coordinator's state and decisions, owned by one task (see `mod.rs`):
+//! agents and their lifecycle, jobs and their queues, chat turns in flight,
+//! drains, rebalancing, and the reconciliation of what is wanted (the store)
+//! with what nodes report (capacity messages and replies).
+//!
+//! Agent lifecycle (DESIGN §2):
+//!
+//! ```text
+//!  pending ──assign──▶ assigned ──ack / listed──▶ running
+//!     ▲                   │ refused, ack timeout      │ node lost, vanished,
+//!     └───────────────────┘                           │ not hosted
+//!     ▲                                               ▼
+//!     └──────── release acked ◀── releasing (drain / rebalance move)
+//!  DELETE: stopping ── release acked / node lost ──▶ gone
+//! ```
+//!
+//! A move releases the agent from its node *before* placing it elsewhere,
+//! so no agent runs on two nodes at once.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+use super::fleet::{Change, Fleet, Heard};
+use super::metrics::CoordinatorMetrics;
+use super::scheduler::{Blocked, MovableAgent, NodeSlots, Request, Scheduler};
+use super::store::{JobRow, JobState, NodeFlags, Store, StoreError};
+use crate::config::coordinator::CoordinatorConfig;
+use crate::http::ApiError;
+use crate::mqtt::Publisher;
+use crate::protocol::{
+    encode, now_ms, Ack, AgentSpec, Capacity, ChatMessage, Command, CommandBody, CommandKind,
+    NodeTopic, Reply, ReplyBody, Role, Topics, TurnErrorCode, TurnRequest, TurnResult, Usage,
+};
+
+/// How long a node that refused an agent is skipped for it.
+const REFUSAL_BACKOFF: Duration = Duration::from_secs(30);
+/// An agent moved by rebalancing stays put at least this long.
+const REBALANCE_COOLDOWN: Duration = Duration::from_secs(120);
+/// Resend intervals for releases of strays and drain flags.
+const RESEND_AFTER: Duration = Duration::from_secs(5);
+/// Recent events kept for `GET /v1/events`.
+const EVENTS_KEPT: usize = 1000;
+/// Pending agents are placed in batches at most this soon after they appear,
+/// so that a burst of creations costs one placement pass, not one each.
+const PLACEMENT_DELAY: Duration = Duration::from_millis(20);
+/// How often rebalancing is considered when the fleet did not change.
+const REBALANCE_EVERY: Duration = Duration::from_secs(2);
+/// Reconciliation runs every 250 ms; a gap this long means the coordinator
+/// itself was stopped (SIGSTOP, a VM pause, a starved CPU).
+const STALLED_AFTER: Duration = Duration::from_secs(5);
+
+mod agent;
+mod placement;
+mod reconcile;
+mod reports;
+mod requests;
+mod turns;
+mod views;
+
+pub use agent::{Agent, AgentState, Event};
+use agent::{ChatWaiter, QueuedJob, TurnInFlight, TurnKind};
+pub use views::job_json;
+
+/// An API answer: status and JSON body, or a JSON error.
+pub type ApiResult = Result<(StatusCode, Value), ApiError>;
+pub type Responder = oneshot::Sender<ApiResult>;
+
+pub struct Coordinator {
+    pub config: CoordinatorConfig,
+    pub topics: Topics,
+    pub generation: u64,
+    store: Store,
+    publisher: Publisher,
+    pub fleet: Fleet,
+    pub agents: BTreeMap<String, Agent>,
+    /// Agents per node they occupy a slot on (every state but pending).
+    by_node: HashMap<String, BTreeSet<String>>,
+    /// Pending agents, in placement order: (created, name).
+    pending: BTreeSet<(u64, String)>,
+    /// When the next placement pass is due, if one is wanted.
+    placement_at: Option<Instant>,
+    last_rebalance: Option<Instant>,
+    flags: BTreeMap<String, NodeFlags>,
+    /// Open jobs (queued or running).
+    jobs: HashMap<String, JobRow>,
+    turns: HashMap<String, TurnInFlight>,
+    events: VecDeque<Event>,
+    /// (node, agent) releases sent for agents a node should not host.
+    strays: HashMap<(String, String), Instant>,
+    /// Drain flags last sent, per node.
+    drain_sent: HashMap<String, Instant>,
+    drained_reported: BTreeMap<String, bool>,
+    command_seq: u64,
+    /// Placement starts once retained state had time to arrive.
+    settled_at: Option<Instant>,
+    /// Connected to the broker and subscribed.
+    link_up: bool,
+    /// When finished jobs were last pruned from the store.
+    pruned_at: Option<Instant>,
+    /// When `reconcile` last ran, to notice that we were stalled.
+    reconciled_at: Option<Instant>,
+    pub metrics: Arc<CoordinatorMetrics>,
+    summary_published: Option<(Instant, Value)>,
+}
+
+impl Coordinator {
+    /// Loads the desired state from `store`.
+    pub fn load(
+        config: CoordinatorConfig,
+        store: Store,
+        publisher: Publisher,
+        metrics: Arc<CoordinatorMetrics>,
+    ) -> Result<Coordinator, StoreError> {
+        let generation = store.begin_generation(now_ms())?;
+        let topics = Topics::new(config.mqtt.topic_root.clone());
+        let mut c = Coordinator {
+            topics,
+            generation,
+            fleet: Fleet::default(),
+            agents: BTreeMap::new(),
+            by_node: HashMap::new(),
+            pending: BTreeSet::new(),
+            placement_at: None,
+            last_rebalance: None,
+            flags: store.node_flags()?,
+            jobs: HashMap::new(),
+            turns: HashMap::new(),
+            events: VecDeque::new(),
+            strays: HashMap::new(),
+            drain_sent: HashMap::new(),
+            drained_reported: BTreeMap::new(),
+            command_seq: 0,
+            settled_at: None,
+            link_up: false,
+            pruned_at: None,
+            reconciled_at: None,
+            metrics,
+            summary_published: None,
+            store,
+            publisher,
+            config,
+        };
+        let now = Instant::now();
+        let deadline = now + c.config.timeouts.assign_ack;
+        for row in c.store.agents()? {
+            let mut agent = Agent::new(row.spec, row.created_ms);
+            agent.placement = row.placement;
+            agent.node = row.node.clone();
+            agent.state = match row.state.as_str() {
+                "running" => AgentState::Running,
+                "assigned" => AgentState::Assigned,
+                "stopping" => AgentState::Stopping,
+                _ => AgentState::Pending,
+            };
+            if agent.state == AgentState::Pending {
+                agent.node = None;
+            } else if let Some(node) = &row.node {
+                c.fleet.expect(node, now);
+                agent.deadline = Some(deadline);
+            }
+            c.index(
+                &agent.spec.name,
+                agent.created_ms,
+                None,
+                agent.state,
+                agent.node.as_deref(),
+            );
+            c.agents.insert(agent.spec.name.clone(), agent);
+        }
+        for mut job in c.store.open_jobs()? {
+            if job.state == JobState::Running {
+                job.state = JobState::Queued;
+                job.node = None;
+                c.store.update_job(&job)?;
+            }
+            if let Some(agent) = c.agents.get_mut(&job.agent) {
+                agent.jobs.push(QueuedJob {
+                    priority: job.priority,
+                    seq: job.seq,
+                    id: job.id.clone(),
+                });
+            }
+            c.jobs.insert(job.id.clone(), job);
+        }
+        log::info!(
+            "coordinator generation {generation}: {} agents, {} open jobs loaded from {}",
+            c.agents.len(),
+            c.jobs.len(),
+            c.config.store_path.display()
+        );
+        Ok(c)
+    }
+
+    // ----- events and commands -----
+
+    fn event(
+        &mut self,
+        kind: &'static str,
+        agent: Option<&str>,
+        node: Option<&str>,
+        message: String,
+    ) {
+        log::info!("{kind}: {message}");
+        self.metrics.event(kind);
+        if self.events.len() == EVENTS_KEPT {
+            self.events.pop_front();
+        }
+        self.events.push_back(Event {
+            ts_ms: now_ms(),
+            kind,
+            agent: agent.map(str::to_owned),
+            node: node.map(str::to_owned),
+            message,
+        });
+    }
+
+    fn next_id(&mut self, prefix: &str) -> String {
+        self.command_seq += 1;
+        format!("{prefix}{:x}-{}", self.generation, self.command_seq)
+    }
+
+    /// Publishes a command to `node`; returns its id.
+    fn send(&mut self, node: &str, body: CommandBody) -> String {
+        let prefix = if matches!(body, CommandBody::Turn(_)) {
+            "t"
+        } else {
+            "c"
+        };
+        let id = self.next_id(prefix);
+        let command = Command {
+            id: id.clone(),
+            node: node.to_owned(),
+            generation: self.generation,
+            body,
+        };
+        if let Err(e) = self.publisher.publish(
+            self.topics.node(node, NodeTopic::Command),
+            encode(&command),
+            false,
+        ) {
+            log::error!("cannot send a command to {node}: {e}");
+        }
+        id
+    }
+
+    fn persist(&self, name: &str) {
+        if let Some(a) = self.agents.get(name) {
+            if let Err(e) =
+                self.store
+                    .set_agent_state(name, a.state.stored(), a.node.as_deref(), a.placement)
+            {
+                log::error!("{e}");
+            }
+        }
+    }
+
+    /// Keeps `by_node` and `pending` in step with an agent's state and node.
+    fn index(
+        &mut self,
+        name: &str,
+        created: u64,
+        old: Option<(AgentState, Option<&str>)>,
+        state: AgentState,
+        node: Option<&str>,
+    ) {
+        if let Some((old_state, old_node)) = old {
+            if let Some(old_node) = old_node {
+                if let Some(set) = self.by_node.get_mut(old_node) {
+                    set.remove(name);
+                }
+            }
+            if old_state == AgentState::Pending {
+                self.pending.remove(&(created, name.to_owned()));
+            }
+        }
+        if let Some(node) = node {
+            self.by_node
+                .entry(node.to_owned())
+                .or_default()
+                .insert(name.to_owned());
+        }
+        if state == AgentState::Pending {
+            self.pending.insert((created, name.to_owned()));
+            self.want_placement();
+        }
+    }
+
+    /// Asks for a placement pass shortly (once per burst).
+    fn want_placement(&mut self) {
+        self.placement_at
+            .get_or_insert_with(|| Instant::now() + PLACEMENT_DELAY);
+    }
+
+    /// When the main loop should run [`Coordinator::place_pending`].
+    pub fn placement_due(&self) -> Option<Instant> {
+        self.placement_at
+    }
+
+    /// The only place an agent's state or node changes.
+    fn set_state(&mut self, name: &str, state: AgentState, node: Option<String>) {
+        let mut abandoned = None;
+        let Some(a) = self.agents.get_mut(name) else {
+            return;
+        };
+        if a.state == AgentState::Running && state != AgentState::Running {
+            abandoned = a.turn.take();
+        }
+        let old = (a.state, a.node.clone());
+        let created = a.created_ms;
+        a.state = state;
+        a.node = node.clone();
+        a.since = Instant::now();
+        a.deadline = None;
+        self.index(
+            name,
+            created,
+            Some((old.0, old.1.as_deref())),
+            state,
+            node.as_deref(),
+        );
+        self.persist(name);
+        // A turn on the node it leaves will not be answered there: chats get
+        // an error, jobs go back to the queue (not counted as an attempt).
+        if let Some(turn) = abandoned {
+            let reason = format!("agent {name} left its node before answering");
+            self.turn_failed(&turn, TurnErrorCode::Released, reason, false);
+        }
+    }
+
+    /// Answers every waiting chat: the coordinator is stopping.
+    pub fn stop(&mut self) {
+        let ids: Vec<String> = self.turns.keys().cloned().collect();
+        for id in ids {
+            if let Some(turn) = self.turns.remove(&id) {
+                if let TurnKind::Chat(reply) = turn.kind {
+                    let _ = reply.send(Err(ApiError::unavailable(
+                        "stopping",
+                        "the coordinator is stopping",
+                    )));
+                }
+            }
+        }
+        let names: Vec<String> = self.agents.keys().cloned().collect();
+        for name in names {
+            self.fail_chats(&name, "the coordinator is stopping");
+        }
+    }
+}

@@ -1,0 +1,394 @@
+use super::*;
+
+impl Coordinator {
+    /// Records the assignment of `name` to `node` under a new placement id
+    /// and returns the command to send once the record is committed.
+    pub(super) fn assign(&mut self, name: &str, node: &str) -> Option<CommandBody> {
+        let placement = match self.store.next_placement() {
+            Ok(p) => p,
+            Err(e) => {
+                log::error!("{e}");
+                return None;
+            }
+        };
+        let a = self.agents.get_mut(name)?;
+        a.placement = placement;
+        a.pending_reason = None;
+        let spec = a.spec.clone();
+        self.set_state(name, AgentState::Assigned, Some(node.to_owned()));
+        if let Some(a) = self.agents.get_mut(name) {
+            a.deadline = Some(Instant::now() + self.config.timeouts.assign_ack);
+        }
+        self.metrics.placements.inc();
+        self.event(
+            "placed",
+            Some(name),
+            Some(node),
+            format!("placed {name} on {node} (placement {placement})"),
+        );
+        Some(CommandBody::Assign {
+            agent: spec,
+            placement,
+        })
+    }
+
+    /// Asks `node` to release `name` held under `placement` or older.
+    pub(super) fn release(&mut self, node: &str, name: &str, placement: u64) {
+        self.send(
+            node,
+            CommandBody::Release {
+                agent: name.to_owned(),
+                placement,
+            },
+        );
+    }
+
+    /// Back to pending (it will be placed again), avoiding `avoid` for a while.
+    pub(super) fn requeue_agent(&mut self, name: &str, avoid: Option<&str>, reason: &str) {
+        let now = Instant::now();
+        if let Some(a) = self.agents.get_mut(name) {
+            if let Some(node) = avoid {
+                a.avoid = Some((node.to_owned(), now + REFUSAL_BACKOFF));
+            }
+            a.pending_reason = Some(reason.to_owned());
+        }
+        self.set_state(name, AgentState::Pending, None);
+        self.fail_chats(
+            name,
+            "the agent is being placed on another node; try again shortly",
+        );
+    }
+
+    pub(super) fn remove_agent(&mut self, name: &str) {
+        if let Some(mut a) = self.agents.remove(name) {
+            if let Some(node) = &a.node {
+                if let Some(set) = self.by_node.get_mut(node) {
+                    set.remove(name);
+                }
+            }
+            self.pending.remove(&(a.created_ms, name.to_owned()));
+            for waiter in a.chats.drain(..) {
+                let _ = waiter.reply.send(Err(ApiError::not_found(format!(
+                    "agent {name} was stopped"
+                ))));
+            }
+            for job in a.jobs.drain() {
+                self.jobs.remove(&job.id);
+            }
+        }
+        if let Err(e) = self.store.delete_agent(name, now_ms()) {
+            log::error!("{e}");
+        }
+        self.event("removed", Some(name), None, format!("agent {name} is gone"));
+    }
+
+    pub(super) fn progress_drains(&mut self) {
+        let draining: Vec<(String, NodeFlags)> = self
+            .flags
+            .iter()
+            .filter(|(_, f)| f.draining)
+            .map(|(n, f)| (n.clone(), f.clone()))
+            .collect();
+        for (node, flags) in draining {
+            let in_motion = self
+                .agents
+                .values()
+                .filter(|a| {
+                    a.moving_from.as_deref() == Some(node.as_str())
+                        && a.state != AgentState::Running
+                })
+                .count();
+            let hosted: Vec<String> = self
+                .agents
+                .iter()
+                .filter(|(_, a)| {
+                    a.on(&node) && matches!(a.state, AgentState::Running | AgentState::Assigned)
+                })
+                .filter(|(_, a)| {
+                    a.turn.is_none() || flags.drain_deadline_ms.is_some_and(|d| now_ms() >= d)
+                })
+                .map(|(n, _)| n.clone())
+                .collect();
+            let overdue = flags.drain_deadline_ms.is_some_and(|d| now_ms() >= d);
+            if hosted.is_empty() && in_motion == 0 {
+                if !self.drained_reported.get(&node).copied().unwrap_or(false) {
+                    self.drained_reported.insert(node.clone(), true);
+                    self.event(
+                        "drained",
+                        None,
+                        Some(&node),
+                        format!("{node} is drained: no agents left"),
+                    );
+                }
+                continue;
+            }
+            let budget = if overdue {
+                usize::MAX
+            } else {
+                flags
+                    .drain_max_parallel
+                    .unwrap_or(1)
+                    .saturating_sub(in_motion)
+            };
+            let mut scheduler = self.scheduler_with_pending();
+            let mut started = 0;
+            for name in hosted {
+                if started >= budget {
+                    break;
+                }
+                if !overdue {
+                    let Some(a) = self.agents.get(&name) else {
+                        continue;
+                    };
+                    let request = Request {
+                        model: &a.spec.model,
+                        labels: &a.spec.labels,
+                        avoid: Some(&node),
+                    };
+                    if scheduler.place(&request).is_err() {
+                        continue; // nowhere to go yet: it keeps running here
+                    }
+                }
+                self.start_move(
+                    &name,
+                    &node,
+                    if overdue {
+                        "drain deadline passed"
+                    } else {
+                        "drain"
+                    },
+                );
+                started += 1;
+            }
+        }
+    }
+
+    /// Begins moving `name` away from `node`: release first, place after.
+    pub(super) fn start_move(&mut self, name: &str, node: &str, why: &str) {
+        let Some(a) = self.agents.get(name) else {
+            return;
+        };
+        let placement = a.placement;
+        if a.state == AgentState::Assigned {
+            // Not confirmed yet: just place it elsewhere.
+            self.release(node, name, placement);
+            self.requeue_agent(name, Some(node), why);
+            return;
+        }
+        self.set_state(name, AgentState::Releasing, Some(node.to_owned()));
+        if let Some(a) = self.agents.get_mut(name) {
+            a.moving_from = Some(node.to_owned());
+            a.deadline = Some(Instant::now() + self.config.timeouts.assign_ack);
+        }
+        self.release(node, name, placement);
+        self.event(
+            "moving",
+            Some(name),
+            Some(node),
+            format!("moving {name} off {node} ({why})"),
+        );
+    }
+
+    /// The scheduler's view: every known node with its load, counting
+    /// assignments in flight and agents the node reports that are not ours.
+    pub(super) fn scheduler(&self) -> Scheduler {
+        let nodes = self
+            .fleet
+            .nodes()
+            .filter_map(|view| {
+                let c = view.capacity.as_ref()?;
+                let ours = self.by_node.get(&view.id);
+                let strays = c
+                    .agents
+                    .iter()
+                    .filter(|n| !ours.is_some_and(|set| set.contains(*n)))
+                    .count() as u32;
+                let ours = ours.map_or(0, |set| set.len() as u32);
+                let flags = self.flags.get(&view.id).cloned().unwrap_or_default();
+                let blocked = if !view.is_online() {
+                    Some(Blocked::Offline)
+                } else if flags.draining {
+                    Some(Blocked::Draining)
+                } else if flags.cordoned {
+                    Some(Blocked::Cordoned)
+                } else if !c.ollama_reachable {
+                    Some(Blocked::OllamaUnreachable)
+                } else if let (Some(t), Some(max)) = (c.temperature_c, c.max_temperature_c) {
+                    if t >= max {
+                        Some(Blocked::TooHot {
+                            temperature_c: t,
+                            max_c: max,
+                        })
+                    } else if c.throttled == Some(true) {
+                        Some(Blocked::Throttled)
+                    } else {
+                        None
+                    }
+                } else if c.throttled == Some(true) {
+                    Some(Blocked::Throttled)
+                } else {
+                    None
+                };
+                Some(NodeSlots {
+                    id: view.id.clone(),
+                    agent_capacity: c.agent_capacity,
+                    load: ours + strays,
+                    load_per_core: if c.cpu.cores > 0 {
+                        c.cpu.load1 / f64::from(c.cpu.cores)
+                    } else {
+                        0.0
+                    },
+                    models: c.models.clone(),
+                    labels: c.labels.clone(),
+                    blocked,
+                })
+            })
+            .collect();
+        Scheduler::new(nodes)
+    }
+
+    /// The scheduler with a slot reserved for every pending agent that fits,
+    /// so trial placements (drains) do not count on room they will take.
+    pub(super) fn scheduler_with_pending(&self) -> Scheduler {
+        let mut scheduler = self.scheduler();
+        let now = Instant::now();
+        for a in self
+            .agents
+            .values()
+            .filter(|a| a.state == AgentState::Pending)
+        {
+            let request = Request {
+                model: &a.spec.model,
+                labels: &a.spec.labels,
+                avoid: a.avoided(now).or(a.moving_from.as_deref()),
+            };
+            let _ = scheduler.place(&request);
+        }
+        scheduler
+    }
+
+    /// Places pending agents, oldest first.
+    pub fn place_pending(&mut self) {
+        if self.settled_at.is_none_or(|at| Instant::now() < at) {
+            // Retained state is still arriving: try again once it settled.
+            if self.placement_at.is_some() {
+                self.placement_at = self.settled_at;
+            }
+            return;
+        }
+        self.placement_at = None;
+        if self.pending.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let pending: Vec<String> = self.pending.iter().map(|(_, name)| name.clone()).collect();
+        let mut scheduler = self.scheduler();
+        let mut full_reason: Option<String> = None;
+        let mut placements = Vec::new();
+        let mut unplaced_with_chats = Vec::new();
+        for name in pending {
+            let Some(a) = self.agents.get_mut(&name) else {
+                continue;
+            };
+            if let Some(reason) = &full_reason {
+                a.pending_reason = Some(reason.clone());
+                if !a.chats.is_empty() {
+                    unplaced_with_chats.push(name);
+                }
+                continue;
+            }
+            let request = Request {
+                model: &a.spec.model,
+                labels: &a.spec.labels,
+                avoid: a.avoided(now).or(a.moving_from.as_deref()),
+            };
+            match scheduler.place(&request) {
+                Ok(node) => placements.push((name, node)),
+                Err(e) => {
+                    if !scheduler.has_free_slot() {
+                        full_reason = Some(e.reason.clone());
+                    }
+                    a.pending_reason = Some(e.reason);
+                    if !a.chats.is_empty() {
+                        unplaced_with_chats.push(name);
+                    }
+                }
+            }
+        }
+        // Chats that waited for the agent to land: it cannot now, say why.
+        for name in unplaced_with_chats {
+            let reason = self
+                .agents
+                .get(&name)
+                .and_then(|a| a.pending_reason.clone())
+                .unwrap_or_default();
+            self.fail_chats(&name, &format!("it cannot be placed: {reason}"));
+        }
+        if placements.is_empty() {
+            return;
+        }
+        // Record the whole pass in one transaction, then send: a command is
+        // never out before the assignment it makes is stored.
+        self.store.begin();
+        let commands: Vec<(String, CommandBody)> = placements
+            .into_iter()
+            .filter_map(|(name, node)| Some((node.clone(), self.assign(&name, &node)?)))
+            .collect();
+        if !self.store.commit() {
+            // Not stored, so not sent: the assignments time out and are
+            // placed again.
+            return;
+        }
+        for (node, command) in commands {
+            self.send(&node, command);
+        }
+    }
+
+    pub(super) fn rebalance(&mut self, now: Instant) {
+        let s = self.config.scheduler.clone();
+        if s.rebalance_threshold <= 0.0 || !self.pending.is_empty() {
+            return;
+        }
+        if self
+            .last_rebalance
+            .is_some_and(|t| now.duration_since(t) < REBALANCE_EVERY)
+        {
+            return;
+        }
+        self.last_rebalance = Some(now);
+        let in_motion = self
+            .agents
+            .values()
+            .filter(|a| a.moving_from.is_some())
+            .count();
+        let budget = s.rebalance_max_moves.saturating_sub(in_motion);
+        if budget == 0 {
+            return;
+        }
+        let mut movable: BTreeMap<String, Vec<MovableAgent<'_>>> = BTreeMap::new();
+        for (name, a) in &self.agents {
+            let calm = a
+                .last_moved
+                .is_none_or(|t| now.duration_since(t) >= REBALANCE_COOLDOWN);
+            if a.state == AgentState::Running && a.turn.is_none() && a.jobs.is_empty() && calm {
+                if let Some(node) = &a.node {
+                    movable.entry(node.clone()).or_default().push(MovableAgent {
+                        name,
+                        model: &a.spec.model,
+                        labels: &a.spec.labels,
+                    });
+                }
+            }
+        }
+        let mut scheduler = self.scheduler();
+        let moves = scheduler.plan_rebalance(s.rebalance_threshold, budget, &movable);
+        drop(movable);
+        for m in moves {
+            let why = format!(
+                "rebalance: {} is above {}x the fleet average",
+                m.from, s.rebalance_threshold
+            );
+            self.start_move(&m.agent, &m.from, &why);
+        }
+    }
+}

@@ -1,0 +1,366 @@
+use super::*;
+
+impl Coordinator {
+    /// The broker acknowledged our subscriptions: state replays follow.
+    pub fn on_subscribed(&mut self) {
+        let now = Instant::now();
+        if self.settled_at.is_some() && !self.link_up {
+            // Back after an outage of our own: not hearing the nodes meanwhile
+            // says nothing about them.
+            self.fleet.heard_all(now);
+        }
+        self.link_up = true;
+        self.settled_at
+            .get_or_insert(now + Duration::from_millis(500));
+    }
+
+    /// The coordinator lost the broker: node liveness waits until it is back.
+    pub fn on_disconnected(&mut self) {
+        self.link_up = false;
+    }
+
+    pub fn on_status(&mut self, node: &str, payload: &[u8], retained: bool) {
+        use crate::protocol::{STATUS_OFFLINE, STATUS_ONLINE};
+        let online = match payload {
+            p if p == STATUS_ONLINE.as_bytes() => true,
+            p if p == STATUS_OFFLINE.as_bytes() => false,
+            // A cleared retained status (`mosquitto_pub -r -n`) says nothing.
+            [] => return,
+            other => {
+                log::warn!(
+                    "ignored the status of {node}: expected \"{STATUS_ONLINE}\" or \"{STATUS_OFFLINE}\", got {:?}",
+                    String::from_utf8_lossy(&other[..other.len().min(64)])
+                );
+                return;
+            }
+        };
+        if let Some(change) = self.fleet.status(node, online, Instant::now()) {
+            self.on_change(change);
+        }
+        if online && !retained {
+            // The node (re)subscribed just now: what was sent to it while
+            // it was away is lost.
+            self.resend_turns(Some(node), &format!("{node} announced itself"));
+        }
+    }
+
+    pub fn on_capacity(&mut self, node: &str, payload: &[u8], retained: bool) {
+        if payload.is_empty() {
+            return; // a cleared retained capacity (a forgotten node)
+        }
+        let capacity: Capacity =
+            match crate::protocol::decode(payload, self.publisher.max_payload()) {
+                Ok(c) => c,
+                Err(e) => {
+                    log::warn!("ignored the capacity message of {node}: {e}");
+                    return;
+                }
+            };
+        if capacity.node != node {
+            log::warn!(
+                "ignored a capacity message on the topic of {node} naming node {}",
+                capacity.node
+            );
+            return;
+        }
+        match self
+            .fleet
+            .capacity(capacity.clone(), retained, Instant::now())
+        {
+            Heard::Stale => return,
+            Heard::Accepted(change) => {
+                if let Some(change) = change {
+                    self.on_change(change);
+                }
+            }
+        }
+        if self.fleet.is_online(node) {
+            self.reconcile_reported(node, &capacity);
+        }
+    }
+
+    /// Compares what `node` says it hosts with what we want there.
+    pub(super) fn reconcile_reported(&mut self, node: &str, capacity: &Capacity) {
+        let now = Instant::now();
+        let draining = self.flags.get(node).is_some_and(|f| f.draining);
+        for name in &capacity.agents {
+            let Some(a) = self.agents.get(name) else {
+                self.release_stray(node, name, "not an agent of this coordinator");
+                continue;
+            };
+            match a.state {
+                AgentState::Running | AgentState::Assigned if a.on(node) => {
+                    let confirm = a.state == AgentState::Assigned;
+                    if let Some(a) = self.agents.get_mut(name) {
+                        a.confirmed_ts = a.confirmed_ts.max(capacity.ts);
+                    }
+                    if confirm {
+                        self.confirm(name, node, capacity.ts);
+                    }
+                }
+                AgentState::Pending
+                    if !draining
+                        && a.moving_from.as_deref() != Some(node)
+                        && a.avoided(now) != Some(node) =>
+                {
+                    // It already runs there (a restart or a healed partition
+                    // left it): adopt rather than place it twice.
+                    self.event(
+                        "adopted",
+                        Some(name),
+                        Some(node),
+                        format!("{name} already runs on {node}; keeping it there"),
+                    );
+                    self.set_state(name, AgentState::Running, Some(node.to_owned()));
+                    if let Some(a) = self.agents.get_mut(name) {
+                        a.confirmed_ts = capacity.ts;
+                    }
+                    self.dispatch(name);
+                }
+                AgentState::Releasing | AgentState::Stopping if a.on(node) => {}
+                _ => self.release_stray(node, name, "it is wanted elsewhere or nowhere"),
+            }
+        }
+        // Agents we place there that the node no longer lists.
+        let listed: std::collections::HashSet<&str> =
+            capacity.agents.iter().map(String::as_str).collect();
+        let gone: Vec<(String, AgentState)> = self
+            .by_node
+            .get(node)
+            .into_iter()
+            .flatten()
+            .filter(|name| !listed.contains(name.as_str()))
+            .filter_map(|name| {
+                let a = self.agents.get(name)?;
+                let gone = match a.state {
+                    AgentState::Running => capacity.ts > a.confirmed_ts,
+                    AgentState::Releasing | AgentState::Stopping => true,
+                    _ => false,
+                };
+                gone.then(|| (name.clone(), a.state))
+            })
+            .collect();
+        for (name, state) in gone {
+            match state {
+                AgentState::Running => {
+                    self.event(
+                        "vanished",
+                        Some(&name),
+                        Some(node),
+                        format!("{node} no longer hosts {name}; placing it again"),
+                    );
+                    self.requeue_agent(&name, None, "its node stopped hosting it");
+                }
+                _ => self.released(&name, node),
+            }
+        }
+    }
+
+    pub(super) fn release_stray(&mut self, node: &str, name: &str, why: &str) {
+        let key = (node.to_owned(), name.to_owned());
+        let now = Instant::now();
+        if self
+            .strays
+            .get(&key)
+            .is_some_and(|at| now.duration_since(*at) < RESEND_AFTER)
+        {
+            return;
+        }
+        self.strays.insert(key, now);
+        let placement = self.store.last_placement().unwrap_or(u64::MAX);
+        self.event(
+            "released",
+            Some(name),
+            Some(node),
+            format!("releasing {name} from {node}: {why}"),
+        );
+        self.release(node, name, placement);
+    }
+
+    pub(super) fn confirm(&mut self, name: &str, node: &str, node_ts: u64) {
+        let moved = self.agents.get(name).and_then(|a| a.moving_from.clone());
+        self.set_state(name, AgentState::Running, Some(node.to_owned()));
+        if let Some(a) = self.agents.get_mut(name) {
+            a.confirmed_ts = a.confirmed_ts.max(node_ts);
+            if moved.is_some() {
+                a.moving_from = None;
+                a.last_moved = Some(Instant::now());
+            }
+        }
+        match moved {
+            Some(from) => self.event(
+                "moved",
+                Some(name),
+                Some(node),
+                format!("{name} moved from {from} to {node}"),
+            ),
+            None => self.event(
+                "running",
+                Some(name),
+                Some(node),
+                format!("{name} runs on {node}"),
+            ),
+        }
+        self.dispatch(name);
+    }
+
+    /// The release of `name` from `node` is done.
+    pub(super) fn released(&mut self, name: &str, node: &str) {
+        let Some(a) = self.agents.get(name) else {
+            return;
+        };
+        if !a.on(node) {
+            return;
+        }
+        match a.state {
+            AgentState::Stopping => self.remove_agent(name),
+            AgentState::Releasing => {
+                let avoid = a.moving_from.clone();
+                self.set_state(name, AgentState::Pending, None);
+                if let (Some(a), Some(from)) = (self.agents.get_mut(name), avoid) {
+                    a.avoid = Some((from, Instant::now() + REFUSAL_BACKOFF));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    pub fn on_reply(&mut self, node: &str, payload: &[u8]) {
+        let reply: Reply = match crate::protocol::decode(payload, self.publisher.max_payload()) {
+            Ok(r) => r,
+            Err(e) => {
+                log::warn!("ignored a reply from {node}: {e}");
+                return;
+            }
+        };
+        if reply.node != node {
+            log::warn!(
+                "ignored a reply on the topic of {node} naming node {}",
+                reply.node
+            );
+            return;
+        }
+        match reply.body {
+            ReplyBody::Ack(ack) => self.on_ack(node, ack),
+            ReplyBody::TurnResult(result) => self.on_turn_result(node, &reply.id, result),
+        }
+    }
+
+    pub(super) fn on_ack(&mut self, node: &str, ack: Ack) {
+        let Some(name) = ack.agent.clone() else {
+            return;
+        };
+        let placement = ack.placement.unwrap_or(0);
+        let Some(a) = self.agents.get(&name) else {
+            return;
+        };
+        let current = a.on(node) && a.placement == placement;
+        match (ack.command, ack.ok) {
+            (CommandKind::Assign, true) if current && a.state == AgentState::Assigned => {
+                self.confirm(&name, node, ack.ts)
+            }
+            (CommandKind::Assign, true) if !(current && a.state == AgentState::Running) => {
+                // A late ack of an assignment we gave up on.
+                self.release(node, &name, placement);
+            }
+            (CommandKind::Assign, false) if current && a.state == AgentState::Assigned => {
+                let reason = ack.reason.unwrap_or_default();
+                self.event(
+                    "refused",
+                    Some(&name),
+                    Some(node),
+                    format!("{node} refused {name}: {reason}"),
+                );
+                self.requeue_agent(&name, Some(node), &format!("{node} refused it: {reason}"));
+            }
+            (CommandKind::Release, true) if a.on(node) => self.released(&name, node),
+            _ => {}
+        }
+    }
+
+    pub(super) fn on_change(&mut self, change: Change) {
+        match change {
+            Change::Joined { node } => {
+                let capacity = self
+                    .fleet
+                    .get(&node)
+                    .and_then(|v| v.capacity.as_ref())
+                    .map_or(0, |c| c.agent_capacity);
+                self.event(
+                    "node_joined",
+                    None,
+                    Some(&node),
+                    format!("node {node} is online with {capacity} agent slots"),
+                );
+            }
+            Change::Restarted { node } => self.event(
+                "node_restarted",
+                None,
+                Some(&node),
+                format!("node {node} restarted (new session)"),
+            ),
+            Change::Recovered { node } => self.event(
+                "node_recovered",
+                None,
+                Some(&node),
+                format!("node {node} spoke after an 'offline': that was a stale last will"),
+            ),
+            Change::Lost { node, reason } => self.node_lost(&node, &reason),
+        }
+    }
+
+    pub(super) fn node_lost(&mut self, node: &str, reason: &str) {
+        let affected: Vec<String> = self
+            .by_node
+            .get(node)
+            .map(|set| set.iter().cloned().collect())
+            .unwrap_or_default();
+        self.event(
+            "node_lost",
+            None,
+            Some(node),
+            format!(
+                "node {node} is lost ({reason}); {} agents to place elsewhere",
+                affected.len()
+            ),
+        );
+        let turns: Vec<String> = self
+            .turns
+            .iter()
+            .filter(|(_, t)| t.node == node)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in turns {
+            let message = format!("node {node} was lost while answering ({reason})");
+            self.turn_failed(&id, TurnErrorCode::ShuttingDown, message, false);
+        }
+        for name in &affected {
+            if let Some(a) = self.agents.get(name) {
+                if matches!(a.state, AgentState::Releasing | AgentState::Stopping) {
+                    self.released(name, node);
+                }
+            }
+        }
+        self.release_lost_agents();
+    }
+
+    /// Agents on lost nodes go back to pending once the fence time passed.
+    pub(super) fn release_lost_agents(&mut self) {
+        let now = Instant::now();
+        let fence = self.config.timeouts.fence;
+        let due: Vec<(String, String)> = self
+            .agents
+            .iter()
+            .filter(|(_, a)| matches!(a.state, AgentState::Running | AgentState::Assigned))
+            .filter_map(|(name, a)| {
+                let node = a.node.as_ref()?;
+                let since = self.fleet.lost_since(node)?;
+                (now.duration_since(since) >= fence).then(|| (name.clone(), node.clone()))
+            })
+            .collect();
+        for (name, node) in due {
+            // No need to avoid it: a lost node takes nothing until it is back.
+            self.requeue_agent(&name, None, &format!("its node {node} was lost"));
+        }
+    }
+}

@@ -1,0 +1,353 @@
+use super::*;
+
+impl Coordinator {
+    pub fn create_agent(&mut self, spec: AgentSpec) -> ApiResult {
+        if self.agents.contains_key(&spec.name) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "exists",
+                format!("agent {} already exists", spec.name),
+            ));
+        }
+        let created = now_ms();
+        match self.store.insert_agent(&spec, created) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "exists",
+                    format!("agent {} already exists", spec.name),
+                ))
+            }
+            Err(e) => {
+                return Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "store",
+                    e.to_string(),
+                ))
+            }
+        }
+        let name = spec.name.clone();
+        self.agents.insert(name.clone(), Agent::new(spec, created));
+        self.index(&name, created, None, AgentState::Pending, None);
+        self.event(
+            "created",
+            Some(&name),
+            None,
+            format!("agent {name} created"),
+        );
+        let view = self.agent_json(&name);
+        Ok((StatusCode::CREATED, view))
+    }
+
+    pub fn delete_agent(&mut self, name: &str) -> ApiResult {
+        let Some(a) = self.agents.get(name) else {
+            return Err(ApiError::not_found(format!("no agent named {name}")));
+        };
+        match (a.state, a.node.clone()) {
+            (AgentState::Stopping, _) => {}
+            (AgentState::Pending, _) | (_, None) => self.remove_agent(name),
+            (_, Some(node)) => {
+                let placement = a.placement;
+                self.set_state(name, AgentState::Stopping, Some(node.clone()));
+                if let Some(a) = self.agents.get_mut(name) {
+                    a.deadline = Some(Instant::now() + self.config.timeouts.assign_ack);
+                }
+                self.fail_chats(name, "the agent is being stopped");
+                let jobs: Vec<String> = self
+                    .agents
+                    .get_mut(name)
+                    .map(|a| a.jobs.drain().map(|j| j.id).collect())
+                    .unwrap_or_default();
+                for id in jobs {
+                    self.finish_job(&id, None, Some("the agent was stopped".into()));
+                }
+                self.release(&node, name, placement);
+                self.event(
+                    "stopping",
+                    Some(name),
+                    Some(&node),
+                    format!("stopping {name} on {node}"),
+                );
+            }
+        }
+        let state = self
+            .agents
+            .get(name)
+            .map_or("stopped", |a| a.state.as_str());
+        Ok((StatusCode::OK, json!({"name": name, "state": state})))
+    }
+
+    pub fn chat(&mut self, name: &str, messages: Vec<ChatMessage>, reply: Responder) {
+        let Some(a) = self.agents.get_mut(name) else {
+            let _ = reply.send(Err(ApiError::not_found(format!("no agent named {name}"))));
+            return;
+        };
+        // Assigned, moving, or pending but not yet tried: it runs shortly, so
+        // the chat waits for it (the API's chat timeout bounds the wait).
+        // Stopping, or pending for a known reason (no room...): say why now.
+        let hopeless = match a.state {
+            AgentState::Stopping => true,
+            AgentState::Pending => a.pending_reason.is_some(),
+            _ => false,
+        };
+        if hopeless {
+            let why = a
+                .pending_reason
+                .clone()
+                .unwrap_or_else(|| "it is being placed".into());
+            let message = format!("agent {name} is not running ({}): {why}", a.state.as_str());
+            let retry = self.config.queue.retry_after_secs;
+            let error = ApiError::unavailable("agent_not_running", message).retry_after(retry);
+            let _ = reply.send(Err(error));
+            return;
+        }
+        a.chats.push_back(ChatWaiter { messages, reply });
+        self.dispatch(name);
+    }
+
+    pub fn submit_job(&mut self, name: &str, message: String, priority: i64) -> ApiResult {
+        let limits = self.config.queue.clone();
+        let queued_total = self
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Queued)
+            .count();
+        let Some(a) = self.agents.get(name) else {
+            return Err(ApiError::not_found(format!("no agent named {name}")));
+        };
+        if a.state == AgentState::Stopping {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "stopping",
+                format!("agent {name} is being stopped"),
+            ));
+        }
+        if a.jobs.len() >= limits.max_jobs_per_agent || queued_total >= limits.max_jobs {
+            let which = if a.jobs.len() >= limits.max_jobs_per_agent {
+                format!(
+                    "agent {name} has {} jobs waiting (queue.max_jobs_per_agent)",
+                    a.jobs.len()
+                )
+            } else {
+                format!("{queued_total} jobs are waiting in the fleet (queue.max_jobs)")
+            };
+            self.metrics.jobs_rejected.inc();
+            let error = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "queue_full",
+                format!("queue full: {which}; retry later"),
+            );
+            return Err(error.retry_after(limits.retry_after_secs));
+        }
+        let now = now_ms();
+        let mut job = JobRow {
+            id: format!("j{}", crate::protocol::new_id()),
+            agent: name.to_owned(),
+            message,
+            priority,
+            seq: 0,
+            state: JobState::Queued,
+            attempts: 0,
+            node: None,
+            created_ms: now,
+            updated_ms: now,
+            answer: None,
+            error: None,
+            usage: None,
+        };
+        if let Err(e) = self.store.insert_job(&mut job) {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "store",
+                e.to_string(),
+            ));
+        }
+        let id = job.id.clone();
+        if let Some(a) = self.agents.get_mut(name) {
+            a.jobs.push(QueuedJob {
+                priority,
+                seq: job.seq,
+                id: id.clone(),
+            });
+        }
+        self.jobs.insert(id.clone(), job);
+        self.metrics.jobs_submitted.inc();
+        self.dispatch(name);
+        Ok((
+            StatusCode::ACCEPTED,
+            json!({"job_id": id, "status": "queued"}),
+        ))
+    }
+
+    pub fn job(&self, id: &str) -> ApiResult {
+        let job = match self.jobs.get(id) {
+            Some(job) => Some(job.clone()),
+            None => self.store.job(id).map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
+            })?,
+        };
+        match job {
+            Some(job) => Ok((StatusCode::OK, job_json(&job))),
+            None => Err(ApiError::not_found(format!("no job {id}"))),
+        }
+    }
+
+    pub fn list_jobs(&self, agent: Option<&str>, state: Option<&str>, limit: usize) -> ApiResult {
+        let jobs = self.store.jobs(agent, state, limit).map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
+        })?;
+        let jobs: Vec<Value> = jobs
+            .iter()
+            .map(|j| job_json(self.jobs.get(&j.id).unwrap_or(j)))
+            .collect();
+        Ok((StatusCode::OK, json!({ "jobs": jobs })))
+    }
+
+    pub fn drain(
+        &mut self,
+        node: &str,
+        max_parallel: Option<usize>,
+        deadline: Option<Duration>,
+    ) -> ApiResult {
+        if self.fleet.get(node).is_none() {
+            return Err(ApiError::not_found(format!("no node named {node}")));
+        }
+        let deadline = deadline.unwrap_or(self.config.scheduler.drain_deadline);
+        let flags = NodeFlags {
+            cordoned: true,
+            draining: true,
+            drain_deadline_ms: Some(now_ms() + deadline.as_millis() as u64),
+            drain_max_parallel: Some(
+                max_parallel
+                    .unwrap_or(self.config.scheduler.drain_max_parallel)
+                    .max(1),
+            ),
+        };
+        self.set_flags(node, flags);
+        self.drained_reported.remove(node);
+        let hosted = self.agents.values().filter(|a| a.on(node)).count();
+        self.event(
+            "drain",
+            None,
+            Some(node),
+            format!(
+                "draining {node}: {hosted} agents to move, at most {} at a time, all by {}s",
+                self.flags[node].drain_max_parallel.unwrap_or(1),
+                deadline.as_secs()
+            ),
+        );
+        self.reconcile();
+        Ok((StatusCode::OK, self.node_json(node)))
+    }
+
+    pub fn uncordon(&mut self, node: &str) -> ApiResult {
+        if self.fleet.get(node).is_none() {
+            return Err(ApiError::not_found(format!("no node named {node}")));
+        }
+        self.set_flags(node, NodeFlags::default());
+        self.event(
+            "uncordon",
+            None,
+            Some(node),
+            format!("{node} takes agents again"),
+        );
+        self.reconcile();
+        Ok((StatusCode::OK, self.node_json(node)))
+    }
+
+    /// Forgets a node that is not online (a Pi taken out of the fleet): its
+    /// agents are placed elsewhere, its flags deleted, and its retained
+    /// status and capacity cleared on the broker so that dashboards and a
+    /// restarted coordinator stop showing it. If it comes back it joins as
+    /// a new node.
+    pub fn forget_node(&mut self, node: &str) -> ApiResult {
+        let Some(view) = self.fleet.get(node) else {
+            return Err(ApiError::not_found(format!("no node named {node}")));
+        };
+        if matches!(
+            view.liveness,
+            crate::coordinator::fleet::Liveness::Online
+                | crate::coordinator::fleet::Liveness::Suspect { .. }
+        ) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "node_online",
+                format!("node {node} is online: stop its daemon first (drain it to move its agents gracefully)"),
+            ));
+        }
+        let hosted: Vec<String> = self
+            .by_node
+            .get(node)
+            .map(|set| set.iter().cloned().collect())
+            .unwrap_or_default();
+        for name in &hosted {
+            match self.agents.get(name).map(|a| a.state) {
+                Some(AgentState::Releasing | AgentState::Stopping) => self.released(name, node),
+                Some(_) => {
+                    self.requeue_agent(name, None, &format!("its node {node} was forgotten"))
+                }
+                None => {}
+            }
+        }
+        self.fleet.forget(node);
+        self.flags.remove(node);
+        self.drain_sent.remove(node);
+        self.drained_reported.remove(node);
+        if let Err(e) = self.store.delete_node_flags(node) {
+            log::error!("{e}");
+        }
+        for kind in [NodeTopic::Status, NodeTopic::Capacity] {
+            if let Err(e) = self
+                .publisher
+                .publish(self.topics.node(node, kind), Vec::new(), true)
+            {
+                log::error!("cannot clear the retained {kind:?} of {node}: {e}");
+            }
+        }
+        self.event(
+            "forgotten",
+            None,
+            Some(node),
+            format!(
+                "forgot node {node}; {} of its agents to place elsewhere",
+                hosted.len()
+            ),
+        );
+        self.reconcile();
+        Ok((StatusCode::OK, json!({"node": node, "forgotten": true})))
+    }
+
+    pub(super) fn set_flags(&mut self, node: &str, flags: NodeFlags) {
+        if let Err(e) = self.store.set_node_flags(node, &flags) {
+            log::error!("{e}");
+        }
+        self.flags.insert(node.to_owned(), flags);
+        self.drain_sent.remove(node);
+        self.sync_drain_flag(node);
+    }
+
+    /// Tells `node` its draining flag when its capacity says otherwise.
+    pub(super) fn sync_drain_flag(&mut self, node: &str) {
+        let want = self.flags.get(node).is_some_and(|f| f.draining);
+        let Some(view) = self.fleet.get(node) else {
+            return;
+        };
+        let Some(capacity) = &view.capacity else {
+            return;
+        };
+        if capacity.draining == want || !view.is_online() {
+            return;
+        }
+        let now = Instant::now();
+        if self
+            .drain_sent
+            .get(node)
+            .is_some_and(|at| now.duration_since(*at) < RESEND_AFTER)
+        {
+            return;
+        }
+        self.drain_sent.insert(node.to_owned(), now);
+        self.send(node, CommandBody::Drain { draining: want });
+    }
+}

@@ -1,0 +1,391 @@
+use super::*;
+
+impl Coordinator {
+    /// Starts the agent's next turn if it runs and is idle: chats first,
+    /// then the highest-priority job.
+    pub(super) fn dispatch(&mut self, name: &str) {
+        let Some(a) = self.agents.get_mut(name) else {
+            return;
+        };
+        if a.state != AgentState::Running || a.turn.is_some() {
+            return;
+        }
+        let Some(node) = a.node.clone() else { return };
+        if !self.fleet.is_online(&node) {
+            return; // it will be placed elsewhere, or its node comes back
+        }
+        while let Some(waiter) = a.chats.pop_front() {
+            if waiter.reply.is_closed() {
+                continue;
+            }
+            let timeout = self.config.timeouts.chat;
+            self.start_turn(
+                name,
+                &node,
+                waiter.messages,
+                TurnKind::Chat(waiter.reply),
+                timeout,
+            );
+            return;
+        }
+        let Some(queued) = a.jobs.pop() else { return };
+        let Some(job) = self.jobs.get_mut(&queued.id) else {
+            return;
+        };
+        job.state = JobState::Running;
+        job.attempts += 1;
+        job.node = Some(node.clone());
+        job.updated_ms = now_ms();
+        let message = vec![ChatMessage::new(Role::User, job.message.clone())];
+        if let Err(e) = self.store.update_job(job) {
+            log::error!("{e}");
+        }
+        let timeout = self.config.timeouts.job;
+        self.start_turn(name, &node, message, TurnKind::Job(queued.id), timeout);
+    }
+
+    pub(super) fn start_turn(
+        &mut self,
+        name: &str,
+        node: &str,
+        new_messages: Vec<ChatMessage>,
+        kind: TurnKind,
+        timeout: Duration,
+    ) {
+        let job = match &kind {
+            TurnKind::Job(id) => Some(id.clone()),
+            TurnKind::Chat(_) => None,
+        };
+        let id = self.next_id("t");
+        let deadline_ms = now_ms() + timeout.as_millis() as u64;
+        let payload = match self.turn_command(&id, name, node, &new_messages, job, deadline_ms) {
+            Ok(payload) => payload,
+            Err(reason) => {
+                match kind {
+                    TurnKind::Chat(reply) => {
+                        let _ = reply.send(Err(ApiError::new(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "too_large",
+                            reason,
+                        )));
+                    }
+                    TurnKind::Job(job) => self.finish_job(&job, None, Some(reason)),
+                }
+                return;
+            }
+        };
+        if let Err(e) =
+            self.publisher
+                .publish(self.topics.node(node, NodeTopic::Command), payload, false)
+        {
+            log::error!("cannot send turn {id} to {node}: {e}");
+        }
+        if let Some(a) = self.agents.get_mut(name) {
+            a.turn = Some(id.clone());
+        }
+        let now = Instant::now();
+        self.turns.insert(
+            id,
+            TurnInFlight {
+                agent: name.to_owned(),
+                node: node.to_owned(),
+                kind,
+                new_messages,
+                deadline: now + timeout,
+                deadline_ms,
+                started: now,
+            },
+        );
+    }
+
+    /// The encoded turn command `id`: the agent's system prompt, its stored
+    /// history and `new_messages`, within the payload limit (the oldest
+    /// history goes first); an error says why it cannot be sent.
+    pub(super) fn turn_command(
+        &self,
+        id: &str,
+        name: &str,
+        node: &str,
+        new_messages: &[ChatMessage],
+        job: Option<String>,
+        deadline_ms: u64,
+    ) -> Result<Vec<u8>, String> {
+        let history = match self.store.history(name) {
+            Ok(h) => h,
+            Err(e) => {
+                log::error!("{e}");
+                Vec::new()
+            }
+        };
+        let system = self.agents.get(name).and_then(|a| a.spec.system.clone());
+        let mut messages = history;
+        messages.extend(new_messages.iter().cloned());
+        let mut command = Command {
+            id: id.to_owned(),
+            node: node.to_owned(),
+            generation: self.generation,
+            body: CommandBody::Turn(TurnRequest {
+                agent: name.to_owned(),
+                messages,
+                system,
+                deadline_ms: Some(deadline_ms),
+                job,
+            }),
+        };
+        let max = self.publisher.max_payload();
+        let mut payload = encode(&command);
+        while payload.len() > max {
+            let CommandBody::Turn(turn) = &mut command.body else {
+                break;
+            };
+            if turn.messages.len() <= new_messages.len() {
+                break;
+            }
+            turn.messages.remove(0);
+            payload = encode(&command);
+        }
+        if payload.len() > max {
+            return Err(format!(
+                "the message is too large to send ({} bytes; mqtt.max_payload_bytes is {max})",
+                payload.len()
+            ));
+        }
+        Ok(payload)
+    }
+
+    /// Sends the turns in flight (on `node`, or everywhere) again under
+    /// their own ids. A command or answer published while the node or the
+    /// coordinator was not connected is lost with clean sessions; a node
+    /// ignores a turn it is still running and answers one it finished
+    /// again, so resending is safe.
+    pub fn resend_turns(&self, node: Option<&str>, why: &str) {
+        let due: Vec<(&String, &TurnInFlight)> = self
+            .turns
+            .iter()
+            .filter(|(_, t)| node.is_none_or(|n| t.node == n) && self.fleet.is_online(&t.node))
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        log::info!("{why}: sending {} turns in flight again", due.len());
+        for (id, t) in due {
+            let job = match &t.kind {
+                TurnKind::Job(job) => Some(job.clone()),
+                TurnKind::Chat(_) => None,
+            };
+            let sent = self
+                .turn_command(id, &t.agent, &t.node, &t.new_messages, job, t.deadline_ms)
+                .and_then(|payload| {
+                    let topic = self.topics.node(&t.node, NodeTopic::Command);
+                    self.publisher
+                        .publish(topic, payload, false)
+                        .map_err(|e| e.to_string())
+                });
+            if let Err(e) = sent {
+                log::error!("cannot send turn {id} to {} again: {e}", t.node);
+            }
+        }
+    }
+
+    pub(super) fn on_turn_result(&mut self, node: &str, id: &str, result: TurnResult) {
+        if self.turns.get(id).is_none_or(|t| t.node != node) {
+            log::debug!("ignored a result for turn {id} from {node}: not in flight");
+            return;
+        }
+        match (result.ok, result.message, result.error) {
+            (true, Some(message), _) => {
+                self.turn_succeeded(id, message, result.usage.unwrap_or_default())
+            }
+            (_, _, Some(error)) => {
+                let placement_problem = matches!(
+                    error.code,
+                    TurnErrorCode::AgentNotAssigned
+                        | TurnErrorCode::Fenced
+                        | TurnErrorCode::Released
+                        | TurnErrorCode::ShuttingDown
+                );
+                if placement_problem {
+                    let agent = self.turns.get(id).map(|t| t.agent.clone());
+                    if let Some(a) = agent.as_ref().and_then(|name| self.agents.get_mut(name)) {
+                        if a.on(node) && a.state == AgentState::Running {
+                            // Detach the turn so that leaving the node does not
+                            // answer it too: it gets the node's own reason below.
+                            if a.turn.as_deref() == Some(id) {
+                                a.turn = None;
+                            }
+                            let why = format!("{node} answered {}", error.code.as_str());
+                            let name = a.spec.name.clone();
+                            self.requeue_agent(&name, Some(node), &why);
+                        }
+                    }
+                }
+                self.turn_failed(id, error.code, error.reason, !placement_problem);
+            }
+            _ => self.turn_failed(
+                id,
+                TurnErrorCode::OllamaError,
+                "the node sent an empty result".into(),
+                true,
+            ),
+        }
+    }
+
+    pub(super) fn turn_succeeded(&mut self, id: &str, message: ChatMessage, usage: Usage) {
+        let Some(turn) = self.take_turn(id) else {
+            return;
+        };
+        let mut record = turn.new_messages.clone();
+        record.push(message.clone());
+        if let Err(e) = self.store.append_history(&turn.agent, &record, now_ms()) {
+            log::error!("{e}");
+        }
+        let seconds = turn.started.elapsed().as_secs_f64();
+        match turn.kind {
+            TurnKind::Chat(reply) => {
+                self.metrics.chat("ok", seconds);
+                let body = json!({
+                    "agent": turn.agent, "node": turn.node,
+                    "message": {"role": "assistant", "content": message.content},
+                    "usage": usage,
+                });
+                let _ = reply.send(Ok((StatusCode::OK, body)));
+            }
+            TurnKind::Job(job) => {
+                self.metrics.job("completed");
+                if let Some(j) = self.jobs.get_mut(&job) {
+                    j.usage = Some(usage);
+                }
+                self.finish_job(&job, Some(message.content), None);
+            }
+        }
+        self.dispatch(&turn.agent);
+    }
+
+    /// A turn failed: a chat gets the error; a job is retried while
+    /// attempts remain (`counts` false: not the job's fault, not counted).
+    pub(super) fn turn_failed(
+        &mut self,
+        id: &str,
+        code: TurnErrorCode,
+        reason: String,
+        counts: bool,
+    ) {
+        let Some(turn) = self.take_turn(id) else {
+            return;
+        };
+        match turn.kind {
+            TurnKind::Chat(reply) => {
+                self.metrics
+                    .chat(code.as_str(), turn.started.elapsed().as_secs_f64());
+                let (status, retry) = match code {
+                    TurnErrorCode::OllamaBusy => (StatusCode::SERVICE_UNAVAILABLE, true),
+                    TurnErrorCode::Timeout | TurnErrorCode::Expired => {
+                        (StatusCode::GATEWAY_TIMEOUT, false)
+                    }
+                    TurnErrorCode::AgentNotAssigned
+                    | TurnErrorCode::Released
+                    | TurnErrorCode::ShuttingDown
+                    | TurnErrorCode::Fenced => (StatusCode::SERVICE_UNAVAILABLE, true),
+                    _ => (StatusCode::BAD_GATEWAY, false),
+                };
+                let mut error = ApiError::new(status, code.as_str(), reason);
+                if retry {
+                    error.message.push_str("; try again");
+                    error = error.retry_after(self.config.queue.retry_after_secs);
+                }
+                let _ = reply.send(Err(error));
+            }
+            TurnKind::Job(job) => {
+                let max = self.config.queue.max_attempts;
+                let Some(j) = self.jobs.get_mut(&job) else {
+                    return;
+                };
+                if !counts {
+                    j.attempts = j.attempts.saturating_sub(1);
+                }
+                if code.retryable() && j.attempts < max {
+                    j.state = JobState::Queued;
+                    j.node = None;
+                    j.error = Some(reason.clone());
+                    j.updated_ms = now_ms();
+                    let queued = QueuedJob {
+                        priority: j.priority,
+                        seq: j.seq,
+                        id: job.clone(),
+                    };
+                    if let Err(e) = self.store.update_job(j) {
+                        log::error!("{e}");
+                    }
+                    log::info!("job {job} failed on {} ({reason}); queued again", turn.node);
+                    if let Some(a) = self.agents.get_mut(&turn.agent) {
+                        a.jobs.push(queued);
+                    }
+                } else {
+                    self.metrics.job("failed");
+                    self.finish_job(&job, None, Some(format!("{}: {reason}", code.as_str())));
+                }
+            }
+        }
+        self.dispatch(&turn.agent);
+    }
+
+    pub(super) fn take_turn(&mut self, id: &str) -> Option<TurnInFlight> {
+        let turn = self.turns.remove(id)?;
+        if let Some(a) = self.agents.get_mut(&turn.agent) {
+            if a.turn.as_deref() == Some(id) {
+                a.turn = None;
+            }
+        }
+        Some(turn)
+    }
+
+    pub(super) fn finish_job(&mut self, id: &str, answer: Option<String>, error: Option<String>) {
+        let Some(mut job) = self.jobs.remove(id) else {
+            return;
+        };
+        job.state = if answer.is_some() {
+            JobState::Completed
+        } else {
+            JobState::Failed
+        };
+        job.answer = answer;
+        job.error = error;
+        job.updated_ms = now_ms();
+        if let Err(e) = self.store.update_job(&job) {
+            log::error!("{e}");
+        }
+    }
+
+    pub(super) fn fail_chats(&mut self, name: &str, why: &str) {
+        let Some(a) = self.agents.get_mut(name) else {
+            return;
+        };
+        for waiter in a.chats.drain(..) {
+            let _ = waiter.reply.send(Err(ApiError::unavailable(
+                "agent_not_running",
+                format!("agent {name}: {why}"),
+            )));
+        }
+    }
+
+    pub(super) fn expire_turns(&mut self, now: Instant) {
+        let expired: Vec<(String, String)> = self
+            .turns
+            .iter()
+            .filter(|(_, t)| t.deadline <= now)
+            .map(|(id, t)| (id.clone(), t.node.clone()))
+            .collect();
+        for (id, node) in expired {
+            self.turn_failed(
+                &id,
+                TurnErrorCode::Timeout,
+                format!("no answer from {node} in time"),
+                true,
+            );
+        }
+        // Chats whose callers gave up.
+        for a in self.agents.values_mut() {
+            a.chats.retain(|w| !w.reply.is_closed());
+        }
+    }
+}

@@ -32,10 +32,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::coordinator::CoordinatorConfig;
-use crate::mqtt::{Link, LinkError, LinkEvent, Will};
+use crate::mqtt::{Link, LinkError, LinkEvent, Publisher, Will};
 use crate::protocol::{NodeTopic, STATUS_OFFLINE, STATUS_ONLINE};
 use crate::systemd::{self, Liveness};
 use api::ApiRequest;
+use core::Now;
 
 const TICK: Duration = Duration::from_millis(250);
 
@@ -76,12 +77,8 @@ pub async fn run(
     );
     let mut link = Link::start(&config.mqtt, &client_id, Some(will))?;
     let metrics = Arc::new(metrics::CoordinatorMetrics::new());
-    let mut coordinator = core::Coordinator::load(
-        config.clone(),
-        store,
-        link.publisher.clone(),
-        metrics.clone(),
-    )?;
+    let mut coordinator =
+        core::Coordinator::load(config.clone(), store, Now::system(), metrics.clone())?;
     log::info!(
         "coordinator starting: API http://{api_addr}, broker {}, store {}",
         config.mqtt.address(),
@@ -113,63 +110,81 @@ pub async fn run(
     let mut announced = false;
     loop {
         liveness.beat();
-        tokio::select! {
+        let input = tokio::select! {
             _ = shutdown.cancelled() => break,
             event = link.events.recv() => match event {
-                Some(LinkEvent::Connected) => {
-                    let filters = [NodeTopic::Status, NodeTopic::Capacity, NodeTopic::Reply]
-                        .map(|kind| coordinator.topics.all_nodes(kind))
-                        .to_vec();
-                    if let Err(e) = link.publisher.subscribe(filters) {
-                        log::error!("cannot subscribe: {e}");
-                    }
-                }
-                Some(LinkEvent::Subscribed) => {
-                    coordinator.on_subscribed();
-                    // Answers published while we were away are lost.
-                    coordinator.resend_turns(None, "reconnected to the broker");
-                    let topic = coordinator.topics.coordinator_status();
-                    if let Err(e) = link.publisher.publish(topic, STATUS_ONLINE, true) {
-                        log::error!("cannot publish the coordinator status: {e}");
-                    }
-                    ready.store(true, Ordering::Relaxed);
-                    log::info!("coordinator ready: API http://{api_addr}, generation {}", coordinator.generation);
-                    if !announced {
-                        announced = true;
-                        systemd::notify_ready(&format!("coordinator ready on {api_addr}"));
-                    }
-                }
-                Some(LinkEvent::Disconnected { reason }) => {
-                    ready.store(false, Ordering::Relaxed);
-                    coordinator.on_disconnected();
-                    log::warn!("lost the MQTT broker ({reason}); nodes keep their agents meanwhile");
-                }
-                Some(LinkEvent::Message { topic, payload, retain }) => {
-                    match coordinator.topics.parse_node_topic(&topic) {
-                        Some((node, NodeTopic::Status)) => coordinator.on_status(node, &payload, retain),
-                        Some((node, NodeTopic::Capacity)) => coordinator.on_capacity(node, &payload, retain),
-                        Some((node, NodeTopic::Reply)) => coordinator.on_reply(node, &payload),
-                        _ => log::debug!("ignored a message on {topic}"),
-                    }
-                }
+                Some(event) => Input::Link(event),
                 None => {
                     log::error!("the MQTT link stopped unexpectedly");
                     break;
                 }
             },
-            Some(request) = requests.recv() => api::handle(&mut coordinator, request),
-            _ = crate::timing::sleep_until(coordinator.placement_due()) => coordinator.place_pending(),
-            _ = tick.tick() => {
+            Some(request) = requests.recv() => Input::Api(request),
+            _ = crate::timing::sleep_until(coordinator.placement_due()) => Input::PlacementDue,
+            _ = tick.tick() => Input::Tick,
+        };
+        // The core reads no clock and does no I/O: it is told the time,
+        // and what it decided to publish is sent here.
+        coordinator.set_now(Now::system());
+        match input {
+            Input::Link(LinkEvent::Connected) => {
+                let filters = [NodeTopic::Status, NodeTopic::Capacity, NodeTopic::Reply]
+                    .map(|kind| coordinator.topics.all_nodes(kind))
+                    .to_vec();
+                if let Err(e) = link.publisher.subscribe(filters) {
+                    log::error!("cannot subscribe: {e}");
+                }
+            }
+            Input::Link(LinkEvent::Subscribed) => {
+                coordinator.on_subscribed();
+                // Answers published while we were away are lost.
+                coordinator.resend_turns(None, "reconnected to the broker");
+                let topic = coordinator.topics.coordinator_status();
+                if let Err(e) = link.publisher.publish(topic, STATUS_ONLINE, true) {
+                    log::error!("cannot publish the coordinator status: {e}");
+                }
+                ready.store(true, Ordering::Relaxed);
+                log::info!(
+                    "coordinator ready: API http://{api_addr}, generation {}",
+                    coordinator.generation
+                );
+                if !announced {
+                    announced = true;
+                    systemd::notify_ready(&format!("coordinator ready on {api_addr}"));
+                }
+            }
+            Input::Link(LinkEvent::Disconnected { reason }) => {
+                ready.store(false, Ordering::Relaxed);
+                coordinator.on_disconnected();
+                log::warn!("lost the MQTT broker ({reason}); nodes keep their agents meanwhile");
+            }
+            Input::Link(LinkEvent::Message {
+                topic,
+                payload,
+                retain,
+            }) => match coordinator.topics.parse_node_topic(&topic) {
+                Some((node, NodeTopic::Status)) => coordinator.on_status(node, &payload, retain),
+                Some((node, NodeTopic::Capacity)) => {
+                    coordinator.on_capacity(node, &payload, retain)
+                }
+                Some((node, NodeTopic::Reply)) => coordinator.on_reply(node, &payload),
+                _ => log::debug!("ignored a message on {topic}"),
+            },
+            Input::Api(request) => api::handle(&mut coordinator, request),
+            Input::PlacementDue => coordinator.place_pending(),
+            Input::Tick => {
                 coordinator.reconcile();
                 if ready.load(Ordering::Relaxed) {
                     coordinator.publish_summary();
                 }
             }
         }
+        send_outbox(&mut coordinator, &link.publisher);
     }
 
     systemd::notify_stopping();
     ready.store(false, Ordering::Relaxed);
+    coordinator.set_now(Now::system());
     coordinator.stop();
     // Stop taking requests, answer what is queued, then leave the broker.
     background.cancel();
@@ -178,6 +193,7 @@ pub async fn run(
         api::handle(&mut coordinator, request);
     }
     let _ = server.await;
+    send_outbox(&mut coordinator, &link.publisher);
     if let Err(e) = link.publisher.publish(
         coordinator.topics.coordinator_status(),
         STATUS_OFFLINE,
@@ -188,4 +204,21 @@ pub async fn run(
     link.close(Duration::from_secs(5)).await;
     log::info!("coordinator stopped");
     Ok(())
+}
+
+/// What the main loop woke up for.
+enum Input {
+    Link(LinkEvent),
+    Api(ApiRequest),
+    PlacementDue,
+    Tick,
+}
+
+/// Publishes what the core decided to send (queued QoS 1 publishes).
+fn send_outbox(coordinator: &mut core::Coordinator, publisher: &Publisher) {
+    for m in coordinator.take_outbox() {
+        if let Err(e) = publisher.publish(m.topic, m.payload, m.retain) {
+            log::error!("cannot publish: {e}");
+        }
+    }
 }

@@ -82,14 +82,14 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub(super) fn new(spec: AgentSpec, created_ms: u64) -> Agent {
+    pub(super) fn new(spec: AgentSpec, created_ms: u64, now: Instant) -> Agent {
         Agent {
             spec,
             created_ms,
             state: AgentState::Pending,
             node: None,
             placement: 0,
-            since: Instant::now(),
+            since: now,
             deadline: None,
             confirmed_ts: 0,
             pending_reason: None,
@@ -139,23 +139,4 @@ pub struct Event {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
     pub message: String,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    pub(super) fn jobs_pop_highest_priority_first_then_in_submission_order() {
-        let mut heap = BinaryHeap::new();
-        for (priority, seq) in [(1, 1), (5, 2), (1, 3), (9, 4), (5, 5)] {
-            heap.push(QueuedJob {
-                priority,
-                seq,
-                id: format!("{priority}-{seq}"),
-            });
-        }
-        let order: Vec<String> = std::iter::from_fn(|| heap.pop().map(|j| j.id)).collect();
-        assert_eq!(order, ["9-4", "5-2", "5-5", "1-1", "1-3"]);
-    }
 }

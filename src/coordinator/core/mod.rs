@@ -32,7 +32,6 @@ use super::scheduler::{Blocked, MovableAgent, NodeSlots, Request, Scheduler};
 use super::store::{JobRow, JobState, NodeFlags, Store, StoreError};
 use crate::config::coordinator::CoordinatorConfig;
 use crate::http::ApiError;
-use crate::mqtt::Publisher;
 use crate::protocol::{
     encode, now_ms, Ack, AgentSpec, Capacity, ChatMessage, Command, CommandBody, CommandKind,
     NodeTopic, Reply, ReplyBody, Role, Topics, TurnErrorCode, TurnRequest, TurnResult, Usage,
@@ -63,9 +62,46 @@ mod requests;
 mod turns;
 mod views;
 
+#[cfg(test)]
+mod tests;
+
 pub use agent::{Agent, AgentState, Event};
 use agent::{ChatWaiter, QueuedJob, TurnInFlight, TurnKind};
 pub use views::job_json;
+
+/// The time an input is handled at: monotonic for timeouts, wall-clock
+/// (Unix ms) for what is stored, shown and sent to nodes. The daemon passes
+/// [`Now::system`]; tests pass times of their own.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    pub at: Instant,
+    pub wall_ms: u64,
+}
+
+impl Now {
+    pub fn system() -> Now {
+        Now {
+            at: Instant::now(),
+            wall_ms: now_ms(),
+        }
+    }
+
+    /// `d` later on both clocks.
+    pub fn after(self, d: Duration) -> Now {
+        Now {
+            at: self.at + d,
+            wall_ms: self.wall_ms + d.as_millis() as u64,
+        }
+    }
+}
+
+/// An MQTT message the core decided to send (QoS 1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+}
 
 /// An API answer: status and JSON body, or a JSON error.
 pub type ApiResult = Result<(StatusCode, Value), ApiError>;
@@ -76,7 +112,10 @@ pub struct Coordinator {
     pub topics: Topics,
     pub generation: u64,
     store: Store,
-    publisher: Publisher,
+    /// MQTT messages decided on, for `mod.rs` to publish.
+    outbox: Vec<Outgoing>,
+    /// The time of the input being handled.
+    now: Now,
     pub fleet: Fleet,
     pub agents: BTreeMap<String, Agent>,
     /// Agents per node they occupy a slot on (every state but pending).
@@ -114,10 +153,10 @@ impl Coordinator {
     pub fn load(
         config: CoordinatorConfig,
         store: Store,
-        publisher: Publisher,
+        now: Now,
         metrics: Arc<CoordinatorMetrics>,
     ) -> Result<Coordinator, StoreError> {
-        let generation = store.begin_generation(now_ms())?;
+        let generation = store.begin_generation(now.wall_ms)?;
         let topics = Topics::new(config.mqtt.topic_root.clone());
         let mut c = Coordinator {
             topics,
@@ -143,13 +182,14 @@ impl Coordinator {
             metrics,
             summary_published: None,
             store,
-            publisher,
+            outbox: Vec::new(),
+            now,
             config,
         };
-        let now = Instant::now();
+        let now = now.at;
         let deadline = now + c.config.timeouts.assign_ack;
         for row in c.store.agents()? {
-            let mut agent = Agent::new(row.spec, row.created_ms);
+            let mut agent = Agent::new(row.spec, row.created_ms, now);
             agent.placement = row.placement;
             agent.node = row.node.clone();
             agent.state = match row.state.as_str() {
@@ -212,12 +252,31 @@ impl Coordinator {
             self.events.pop_front();
         }
         self.events.push_back(Event {
-            ts_ms: now_ms(),
+            ts_ms: self.now.wall_ms,
             kind,
             agent: agent.map(str::to_owned),
             node: node.map(str::to_owned),
             message,
         });
+    }
+
+    /// Queues a message for the broker.
+    fn publish(&mut self, topic: String, payload: impl Into<Vec<u8>>, retain: bool) {
+        self.outbox.push(Outgoing {
+            topic,
+            payload: payload.into(),
+            retain,
+        });
+    }
+
+    /// The messages decided on since the last call, in order.
+    pub fn take_outbox(&mut self) -> Vec<Outgoing> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// Sets the time of the input about to be handled.
+    pub fn set_now(&mut self, now: Now) {
+        self.now = now;
     }
 
     fn next_id(&mut self, prefix: &str) -> String {
@@ -239,13 +298,11 @@ impl Coordinator {
             generation: self.generation,
             body,
         };
-        if let Err(e) = self.publisher.publish(
+        self.publish(
             self.topics.node(node, NodeTopic::Command),
             encode(&command),
             false,
-        ) {
-            log::error!("cannot send a command to {node}: {e}");
-        }
+        );
         id
     }
 
@@ -294,7 +351,7 @@ impl Coordinator {
     /// Asks for a placement pass shortly (once per burst).
     fn want_placement(&mut self) {
         self.placement_at
-            .get_or_insert_with(|| Instant::now() + PLACEMENT_DELAY);
+            .get_or_insert_with(|| self.now.at + PLACEMENT_DELAY);
     }
 
     /// When the main loop should run [`Coordinator::place_pending`].
@@ -315,7 +372,7 @@ impl Coordinator {
         let created = a.created_ms;
         a.state = state;
         a.node = node.clone();
-        a.since = Instant::now();
+        a.since = self.now.at;
         a.deadline = None;
         self.index(
             name,

@@ -17,7 +17,7 @@ impl Coordinator {
         let spec = a.spec.clone();
         self.set_state(name, AgentState::Assigned, Some(node.to_owned()));
         if let Some(a) = self.agents.get_mut(name) {
-            a.deadline = Some(Instant::now() + self.config.timeouts.assign_ack);
+            a.deadline = Some(self.now.at + self.config.timeouts.assign_ack);
         }
         self.metrics.placements.inc();
         self.event(
@@ -45,7 +45,7 @@ impl Coordinator {
 
     /// Back to pending (it will be placed again), avoiding `avoid` for a while.
     pub(super) fn requeue_agent(&mut self, name: &str, avoid: Option<&str>, reason: &str) {
-        let now = Instant::now();
+        let now = self.now.at;
         if let Some(a) = self.agents.get_mut(name) {
             if let Some(node) = avoid {
                 a.avoid = Some((node.to_owned(), now + REFUSAL_BACKOFF));
@@ -76,7 +76,7 @@ impl Coordinator {
                 self.jobs.remove(&job.id);
             }
         }
-        if let Err(e) = self.store.delete_agent(name, now_ms()) {
+        if let Err(e) = self.store.delete_agent(name, self.now.wall_ms) {
             log::error!("{e}");
         }
         self.event("removed", Some(name), None, format!("agent {name} is gone"));
@@ -105,11 +105,16 @@ impl Coordinator {
                     a.on(&node) && matches!(a.state, AgentState::Running | AgentState::Assigned)
                 })
                 .filter(|(_, a)| {
-                    a.turn.is_none() || flags.drain_deadline_ms.is_some_and(|d| now_ms() >= d)
+                    a.turn.is_none()
+                        || flags
+                            .drain_deadline_ms
+                            .is_some_and(|d| self.now.wall_ms >= d)
                 })
                 .map(|(n, _)| n.clone())
                 .collect();
-            let overdue = flags.drain_deadline_ms.is_some_and(|d| now_ms() >= d);
+            let overdue = flags
+                .drain_deadline_ms
+                .is_some_and(|d| self.now.wall_ms >= d);
             if hosted.is_empty() && in_motion == 0 {
                 if !self.drained_reported.get(&node).copied().unwrap_or(false) {
                     self.drained_reported.insert(node.clone(), true);
@@ -178,7 +183,7 @@ impl Coordinator {
         self.set_state(name, AgentState::Releasing, Some(node.to_owned()));
         if let Some(a) = self.agents.get_mut(name) {
             a.moving_from = Some(node.to_owned());
-            a.deadline = Some(Instant::now() + self.config.timeouts.assign_ack);
+            a.deadline = Some(self.now.at + self.config.timeouts.assign_ack);
         }
         self.release(node, name, placement);
         self.event(
@@ -251,7 +256,7 @@ impl Coordinator {
     /// so trial placements (drains) do not count on room they will take.
     pub(super) fn scheduler_with_pending(&self) -> Scheduler {
         let mut scheduler = self.scheduler();
-        let now = Instant::now();
+        let now = self.now.at;
         for a in self
             .agents
             .values()
@@ -269,7 +274,7 @@ impl Coordinator {
 
     /// Places pending agents, oldest first.
     pub fn place_pending(&mut self) {
-        if self.settled_at.is_none_or(|at| Instant::now() < at) {
+        if self.settled_at.is_none_or(|at| self.now.at < at) {
             // Retained state is still arriving: try again once it settled.
             if self.placement_at.is_some() {
                 self.placement_at = self.settled_at;
@@ -280,7 +285,7 @@ impl Coordinator {
         if self.pending.is_empty() {
             return;
         }
-        let now = Instant::now();
+        let now = self.now.at;
         let pending: Vec<String> = self.pending.iter().map(|(_, name)| name.clone()).collect();
         let mut scheduler = self.scheduler();
         let mut full_reason: Option<String> = None;

@@ -3,7 +3,7 @@ use super::*;
 impl Coordinator {
     /// One pass: liveness, timeouts, drains, placement, rebalancing, turns.
     pub fn reconcile(&mut self) {
-        let now = Instant::now();
+        let now = self.now.at;
         let t = self.config.timeouts.clone();
         if let Some(stall) = self
             .reconciled_at
@@ -118,7 +118,7 @@ impl Coordinator {
             return;
         }
         self.pruned_at = Some(now);
-        let before = now_ms().saturating_sub(keep.as_millis() as u64);
+        let before = self.now.wall_ms.saturating_sub(keep.as_millis() as u64);
         match self.store.prune_finished_jobs(before) {
             Ok(0) => {}
             Ok(n) => log::info!(

@@ -3,7 +3,7 @@ use super::*;
 impl Coordinator {
     /// The broker acknowledged our subscriptions: state replays follow.
     pub fn on_subscribed(&mut self) {
-        let now = Instant::now();
+        let now = self.now.at;
         if self.settled_at.is_some() && !self.link_up {
             // Back after an outage of our own: not hearing the nodes meanwhile
             // says nothing about them.
@@ -34,7 +34,7 @@ impl Coordinator {
                 return;
             }
         };
-        if let Some(change) = self.fleet.status(node, online, Instant::now()) {
+        if let Some(change) = self.fleet.status(node, online, self.now.at) {
             self.on_change(change);
         }
         if online && !retained {
@@ -49,7 +49,7 @@ impl Coordinator {
             return; // a cleared retained capacity (a forgotten node)
         }
         let capacity: Capacity =
-            match crate::protocol::decode(payload, self.publisher.max_payload()) {
+            match crate::protocol::decode(payload, self.config.mqtt.max_payload_bytes) {
                 Ok(c) => c,
                 Err(e) => {
                     log::warn!("ignored the capacity message of {node}: {e}");
@@ -63,10 +63,7 @@ impl Coordinator {
             );
             return;
         }
-        match self
-            .fleet
-            .capacity(capacity.clone(), retained, Instant::now())
-        {
+        match self.fleet.capacity(capacity.clone(), retained, self.now.at) {
             Heard::Stale => return,
             Heard::Accepted(change) => {
                 if let Some(change) = change {
@@ -81,7 +78,7 @@ impl Coordinator {
 
     /// Compares what `node` says it hosts with what we want there.
     pub(super) fn reconcile_reported(&mut self, node: &str, capacity: &Capacity) {
-        let now = Instant::now();
+        let now = self.now.at;
         let draining = self.flags.get(node).is_some_and(|f| f.draining);
         for name in &capacity.agents {
             let Some(a) = self.agents.get(name) else {
@@ -158,7 +155,7 @@ impl Coordinator {
 
     pub(super) fn release_stray(&mut self, node: &str, name: &str, why: &str) {
         let key = (node.to_owned(), name.to_owned());
-        let now = Instant::now();
+        let now = self.now.at;
         if self
             .strays
             .get(&key)
@@ -184,7 +181,7 @@ impl Coordinator {
             a.confirmed_ts = a.confirmed_ts.max(node_ts);
             if moved.is_some() {
                 a.moving_from = None;
-                a.last_moved = Some(Instant::now());
+                a.last_moved = Some(self.now.at);
             }
         }
         match moved {
@@ -218,7 +215,7 @@ impl Coordinator {
                 let avoid = a.moving_from.clone();
                 self.set_state(name, AgentState::Pending, None);
                 if let (Some(a), Some(from)) = (self.agents.get_mut(name), avoid) {
-                    a.avoid = Some((from, Instant::now() + REFUSAL_BACKOFF));
+                    a.avoid = Some((from, self.now.at + REFUSAL_BACKOFF));
                 }
             }
             _ => {}
@@ -226,13 +223,14 @@ impl Coordinator {
     }
 
     pub fn on_reply(&mut self, node: &str, payload: &[u8]) {
-        let reply: Reply = match crate::protocol::decode(payload, self.publisher.max_payload()) {
-            Ok(r) => r,
-            Err(e) => {
-                log::warn!("ignored a reply from {node}: {e}");
-                return;
-            }
-        };
+        let reply: Reply =
+            match crate::protocol::decode(payload, self.config.mqtt.max_payload_bytes) {
+                Ok(r) => r,
+                Err(e) => {
+                    log::warn!("ignored a reply from {node}: {e}");
+                    return;
+                }
+            };
         if reply.node != node {
             log::warn!(
                 "ignored a reply on the topic of {node} naming node {}",
@@ -346,7 +344,7 @@ impl Coordinator {
 
     /// Agents on lost nodes go back to pending once the fence time passed.
     pub(super) fn release_lost_agents(&mut self) {
-        let now = Instant::now();
+        let now = self.now.at;
         let fence = self.config.timeouts.fence;
         let due: Vec<(String, String)> = self
             .agents

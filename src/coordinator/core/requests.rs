@@ -9,7 +9,7 @@ impl Coordinator {
                 format!("agent {} already exists", spec.name),
             ));
         }
-        let created = now_ms();
+        let created = self.now.wall_ms;
         match self.store.insert_agent(&spec, created) {
             Ok(true) => {}
             Ok(false) => {
@@ -28,7 +28,8 @@ impl Coordinator {
             }
         }
         let name = spec.name.clone();
-        self.agents.insert(name.clone(), Agent::new(spec, created));
+        self.agents
+            .insert(name.clone(), Agent::new(spec, created, self.now.at));
         self.index(&name, created, None, AgentState::Pending, None);
         self.event(
             "created",
@@ -51,7 +52,7 @@ impl Coordinator {
                 let placement = a.placement;
                 self.set_state(name, AgentState::Stopping, Some(node.clone()));
                 if let Some(a) = self.agents.get_mut(name) {
-                    a.deadline = Some(Instant::now() + self.config.timeouts.assign_ack);
+                    a.deadline = Some(self.now.at + self.config.timeouts.assign_ack);
                 }
                 self.fail_chats(name, "the agent is being stopped");
                 let jobs: Vec<String> = self
@@ -140,7 +141,7 @@ impl Coordinator {
             );
             return Err(error.retry_after(limits.retry_after_secs));
         }
-        let now = now_ms();
+        let now = self.now.wall_ms;
         let mut job = JobRow {
             id: format!("j{}", crate::protocol::new_id()),
             agent: name.to_owned(),
@@ -217,7 +218,7 @@ impl Coordinator {
         let flags = NodeFlags {
             cordoned: true,
             draining: true,
-            drain_deadline_ms: Some(now_ms() + deadline.as_millis() as u64),
+            drain_deadline_ms: Some(self.now.wall_ms + deadline.as_millis() as u64),
             drain_max_parallel: Some(
                 max_parallel
                     .unwrap_or(self.config.scheduler.drain_max_parallel)
@@ -298,12 +299,7 @@ impl Coordinator {
             log::error!("{e}");
         }
         for kind in [NodeTopic::Status, NodeTopic::Capacity] {
-            if let Err(e) = self
-                .publisher
-                .publish(self.topics.node(node, kind), Vec::new(), true)
-            {
-                log::error!("cannot clear the retained {kind:?} of {node}: {e}");
-            }
+            self.publish(self.topics.node(node, kind), Vec::new(), true);
         }
         self.event(
             "forgotten",
@@ -339,7 +335,7 @@ impl Coordinator {
         if capacity.draining == want || !view.is_online() {
             return;
         }
-        let now = Instant::now();
+        let now = self.now.at;
         if self
             .drain_sent
             .get(node)

@@ -35,7 +35,7 @@ impl Coordinator {
         job.state = JobState::Running;
         job.attempts += 1;
         job.node = Some(node.clone());
-        job.updated_ms = now_ms();
+        job.updated_ms = self.now.wall_ms;
         let message = vec![ChatMessage::new(Role::User, job.message.clone())];
         if let Err(e) = self.store.update_job(job) {
             log::error!("{e}");
@@ -57,7 +57,7 @@ impl Coordinator {
             TurnKind::Chat(_) => None,
         };
         let id = self.next_id("t");
-        let deadline_ms = now_ms() + timeout.as_millis() as u64;
+        let deadline_ms = self.now.wall_ms + timeout.as_millis() as u64;
         let payload = match self.turn_command(&id, name, node, &new_messages, job, deadline_ms) {
             Ok(payload) => payload,
             Err(reason) => {
@@ -74,16 +74,11 @@ impl Coordinator {
                 return;
             }
         };
-        if let Err(e) =
-            self.publisher
-                .publish(self.topics.node(node, NodeTopic::Command), payload, false)
-        {
-            log::error!("cannot send turn {id} to {node}: {e}");
-        }
+        self.publish(self.topics.node(node, NodeTopic::Command), payload, false);
         if let Some(a) = self.agents.get_mut(name) {
             a.turn = Some(id.clone());
         }
-        let now = Instant::now();
+        let now = self.now.at;
         self.turns.insert(
             id,
             TurnInFlight {
@@ -132,7 +127,7 @@ impl Coordinator {
                 job,
             }),
         };
-        let max = self.publisher.max_payload();
+        let max = self.config.mqtt.max_payload_bytes;
         let mut payload = encode(&command);
         while payload.len() > max {
             let CommandBody::Turn(turn) = &mut command.body else {
@@ -158,7 +153,7 @@ impl Coordinator {
     /// coordinator was not connected is lost with clean sessions; a node
     /// ignores a turn it is still running and answers one it finished
     /// again, so resending is safe.
-    pub fn resend_turns(&self, node: Option<&str>, why: &str) {
+    pub fn resend_turns(&mut self, node: Option<&str>, why: &str) {
         let due: Vec<(&String, &TurnInFlight)> = self
             .turns
             .iter()
@@ -168,22 +163,21 @@ impl Coordinator {
             return;
         }
         log::info!("{why}: sending {} turns in flight again", due.len());
+        let mut resent = Vec::new();
         for (id, t) in due {
             let job = match &t.kind {
                 TurnKind::Job(job) => Some(job.clone()),
                 TurnKind::Chat(_) => None,
             };
-            let sent = self
-                .turn_command(id, &t.agent, &t.node, &t.new_messages, job, t.deadline_ms)
-                .and_then(|payload| {
-                    let topic = self.topics.node(&t.node, NodeTopic::Command);
-                    self.publisher
-                        .publish(topic, payload, false)
-                        .map_err(|e| e.to_string())
-                });
-            if let Err(e) = sent {
-                log::error!("cannot send turn {id} to {} again: {e}", t.node);
+            match self.turn_command(id, &t.agent, &t.node, &t.new_messages, job, t.deadline_ms) {
+                Ok(payload) => {
+                    resent.push((self.topics.node(&t.node, NodeTopic::Command), payload))
+                }
+                Err(e) => log::error!("cannot send turn {id} to {} again: {e}", t.node),
             }
+        }
+        for (topic, payload) in resent {
+            self.publish(topic, payload, false);
         }
     }
 
@@ -236,10 +230,13 @@ impl Coordinator {
         };
         let mut record = turn.new_messages.clone();
         record.push(message.clone());
-        if let Err(e) = self.store.append_history(&turn.agent, &record, now_ms()) {
+        if let Err(e) = self
+            .store
+            .append_history(&turn.agent, &record, self.now.wall_ms)
+        {
             log::error!("{e}");
         }
-        let seconds = turn.started.elapsed().as_secs_f64();
+        let seconds = self.now.at.duration_since(turn.started).as_secs_f64();
         match turn.kind {
             TurnKind::Chat(reply) => {
                 self.metrics.chat("ok", seconds);
@@ -275,8 +272,10 @@ impl Coordinator {
         };
         match turn.kind {
             TurnKind::Chat(reply) => {
-                self.metrics
-                    .chat(code.as_str(), turn.started.elapsed().as_secs_f64());
+                self.metrics.chat(
+                    code.as_str(),
+                    self.now.at.duration_since(turn.started).as_secs_f64(),
+                );
                 let (status, retry) = match code {
                     TurnErrorCode::OllamaBusy => (StatusCode::SERVICE_UNAVAILABLE, true),
                     TurnErrorCode::Timeout | TurnErrorCode::Expired => {
@@ -307,7 +306,7 @@ impl Coordinator {
                     j.state = JobState::Queued;
                     j.node = None;
                     j.error = Some(reason.clone());
-                    j.updated_ms = now_ms();
+                    j.updated_ms = self.now.wall_ms;
                     let queued = QueuedJob {
                         priority: j.priority,
                         seq: j.seq,
@@ -350,7 +349,7 @@ impl Coordinator {
         };
         job.answer = answer;
         job.error = error;
-        job.updated_ms = now_ms();
+        job.updated_ms = self.now.wall_ms;
         if let Err(e) = self.store.update_job(&job) {
             log::error!("{e}");
         }

@@ -61,7 +61,11 @@ impl Coordinator {
         v["cordoned"] = json!(flags.cordoned);
         v["draining"] = json!(flags.draining || view.capacity.as_ref().is_some_and(|c| c.draining));
         v["assigned"] = json!(assigned);
-        v["last_seen_secs"] = json!(view.last_heard.elapsed().as_secs());
+        v["last_seen_secs"] = json!(self
+            .now
+            .at
+            .saturating_duration_since(view.last_heard)
+            .as_secs());
         v
     }
 
@@ -86,7 +90,7 @@ impl Coordinator {
             "queued_jobs": a.jobs.len(),
             "busy": a.turn.is_some(),
             "created_ms": a.created_ms,
-            "state_secs": a.since.elapsed().as_secs(),
+            "state_secs": self.now.at.saturating_duration_since(a.since).as_secs(),
         })
     }
 
@@ -99,7 +103,7 @@ impl Coordinator {
     /// a second) or every 30 s.
     pub fn publish_summary(&mut self) {
         let summary = self.summary();
-        let now = Instant::now();
+        let now = self.now.at;
         let due = match &self.summary_published {
             None => true,
             Some((at, last)) => {
@@ -112,13 +116,8 @@ impl Coordinator {
             return;
         }
         let mut payload = summary.clone();
-        payload["ts"] = json!(now_ms());
-        if let Err(e) =
-            self.publisher
-                .publish(self.topics.fleet_summary(), payload.to_string(), true)
-        {
-            log::error!("cannot publish the fleet summary: {e}");
-        }
+        payload["ts"] = json!(self.now.wall_ms);
+        self.publish(self.topics.fleet_summary(), payload.to_string(), true);
         self.summary_published = Some((now, summary));
     }
 }

@@ -1,0 +1,438 @@
+//! The core driven in-process: no broker, no processes, no clock. A test
+//! plays the nodes (they acknowledge commands and announce their capacity
+//! as the node daemon does) and moves time by hand, 250 ms per step like the
+//! daemon's tick.
+
+use super::*;
+use crate::protocol::{CpuInfo, MemoryInfo};
+
+const STEP: Duration = Duration::from_millis(250);
+
+/// A node as the core sees it through MQTT.
+#[derive(Default)]
+struct SimNode {
+    capacity: u32,
+    hosted: BTreeSet<String>,
+    /// Announces its capacity every second and answers commands.
+    alive: bool,
+    /// Acknowledges assignments (a node that does not is "mute").
+    acks_assign: bool,
+    draining: bool,
+    seq: u64,
+    /// Turns received and not answered yet.
+    turns: Vec<Command>,
+}
+
+struct Sim {
+    c: Coordinator,
+    now: Now,
+    nodes: BTreeMap<String, SimNode>,
+    /// Every command sent, in order: (node, command).
+    sent: Vec<(String, Command)>,
+    steps: u64,
+    _dir: tempfile::TempDir,
+}
+
+impl Sim {
+    fn new(tweak: impl FnOnce(&mut CoordinatorConfig)) -> Sim {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = CoordinatorConfig::with_defaults(dir.path().join("store.db"));
+        config.scheduler.rebalance_threshold = 0.0;
+        tweak(&mut config);
+        let store = Store::open(&config.store_path, config.history_limit).unwrap();
+        let now = Now::system();
+        let metrics = Arc::new(CoordinatorMetrics::new());
+        let mut c = Coordinator::load(config, store, now, metrics).unwrap();
+        c.on_subscribed();
+        Sim {
+            c,
+            now,
+            nodes: BTreeMap::new(),
+            sent: Vec::new(),
+            steps: 0,
+            _dir: dir,
+        }
+    }
+
+    /// A node that comes online with `capacity` slots.
+    fn join(&mut self, node: &str, capacity: u32) {
+        self.nodes.insert(
+            node.to_owned(),
+            SimNode {
+                capacity,
+                alive: true,
+                acks_assign: true,
+                ..SimNode::default()
+            },
+        );
+        self.c.on_status(node, b"online", false);
+        self.announce(node);
+    }
+
+    fn announce(&mut self, node: &str) {
+        let n = self.nodes.get_mut(node).unwrap();
+        n.seq += 1;
+        let capacity = Capacity {
+            node: node.to_owned(),
+            session: format!("{node}-session"),
+            seq: n.seq,
+            version: "test".into(),
+            arch: "aarch64".into(),
+            agent_capacity: n.capacity,
+            agents_running: n.hosted.len() as u32,
+            agents: n.hosted.iter().cloned().collect(),
+            cpu: CpuInfo {
+                cores: 4,
+                load1: 0.0,
+                usage_pct: 0.0,
+            },
+            memory: MemoryInfo {
+                total_bytes: 1 << 32,
+                available_bytes: 1 << 31,
+            },
+            temperature_c: None,
+            throttled: None,
+            models: vec!["llama3.2:latest".into()],
+            ollama_reachable: true,
+            labels: BTreeMap::new(),
+            draining: n.draining,
+            ts: self.now.wall_ms,
+            max_temperature_c: None,
+            max_parallel: 1,
+            turns_in_flight: n.turns.len() as u32,
+            generation: self.c.generation,
+        };
+        self.c.on_capacity(node, &encode(&capacity), false);
+        self.deliver();
+    }
+
+    /// One tick of the daemon: time passes, the core reconciles, nodes
+    /// answer what they were sent and announce themselves once a second.
+    fn step(&mut self) {
+        self.steps += 1;
+        self.now = self.now.after(STEP);
+        self.c.set_now(self.now);
+        self.c.reconcile();
+        self.deliver();
+        if self.steps.is_multiple_of(4) {
+            let alive: Vec<String> = self
+                .nodes
+                .iter()
+                .filter(|(_, n)| n.alive)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for node in alive {
+                self.announce(&node);
+            }
+        }
+    }
+
+    fn run_for(&mut self, d: Duration) {
+        for _ in 0..d.as_millis() / STEP.as_millis() {
+            self.step();
+        }
+    }
+
+    /// Steps until `done` holds; fails after `limit` of simulated time.
+    fn run_until(&mut self, what: &str, limit: Duration, done: impl Fn(&Sim) -> bool) {
+        let start = self.now.at;
+        while !done(self) {
+            assert!(
+                self.now.at.duration_since(start) < limit,
+                "{what}: not within {limit:?}; agents {:?}; events {:?}",
+                self.placement(),
+                self.kinds()
+            );
+            self.step();
+        }
+    }
+
+    /// Hands what the core published to the nodes it is for, and their
+    /// replies back, until nothing is left to answer.
+    fn deliver(&mut self) {
+        loop {
+            let outbox = self.c.take_outbox();
+            if outbox.is_empty() {
+                return;
+            }
+            for m in outbox {
+                let Some((node, NodeTopic::Command)) = self.c.topics.parse_node_topic(&m.topic)
+                else {
+                    continue;
+                };
+                let node = node.to_owned();
+                let command: Command = serde_json::from_slice(&m.payload).unwrap();
+                self.sent.push((node.clone(), command.clone()));
+                self.answer(&node, command);
+            }
+        }
+    }
+
+    fn answer(&mut self, node: &str, command: Command) {
+        let Some(n) = self.nodes.get_mut(node).filter(|n| n.alive) else {
+            return;
+        };
+        let (kind, agent, placement, ok) = match &command.body {
+            CommandBody::Assign { agent, placement } => {
+                if !n.acks_assign {
+                    return;
+                }
+                let room = (n.hosted.len() as u32) < n.capacity;
+                if room {
+                    n.hosted.insert(agent.name.clone());
+                }
+                (CommandKind::Assign, agent.name.clone(), *placement, room)
+            }
+            CommandBody::Release { agent, placement } => {
+                n.hosted.remove(agent);
+                (CommandKind::Release, agent.clone(), *placement, true)
+            }
+            CommandBody::Drain { draining } => {
+                n.draining = *draining;
+                return;
+            }
+            CommandBody::Turn(_) => {
+                n.turns.push(command);
+                return;
+            }
+        };
+        let ack = Ack {
+            command: kind,
+            agent: Some(agent),
+            placement: Some(placement),
+            ok,
+            reason: (!ok).then(|| "full".to_owned()),
+            agents_running: n.hosted.len() as u32,
+            ts: self.now.wall_ms,
+        };
+        self.reply(node, &command.id, ReplyBody::Ack(ack));
+    }
+
+    fn reply(&mut self, node: &str, id: &str, body: ReplyBody) {
+        let reply = Reply {
+            id: id.to_owned(),
+            node: node.to_owned(),
+            session: format!("{node}-session"),
+            generation: self.c.generation,
+            body,
+        };
+        self.c.on_reply(node, &encode(&reply));
+    }
+
+    /// Answers the oldest unanswered turn on `node` with a failure.
+    fn fail_turn(&mut self, node: &str, code: TurnErrorCode) {
+        let turn = self.nodes.get_mut(node).unwrap().turns.remove(0);
+        let CommandBody::Turn(request) = &turn.body else {
+            unreachable!()
+        };
+        let result = TurnResult::failed(&request.agent, request.job.clone(), code, "test".into());
+        self.reply(node, &turn.id, ReplyBody::TurnResult(result));
+        self.deliver();
+    }
+
+    fn spawn(&mut self, names: &[&str]) {
+        for name in names {
+            let spec = AgentSpec {
+                name: (*name).to_owned(),
+                model: "llama3.2:latest".into(),
+                system: None,
+                labels: BTreeMap::new(),
+            };
+            self.c.create_agent(spec).unwrap();
+        }
+    }
+
+    /// Running agents per node.
+    fn placement(&self) -> BTreeMap<String, Vec<String>> {
+        let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (name, a) in &self.c.agents {
+            if a.state == AgentState::Running {
+                map.entry(a.node.clone().unwrap_or_default())
+                    .or_default()
+                    .push(name.clone());
+            }
+        }
+        map
+    }
+
+    fn running_on(&self, node: &str) -> usize {
+        self.placement().get(node).map_or(0, Vec::len)
+    }
+
+    fn kinds(&self) -> Vec<&'static str> {
+        self.c.events.iter().map(|e| e.kind).collect()
+    }
+
+    fn commands_to(&self, node: &str, kind: CommandKind) -> usize {
+        self.sent
+            .iter()
+            .filter(|(n, c)| n == node && c.body.kind() == kind)
+            .count()
+    }
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// Three agents on `a`, then `b` (same size) joins.
+fn three_on_a_then_b(tweak: impl FnOnce(&mut CoordinatorConfig)) -> Sim {
+    let mut sim = Sim::new(tweak);
+    sim.join("a", 4);
+    sim.spawn(&["x", "y", "z"]);
+    sim.run_until("all on a", MINUTE, |s| s.running_on("a") == 3);
+    sim.join("b", 4);
+    sim
+}
+
+/// Drains `a` with `max_parallel`; returns the most agents seen in motion
+/// off `a` at once.
+fn drain_three(max_parallel: usize) -> (Sim, usize) {
+    let mut sim = three_on_a_then_b(|_| {});
+    sim.c.drain("a", Some(max_parallel), None).unwrap();
+    let mut most = 0;
+    let deadline = sim.now.at + MINUTE;
+    while sim.running_on("b") < 3 {
+        assert!(sim.now.at < deadline, "not drained: {:?}", sim.placement());
+        sim.step();
+        let in_motion = sim
+            .c
+            .agents
+            .values()
+            .filter(|a| a.moving_from.as_deref() == Some("a") && a.state != AgentState::Running)
+            .count();
+        most = most.max(in_motion);
+    }
+    (sim, most)
+}
+
+#[test]
+fn a_drain_moves_at_most_max_parallel_agents_at_a_time() {
+    let (mut sim, most) = drain_three(1);
+    assert_eq!(most, 1);
+    sim.run_for(Duration::from_secs(1));
+    assert!(sim.kinds().contains(&"drained"), "{:?}", sim.kinds());
+    assert_eq!(sim.commands_to("a", CommandKind::Release), 3);
+    // The same drain with room for all three moves them together.
+    assert_eq!(drain_three(3).1, 3);
+}
+
+#[test]
+fn a_drain_waits_for_busy_agents_until_its_deadline_then_moves_them_all() {
+    let mut sim = three_on_a_then_b(|_| {});
+    // Two agents are busy: their turns stay unanswered on a.
+    let mut chats = Vec::new();
+    for name in ["x", "y"] {
+        let (tx, rx) = oneshot::channel();
+        sim.c
+            .chat(name, vec![ChatMessage::new(Role::User, "hi")], tx);
+        chats.push(rx);
+    }
+    sim.deliver();
+    assert_eq!(sim.nodes["a"].turns.len(), 2);
+    sim.c
+        .drain("a", Some(3), Some(Duration::from_secs(30)))
+        .unwrap();
+    sim.run_for(Duration::from_secs(29));
+    // The idle one moved; the busy ones stay until the deadline.
+    assert_eq!(sim.placement()["b"], ["z"]);
+    assert_eq!(sim.running_on("a"), 2);
+    sim.run_until("deadline moves the rest", Duration::from_secs(5), |s| {
+        s.running_on("b") == 3
+    });
+    // Their chats are told to try again: the turns were cut short.
+    for mut rx in chats {
+        let answer = rx.try_recv().expect("answered");
+        let error = answer.expect_err("a chat cut short by the drain");
+        assert_eq!(error.status, StatusCode::SERVICE_UNAVAILABLE, "{error:?}");
+    }
+}
+
+#[test]
+fn rebalancing_stops_within_the_threshold_and_does_not_bounce() {
+    let mut sim = Sim::new(|c| {
+        c.scheduler.rebalance_threshold = 1.5;
+        c.scheduler.rebalance_max_moves = 2;
+    });
+    sim.join("a", 10);
+    let names: Vec<String> = (0..6).map(|i| format!("r{i}")).collect();
+    sim.spawn(&names.iter().map(String::as_str).collect::<Vec<_>>());
+    sim.run_until("all on a", MINUTE, |s| s.running_on("a") == 6);
+    sim.join("b", 10);
+    sim.run_until("two moved", MINUTE, |s| s.running_on("b") == 2);
+    // 4/10 against a fleet average of 3/10 is within 1.5x: nothing more
+    // moves, then or later.
+    sim.run_for(5 * MINUTE);
+    assert_eq!((sim.running_on("a"), sim.running_on("b")), (4, 2));
+    assert_eq!(sim.commands_to("a", CommandKind::Release), 2);
+    assert_eq!(sim.commands_to("b", CommandKind::Release), 0);
+}
+
+#[test]
+fn a_node_that_does_not_confirm_an_assignment_in_time_loses_it() {
+    let mut sim = Sim::new(|c| c.timeouts.assign_ack = Duration::from_secs(10));
+    sim.join("mute", 4);
+    sim.nodes.get_mut("mute").unwrap().acks_assign = false;
+    sim.spawn(&["x"]);
+    sim.run_for(Duration::from_secs(9));
+    assert_eq!(sim.c.agents["x"].state, AgentState::Assigned);
+    sim.join("ok", 4);
+    sim.run_until("placed on ok", Duration::from_secs(5), |s| {
+        s.running_on("ok") == 1
+    });
+    assert!(sim.kinds().contains(&"assign_timeout"), "{:?}", sim.kinds());
+    // The late node is told to let it go, in case it does hold it.
+    assert_eq!(sim.commands_to("mute", CommandKind::Release), 1);
+}
+
+#[test]
+fn a_silent_node_is_lost_after_node_lost_after_and_its_agents_move() {
+    let mut sim = three_on_a_then_b(|c| c.timeouts.node_lost_after = Duration::from_secs(5));
+    sim.run_for(Duration::from_secs(10));
+    assert_eq!(sim.running_on("a"), 3, "a healthy node keeps its agents");
+    sim.nodes.get_mut("a").unwrap().alive = false; // power cut: no last will
+    sim.run_for(Duration::from_secs(4));
+    assert_eq!(sim.running_on("a"), 3, "not lost before node_lost_after");
+    sim.run_until("moved to b", Duration::from_secs(3), |s| {
+        s.running_on("b") == 3
+    });
+    assert_eq!(sim.kinds().iter().filter(|k| **k == "node_lost").count(), 1);
+}
+
+#[test]
+fn a_job_is_retried_up_to_max_attempts_and_not_for_a_missing_model() {
+    let mut sim = Sim::new(|c| c.queue.max_attempts = 3);
+    sim.join("a", 2);
+    sim.spawn(&["x"]);
+    sim.run_until("running", MINUTE, |s| s.running_on("a") == 1);
+    let status = |sim: &Sim, id: &str| {
+        let (_, job) = sim.c.job(id).unwrap();
+        (job["status"].clone(), job["attempts"].clone())
+    };
+    let (_, submitted) = sim.c.submit_job("x", "work".into(), 0).unwrap();
+    let id = submitted["job_id"].as_str().unwrap().to_owned();
+    sim.deliver();
+    for attempt in 1..=3 {
+        assert_eq!(status(&sim, &id), (json!("running"), json!(attempt)));
+        sim.fail_turn("a", TurnErrorCode::OllamaError);
+    }
+    assert_eq!(status(&sim, &id), (json!("failed"), json!(3)));
+
+    let (_, submitted) = sim.c.submit_job("x", "other".into(), 0).unwrap();
+    let id = submitted["job_id"].as_str().unwrap().to_owned();
+    sim.deliver();
+    sim.fail_turn("a", TurnErrorCode::ModelMissing);
+    assert_eq!(status(&sim, &id), (json!("failed"), json!(1)));
+}
+
+#[test]
+fn jobs_pop_highest_priority_first_then_in_submission_order() {
+    let mut heap = BinaryHeap::new();
+    for (priority, seq) in [(1, 1), (5, 2), (1, 3), (9, 4), (5, 5)] {
+        heap.push(QueuedJob {
+            priority,
+            seq,
+            id: format!("{priority}-{seq}"),
+        });
+    }
+    let order: Vec<String> = std::iter::from_fn(|| heap.pop().map(|j| j.id)).collect();
+    assert_eq!(order, ["9-4", "5-2", "5-5", "1-1", "1-3"]);
+}

@@ -27,10 +27,69 @@ type Result<T> = std::result::Result<T, StoreError>;
 pub struct AgentRow {
     pub spec: AgentSpec,
     pub created_ms: u64,
-    /// `pending`, `assigned`, `running` or `stopping`.
-    pub state: String,
+    pub state: StoredState,
     pub node: Option<String>,
     pub placement: u64,
+}
+
+/// An agent's state as stored: a move in progress is stored as `pending`
+/// (it is placed again after a restart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredState {
+    Pending,
+    Assigned,
+    Running,
+    Stopping,
+}
+
+impl StoredState {
+    pub const ALL: [StoredState; 4] = [
+        StoredState::Pending,
+        StoredState::Assigned,
+        StoredState::Running,
+        StoredState::Stopping,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoredState::Pending => "pending",
+            StoredState::Assigned => "assigned",
+            StoredState::Running => "running",
+            StoredState::Stopping => "stopping",
+        }
+    }
+}
+
+/// Reads a text column that must hold one of `known`'s names: anything
+/// else is an error naming the column and the value, never a default.
+fn one_of<T: Copy>(
+    r: &Row<'_>,
+    index: usize,
+    column: &str,
+    known: &[T],
+    name: impl Fn(T) -> &'static str,
+) -> rusqlite::Result<T> {
+    let value: String = r.get(index)?;
+    known.iter().copied().find(|k| name(*k) == value).ok_or_else(|| {
+        let names: Vec<&str> = known.iter().map(|k| name(*k)).collect();
+        let message = format!(
+            "unknown {column} {value:?} (expected one of {})",
+            names.join(", ")
+        );
+        rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, message.into())
+    })
+}
+
+/// Reads a JSON text column; bad JSON is an error naming the column.
+fn json_column<T: serde::de::DeserializeOwned>(
+    index: usize,
+    column: &str,
+    text: &str,
+) -> rusqlite::Result<T> {
+    serde_json::from_str(text).map_err(|e| {
+        let message = format!("{column} is not valid JSON: {e}");
+        rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, message.into())
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,15 +114,6 @@ impl JobState {
             JobState::Running => "running",
             JobState::Completed => "completed",
             JobState::Failed => "failed",
-        }
-    }
-
-    fn parse(s: &str) -> JobState {
-        match s {
-            "running" => JobState::Running,
-            "completed" => JobState::Completed,
-            "failed" => JobState::Failed,
-            _ => JobState::Queued,
         }
     }
 }
@@ -152,14 +202,7 @@ fn role_name(role: Role) -> &'static str {
     role.as_str()
 }
 
-fn parse_role(s: &str) -> Role {
-    match s {
-        "system" => Role::System,
-        "assistant" => Role::Assistant,
-        "tool" => Role::Tool,
-        _ => Role::User,
-    }
-}
+const ROLES: [Role; 4] = [Role::System, Role::User, Role::Assistant, Role::Tool];
 
 impl Store {
     /// Opens (creating if needed) the store at `path`.
@@ -287,10 +330,10 @@ impl Store {
                         name: r.get(0)?,
                         model: r.get(1)?,
                         system: r.get(2)?,
-                        labels: serde_json::from_str(&labels).unwrap_or_default(),
+                        labels: json_column(3, "agents.labels", &labels)?,
                     },
                     created_ms: r.get::<_, i64>(4)? as u64,
-                    state: r.get(5)?,
+                    state: one_of(r, 5, "agents.state", &StoredState::ALL, StoredState::as_str)?,
                     node: r.get(6)?,
                     placement: r.get::<_, i64>(7)? as u64,
                 })
@@ -316,7 +359,7 @@ impl Store {
     pub fn set_agent_state(
         &self,
         name: &str,
-        state: &str,
+        state: StoredState,
         node: Option<&str>,
         placement: u64,
     ) -> Result<()> {
@@ -324,7 +367,7 @@ impl Store {
             .prepare_cached(
                 "UPDATE agents SET state = ?2, node = ?3, placement = ?4 WHERE name = ?1",
             )
-            .and_then(|mut s| s.execute(params![name, state, node, placement as i64]))
+            .and_then(|mut s| s.execute(params![name, state.as_str(), node, placement as i64]))
             .map(|_| ())
             .map_err(self.err("update an agent"))
     }
@@ -360,7 +403,7 @@ impl Store {
         let rows = stmt
             .query_map(params![agent, self.history_limit as i64], |r| {
                 Ok(ChatMessage::new(
-                    parse_role(&r.get::<_, String>(0)?),
+                    one_of(r, 0, "messages.role", &ROLES, Role::as_str)?,
                     r.get::<_, String>(1)?,
                 ))
             })
@@ -448,14 +491,16 @@ impl Store {
             message: r.get(2)?,
             priority: r.get(3)?,
             seq: r.get::<_, i64>(4)? as u64,
-            state: JobState::parse(&r.get::<_, String>(5)?),
+            state: one_of(r, 5, "jobs.state", &JobState::ALL, JobState::as_str)?,
             attempts: r.get(6)?,
             node: r.get(7)?,
             created_ms: r.get::<_, i64>(8)? as u64,
             updated_ms: r.get::<_, i64>(9)? as u64,
             answer: r.get(10)?,
             error: r.get(11)?,
-            usage: usage.and_then(|u| serde_json::from_str(&u).ok()),
+            usage: usage
+                .map(|u| json_column(12, "jobs.usage", &u))
+                .transpose()?,
         })
     }
 
@@ -590,7 +635,7 @@ mod tests {
                 "names are unique"
             );
             let p = s.next_placement().unwrap();
-            s.set_agent_state("alice", "assigned", Some("pi-1"), p)
+            s.set_agent_state("alice", StoredState::Assigned, Some("pi-1"), p)
                 .unwrap();
             assert_eq!(s.begin_generation(1000).unwrap(), 1000);
         }
@@ -713,5 +758,54 @@ mod tests {
             .map(|j| j.id)
             .collect();
         assert_eq!(left, ["new-done", "old-running", "old-queued"]);
+    }
+
+    #[test]
+    fn unknown_values_in_the_store_are_errors_that_name_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("c.db"), 3).unwrap();
+        s.insert_agent(&spec("alice"), 10).unwrap();
+        let hi = [ChatMessage::new(Role::User, "hi")];
+        s.append_history("alice", &hi, 11).unwrap();
+        let mut job = JobRow {
+            id: "j1".into(),
+            agent: "alice".into(),
+            message: "do it".into(),
+            priority: 0,
+            seq: 0,
+            state: JobState::Queued,
+            attempts: 0,
+            node: None,
+            created_ms: 1,
+            updated_ms: 1,
+            answer: None,
+            error: None,
+            usage: None,
+        };
+        s.insert_job(&mut job).unwrap();
+        let sabotage = "UPDATE agents SET state = 'dancing';
+            UPDATE messages SET role = 'robot';
+            UPDATE jobs SET state = 'lost'";
+        s.conn.execute_batch(sabotage).unwrap();
+        let errors = [
+            s.agents().unwrap_err().to_string(),
+            s.history("alice").unwrap_err().to_string(),
+            s.job("j1").unwrap_err().to_string(),
+        ];
+        for (error, (column, value)) in errors.iter().zip([
+            ("agents.state", "dancing"),
+            ("messages.role", "robot"),
+            ("jobs.state", "lost"),
+        ]) {
+            assert!(
+                error.contains(column) && error.contains(value),
+                "{error} should name {column} {value}"
+            );
+        }
+        s.conn
+            .execute("UPDATE agents SET state = 'running', labels = '[oops'", [])
+            .unwrap();
+        let error = s.agents().unwrap_err().to_string();
+        assert!(error.contains("agents.labels"), "{error}");
     }
 }

@@ -22,12 +22,21 @@ impl AgentState {
         }
     }
 
-    pub(super) fn stored(self) -> &'static str {
+    pub(super) fn stored(self) -> StoredState {
         match self {
-            AgentState::Pending | AgentState::Releasing => "pending",
-            AgentState::Assigned => "assigned",
-            AgentState::Running => "running",
-            AgentState::Stopping => "stopping",
+            AgentState::Pending | AgentState::Releasing => StoredState::Pending,
+            AgentState::Assigned => StoredState::Assigned,
+            AgentState::Running => StoredState::Running,
+            AgentState::Stopping => StoredState::Stopping,
+        }
+    }
+
+    pub(super) fn from_stored(state: StoredState) -> AgentState {
+        match state {
+            StoredState::Pending => AgentState::Pending,
+            StoredState::Assigned => AgentState::Assigned,
+            StoredState::Running => AgentState::Running,
+            StoredState::Stopping => AgentState::Stopping,
         }
     }
 }

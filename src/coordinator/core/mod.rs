@@ -29,7 +29,7 @@ use tokio::sync::oneshot;
 use super::fleet::{Change, Fleet, Heard};
 use super::metrics::CoordinatorMetrics;
 use super::scheduler::{Blocked, MovableAgent, NodeSlots, Request, Scheduler};
-use super::store::{JobRow, JobState, NodeFlags, Store, StoreError};
+use super::store::{JobRow, JobState, NodeFlags, Store, StoreError, StoredState};
 use crate::config::coordinator::CoordinatorConfig;
 use crate::http::ApiError;
 use crate::protocol::{
@@ -192,12 +192,7 @@ impl Coordinator {
             let mut agent = Agent::new(row.spec, row.created_ms, now);
             agent.placement = row.placement;
             agent.node = row.node.clone();
-            agent.state = match row.state.as_str() {
-                "running" => AgentState::Running,
-                "assigned" => AgentState::Assigned,
-                "stopping" => AgentState::Stopping,
-                _ => AgentState::Pending,
-            };
+            agent.state = AgentState::from_stored(row.state);
             if agent.state == AgentState::Pending {
                 agent.node = None;
             } else if let Some(node) = &row.node {

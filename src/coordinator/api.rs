@@ -16,149 +16,73 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use super::core::{ApiResult, Coordinator, Responder};
+use super::core::{Coordinator, CoreError};
 use super::metrics::CoordinatorMetrics;
 use crate::http::{no_route, wrong_method, ApiError, PathParam, QueryParams};
-use crate::protocol::{normalize_model, AgentSpec, ChatMessage, Role};
+use crate::protocol::{normalize_model, AgentSpec, ChatMessage, JobState, Role, TurnErrorCode};
 
-/// What handlers ask the coordinator task.
-pub enum ApiRequest {
-    Status {
-        events: usize,
-        reply: Responder,
-    },
-    Nodes {
-        reply: Responder,
-    },
-    Node {
-        node: String,
-        reply: Responder,
-    },
-    Drain {
-        node: String,
-        max_parallel: Option<usize>,
-        deadline: Option<Duration>,
-        reply: Responder,
-    },
-    Uncordon {
-        node: String,
-        reply: Responder,
-    },
-    ForgetNode {
-        node: String,
-        reply: Responder,
-    },
-    Agents {
-        reply: Responder,
-    },
-    Agent {
-        name: String,
-        reply: Responder,
-    },
-    CreateAgent {
-        spec: AgentSpec,
-        reply: Responder,
-    },
-    DeleteAgent {
-        name: String,
-        reply: Responder,
-    },
-    Chat {
-        agent: String,
-        messages: Vec<ChatMessage>,
-        reply: Responder,
-    },
-    SubmitJob {
-        agent: String,
-        message: String,
-        priority: i64,
-        reply: Responder,
-    },
-    Job {
-        id: String,
-        reply: Responder,
-    },
-    Jobs {
-        agent: Option<String>,
-        state: Option<String>,
-        limit: usize,
-        reply: Responder,
-    },
-    Events {
-        limit: usize,
-        reply: Responder,
-    },
-}
+/// What a handler asks the coordinator task to do: a call on its state,
+/// run there between other inputs, that sends its own answer back.
+pub type ApiCall = Box<dyn FnOnce(&mut Coordinator) + Send>;
 
-/// Answers one request on the coordinator task.
-pub fn handle(c: &mut Coordinator, request: ApiRequest) {
-    let found = |value: Value, what: &str| {
-        if value.is_null() {
-            Err(ApiError::not_found(what.to_owned()))
-        } else {
-            Ok((StatusCode::OK, value))
+/// The HTTP face of a domain error: the one place statuses are chosen.
+impl From<CoreError> for ApiError {
+    fn from(e: CoreError) -> ApiError {
+        let message = e.to_string();
+        match e {
+            CoreError::NotFound(_) => ApiError::not_found(message),
+            CoreError::Conflict { code, .. } => ApiError::new(StatusCode::CONFLICT, code, message),
+            CoreError::QueueFull {
+                retry_after_secs, ..
+            } => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", message)
+                .retry_after(retry_after_secs),
+            CoreError::NotRunning {
+                retry_after_secs, ..
+            } => {
+                let error = ApiError::unavailable("agent_not_running", message);
+                match retry_after_secs {
+                    Some(secs) => error.retry_after(secs),
+                    None => error,
+                }
+            }
+            CoreError::TooLarge(_) => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message)
+            }
+            CoreError::Turn {
+                code,
+                retry_after_secs,
+                ..
+            } => {
+                let status = match code {
+                    TurnErrorCode::Timeout | TurnErrorCode::Expired => StatusCode::GATEWAY_TIMEOUT,
+                    TurnErrorCode::OllamaBusy
+                    | TurnErrorCode::AgentNotAssigned
+                    | TurnErrorCode::Released
+                    | TurnErrorCode::ShuttingDown
+                    | TurnErrorCode::Fenced => StatusCode::SERVICE_UNAVAILABLE,
+                    _ => StatusCode::BAD_GATEWAY,
+                };
+                let error = ApiError::new(status, code.as_str(), message);
+                match retry_after_secs {
+                    Some(secs) => error.retry_after(secs),
+                    None => error,
+                }
+            }
+            CoreError::Store(_) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", message)
+            }
+            CoreError::Stopping => ApiError::unavailable("stopping", message),
         }
-    };
-    let (reply, result): (Responder, ApiResult) = match request {
-        ApiRequest::Status { events, reply } => {
-            (reply, Ok((StatusCode::OK, c.status_json(events))))
-        }
-        ApiRequest::Nodes { reply } => (reply, Ok((StatusCode::OK, c.nodes_json()))),
-        ApiRequest::Node { node, reply } => {
-            let v = c.node_json(&node);
-            (reply, found(v, &format!("no node named {node}")))
-        }
-        ApiRequest::Drain {
-            node,
-            max_parallel,
-            deadline,
-            reply,
-        } => (reply, c.drain(&node, max_parallel, deadline)),
-        ApiRequest::Uncordon { node, reply } => (reply, c.uncordon(&node)),
-        ApiRequest::ForgetNode { node, reply } => (reply, c.forget_node(&node)),
-        ApiRequest::Agents { reply } => (reply, Ok((StatusCode::OK, c.agents_json()))),
-        ApiRequest::Agent { name, reply } => {
-            let v = c.agent_json(&name);
-            (reply, found(v, &format!("no agent named {name}")))
-        }
-        ApiRequest::CreateAgent { spec, reply } => (reply, c.create_agent(spec)),
-        ApiRequest::DeleteAgent { name, reply } => (reply, c.delete_agent(&name)),
-        ApiRequest::Chat {
-            agent,
-            messages,
-            reply,
-        } => return c.chat(&agent, messages, reply),
-        ApiRequest::SubmitJob {
-            agent,
-            message,
-            priority,
-            reply,
-        } => (reply, c.submit_job(&agent, message, priority)),
-        ApiRequest::Job { id, reply } => (reply, c.job(&id)),
-        ApiRequest::Jobs {
-            agent,
-            state,
-            limit,
-            reply,
-        } => (
-            reply,
-            c.list_jobs(agent.as_deref(), state.as_deref(), limit),
-        ),
-        ApiRequest::Events { limit, reply } => (
-            reply,
-            Ok((StatusCode::OK, json!({"events": c.events(limit)}))),
-        ),
-    };
-    let _ = reply.send(result);
+    }
 }
 
 #[derive(Clone)]
 pub struct ApiState {
-    pub requests: mpsc::Sender<ApiRequest>,
+    pub requests: mpsc::Sender<ApiCall>,
     pub ready: Arc<AtomicBool>,
     pub metrics: Arc<CoordinatorMetrics>,
     pub token: Option<String>,
@@ -166,37 +90,60 @@ pub struct ApiState {
     pub chat_timeout: Duration,
 }
 
-impl ApiState {
-    async fn ask(&self, make: impl FnOnce(Responder) -> ApiRequest) -> Response {
-        self.ask_within(None, make).await
-    }
+fn stopping() -> Response {
+    ApiError::from(CoreError::Stopping).into_response()
+}
 
-    async fn ask_within(
+fn respond<T: Serialize>(status: StatusCode, answer: Result<T, CoreError>) -> Response {
+    match answer {
+        Ok(body) => (status, Json(body)).into_response(),
+        Err(error) => ApiError::from(error).into_response(),
+    }
+}
+
+impl ApiState {
+    /// Runs `f` on the coordinator task and answers its result with
+    /// `status` (or its error).
+    async fn call<T: Serialize + Send + 'static>(
         &self,
-        timeout: Option<Duration>,
-        make: impl FnOnce(Responder) -> ApiRequest,
+        status: StatusCode,
+        f: impl FnOnce(&mut Coordinator) -> Result<T, CoreError> + Send + 'static,
     ) -> Response {
         let (tx, rx) = oneshot::channel();
-        let stopping =
-            || ApiError::unavailable("stopping", "the coordinator is stopping").into_response();
-        if self.requests.send(make(tx)).await.is_err() {
+        let call: ApiCall = Box::new(move |c| {
+            let _ = tx.send(f(c));
+        });
+        if self.requests.send(call).await.is_err() {
             return stopping();
         }
-        let answer = match timeout {
-            Some(limit) => match tokio::time::timeout(limit, rx).await {
-                Ok(answer) => answer,
-                Err(_) => {
-                    let message = format!("no answer within {}s", limit.as_secs());
-                    return ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", message)
-                        .into_response();
-                }
-            },
-            None => rx.await,
-        };
-        match answer {
-            Ok(Ok((status, body))) => (status, Json(body)).into_response(),
-            Ok(Err(error)) => error.into_response(),
+        match rx.await {
+            Ok(answer) => respond(status, answer),
             Err(_) => stopping(),
+        }
+    }
+
+    /// Like [`ApiState::call`] for a view that cannot fail.
+    async fn view<T: Serialize + Send + 'static>(
+        &self,
+        f: impl FnOnce(&Coordinator) -> T + Send + 'static,
+    ) -> Response {
+        self.call(StatusCode::OK, move |c| Ok(f(c))).await
+    }
+
+    /// A chat: answered when its turn completes, or 504 after `limit`.
+    async fn chat(&self, agent: String, messages: Vec<ChatMessage>, limit: Duration) -> Response {
+        let (tx, rx) = oneshot::channel();
+        let call: ApiCall = Box::new(move |c| c.chat(&agent, messages, tx));
+        if self.requests.send(call).await.is_err() {
+            return stopping();
+        }
+        match tokio::time::timeout(limit, rx).await {
+            Ok(Ok(answer)) => respond(StatusCode::OK, answer),
+            Ok(Err(_)) => stopping(),
+            Err(_) => {
+                let message = format!("no answer within {}s", limit.as_secs());
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", message).into_response()
+            }
         }
     }
 }
@@ -438,15 +385,15 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
 
 async fn status(State(s): State<ApiState>, QueryParams(q): QueryParams<ListQuery>) -> Response {
     let events = q.limit.unwrap_or(10).min(1000);
-    s.ask(|reply| ApiRequest::Status { events, reply }).await
+    s.view(move |c| c.status(events)).await
 }
 
 async fn nodes(State(s): State<ApiState>) -> Response {
-    s.ask(|reply| ApiRequest::Nodes { reply }).await
+    s.view(|c| c.nodes()).await
 }
 
 async fn node(State(s): State<ApiState>, PathParam(node): PathParam<String>) -> Response {
-    s.ask(|reply| ApiRequest::Node { node, reply }).await
+    s.call(StatusCode::OK, move |c| c.node(&node)).await
 }
 
 async fn drain(
@@ -468,29 +415,27 @@ async fn drain(
         return invalid("max_parallel must be at least 1").into_response();
     }
     let deadline = body.deadline_secs.map(Duration::from_secs);
-    s.ask(|reply| ApiRequest::Drain {
-        node,
-        max_parallel: body.max_parallel,
-        deadline,
-        reply,
+    let max_parallel = body.max_parallel;
+    s.call(StatusCode::OK, move |c| {
+        c.drain(&node, max_parallel, deadline)
     })
     .await
 }
 
 async fn uncordon(State(s): State<ApiState>, PathParam(node): PathParam<String>) -> Response {
-    s.ask(|reply| ApiRequest::Uncordon { node, reply }).await
+    s.call(StatusCode::OK, move |c| c.uncordon(&node)).await
 }
 
 async fn forget_node(State(s): State<ApiState>, PathParam(node): PathParam<String>) -> Response {
-    s.ask(|reply| ApiRequest::ForgetNode { node, reply }).await
+    s.call(StatusCode::OK, move |c| c.forget_node(&node)).await
 }
 
 async fn agents(State(s): State<ApiState>) -> Response {
-    s.ask(|reply| ApiRequest::Agents { reply }).await
+    s.view(|c| c.agent_list()).await
 }
 
 async fn agent(State(s): State<ApiState>, PathParam(name): PathParam<String>) -> Response {
-    s.ask(|reply| ApiRequest::Agent { name, reply }).await
+    s.call(StatusCode::OK, move |c| c.agent(&name)).await
 }
 
 async fn create_agent(
@@ -501,11 +446,12 @@ async fn create_agent(
         Ok(spec) => spec,
         Err(e) => return e.into_response(),
     };
-    s.ask(|reply| ApiRequest::CreateAgent { spec, reply }).await
+    s.call(StatusCode::CREATED, move |c| c.create_agent(spec))
+        .await
 }
 
 async fn delete_agent(State(s): State<ApiState>, PathParam(name): PathParam<String>) -> Response {
-    s.ask(|reply| ApiRequest::DeleteAgent { name, reply }).await
+    s.call(StatusCode::OK, move |c| c.delete_agent(&name)).await
 }
 
 async fn chat(State(s): State<ApiState>, body: Result<JsonBody<ChatBody>, ApiError>) -> Response {
@@ -518,12 +464,7 @@ async fn chat(State(s): State<ApiState>, body: Result<JsonBody<ChatBody>, ApiErr
         Err(e) => return e.into_response(),
     };
     let limit = s.chat_timeout;
-    s.ask_within(Some(limit), |reply| ApiRequest::Chat {
-        agent,
-        messages,
-        reply,
-    })
-    .await
+    s.chat(agent, messages, limit).await
 }
 
 async fn submit_job(
@@ -545,11 +486,8 @@ async fn submit_job(
         ))
         .into_response();
     }
-    s.ask(|reply| ApiRequest::SubmitJob {
-        agent,
-        message: body.message,
-        priority: body.priority,
-        reply,
+    s.call(StatusCode::ACCEPTED, move |c| {
+        c.submit_job(&agent, body.message, body.priority)
     })
     .await
 }
@@ -568,39 +506,65 @@ async fn jobs(s: State<ApiState>, QueryParams(q): QueryParams<ListQuery>) -> Res
 }
 
 async fn list_jobs(State(s): State<ApiState>, agent: Option<String>, q: ListQuery) -> Response {
-    use super::store::JobState;
-    if let Some(state) = q.state.as_deref() {
-        if !JobState::ALL.iter().any(|s| s.as_str() == state) {
-            let known: Vec<&str> = JobState::ALL.iter().map(|s| s.as_str()).collect();
-            return invalid(format!(
-                "state {state:?} is not one of {}",
-                known.join(", ")
-            ))
-            .into_response();
-        }
-    }
+    let state = match q.state.as_deref() {
+        None => None,
+        Some(state) => match JobState::ALL.into_iter().find(|s| s.as_str() == state) {
+            Some(known) => Some(known),
+            None => {
+                let known: Vec<&str> = JobState::ALL.iter().map(|s| s.as_str()).collect();
+                return invalid(format!(
+                    "state {state:?} is not one of {}",
+                    known.join(", ")
+                ))
+                .into_response();
+            }
+        },
+    };
     let limit = q.limit.unwrap_or(100).min(10_000);
-    s.ask(|reply| ApiRequest::Jobs {
-        agent,
-        state: q.state,
-        limit,
-        reply,
+    s.call(StatusCode::OK, move |c| {
+        c.list_jobs(agent.as_deref(), state, limit)
     })
     .await
 }
 
 async fn job(State(s): State<ApiState>, PathParam(id): PathParam<String>) -> Response {
-    s.ask(|reply| ApiRequest::Job { id, reply }).await
+    s.call(StatusCode::OK, move |c| c.job(&id)).await
 }
 
 async fn events(State(s): State<ApiState>, QueryParams(q): QueryParams<ListQuery>) -> Response {
     let limit = q.limit.unwrap_or(100).min(1000);
-    s.ask(|reply| ApiRequest::Events { limit, reply }).await
+    s.view(move |c| c.events(limit)).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn domain_errors_map_to_http_statuses() {
+        let turn = |code| CoreError::Turn {
+            code,
+            message: "m".into(),
+            retry_after_secs: None,
+        };
+        for (error, status, code) in [
+            (CoreError::NotFound("m".into()), 404, "not_found"),
+            (CoreError::Store("m".into()), 500, "store"),
+            (CoreError::TooLarge("m".into()), 413, "too_large"),
+            (CoreError::Stopping, 503, "stopping"),
+            (turn(TurnErrorCode::Timeout), 504, "timeout"),
+            (turn(TurnErrorCode::OllamaBusy), 503, "ollama_busy"),
+            (turn(TurnErrorCode::ModelMissing), 502, "model_missing"),
+        ] {
+            let api = ApiError::from(error);
+            assert_eq!((api.status.as_u16(), api.code), (status, code));
+        }
+        let full = ApiError::from(CoreError::QueueFull {
+            message: "m".into(),
+            retry_after_secs: 7,
+        });
+        assert_eq!((full.status.as_u16(), full.retry_after), (429, Some(7)));
+    }
 
     #[test]
     fn agent_names_follow_the_contract() {

@@ -35,7 +35,7 @@ use crate::config::coordinator::CoordinatorConfig;
 use crate::mqtt::{Link, LinkError, LinkEvent, Publisher, Will};
 use crate::protocol::{NodeTopic, STATUS_OFFLINE, STATUS_ONLINE};
 use crate::systemd::{self, Liveness};
-use api::ApiRequest;
+use api::ApiCall;
 use core::Now;
 
 const TICK: Duration = Duration::from_millis(250);
@@ -86,7 +86,7 @@ pub async fn run(
     );
 
     let ready = Arc::new(AtomicBool::new(false));
-    let (tx, mut requests) = mpsc::channel::<ApiRequest>(1024);
+    let (tx, mut requests) = mpsc::channel::<ApiCall>(1024);
     let background = CancellationToken::new();
     let state = api::ApiState {
         requests: tx,
@@ -170,7 +170,7 @@ pub async fn run(
                 Some((node, NodeTopic::Reply)) => coordinator.on_reply(node, &payload),
                 _ => log::debug!("ignored a message on {topic}"),
             },
-            Input::Api(request) => api::handle(&mut coordinator, request),
+            Input::Api(call) => call(&mut coordinator),
             Input::PlacementDue => coordinator.place_pending(),
             Input::Tick => {
                 coordinator.reconcile();
@@ -189,8 +189,8 @@ pub async fn run(
     // Stop taking requests, answer what is queued, then leave the broker.
     background.cancel();
     requests.close();
-    while let Ok(request) = requests.try_recv() {
-        api::handle(&mut coordinator, request);
+    while let Ok(call) = requests.try_recv() {
+        call(&mut coordinator);
     }
     let _ = server.await;
     send_outbox(&mut coordinator, &link.publisher);
@@ -209,7 +209,7 @@ pub async fn run(
 /// What the main loop woke up for.
 enum Input {
     Link(LinkEvent),
-    Api(ApiRequest),
+    Api(ApiCall),
     PlacementDue,
     Tick,
 }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
+pub use crate::protocol::JobState;
 use crate::protocol::{AgentSpec, ChatMessage, Role, Usage};
 
 #[derive(Debug, thiserror::Error)]
@@ -70,14 +71,22 @@ fn one_of<T: Copy>(
     name: impl Fn(T) -> &'static str,
 ) -> rusqlite::Result<T> {
     let value: String = r.get(index)?;
-    known.iter().copied().find(|k| name(*k) == value).ok_or_else(|| {
-        let names: Vec<&str> = known.iter().map(|k| name(*k)).collect();
-        let message = format!(
-            "unknown {column} {value:?} (expected one of {})",
-            names.join(", ")
-        );
-        rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, message.into())
-    })
+    known
+        .iter()
+        .copied()
+        .find(|k| name(*k) == value)
+        .ok_or_else(|| {
+            let names: Vec<&str> = known.iter().map(|k| name(*k)).collect();
+            let message = format!(
+                "unknown {column} {value:?} (expected one of {})",
+                names.join(", ")
+            );
+            rusqlite::Error::FromSqlConversionFailure(
+                index,
+                rusqlite::types::Type::Text,
+                message.into(),
+            )
+        })
 }
 
 /// Reads a JSON text column; bad JSON is an error naming the column.
@@ -88,34 +97,12 @@ fn json_column<T: serde::de::DeserializeOwned>(
 ) -> rusqlite::Result<T> {
     serde_json::from_str(text).map_err(|e| {
         let message = format!("{column} is not valid JSON: {e}");
-        rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, message.into())
+        rusqlite::Error::FromSqlConversionFailure(
+            index,
+            rusqlite::types::Type::Text,
+            message.into(),
+        )
     })
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobState {
-    Queued,
-    Running,
-    Completed,
-    Failed,
-}
-
-impl JobState {
-    pub const ALL: [JobState; 4] = [
-        JobState::Queued,
-        JobState::Running,
-        JobState::Completed,
-        JobState::Failed,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobState::Queued => "queued",
-            JobState::Running => "running",
-            JobState::Completed => "completed",
-            JobState::Failed => "failed",
-        }
-    }
 }
 
 /// A job as stored.

@@ -4,9 +4,11 @@
 
 mod messages;
 mod topics;
+mod views;
 
 pub use messages::*;
 pub use topics::{validate_node_id, validate_topic_root, NodeTopic, Topics};
+pub use views::*;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;

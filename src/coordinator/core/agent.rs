@@ -1,27 +1,6 @@
 use super::*;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AgentState {
-    Pending,
-    Assigned,
-    Running,
-    /// Being released from its node to move elsewhere.
-    Releasing,
-    /// Being released from its node because it was deleted.
-    Stopping,
-}
-
 impl AgentState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AgentState::Pending => "pending",
-            AgentState::Assigned => "assigned",
-            AgentState::Running => "running",
-            AgentState::Releasing => "moving",
-            AgentState::Stopping => "stopping",
-        }
-    }
-
     pub(super) fn stored(self) -> StoredState {
         match self {
             AgentState::Pending | AgentState::Releasing => StoredState::Pending,
@@ -137,15 +116,4 @@ pub(super) struct TurnInFlight {
     /// The deadline as sent to the node (Unix ms), for resending.
     pub(super) deadline_ms: u64,
     pub(super) started: Instant,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Event {
-    pub ts_ms: u64,
-    pub kind: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub agent: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub node: Option<String>,
-    pub message: String,
 }

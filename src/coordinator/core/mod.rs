@@ -22,8 +22,6 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::http::StatusCode;
-use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use super::fleet::{Change, Fleet, Heard};
@@ -31,10 +29,11 @@ use super::metrics::CoordinatorMetrics;
 use super::scheduler::{Blocked, MovableAgent, NodeSlots, Request, Scheduler};
 use super::store::{JobRow, JobState, NodeFlags, Store, StoreError, StoredState};
 use crate::config::coordinator::CoordinatorConfig;
-use crate::http::ApiError;
 use crate::protocol::{
-    encode, now_ms, Ack, AgentSpec, Capacity, ChatMessage, Command, CommandBody, CommandKind,
-    NodeTopic, Reply, ReplyBody, Role, Topics, TurnErrorCode, TurnRequest, TurnResult, Usage,
+    encode, now_ms, Ack, AgentDeleted, AgentList, AgentSpec, AgentState, AgentView, Capacity,
+    ChatAnswer, ChatMessage, Command, CommandBody, CommandKind, Event, EventKind, EventList,
+    FleetStatus, FleetSummary, JobList, JobSubmitted, JobView, NodeForgotten, NodeList, NodeTopic,
+    NodeView, Reply, ReplyBody, Role, Topics, TurnErrorCode, TurnRequest, TurnResult, Usage,
 };
 
 /// How long a node that refused an agent is skipped for it.
@@ -65,9 +64,8 @@ mod views;
 #[cfg(test)]
 mod tests;
 
-pub use agent::{Agent, AgentState, Event};
+pub use agent::Agent;
 use agent::{ChatWaiter, QueuedJob, TurnInFlight, TurnKind};
-pub use views::job_json;
 
 /// The time an input is handled at: monotonic for timeouts, wall-clock
 /// (Unix ms) for what is stored, shown and sent to nodes. The daemon passes
@@ -103,9 +101,53 @@ pub struct Outgoing {
     pub retain: bool,
 }
 
-/// An API answer: status and JSON body, or a JSON error.
-pub type ApiResult = Result<(StatusCode, Value), ApiError>;
-pub type Responder = oneshot::Sender<ApiResult>;
+/// Why a request was not done, in the domain's terms; `api.rs` alone maps
+/// these to HTTP statuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CoreError {
+    #[error("{0}")]
+    NotFound(String),
+    /// The request contradicts the current state (`code` names how).
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
+    /// A job queue is full.
+    #[error("{message}")]
+    QueueFull {
+        message: String,
+        retry_after_secs: u64,
+    },
+    /// The agent cannot take a turn now (stopping, unplaceable, moving).
+    #[error("{message}")]
+    NotRunning {
+        message: String,
+        retry_after_secs: Option<u64>,
+    },
+    /// The turn cannot be sent within the MQTT payload limit.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The node answered the turn with an error (or never answered).
+    #[error("{message}")]
+    Turn {
+        code: TurnErrorCode,
+        message: String,
+        retry_after_secs: Option<u64>,
+    },
+    /// The store could not be read or written; nothing was done.
+    #[error("{0}")]
+    Store(String),
+    #[error("the coordinator is stopping")]
+    Stopping,
+}
+
+impl From<StoreError> for CoreError {
+    fn from(e: StoreError) -> Self {
+        CoreError::Store(e.to_string())
+    }
+}
+
+/// Where the answer to a request that waits (a chat) is sent.
+pub type Answer<T> = oneshot::Sender<Result<T, CoreError>>;
+pub type Responder = Answer<ChatAnswer>;
 
 pub struct Coordinator {
     pub config: CoordinatorConfig,
@@ -145,7 +187,7 @@ pub struct Coordinator {
     /// When `reconcile` last ran, to notice that we were stalled.
     reconciled_at: Option<Instant>,
     pub metrics: Arc<CoordinatorMetrics>,
-    summary_published: Option<(Instant, Value)>,
+    summary_published: Option<(Instant, FleetSummary)>,
 }
 
 impl Coordinator {
@@ -234,15 +276,9 @@ impl Coordinator {
 
     // ----- events and commands -----
 
-    fn event(
-        &mut self,
-        kind: &'static str,
-        agent: Option<&str>,
-        node: Option<&str>,
-        message: String,
-    ) {
-        log::info!("{kind}: {message}");
-        self.metrics.event(kind);
+    fn event(&mut self, kind: EventKind, agent: Option<&str>, node: Option<&str>, message: String) {
+        log::info!("{}: {message}", kind.as_str());
+        self.metrics.event(kind.as_str());
         if self.events.len() == EVENTS_KEPT {
             self.events.pop_front();
         }
@@ -301,17 +337,6 @@ impl Coordinator {
         id
     }
 
-    fn persist(&self, name: &str) {
-        if let Some(a) = self.agents.get(name) {
-            if let Err(e) =
-                self.store
-                    .set_agent_state(name, a.state.stored(), a.node.as_deref(), a.placement)
-            {
-                log::error!("{e}");
-            }
-        }
-    }
-
     /// Keeps `by_node` and `pending` in step with an agent's state and node.
     fn index(
         &mut self,
@@ -355,7 +380,34 @@ impl Coordinator {
     }
 
     /// The only place an agent's state or node changes.
+    /// The store is written first; if that fails, the change is still made
+    /// in memory (the coordinator goes on with what the nodes report) and
+    /// the error logged. Requests that must not proceed use
+    /// [`Coordinator::try_set_state`].
     fn set_state(&mut self, name: &str, state: AgentState, node: Option<String>) {
+        if let Err(e) = self.try_set_state(name, state, node.clone()) {
+            log::error!("{e}; going on with the state in memory");
+            self.apply_state(name, state, node);
+        }
+    }
+
+    /// Stores the change, then makes it; on a store error nothing changes.
+    fn try_set_state(
+        &mut self,
+        name: &str,
+        state: AgentState,
+        node: Option<String>,
+    ) -> Result<(), StoreError> {
+        let Some(a) = self.agents.get(name) else {
+            return Ok(());
+        };
+        self.store
+            .set_agent_state(name, state.stored(), node.as_deref(), a.placement)?;
+        self.apply_state(name, state, node);
+        Ok(())
+    }
+
+    fn apply_state(&mut self, name: &str, state: AgentState, node: Option<String>) {
         let mut abandoned = None;
         let Some(a) = self.agents.get_mut(name) else {
             return;
@@ -376,7 +428,6 @@ impl Coordinator {
             state,
             node.as_deref(),
         );
-        self.persist(name);
         // A turn on the node it leaves will not be answered there: chats get
         // an error, jobs go back to the queue (not counted as an attempt).
         if let Some(turn) = abandoned {
@@ -391,10 +442,7 @@ impl Coordinator {
         for id in ids {
             if let Some(turn) = self.turns.remove(&id) {
                 if let TurnKind::Chat(reply) = turn.kind {
-                    let _ = reply.send(Err(ApiError::unavailable(
-                        "stopping",
-                        "the coordinator is stopping",
-                    )));
+                    let _ = reply.send(Err(CoreError::Stopping));
                 }
             }
         }

@@ -21,7 +21,7 @@ impl Coordinator {
         }
         self.metrics.placements.inc();
         self.event(
-            "placed",
+            EventKind::Placed,
             Some(name),
             Some(node),
             format!("placed {name} on {node} (placement {placement})"),
@@ -59,7 +59,23 @@ impl Coordinator {
         );
     }
 
+    /// Removes an agent whose node released it (or that had none).
     pub(super) fn remove_agent(&mut self, name: &str) {
+        if let Err(e) = self.try_remove_agent(name) {
+            log::error!("{e}; removing {name} from memory anyway");
+            self.forget_agent(name);
+        }
+    }
+
+    /// Deletes the agent from the store, then from memory; on a store error
+    /// nothing changes.
+    pub(super) fn try_remove_agent(&mut self, name: &str) -> Result<(), StoreError> {
+        self.store.delete_agent(name, self.now.wall_ms)?;
+        self.forget_agent(name);
+        Ok(())
+    }
+
+    fn forget_agent(&mut self, name: &str) {
         if let Some(mut a) = self.agents.remove(name) {
             if let Some(node) = &a.node {
                 if let Some(set) = self.by_node.get_mut(node) {
@@ -68,7 +84,7 @@ impl Coordinator {
             }
             self.pending.remove(&(a.created_ms, name.to_owned()));
             for waiter in a.chats.drain(..) {
-                let _ = waiter.reply.send(Err(ApiError::not_found(format!(
+                let _ = waiter.reply.send(Err(CoreError::NotFound(format!(
                     "agent {name} was stopped"
                 ))));
             }
@@ -76,10 +92,12 @@ impl Coordinator {
                 self.jobs.remove(&job.id);
             }
         }
-        if let Err(e) = self.store.delete_agent(name, self.now.wall_ms) {
-            log::error!("{e}");
-        }
-        self.event("removed", Some(name), None, format!("agent {name} is gone"));
+        self.event(
+            EventKind::Removed,
+            Some(name),
+            None,
+            format!("agent {name} is gone"),
+        );
     }
 
     pub(super) fn progress_drains(&mut self) {
@@ -119,7 +137,7 @@ impl Coordinator {
                 if !self.drained_reported.get(&node).copied().unwrap_or(false) {
                     self.drained_reported.insert(node.clone(), true);
                     self.event(
-                        "drained",
+                        EventKind::Drained,
                         None,
                         Some(&node),
                         format!("{node} is drained: no agents left"),
@@ -187,7 +205,7 @@ impl Coordinator {
         }
         self.release(node, name, placement);
         self.event(
-            "moving",
+            EventKind::Moving,
             Some(name),
             Some(node),
             format!("moving {name} off {node} ({why})"),

@@ -68,7 +68,7 @@ impl Coordinator {
             match state {
                 AgentState::Assigned => {
                     self.event(
-                        "assign_timeout",
+                        EventKind::AssignTimeout,
                         Some(&name),
                         Some(&node),
                         format!(
@@ -130,13 +130,13 @@ impl Coordinator {
     }
 
     pub(super) fn update_gauges(&self) {
-        let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
+        let mut counts: HashMap<AgentState, i64> = HashMap::new();
         for a in self.agents.values() {
-            *counts.entry(a.state.as_str()).or_default() += 1;
+            *counts.entry(a.state).or_default() += 1;
         }
-        for state in ["pending", "assigned", "running", "moving", "stopping"] {
-            self.metrics
-                .agents(state, counts.get(state).copied().unwrap_or(0));
+        for state in AgentState::ALL {
+            let count = counts.get(&state).copied().unwrap_or(0);
+            self.metrics.agents(state.as_str(), count);
         }
         let online: Vec<_> = self.fleet.nodes().filter(|n| n.is_online()).collect();
         self.metrics.nodes_online.set(online.len() as i64);

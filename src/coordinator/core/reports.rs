@@ -103,7 +103,7 @@ impl Coordinator {
                     // It already runs there (a restart or a healed partition
                     // left it): adopt rather than place it twice.
                     self.event(
-                        "adopted",
+                        EventKind::Adopted,
                         Some(name),
                         Some(node),
                         format!("{name} already runs on {node}; keeping it there"),
@@ -141,7 +141,7 @@ impl Coordinator {
             match state {
                 AgentState::Running => {
                     self.event(
-                        "vanished",
+                        EventKind::Vanished,
                         Some(&name),
                         Some(node),
                         format!("{node} no longer hosts {name}; placing it again"),
@@ -166,7 +166,7 @@ impl Coordinator {
         self.strays.insert(key, now);
         let placement = self.store.last_placement().unwrap_or(u64::MAX);
         self.event(
-            "released",
+            EventKind::Released,
             Some(name),
             Some(node),
             format!("releasing {name} from {node}: {why}"),
@@ -186,13 +186,13 @@ impl Coordinator {
         }
         match moved {
             Some(from) => self.event(
-                "moved",
+                EventKind::Moved,
                 Some(name),
                 Some(node),
                 format!("{name} moved from {from} to {node}"),
             ),
             None => self.event(
-                "running",
+                EventKind::Running,
                 Some(name),
                 Some(node),
                 format!("{name} runs on {node}"),
@@ -264,7 +264,7 @@ impl Coordinator {
             (CommandKind::Assign, false) if current && a.state == AgentState::Assigned => {
                 let reason = ack.reason.unwrap_or_default();
                 self.event(
-                    "refused",
+                    EventKind::Refused,
                     Some(&name),
                     Some(node),
                     format!("{node} refused {name}: {reason}"),
@@ -285,20 +285,20 @@ impl Coordinator {
                     .and_then(|v| v.capacity.as_ref())
                     .map_or(0, |c| c.agent_capacity);
                 self.event(
-                    "node_joined",
+                    EventKind::NodeJoined,
                     None,
                     Some(&node),
                     format!("node {node} is online with {capacity} agent slots"),
                 );
             }
             Change::Restarted { node } => self.event(
-                "node_restarted",
+                EventKind::NodeRestarted,
                 None,
                 Some(&node),
                 format!("node {node} restarted (new session)"),
             ),
             Change::Recovered { node } => self.event(
-                "node_recovered",
+                EventKind::NodeRecovered,
                 None,
                 Some(&node),
                 format!("node {node} spoke after an 'offline': that was a stale last will"),
@@ -314,7 +314,7 @@ impl Coordinator {
             .map(|set| set.iter().cloned().collect())
             .unwrap_or_default();
         self.event(
-            "node_lost",
+            EventKind::NodeLost,
             None,
             Some(node),
             format!(

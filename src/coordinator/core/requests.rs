@@ -1,56 +1,43 @@
 use super::*;
 
 impl Coordinator {
-    pub fn create_agent(&mut self, spec: AgentSpec) -> ApiResult {
+    pub fn create_agent(&mut self, spec: AgentSpec) -> Result<AgentView, CoreError> {
+        let exists = || CoreError::Conflict {
+            code: "exists",
+            message: format!("agent {} already exists", spec.name),
+        };
         if self.agents.contains_key(&spec.name) {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "exists",
-                format!("agent {} already exists", spec.name),
-            ));
+            return Err(exists());
         }
         let created = self.now.wall_ms;
-        match self.store.insert_agent(&spec, created) {
-            Ok(true) => {}
-            Ok(false) => {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "exists",
-                    format!("agent {} already exists", spec.name),
-                ))
-            }
-            Err(e) => {
-                return Err(ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "store",
-                    e.to_string(),
-                ))
-            }
+        if !self.store.insert_agent(&spec, created)? {
+            return Err(exists());
         }
         let name = spec.name.clone();
         self.agents
             .insert(name.clone(), Agent::new(spec, created, self.now.at));
         self.index(&name, created, None, AgentState::Pending, None);
         self.event(
-            "created",
+            EventKind::Created,
             Some(&name),
             None,
             format!("agent {name} created"),
         );
-        let view = self.agent_json(&name);
-        Ok((StatusCode::CREATED, view))
+        self.agent(&name)
     }
 
-    pub fn delete_agent(&mut self, name: &str) -> ApiResult {
+    /// Deletes an agent: at once if no node hosts it, otherwise once its
+    /// node released it. Nothing is sent unless the store took the change.
+    pub fn delete_agent(&mut self, name: &str) -> Result<AgentDeleted, CoreError> {
         let Some(a) = self.agents.get(name) else {
-            return Err(ApiError::not_found(format!("no agent named {name}")));
+            return Err(CoreError::NotFound(format!("no agent named {name}")));
         };
         match (a.state, a.node.clone()) {
             (AgentState::Stopping, _) => {}
-            (AgentState::Pending, _) | (_, None) => self.remove_agent(name),
+            (AgentState::Pending, _) | (_, None) => self.try_remove_agent(name)?,
             (_, Some(node)) => {
                 let placement = a.placement;
-                self.set_state(name, AgentState::Stopping, Some(node.clone()));
+                self.try_set_state(name, AgentState::Stopping, Some(node.clone()))?;
                 if let Some(a) = self.agents.get_mut(name) {
                     a.deadline = Some(self.now.at + self.config.timeouts.assign_ack);
                 }
@@ -65,7 +52,7 @@ impl Coordinator {
                 }
                 self.release(&node, name, placement);
                 self.event(
-                    "stopping",
+                    EventKind::Stopping,
                     Some(name),
                     Some(&node),
                     format!("stopping {name} on {node}"),
@@ -76,12 +63,15 @@ impl Coordinator {
             .agents
             .get(name)
             .map_or("stopped", |a| a.state.as_str());
-        Ok((StatusCode::OK, json!({"name": name, "state": state})))
+        Ok(AgentDeleted {
+            name: name.to_owned(),
+            state: state.to_owned(),
+        })
     }
 
     pub fn chat(&mut self, name: &str, messages: Vec<ChatMessage>, reply: Responder) {
         let Some(a) = self.agents.get_mut(name) else {
-            let _ = reply.send(Err(ApiError::not_found(format!("no agent named {name}"))));
+            let _ = reply.send(Err(CoreError::NotFound(format!("no agent named {name}"))));
             return;
         };
         // Assigned, moving, or pending but not yet tried: it runs shortly, so
@@ -98,16 +88,22 @@ impl Coordinator {
                 .clone()
                 .unwrap_or_else(|| "it is being placed".into());
             let message = format!("agent {name} is not running ({}): {why}", a.state.as_str());
-            let retry = self.config.queue.retry_after_secs;
-            let error = ApiError::unavailable("agent_not_running", message).retry_after(retry);
-            let _ = reply.send(Err(error));
+            let _ = reply.send(Err(CoreError::NotRunning {
+                message,
+                retry_after_secs: Some(self.config.queue.retry_after_secs),
+            }));
             return;
         }
         a.chats.push_back(ChatWaiter { messages, reply });
         self.dispatch(name);
     }
 
-    pub fn submit_job(&mut self, name: &str, message: String, priority: i64) -> ApiResult {
+    pub fn submit_job(
+        &mut self,
+        name: &str,
+        message: String,
+        priority: i64,
+    ) -> Result<JobSubmitted, CoreError> {
         let limits = self.config.queue.clone();
         let queued_total = self
             .jobs
@@ -115,14 +111,13 @@ impl Coordinator {
             .filter(|j| j.state == JobState::Queued)
             .count();
         let Some(a) = self.agents.get(name) else {
-            return Err(ApiError::not_found(format!("no agent named {name}")));
+            return Err(CoreError::NotFound(format!("no agent named {name}")));
         };
         if a.state == AgentState::Stopping {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "stopping",
-                format!("agent {name} is being stopped"),
-            ));
+            return Err(CoreError::Conflict {
+                code: "stopping",
+                message: format!("agent {name} is being stopped"),
+            });
         }
         if a.jobs.len() >= limits.max_jobs_per_agent || queued_total >= limits.max_jobs {
             let which = if a.jobs.len() >= limits.max_jobs_per_agent {
@@ -134,12 +129,10 @@ impl Coordinator {
                 format!("{queued_total} jobs are waiting in the fleet (queue.max_jobs)")
             };
             self.metrics.jobs_rejected.inc();
-            let error = ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "queue_full",
-                format!("queue full: {which}; retry later"),
-            );
-            return Err(error.retry_after(limits.retry_after_secs));
+            return Err(CoreError::QueueFull {
+                message: format!("queue full: {which}; retry later"),
+                retry_after_secs: limits.retry_after_secs,
+            });
         }
         let now = self.now.wall_ms;
         let mut job = JobRow {
@@ -157,13 +150,7 @@ impl Coordinator {
             error: None,
             usage: None,
         };
-        if let Err(e) = self.store.insert_job(&mut job) {
-            return Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "store",
-                e.to_string(),
-            ));
-        }
+        self.store.insert_job(&mut job)?;
         let id = job.id.clone();
         if let Some(a) = self.agents.get_mut(name) {
             a.jobs.push(QueuedJob {
@@ -175,34 +162,33 @@ impl Coordinator {
         self.jobs.insert(id.clone(), job);
         self.metrics.jobs_submitted.inc();
         self.dispatch(name);
-        Ok((
-            StatusCode::ACCEPTED,
-            json!({"job_id": id, "status": "queued"}),
-        ))
+        Ok(JobSubmitted {
+            job_id: id,
+            status: JobState::Queued,
+        })
     }
 
-    pub fn job(&self, id: &str) -> ApiResult {
+    pub fn job(&self, id: &str) -> Result<JobView, CoreError> {
         let job = match self.jobs.get(id) {
             Some(job) => Some(job.clone()),
-            None => self.store.job(id).map_err(|e| {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
-            })?,
+            None => self.store.job(id)?,
         };
-        match job {
-            Some(job) => Ok((StatusCode::OK, job_json(&job))),
-            None => Err(ApiError::not_found(format!("no job {id}"))),
-        }
+        job.map(|job| views::job_view(&job))
+            .ok_or_else(|| CoreError::NotFound(format!("no job {id}")))
     }
 
-    pub fn list_jobs(&self, agent: Option<&str>, state: Option<&str>, limit: usize) -> ApiResult {
-        let jobs = self.store.jobs(agent, state, limit).map_err(|e| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
-        })?;
-        let jobs: Vec<Value> = jobs
+    pub fn list_jobs(
+        &self,
+        agent: Option<&str>,
+        state: Option<JobState>,
+        limit: usize,
+    ) -> Result<JobList, CoreError> {
+        let jobs = self.store.jobs(agent, state.map(JobState::as_str), limit)?;
+        let jobs = jobs
             .iter()
-            .map(|j| job_json(self.jobs.get(&j.id).unwrap_or(j)))
+            .map(|j| views::job_view(self.jobs.get(&j.id).unwrap_or(j)))
             .collect();
-        Ok((StatusCode::OK, json!({ "jobs": jobs })))
+        Ok(JobList { jobs })
     }
 
     pub fn drain(
@@ -210,9 +196,9 @@ impl Coordinator {
         node: &str,
         max_parallel: Option<usize>,
         deadline: Option<Duration>,
-    ) -> ApiResult {
+    ) -> Result<NodeView, CoreError> {
         if self.fleet.get(node).is_none() {
-            return Err(ApiError::not_found(format!("no node named {node}")));
+            return Err(CoreError::NotFound(format!("no node named {node}")));
         }
         let deadline = deadline.unwrap_or(self.config.scheduler.drain_deadline);
         let flags = NodeFlags {
@@ -229,7 +215,7 @@ impl Coordinator {
         self.drained_reported.remove(node);
         let hosted = self.agents.values().filter(|a| a.on(node)).count();
         self.event(
-            "drain",
+            EventKind::Drain,
             None,
             Some(node),
             format!(
@@ -239,22 +225,22 @@ impl Coordinator {
             ),
         );
         self.reconcile();
-        Ok((StatusCode::OK, self.node_json(node)))
+        self.node(node)
     }
 
-    pub fn uncordon(&mut self, node: &str) -> ApiResult {
+    pub fn uncordon(&mut self, node: &str) -> Result<NodeView, CoreError> {
         if self.fleet.get(node).is_none() {
-            return Err(ApiError::not_found(format!("no node named {node}")));
+            return Err(CoreError::NotFound(format!("no node named {node}")));
         }
         self.set_flags(node, NodeFlags::default());
         self.event(
-            "uncordon",
+            EventKind::Uncordon,
             None,
             Some(node),
             format!("{node} takes agents again"),
         );
         self.reconcile();
-        Ok((StatusCode::OK, self.node_json(node)))
+        self.node(node)
     }
 
     /// Forgets a node that is not online (a Pi taken out of the fleet): its
@@ -262,20 +248,19 @@ impl Coordinator {
     /// status and capacity cleared on the broker so that dashboards and a
     /// restarted coordinator stop showing it. If it comes back it joins as
     /// a new node.
-    pub fn forget_node(&mut self, node: &str) -> ApiResult {
+    pub fn forget_node(&mut self, node: &str) -> Result<NodeForgotten, CoreError> {
         let Some(view) = self.fleet.get(node) else {
-            return Err(ApiError::not_found(format!("no node named {node}")));
+            return Err(CoreError::NotFound(format!("no node named {node}")));
         };
         if matches!(
             view.liveness,
             crate::coordinator::fleet::Liveness::Online
                 | crate::coordinator::fleet::Liveness::Suspect { .. }
         ) {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "node_online",
-                format!("node {node} is online: stop its daemon first (drain it to move its agents gracefully)"),
-            ));
+            return Err(CoreError::Conflict {
+                code: "node_online",
+                message: format!("node {node} is online: stop its daemon first (drain it to move its agents gracefully)"),
+            });
         }
         let hosted: Vec<String> = self
             .by_node
@@ -302,7 +287,7 @@ impl Coordinator {
             self.publish(self.topics.node(node, kind), Vec::new(), true);
         }
         self.event(
-            "forgotten",
+            EventKind::Forgotten,
             None,
             Some(node),
             format!(
@@ -311,7 +296,10 @@ impl Coordinator {
             ),
         );
         self.reconcile();
-        Ok((StatusCode::OK, json!({"node": node, "forgotten": true})))
+        Ok(NodeForgotten {
+            node: node.to_owned(),
+            forgotten: true,
+        })
     }
 
     pub(super) fn set_flags(&mut self, node: &str, flags: NodeFlags) {

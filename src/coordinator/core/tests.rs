@@ -260,7 +260,7 @@ impl Sim {
     }
 
     fn kinds(&self) -> Vec<&'static str> {
-        self.c.events.iter().map(|e| e.kind).collect()
+        self.c.events.iter().map(|e| e.kind.as_str()).collect()
     }
 
     fn commands_to(&self, node: &str, kind: CommandKind) -> usize {
@@ -342,7 +342,17 @@ fn a_drain_waits_for_busy_agents_until_its_deadline_then_moves_them_all() {
     for mut rx in chats {
         let answer = rx.try_recv().expect("answered");
         let error = answer.expect_err("a chat cut short by the drain");
-        assert_eq!(error.status, StatusCode::SERVICE_UNAVAILABLE, "{error:?}");
+        assert!(
+            matches!(
+                error,
+                CoreError::Turn {
+                    code: TurnErrorCode::Released,
+                    retry_after_secs: Some(_),
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
     }
 }
 
@@ -404,23 +414,84 @@ fn a_job_is_retried_up_to_max_attempts_and_not_for_a_missing_model() {
     sim.spawn(&["x"]);
     sim.run_until("running", MINUTE, |s| s.running_on("a") == 1);
     let status = |sim: &Sim, id: &str| {
-        let (_, job) = sim.c.job(id).unwrap();
-        (job["status"].clone(), job["attempts"].clone())
+        let job = sim.c.job(id).unwrap();
+        (job.status, job.attempts)
     };
-    let (_, submitted) = sim.c.submit_job("x", "work".into(), 0).unwrap();
-    let id = submitted["job_id"].as_str().unwrap().to_owned();
+    let submitted = sim.c.submit_job("x", "work".into(), 0).unwrap();
+    let id = submitted.job_id;
     sim.deliver();
     for attempt in 1..=3 {
-        assert_eq!(status(&sim, &id), (json!("running"), json!(attempt)));
+        assert_eq!(status(&sim, &id), (JobState::Running, attempt));
         sim.fail_turn("a", TurnErrorCode::OllamaError);
     }
-    assert_eq!(status(&sim, &id), (json!("failed"), json!(3)));
+    assert_eq!(status(&sim, &id), (JobState::Failed, 3));
 
-    let (_, submitted) = sim.c.submit_job("x", "other".into(), 0).unwrap();
-    let id = submitted["job_id"].as_str().unwrap().to_owned();
+    let submitted = sim.c.submit_job("x", "other".into(), 0).unwrap();
+    let id = submitted.job_id;
     sim.deliver();
     sim.fail_turn("a", TurnErrorCode::ModelMissing);
-    assert_eq!(status(&sim, &id), (json!("failed"), json!(1)));
+    assert_eq!(status(&sim, &id), (JobState::Failed, 1));
+}
+
+/// Runs SQL on the store underneath the running core, as another process
+/// (or a failing disk) would.
+fn sabotage(sim: &Sim, sql: &str) {
+    let conn = rusqlite::Connection::open(sim._dir.path().join("store.db")).unwrap();
+    conn.execute_batch(sql).unwrap();
+}
+
+fn one_running_on_a() -> Sim {
+    let mut sim = Sim::new(|_| {});
+    sim.join("a", 2);
+    sim.spawn(&["x"]);
+    sim.run_until("running", MINUTE, |s| s.running_on("a") == 1);
+    sim
+}
+
+#[test]
+fn a_chat_whose_history_cannot_be_read_fails_and_sends_no_turn() {
+    let mut sim = one_running_on_a();
+    sabotage(&sim, "ALTER TABLE messages RENAME TO messages_lost");
+    let (tx, mut rx) = oneshot::channel();
+    sim.c
+        .chat("x", vec![ChatMessage::new(Role::User, "hi")], tx);
+    sim.deliver();
+    let error = rx.try_recv().expect("answered at once").unwrap_err();
+    let CoreError::Store(message) = &error else {
+        panic!("expected a store error, got {error:?}");
+    };
+    assert!(message.contains("history of agent x"), "{message}");
+    assert_eq!(sim.commands_to("a", CommandKind::Turn), 0);
+    // Once the store is readable again, chats go through.
+    sabotage(&sim, "ALTER TABLE messages_lost RENAME TO messages");
+    let (tx, _rx) = oneshot::channel();
+    sim.c
+        .chat("x", vec![ChatMessage::new(Role::User, "hi")], tx);
+    sim.deliver();
+    assert_eq!(sim.commands_to("a", CommandKind::Turn), 1);
+}
+
+#[test]
+fn a_delete_whose_state_cannot_be_saved_sends_nothing() {
+    let mut sim = one_running_on_a();
+    sabotage(
+        &sim,
+        "CREATE TRIGGER read_only BEFORE UPDATE ON agents
+         BEGIN SELECT RAISE(FAIL, 'disk is read-only'); END",
+    );
+    let error = sim.c.delete_agent("x").unwrap_err();
+    assert!(
+        matches!(&error, CoreError::Store(m) if m.contains("disk is read-only")),
+        "{error:?}"
+    );
+    sim.deliver();
+    assert_eq!(sim.commands_to("a", CommandKind::Release), 0);
+    assert_eq!(sim.c.agents["x"].state, AgentState::Running);
+    sabotage(&sim, "DROP TRIGGER read_only");
+    assert_eq!(sim.c.delete_agent("x").unwrap().state, "stopping");
+    sim.deliver();
+    assert_eq!(sim.commands_to("a", CommandKind::Release), 1);
+    sim.run_until("gone", MINUTE, |s| s.c.agents.is_empty());
 }
 
 #[test]

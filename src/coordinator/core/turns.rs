@@ -60,16 +60,16 @@ impl Coordinator {
         let deadline_ms = self.now.wall_ms + timeout.as_millis() as u64;
         let payload = match self.turn_command(&id, name, node, &new_messages, job, deadline_ms) {
             Ok(payload) => payload,
-            Err(reason) => {
+            Err(error) => {
+                log::warn!("turn for {name} not sent: {error}");
                 match kind {
                     TurnKind::Chat(reply) => {
-                        let _ = reply.send(Err(ApiError::new(
-                            StatusCode::PAYLOAD_TOO_LARGE,
-                            "too_large",
-                            reason,
-                        )));
+                        let _ = reply.send(Err(error));
                     }
-                    TurnKind::Job(job) => self.finish_job(&job, None, Some(reason)),
+                    TurnKind::Job(job) => {
+                        self.metrics.job("failed");
+                        self.finish_job(&job, None, Some(error.to_string()))
+                    }
                 }
                 return;
             }
@@ -104,14 +104,12 @@ impl Coordinator {
         new_messages: &[ChatMessage],
         job: Option<String>,
         deadline_ms: u64,
-    ) -> Result<Vec<u8>, String> {
-        let history = match self.store.history(name) {
-            Ok(h) => h,
-            Err(e) => {
-                log::error!("{e}");
-                Vec::new()
-            }
-        };
+    ) -> Result<Vec<u8>, CoreError> {
+        // Without its history the agent would answer as if the
+        // conversation had not happened: better no answer than that.
+        let history = self.store.history(name).map_err(|e| {
+            CoreError::Store(format!("cannot read the history of agent {name}: {e}"))
+        })?;
         let system = self.agents.get(name).and_then(|a| a.spec.system.clone());
         let mut messages = history;
         messages.extend(new_messages.iter().cloned());
@@ -140,10 +138,10 @@ impl Coordinator {
             payload = encode(&command);
         }
         if payload.len() > max {
-            return Err(format!(
+            return Err(CoreError::TooLarge(format!(
                 "the message is too large to send ({} bytes; mqtt.max_payload_bytes is {max})",
                 payload.len()
-            ));
+            )));
         }
         Ok(payload)
     }
@@ -240,12 +238,12 @@ impl Coordinator {
         match turn.kind {
             TurnKind::Chat(reply) => {
                 self.metrics.chat("ok", seconds);
-                let body = json!({
-                    "agent": turn.agent, "node": turn.node,
-                    "message": {"role": "assistant", "content": message.content},
-                    "usage": usage,
-                });
-                let _ = reply.send(Ok((StatusCode::OK, body)));
+                let _ = reply.send(Ok(ChatAnswer {
+                    agent: turn.agent.clone(),
+                    node: turn.node.clone(),
+                    message: ChatMessage::new(Role::Assistant, message.content),
+                    usage,
+                }));
             }
             TurnKind::Job(job) => {
                 self.metrics.job("completed");
@@ -276,22 +274,25 @@ impl Coordinator {
                     code.as_str(),
                     self.now.at.duration_since(turn.started).as_secs_f64(),
                 );
-                let (status, retry) = match code {
-                    TurnErrorCode::OllamaBusy => (StatusCode::SERVICE_UNAVAILABLE, true),
-                    TurnErrorCode::Timeout | TurnErrorCode::Expired => {
-                        (StatusCode::GATEWAY_TIMEOUT, false)
-                    }
-                    TurnErrorCode::AgentNotAssigned
-                    | TurnErrorCode::Released
-                    | TurnErrorCode::ShuttingDown
-                    | TurnErrorCode::Fenced => (StatusCode::SERVICE_UNAVAILABLE, true),
-                    _ => (StatusCode::BAD_GATEWAY, false),
+                // Worth asking again shortly: Ollama was busy, or the agent
+                // is moving to another node.
+                let retry = matches!(
+                    code,
+                    TurnErrorCode::OllamaBusy
+                        | TurnErrorCode::AgentNotAssigned
+                        | TurnErrorCode::Released
+                        | TurnErrorCode::ShuttingDown
+                        | TurnErrorCode::Fenced
+                );
+                let error = CoreError::Turn {
+                    code,
+                    message: if retry {
+                        format!("{reason}; try again")
+                    } else {
+                        reason
+                    },
+                    retry_after_secs: retry.then_some(self.config.queue.retry_after_secs),
                 };
-                let mut error = ApiError::new(status, code.as_str(), reason);
-                if retry {
-                    error.message.push_str("; try again");
-                    error = error.retry_after(self.config.queue.retry_after_secs);
-                }
                 let _ = reply.send(Err(error));
             }
             TurnKind::Job(job) => {
@@ -360,10 +361,10 @@ impl Coordinator {
             return;
         };
         for waiter in a.chats.drain(..) {
-            let _ = waiter.reply.send(Err(ApiError::unavailable(
-                "agent_not_running",
-                format!("agent {name}: {why}"),
-            )));
+            let _ = waiter.reply.send(Err(CoreError::NotRunning {
+                message: format!("agent {name}: {why}"),
+                retry_after_secs: None,
+            }));
         }
     }
 

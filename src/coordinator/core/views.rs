@@ -1,7 +1,11 @@
+//! What the core shows: typed views (`protocol::views`) of agents, nodes,
+//! jobs, events and the fleet, and the retained fleet summary.
+
 use super::*;
+use crate::protocol::{CpuInfo, MemoryInfo};
 
 impl Coordinator {
-    pub fn summary(&self) -> Value {
+    pub fn summary(&self) -> FleetSummary {
         let online: Vec<_> = self.fleet.nodes().filter(|n| n.is_online()).collect();
         let capacity: u64 = online
             .iter()
@@ -10,37 +14,49 @@ impl Coordinator {
             .sum();
         let count = |s: AgentState| self.agents.values().filter(|a| a.state == s).count();
         let running = count(AgentState::Running);
-        json!({
-            "nodes_online": online.len(),
-            "nodes_total": self.fleet.nodes().count(),
-            "agents_total": self.agents.len(),
-            "agents_running": running,
-            "agents_pending": count(AgentState::Pending),
-            "agents_assigned": count(AgentState::Assigned),
-            "agents_moving": count(AgentState::Releasing),
-            "agent_capacity": capacity,
-            "utilisation_pct": if capacity == 0 { 0.0 } else { running as f64 * 100.0 / capacity as f64 },
-            "queue_depth": self.queue_depth(),
-            "jobs_running": self.jobs.values().filter(|j| j.state == JobState::Running).count(),
-            "generation": self.generation,
-        })
+        FleetSummary {
+            nodes_online: online.len(),
+            nodes_total: self.fleet.nodes().count(),
+            agents_total: self.agents.len(),
+            agents_running: running,
+            agents_pending: count(AgentState::Pending),
+            agents_assigned: count(AgentState::Assigned),
+            agents_moving: count(AgentState::Releasing),
+            agent_capacity: capacity,
+            utilisation_pct: if capacity == 0 {
+                0.0
+            } else {
+                running as f64 * 100.0 / capacity as f64
+            },
+            queue_depth: self.queue_depth(),
+            jobs_running: self
+                .jobs
+                .values()
+                .filter(|j| j.state == JobState::Running)
+                .count(),
+            generation: self.generation,
+            ts: None,
+        }
     }
 
-    pub fn status_json(&self, events: usize) -> Value {
-        let mut status = self.summary();
-        let nodes: Vec<Value> = self.fleet.nodes().map(|n| self.node_json(&n.id)).collect();
-        status["nodes"] = json!(nodes);
-        status["events"] = json!(self.events(events));
-        status
+    pub fn status(&self, events: usize) -> FleetStatus {
+        FleetStatus {
+            summary: self.summary(),
+            nodes: self.nodes().nodes,
+            events: self.events(events).events,
+        }
     }
 
-    pub fn events(&self, limit: usize) -> Vec<&Event> {
-        self.events.iter().rev().take(limit).collect()
+    /// The newest `limit` events, newest first.
+    pub fn events(&self, limit: usize) -> EventList {
+        EventList {
+            events: self.events.iter().rev().take(limit).cloned().collect(),
+        }
     }
 
-    pub fn node_json(&self, node: &str) -> Value {
+    pub fn node(&self, node: &str) -> Result<NodeView, CoreError> {
         let Some(view) = self.fleet.get(node) else {
-            return Value::Null;
+            return Err(CoreError::NotFound(format!("no node named {node}")));
         };
         let flags = self.flags.get(node).cloned().unwrap_or_default();
         let assigned = self
@@ -48,55 +64,68 @@ impl Coordinator {
             .values()
             .filter(|a| a.on(node) && a.state == AgentState::Assigned)
             .count();
-        let mut v = match &view.capacity {
-            Some(c) => serde_json::to_value(c).unwrap_or(Value::Null),
-            None => json!({"node": node, "agent_capacity": 0, "agents_running": 0, "agents": []}),
-        };
-        v["state"] = json!(view.liveness.name());
+        let mut capacity = view.capacity.clone().unwrap_or_else(|| never_heard(node));
         if !view.is_online() {
             // Its last report no longer says what runs there.
-            v["agents_running"] = json!(0);
-            v["agents"] = json!([]);
+            capacity.agents_running = 0;
+            capacity.agents.clear();
         }
-        v["cordoned"] = json!(flags.cordoned);
-        v["draining"] = json!(flags.draining || view.capacity.as_ref().is_some_and(|c| c.draining));
-        v["assigned"] = json!(assigned);
-        v["last_seen_secs"] = json!(self
-            .now
-            .at
-            .saturating_duration_since(view.last_heard)
-            .as_secs());
-        v
-    }
-
-    pub fn nodes_json(&self) -> Value {
-        let nodes: Vec<Value> = self.fleet.nodes().map(|n| self.node_json(&n.id)).collect();
-        json!({ "nodes": nodes })
-    }
-
-    pub fn agent_json(&self, name: &str) -> Value {
-        let Some(a) = self.agents.get(name) else {
-            return Value::Null;
-        };
-        json!({
-            "name": name,
-            "model": a.spec.model,
-            "state": a.state.as_str(),
-            "node": a.node,
-            "system": a.spec.system,
-            "labels": a.spec.labels,
-            "placement": a.placement,
-            "pending_reason": if a.state == AgentState::Pending { a.pending_reason.clone() } else { None },
-            "queued_jobs": a.jobs.len(),
-            "busy": a.turn.is_some(),
-            "created_ms": a.created_ms,
-            "state_secs": self.now.at.saturating_duration_since(a.since).as_secs(),
+        capacity.draining |= flags.draining;
+        Ok(NodeView {
+            capacity,
+            state: view.liveness.name().to_owned(),
+            cordoned: flags.cordoned,
+            assigned,
+            last_seen_secs: self
+                .now
+                .at
+                .saturating_duration_since(view.last_heard)
+                .as_secs(),
         })
     }
 
-    pub fn agents_json(&self) -> Value {
-        let agents: Vec<Value> = self.agents.keys().map(|n| self.agent_json(n)).collect();
-        json!({ "agents": agents })
+    pub fn nodes(&self) -> NodeList {
+        NodeList {
+            nodes: self
+                .fleet
+                .nodes()
+                .filter_map(|n| self.node(&n.id).ok())
+                .collect(),
+        }
+    }
+
+    pub fn agent(&self, name: &str) -> Result<AgentView, CoreError> {
+        let Some(a) = self.agents.get(name) else {
+            return Err(CoreError::NotFound(format!("no agent named {name}")));
+        };
+        Ok(AgentView {
+            name: name.to_owned(),
+            model: a.spec.model.clone(),
+            state: a.state,
+            node: a.node.clone(),
+            system: a.spec.system.clone(),
+            labels: a.spec.labels.clone(),
+            placement: a.placement,
+            pending_reason: if a.state == AgentState::Pending {
+                a.pending_reason.clone()
+            } else {
+                None
+            },
+            queued_jobs: a.jobs.len(),
+            busy: a.turn.is_some(),
+            created_ms: a.created_ms,
+            state_secs: self.now.at.saturating_duration_since(a.since).as_secs(),
+        })
+    }
+
+    pub fn agent_list(&self) -> AgentList {
+        AgentList {
+            agents: self
+                .agents
+                .keys()
+                .filter_map(|n| self.agent(n).ok())
+                .collect(),
+        }
     }
 
     /// The retained fleet summary, published when it changed (at most once
@@ -115,26 +144,62 @@ impl Coordinator {
         if !due {
             return;
         }
-        let mut payload = summary.clone();
-        payload["ts"] = json!(self.now.wall_ms);
-        self.publish(self.topics.fleet_summary(), payload.to_string(), true);
+        let payload = FleetSummary {
+            ts: Some(self.now.wall_ms),
+            ..summary.clone()
+        };
+        self.publish(self.topics.fleet_summary(), encode(&payload), true);
         self.summary_published = Some((now, summary));
     }
 }
 
-pub fn job_json(job: &JobRow) -> Value {
-    json!({
-        "job_id": job.id,
-        "agent": job.agent,
-        "status": job.state.as_str(),
-        "priority": job.priority,
-        "message": job.message,
-        "attempts": job.attempts,
-        "node": job.node,
-        "answer": job.answer,
-        "error": job.error,
-        "usage": job.usage,
-        "created_ms": job.created_ms,
-        "updated_ms": job.updated_ms,
-    })
+/// The view of a node named by the store that has not spoken yet.
+fn never_heard(node: &str) -> Capacity {
+    Capacity {
+        node: node.to_owned(),
+        session: String::new(),
+        seq: 0,
+        version: String::new(),
+        arch: String::new(),
+        agent_capacity: 0,
+        agents_running: 0,
+        agents: Vec::new(),
+        cpu: CpuInfo {
+            cores: 0,
+            load1: 0.0,
+            usage_pct: 0.0,
+        },
+        memory: MemoryInfo {
+            total_bytes: 0,
+            available_bytes: 0,
+        },
+        temperature_c: None,
+        throttled: None,
+        models: Vec::new(),
+        ollama_reachable: false,
+        labels: BTreeMap::new(),
+        draining: false,
+        ts: 0,
+        max_temperature_c: None,
+        max_parallel: 0,
+        turns_in_flight: 0,
+        generation: 0,
+    }
+}
+
+pub fn job_view(job: &JobRow) -> JobView {
+    JobView {
+        job_id: job.id.clone(),
+        agent: job.agent.clone(),
+        status: job.state,
+        priority: job.priority,
+        message: job.message.clone(),
+        attempts: job.attempts,
+        node: job.node.clone(),
+        answer: job.answer.clone(),
+        error: job.error.clone(),
+        usage: job.usage.clone(),
+        created_ms: job.created_ms,
+        updated_ms: job.updated_ms,
+    }
 }

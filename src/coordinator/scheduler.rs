@@ -22,6 +22,8 @@
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::protocol::Capacity;
+
 /// Why a node takes no new agents.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Blocked {
@@ -66,7 +68,67 @@ pub struct NodeSlots {
     pub blocked: Option<Blocked>,
 }
 
+/// What the coordinator itself decided about a node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Standing {
+    pub online: bool,
+    pub cordoned: bool,
+    pub draining: bool,
+}
+
 impl NodeSlots {
+    /// The scheduler's input for a node, from its latest capacity message:
+    /// `ours` are the agents this coordinator holds there (assignments in
+    /// flight included); agents the node reports that are not ours take
+    /// slots too. The first reason the node cannot take agents blocks it.
+    pub fn from_capacity(
+        c: &Capacity,
+        standing: Standing,
+        ours: Option<&BTreeSet<String>>,
+    ) -> Self {
+        let strays = c
+            .agents
+            .iter()
+            .filter(|n| !ours.is_some_and(|set| set.contains(*n)))
+            .count() as u32;
+        let ours = ours.map_or(0, |set| set.len() as u32);
+        let too_hot = match (c.temperature_c, c.max_temperature_c) {
+            (Some(t), Some(max)) if t >= max => Some(Blocked::TooHot {
+                temperature_c: t,
+                max_c: max,
+            }),
+            _ => None,
+        };
+        let blocked = if !standing.online {
+            Some(Blocked::Offline)
+        } else if standing.draining {
+            Some(Blocked::Draining)
+        } else if standing.cordoned {
+            Some(Blocked::Cordoned)
+        } else if !c.ollama_reachable {
+            Some(Blocked::OllamaUnreachable)
+        } else if too_hot.is_some() {
+            too_hot
+        } else if c.throttled == Some(true) {
+            Some(Blocked::Throttled)
+        } else {
+            None
+        };
+        NodeSlots {
+            id: c.node.clone(),
+            agent_capacity: c.agent_capacity,
+            load: ours + strays,
+            load_per_core: if c.cpu.cores > 0 {
+                c.cpu.load1 / f64::from(c.cpu.cores)
+            } else {
+                0.0
+            },
+            models: c.models.clone(),
+            labels: c.labels.clone(),
+            blocked,
+        }
+    }
+
     fn has_model(&self, model: &str) -> bool {
         self.models.iter().any(|m| m == model)
     }
@@ -403,6 +465,50 @@ mod tests {
     use proptest::prelude::*;
 
     const MODEL: &str = "llama3.2:latest";
+
+    fn report(agents: &[&str], temperature: Option<f32>, throttled: Option<bool>) -> Capacity {
+        serde_json::from_value(serde_json::json!({
+            "node": "pi", "session": "s", "seq": 1, "version": "v", "arch": "aarch64",
+            "agent_capacity": 4, "agents_running": agents.len(), "agents": agents,
+            "cpu": {"cores": 4, "load1": 2.0, "usage_pct": 10.0},
+            "memory": {"total_bytes": 1, "available_bytes": 1},
+            "temperature_c": temperature, "throttled": throttled, "models": [MODEL],
+            "ollama_reachable": true, "labels": {"room": "attic"}, "draining": false,
+            "ts": 1, "max_temperature_c": 80.0,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn capacity_reports_become_scheduler_input() {
+        let online = Standing {
+            online: true,
+            ..Standing::default()
+        };
+        let ours = BTreeSet::from(["a".to_owned(), "pending-ack".to_owned()]);
+        let slots =
+            NodeSlots::from_capacity(&report(&["a", "stray"], None, None), online, Some(&ours));
+        // Ours (one not confirmed yet) plus a stray the node still runs.
+        assert_eq!((slots.load, slots.agent_capacity), (3, 4));
+        assert_eq!(slots.load_per_core, 0.5);
+        assert_eq!(slots.blocked, None);
+        assert_eq!(slots.labels["room"], "attic");
+        let blocked = |c: &Capacity, standing| NodeSlots::from_capacity(c, standing, None).blocked;
+        let hot = report(&[], Some(85.0), Some(true));
+        assert!(matches!(
+            blocked(&hot, online),
+            Some(Blocked::TooHot { .. })
+        ));
+        let throttled = report(&[], Some(60.0), Some(true));
+        assert_eq!(blocked(&throttled, online), Some(Blocked::Throttled));
+        let draining = Standing {
+            draining: true,
+            cordoned: true,
+            ..online
+        };
+        assert_eq!(blocked(&hot, draining), Some(Blocked::Draining));
+        assert_eq!(blocked(&hot, Standing::default()), Some(Blocked::Offline));
+    }
 
     fn node(id: &str, capacity: u32, load: u32) -> NodeSlots {
         NodeSlots {

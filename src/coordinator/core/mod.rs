@@ -26,7 +26,7 @@ use tokio::sync::oneshot;
 
 use super::fleet::{Change, Fleet, Heard};
 use super::metrics::CoordinatorMetrics;
-use super::scheduler::{Blocked, MovableAgent, NodeSlots, Request, Scheduler};
+use super::scheduler::{MovableAgent, NodeSlots, Request, Scheduler, Standing};
 use super::store::{JobRow, JobState, NodeFlags, Store, StoreError, StoredState};
 use crate::config::coordinator::CoordinatorConfig;
 use crate::protocol::{

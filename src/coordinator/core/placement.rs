@@ -219,52 +219,18 @@ impl Coordinator {
             .fleet
             .nodes()
             .filter_map(|view| {
-                let c = view.capacity.as_ref()?;
-                let ours = self.by_node.get(&view.id);
-                let strays = c
-                    .agents
-                    .iter()
-                    .filter(|n| !ours.is_some_and(|set| set.contains(*n)))
-                    .count() as u32;
-                let ours = ours.map_or(0, |set| set.len() as u32);
-                let flags = self.flags.get(&view.id).cloned().unwrap_or_default();
-                let blocked = if !view.is_online() {
-                    Some(Blocked::Offline)
-                } else if flags.draining {
-                    Some(Blocked::Draining)
-                } else if flags.cordoned {
-                    Some(Blocked::Cordoned)
-                } else if !c.ollama_reachable {
-                    Some(Blocked::OllamaUnreachable)
-                } else if let (Some(t), Some(max)) = (c.temperature_c, c.max_temperature_c) {
-                    if t >= max {
-                        Some(Blocked::TooHot {
-                            temperature_c: t,
-                            max_c: max,
-                        })
-                    } else if c.throttled == Some(true) {
-                        Some(Blocked::Throttled)
-                    } else {
-                        None
-                    }
-                } else if c.throttled == Some(true) {
-                    Some(Blocked::Throttled)
-                } else {
-                    None
+                let flags = self.flags.get(&view.id);
+                let standing = Standing {
+                    online: view.is_online(),
+                    cordoned: flags.is_some_and(|f| f.cordoned),
+                    draining: flags.is_some_and(|f| f.draining),
                 };
-                Some(NodeSlots {
-                    id: view.id.clone(),
-                    agent_capacity: c.agent_capacity,
-                    load: ours + strays,
-                    load_per_core: if c.cpu.cores > 0 {
-                        c.cpu.load1 / f64::from(c.cpu.cores)
-                    } else {
-                        0.0
-                    },
-                    models: c.models.clone(),
-                    labels: c.labels.clone(),
-                    blocked,
-                })
+                let ours = self.by_node.get(&view.id);
+                Some(NodeSlots::from_capacity(
+                    view.capacity.as_ref()?,
+                    standing,
+                    ours,
+                ))
             })
             .collect();
         Scheduler::new(nodes)

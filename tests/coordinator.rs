@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use pifleet::protocol::{AgentState, EventKind, FleetStatus, JobList, NodeList};
 use serde_json::{json, Value};
 
 use crate::util::{
@@ -267,7 +268,7 @@ async fn kill_9_of_a_node_moves_its_agents_once_each_and_a_moved_agent_keeps_its
         .events()
         .await
         .into_iter()
-        .filter(|e| e["kind"] == "node_lost")
+        .filter(|e| e.kind == EventKind::NodeLost)
         .count();
     assert_eq!(lost, 1);
 }
@@ -701,9 +702,9 @@ async fn draining_a_node_of_6_agents_moves_at_most_2_at_a_time_and_leaves_it_emp
     let mut in_motion = 0i32;
     let mut most = 0;
     for e in coordinator.events().await {
-        match e["kind"].as_str() {
-            Some("moving") => in_motion += 1,
-            Some("moved") => in_motion -= 1,
+        match e.kind {
+            EventKind::Moving => in_motion += 1,
+            EventKind::Moved => in_motion -= 1,
             _ => {}
         }
         most = most.max(in_motion);
@@ -787,7 +788,7 @@ async fn a_stale_offline_on_a_live_node_status_moves_nothing() {
         .events()
         .await
         .iter()
-        .all(|e| e["kind"] != "node_lost"));
+        .all(|e| e.kind != EventKind::NodeLost));
 }
 
 /// `pifleet up` with `nodes` nodes of 4 slots on free ports, no Ollama (so
@@ -974,14 +975,12 @@ async fn a_returning_node_gets_agents_back_by_bounded_rebalancing_without_bounci
     let mut most = 0;
     let mut moved: BTreeMap<String, usize> = BTreeMap::new();
     for e in &events {
-        match e["kind"].as_str() {
-            Some("moving") => {
+        match e.kind {
+            EventKind::Moving => {
                 in_motion += 1;
-                *moved
-                    .entry(e["agent"].as_str().unwrap().to_owned())
-                    .or_default() += 1;
+                *moved.entry(e.agent.clone().unwrap()).or_default() += 1;
             }
-            Some("moved") => in_motion -= 1,
+            EventKind::Moved => in_motion -= 1,
             _ => {}
         }
         most = most.max(in_motion);
@@ -1163,7 +1162,7 @@ async fn an_unconfirmed_assignment_is_placed_elsewhere_and_a_stray_agent_is_rele
     assert!(
         events
             .iter()
-            .any(|e| e["kind"] == "assign_timeout" && e["node"] == "mute"),
+            .any(|e| e.kind == EventKind::AssignTimeout && e.node.as_deref() == Some("mute")),
         "{events:?}"
     );
     // The mute node was told to drop the placement it never confirmed.
@@ -1225,8 +1224,8 @@ async fn at_the_drain_deadline_the_remaining_agents_leave_even_without_room_else
     // One fits on "small"; the other two leave at the deadline and wait.
     wait_until_async("one agent running elsewhere, two waiting", WAIT, || async {
         let agents = coordinator.agents().await;
-        let count = |state: &str| agents.iter().filter(|a| a["state"] == state).count();
-        count("running") == 1 && count("pending") == 2
+        let count = |state| agents.iter().filter(|a| a.state == state).count();
+        count(AgentState::Running) == 1 && count(AgentState::Pending) == 2
     })
     .await;
     assert_eq!(
@@ -1238,11 +1237,14 @@ async fn at_the_drain_deadline_the_remaining_agents_leave_even_without_room_else
         WAIT,
         || async {
             let agents = coordinator.agents().await;
-            agents.iter().filter(|a| a["state"] == "pending").all(|a| {
-                a["pending_reason"]
-                    .as_str()
-                    .is_some_and(|r| r.contains("draining"))
-            })
+            agents
+                .iter()
+                .filter(|a| a.state == AgentState::Pending)
+                .all(|a| {
+                    a.pending_reason
+                        .as_deref()
+                        .is_some_and(|r| r.contains("draining"))
+                })
         },
     )
     .await;
@@ -1322,19 +1324,15 @@ async fn every_cli_command_works_against_a_coordinator_with_a_token_and_prints_j
     .await;
     assert!(ok(&["jobs", "show", &id]).contains("write a haiku"));
     assert!(ok(&["jobs"]).contains(&id));
-    let listed: Value =
+    let listed: JobList =
         serde_json::from_str(&ok(&["jobs", "list", "--agent", "solo", "--json"])).unwrap();
-    assert_eq!(listed["jobs"][0]["priority"], -3);
+    assert_eq!(listed.jobs[0].priority, -3);
     assert!(ok(&["drain", "cli1"]).contains("draining cli1"));
-    let node: Value = serde_json::from_str(&ok(&["nodes", "--json"])).unwrap();
-    assert_eq!(node["nodes"][0]["draining"], true);
+    let nodes: NodeList = serde_json::from_str(&ok(&["nodes", "--json"])).unwrap();
+    assert!(nodes.nodes[0].capacity.draining);
     assert!(ok(&["uncordon", "cli1"]).contains("takes agents again"));
-    let status: Value = serde_json::from_str(&ok(&["status", "--json"])).unwrap();
-    assert!(status["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|e| e["kind"] == "uncordon"));
+    let status: FleetStatus = serde_json::from_str(&ok(&["status", "--json"])).unwrap();
+    assert!(status.events.iter().any(|e| e.kind == EventKind::Uncordon));
     let (code, _, err) = run(&["stop", "nobody"], Some(token));
     assert_eq!(code, Some(1));
     assert!(
@@ -1426,14 +1424,11 @@ async fn a_node_that_stops_heartbeating_but_stays_connected_is_lost_and_its_agen
     let events = coordinator.events().await;
     let lost = events
         .iter()
-        .find(|e| e["kind"] == "node_lost" && e["node"] == "silent")
+        .find(|e| e.kind == EventKind::NodeLost && e.node.as_deref() == Some("silent"))
         .unwrap_or_else(|| panic!("no node_lost event for silent: {events:?}"));
     assert!(
-        lost["message"]
-            .as_str()
-            .unwrap()
-            .contains("no capacity message for 3s"),
-        "{lost}"
+        lost.message.contains("no capacity message for 3s"),
+        "{lost:?}"
     );
     let (_, node) = coordinator.get("/v1/nodes/silent").await;
     assert_ne!(node["state"], "online", "{node}");
@@ -1511,7 +1506,7 @@ async fn a_node_killed_and_restarted_at_once_is_recognised_as_a_new_session_and_
     assert!(
         events
             .iter()
-            .any(|e| e["kind"] == "node_restarted" && e["node"] == "phoenix"),
+            .any(|e| e.kind == EventKind::NodeRestarted && e.node.as_deref() == Some("phoenix")),
         "{events:?}"
     );
     let (_, chat) = coordinator
@@ -1570,7 +1565,7 @@ async fn garbage_on_the_status_capacity_and_reply_topics_is_logged_and_ignored_a
         .events()
         .await
         .iter()
-        .all(|e| e["kind"] != "node_lost" && e["node"] != "impostor"));
+        .all(|e| e.kind != EventKind::NodeLost && e.node.as_deref() != Some("impostor")));
     assert_eq!(log.count_lines("connected to MQTT broker"), 1);
 }
 
@@ -1635,8 +1630,12 @@ async fn a_broker_restart_moves_nothing_and_chats_in_flight_are_answered_once() 
     let new = &events[events_before..];
     assert!(
         new.iter().all(|e| !matches!(
-            e["kind"].as_str(),
-            Some("node_lost" | "placed" | "moving" | "released" | "vanished")
+            e.kind,
+            EventKind::NodeLost
+                | EventKind::Placed
+                | EventKind::Moving
+                | EventKind::Released
+                | EventKind::Vanished
         )),
         "the broker restart moved agents: {new:?}"
     );
@@ -1819,7 +1818,7 @@ async fn a_coordinator_paused_longer_than_node_lost_after_moves_nothing_when_it_
     assert_eq!(coordinator.placement().await, before);
     let events = coordinator.events().await;
     assert!(
-        events.iter().all(|e| e["kind"] != "node_lost"),
+        events.iter().all(|e| e.kind != EventKind::NodeLost),
         "{events:?}"
     );
 }

@@ -6,10 +6,14 @@ use std::collections::BTreeMap;
 
 use clap::Subcommand;
 use reqwest::Method;
+use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use super::Failure;
-use crate::protocol::utc_timestamp;
+use crate::protocol::{
+    utc_timestamp, AgentDeleted, AgentList, AgentView, ChatAnswer, FleetStatus, JobList,
+    JobSubmitted, JobView, NodeList, NodeView,
+};
 
 /// Where the coordinator is and how to talk to it.
 #[derive(Debug, Clone, clap::Args)]
@@ -245,6 +249,18 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     cause.to_string()
 }
 
+/// Reads an answer as the view it must be; a mismatch (a coordinator of
+/// another version) is an error that says so.
+fn typed<T: DeserializeOwned>(value: &Value) -> Result<T, Failure> {
+    T::deserialize(value).map_err(|e| Failure {
+        code: 1,
+        message: format!(
+            "the coordinator answered JSON this pifleet {} does not understand: {e}",
+            env!("CARGO_PKG_VERSION")
+        ),
+    })
+}
+
 fn print_json(value: &Value) {
     println!(
         "{}",
@@ -272,19 +288,18 @@ async fn execute(api: &Api, as_json: bool, command: ClientCommand) -> Result<(),
             let status = api
                 .call(Method::GET, &format!("/v1/status?limit={events}"), None)
                 .await?;
-            print_result(as_json, &status, || status_report(&status));
+            let view: FleetStatus = typed(&status)?;
+            print_result(as_json, &status, || status_report(&view));
         }
         ClientCommand::Nodes => {
             let nodes = api.call(Method::GET, "/v1/nodes", None).await?;
-            print_result(as_json, &nodes, || {
-                nodes_table(nodes["nodes"].as_array().map_or(&[][..], Vec::as_slice))
-            });
+            let view: NodeList = typed(&nodes)?;
+            print_result(as_json, &nodes, || nodes_table(&view.nodes));
         }
         ClientCommand::Agents => {
             let agents = api.call(Method::GET, "/v1/agents", None).await?;
-            print_result(as_json, &agents, || {
-                agents_table(agents["agents"].as_array().map_or(&[][..], Vec::as_slice))
-            });
+            let view: AgentList = typed(&agents)?;
+            print_result(as_json, &agents, || agents_table(&view.agents));
         }
         ClientCommand::Spawn {
             name,
@@ -303,12 +318,13 @@ async fn execute(api: &Api, as_json: bool, command: ClientCommand) -> Result<(),
                 let body =
                     json!({"name": name, "model": model, "system": system, "labels": labels});
                 let agent = api.call(Method::POST, "/v1/agents", Some(body)).await?;
+                let view: AgentView = typed(&agent)?;
                 if !as_json {
                     println!(
                         "spawned {} ({}, {})",
-                        agent["name"].as_str().unwrap_or(&name),
-                        agent["model"].as_str().unwrap_or(""),
-                        agent["state"].as_str().unwrap_or("")
+                        view.name,
+                        view.model,
+                        view.state.as_str()
                     );
                 }
                 created.push(agent);
@@ -323,8 +339,9 @@ async fn execute(api: &Api, as_json: bool, command: ClientCommand) -> Result<(),
                 let result = api
                     .call(Method::DELETE, &format!("/v1/agents/{name}"), None)
                     .await?;
+                let view: AgentDeleted = typed(&result)?;
                 if !as_json {
-                    println!("{name}: {}", result["state"].as_str().unwrap_or("stopped"));
+                    println!("{name}: {}", view.state);
                 }
                 stopped.push(result);
             }
@@ -339,17 +356,17 @@ async fn execute(api: &Api, as_json: bool, command: ClientCommand) -> Result<(),
         } => {
             let body = json!({"agent": agent, "messages": [{"role": "user", "content": message}]});
             let answer = api.chat(body, std::time::Duration::from_secs(wait)).await?;
+            let view: ChatAnswer = typed(&answer)?;
             if as_json {
                 print_json(&answer);
             } else {
-                println!("{}", answer["message"]["content"].as_str().unwrap_or(""));
-                let usage = &answer["usage"];
+                println!("{}", view.message.content);
                 eprintln!(
                     "({} on {}: {} tokens in {:.2}s)",
                     agent,
-                    answer["node"].as_str().unwrap_or("?"),
-                    usage["eval_count"].as_u64().unwrap_or(0),
-                    usage["total_duration"].as_u64().unwrap_or(0) as f64 / 1e9
+                    view.node,
+                    view.usage.eval_count,
+                    view.usage.total_duration as f64 / 1e9
                 );
             }
         }
@@ -361,7 +378,8 @@ async fn execute(api: &Api, as_json: bool, command: ClientCommand) -> Result<(),
             let body = json!({"max_parallel": max_parallel, "deadline_secs": deadline_secs});
             let path = format!("/v1/nodes/{node}/drain");
             let result = api.call(Method::POST, &path, Some(body)).await?;
-            let moving = result["agents_running"].as_u64().unwrap_or(0);
+            let view: NodeView = typed(&result)?;
+            let moving = view.capacity.agents_running;
             print_result(as_json, &result, || {
                 format!("draining {node}: {moving} agents to move away")
             });
@@ -405,21 +423,18 @@ async fn jobs(api: &Api, as_json: bool, command: Option<JobsCommand>) -> Result<
                 print_json(&jobs);
                 return Ok(());
             }
-            let rows: Vec<Vec<String>> = jobs["jobs"]
-                .as_array()
-                .map_or(&[][..], Vec::as_slice)
+            let view: JobList = typed(&jobs)?;
+            let rows: Vec<Vec<String>> = view
+                .jobs
                 .iter()
                 .map(|j| {
                     vec![
-                        text(&j["job_id"]),
-                        text(&j["agent"]),
-                        text(&j["status"]),
-                        text(&j["priority"]),
-                        text(&j["attempts"]),
-                        truncate(
-                            j["answer"].as_str().or(j["error"].as_str()).unwrap_or(""),
-                            50,
-                        ),
+                        j.job_id.clone(),
+                        j.agent.clone(),
+                        j.status.as_str().to_owned(),
+                        j.priority.to_string(),
+                        j.attempts.to_string(),
+                        truncate(j.answer.as_deref().or(j.error.as_deref()).unwrap_or(""), 50),
                     ]
                 })
                 .collect();
@@ -451,26 +466,28 @@ async fn jobs(api: &Api, as_json: bool, command: Option<JobsCommand>) -> Result<
                     Some(body),
                 )
                 .await?;
-            print_result(as_json, &job, || text(&job["job_id"]));
+            let view: JobSubmitted = typed(&job)?;
+            print_result(as_json, &job, || view.job_id.clone());
         }
         JobsCommand::Show { id } => {
             let job = api
                 .call(Method::GET, &format!("/v1/jobs/{id}"), None)
                 .await?;
+            let view: JobView = typed(&job)?;
             if as_json {
                 print_json(&job);
             } else {
                 println!(
                     "job {} for {}: {} (attempts {})",
-                    text(&job["job_id"]),
-                    text(&job["agent"]),
-                    text(&job["status"]),
-                    text(&job["attempts"])
+                    view.job_id,
+                    view.agent,
+                    view.status.as_str(),
+                    view.attempts
                 );
-                if let Some(answer) = job["answer"].as_str() {
+                if let Some(answer) = &view.answer {
                     println!("{answer}");
                 }
-                if let Some(error) = job["error"].as_str() {
+                if let Some(error) = &view.error {
                     println!("error: {error}");
                 }
             }
@@ -489,14 +506,6 @@ fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>, Failure> 
             ))),
         })
         .collect()
-}
-
-fn text(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -531,56 +540,37 @@ fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-fn node_row(n: &Value) -> Vec<String> {
-    let temperature = n["temperature_c"]
-        .as_f64()
-        .map_or("-".into(), |t| format!("{t:.1}°C"));
+fn node_row(n: &NodeView) -> Vec<String> {
+    let c = &n.capacity;
     let mut flags = Vec::new();
-    if n["draining"] == true {
+    if c.draining {
         flags.push("draining");
-    } else if n["cordoned"] == true {
+    } else if n.cordoned {
         flags.push("cordoned");
     }
-    if n["throttled"] == true {
+    if c.throttled == Some(true) {
         flags.push("throttled");
     }
-    if n["ollama_reachable"] == false {
+    if !c.ollama_reachable && n.state == "online" {
         flags.push("ollama-down");
     }
     // Load and temperature of a node that is not online are old news.
-    let online = n["state"] == "online";
+    let online = n.state == "online";
     let live = |value: String| if online { value } else { "-".into() };
-    let state = match n["last_seen_secs"].as_u64() {
-        Some(secs) if !online => format!("{} (seen {} ago)", text(&n["state"]), ago(secs)),
-        _ => text(&n["state"]),
+    let state = if online {
+        n.state.clone()
+    } else {
+        format!("{} (seen {} ago)", n.state, ago(n.last_seen_secs))
     };
     vec![
-        text(&n["node"]),
+        c.node.clone(),
         state,
-        format!(
-            "{}/{}",
-            n["agents_running"].as_u64().unwrap_or(0),
-            n["agent_capacity"].as_u64().unwrap_or(0)
-        ),
-        live(
-            n["cpu"]["load1"]
-                .as_f64()
-                .map_or("-".into(), |l| format!("{l:.2}")),
-        ),
-        live(
-            n["cpu"]["usage_pct"]
-                .as_f64()
-                .map_or("-".into(), |u| format!("{u:.0}%")),
-        ),
-        live(temperature),
+        format!("{}/{}", c.agents_running, c.agent_capacity),
+        live(format!("{:.2}", c.cpu.load1)),
+        live(format!("{:.0}%", c.cpu.usage_pct)),
+        live(c.temperature_c.map_or("-".into(), |t| format!("{t:.1}°C"))),
         flags.join(","),
-        truncate(
-            &n["agents"]
-                .as_array()
-                .map(|a| a.iter().map(text).collect::<Vec<_>>().join(","))
-                .unwrap_or_default(),
-            40,
-        ),
+        truncate(&c.agents.join(","), 40),
     ]
 }
 
@@ -609,7 +599,7 @@ fn print_result(as_json: bool, result: &Value, human: impl FnOnce() -> String) {
     }
 }
 
-fn nodes_table(nodes: &[Value]) -> String {
+fn nodes_table(nodes: &[NodeView]) -> String {
     let rows: Vec<Vec<String>> = nodes.iter().map(node_row).collect();
     table(
         &[
@@ -626,17 +616,17 @@ fn nodes_table(nodes: &[Value]) -> String {
     )
 }
 
-fn agents_table(agents: &[Value]) -> String {
+fn agents_table(agents: &[AgentView]) -> String {
     let rows: Vec<Vec<String>> = agents
         .iter()
         .map(|a| {
             vec![
-                text(&a["name"]),
-                text(&a["model"]),
-                text(&a["state"]),
-                text(&a["node"]),
-                text(&a["queued_jobs"]),
-                truncate(a["pending_reason"].as_str().unwrap_or(""), 60),
+                a.name.clone(),
+                a.model.clone(),
+                a.state.as_str().to_owned(),
+                a.node.clone().unwrap_or_else(|| "-".into()),
+                a.queued_jobs.to_string(),
+                truncate(a.pending_reason.as_deref().unwrap_or(""), 60),
             ]
         })
         .collect();
@@ -647,45 +637,36 @@ fn agents_table(agents: &[Value]) -> String {
 }
 
 /// The `pifleet status` report, after seed 001's `scale.sh status`.
-pub fn status_report(s: &Value) -> String {
-    let n = |k: &str| s[k].as_u64().unwrap_or(0);
+pub fn status_report(status: &FleetStatus) -> String {
+    let s = &status.summary;
     let mut out = String::new();
     out.push_str("PIFLEET FLEET STATUS\n====================\n\n");
     out.push_str("Current Scale:\n");
     out.push_str(&format!(
         "  Agents: {} / {} running ({:.0}%)\n",
-        n("agents_running"),
-        n("agent_capacity"),
-        s["utilisation_pct"].as_f64().unwrap_or(0.0)
+        s.agents_running, s.agent_capacity, s.utilisation_pct
     ));
     out.push_str(&format!(
         "  Pending: {}   Assigned: {}   Moving: {}\n",
-        n("agents_pending"),
-        n("agents_assigned"),
-        n("agents_moving")
+        s.agents_pending, s.agents_assigned, s.agents_moving
     ));
     out.push_str(&format!(
         "  Nodes online: {} / {}\n\n",
-        n("nodes_online"),
-        n("nodes_total")
+        s.nodes_online, s.nodes_total
     ));
     out.push_str("Nodes:\n");
-    out.push_str(&nodes_table(
-        s["nodes"].as_array().map_or(&[][..], Vec::as_slice),
-    ));
+    out.push_str(&nodes_table(&status.nodes));
     out.push_str(&format!(
         "\nQueue Depth: {} jobs ({} running)\n\n",
-        n("queue_depth"),
-        n("jobs_running")
+        s.queue_depth, s.jobs_running
     ));
     out.push_str("Scheduling Events (recent):\n");
-    let events = s["events"].as_array().map_or(&[][..], Vec::as_slice);
-    if events.is_empty() {
+    if status.events.is_empty() {
         out.push_str("  (none)\n");
     }
-    for e in events.iter().rev() {
-        let ts = utc_timestamp(e["ts_ms"].as_u64().unwrap_or(0));
-        out.push_str(&format!("  {}  {}\n", &ts[11..19], text(&e["message"])));
+    for e in status.events.iter().rev() {
+        let ts = utc_timestamp(e.ts_ms);
+        out.push_str(&format!("  {}  {}\n", &ts[11..19], e.message));
     }
     out
 }
@@ -694,16 +675,33 @@ pub fn status_report(s: &Value) -> String {
 mod tests {
     use super::*;
 
+    fn node(extra: Value) -> NodeView {
+        let mut v = json!({
+            "node": "pi-1", "session": "s", "seq": 1, "version": "v", "arch": "aarch64",
+            "agent_capacity": 2, "agents_running": 2, "agents": ["a", "b"],
+            "cpu": {"cores": 4, "load1": 0.31, "usage_pct": 12.0},
+            "memory": {"total_bytes": 1, "available_bytes": 1},
+            "temperature_c": 48.3, "throttled": null, "models": [], "ollama_reachable": true,
+            "labels": {}, "draining": false, "ts": 1,
+            "state": "online", "cordoned": false, "assigned": 0, "last_seen_secs": 0,
+        });
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
     #[test]
     fn the_status_report_shows_scale_nodes_queue_and_events() {
-        let status = json!({
-            "agents_running": 12, "agent_capacity": 14, "utilisation_pct": 85.7, "agents_pending": 1,
-            "agents_assigned": 0, "agents_moving": 0, "nodes_online": 3, "nodes_total": 3,
-            "queue_depth": 5, "jobs_running": 1,
-            "nodes": [{"node": "pi-1", "state": "online", "agents_running": 2, "agent_capacity": 2,
-                       "cpu": {"load1": 0.31, "usage_pct": 12.0}, "temperature_c": 48.3, "agents": ["a", "b"]}],
-            "events": [{"ts_ms": 1_795_392_000_000u64 + 3_723_000, "message": "placed a on pi-1"}]
-        });
+        let status: FleetStatus = serde_json::from_value(json!({
+            "agents_total": 13, "agents_running": 12, "agent_capacity": 14, "utilisation_pct": 85.7,
+            "agents_pending": 1, "agents_assigned": 0, "agents_moving": 0, "nodes_online": 3,
+            "nodes_total": 3, "queue_depth": 5, "jobs_running": 1, "generation": 1,
+            "nodes": [node(json!({}))],
+            "events": [{"ts_ms": 1_795_392_000_000u64 + 3_723_000, "kind": "placed",
+                        "message": "placed a on pi-1"}]
+        }))
+        .unwrap();
         let report = status_report(&status);
         assert!(report.contains("Agents: 12 / 14 running (86%)"), "{report}");
         assert!(report.contains("Nodes online: 3 / 3"), "{report}");
@@ -718,10 +716,8 @@ mod tests {
 
     #[test]
     fn a_node_that_is_not_online_shows_when_it_was_seen_and_no_stale_load() {
-        let node = json!({"node": "pi-2", "state": "offline", "agents_running": 0, "agent_capacity": 4,
-                          "cpu": {"load1": 0.31, "usage_pct": 12.0}, "temperature_c": 48.3,
-                          "last_seen_secs": 150, "agents": []});
-        let row = node_row(&node);
+        let row = node_row(&node(json!({"node": "pi-2", "state": "offline",
+                                        "agents_running": 0, "agents": [], "last_seen_secs": 150})));
         assert_eq!(row[1], "offline (seen 2m ago)");
         assert_eq!(row[3..6], ["-", "-", "-"]);
         assert_eq!(

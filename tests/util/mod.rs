@@ -13,6 +13,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use pifleet::protocol::{AgentList, AgentState, AgentView, EventList, FleetStatus};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 use tokio::sync::Notify;
@@ -653,10 +654,16 @@ impl Coordinator {
         body
     }
 
-    pub async fn agents(&self) -> Vec<Value> {
+    pub async fn agents(&self) -> Vec<AgentView> {
         let (status, body) = self.get("/v1/agents").await;
         assert_eq!(status, 200, "{body}");
-        body["agents"].as_array().cloned().unwrap_or_default()
+        view::<AgentList>(&body).agents
+    }
+
+    pub async fn status(&self) -> FleetStatus {
+        let (status, body) = self.get("/v1/status").await;
+        assert_eq!(status, 200, "{body}");
+        view(&body)
     }
 
     pub async fn agent(&self, name: &str) -> Value {
@@ -667,11 +674,9 @@ impl Coordinator {
     pub async fn placement(&self) -> std::collections::BTreeMap<String, Vec<String>> {
         let mut by_node: std::collections::BTreeMap<String, Vec<String>> = Default::default();
         for a in self.agents().await {
-            if a["state"] == "running" {
-                by_node
-                    .entry(a["node"].as_str().unwrap().to_owned())
-                    .or_default()
-                    .push(a["name"].as_str().unwrap().to_owned());
+            if a.state == AgentState::Running {
+                let node = a.node.expect("a running agent has a node");
+                by_node.entry(node).or_default().push(a.name);
             }
         }
         by_node
@@ -679,7 +684,7 @@ impl Coordinator {
 
     pub async fn wait_nodes_online(&self, n: u64) {
         wait_until_async(&format!("{n} nodes online"), WAIT, || async {
-            self.get("/v1/status").await.1["nodes_online"] == n
+            self.status().await.summary.nodes_online as u64 == n
         })
         .await;
     }
@@ -689,23 +694,26 @@ impl Coordinator {
             self.agents()
                 .await
                 .iter()
-                .filter(|a| a["state"] == "running")
+                .filter(|a| a.state == AgentState::Running)
                 .count()
                 == n
         })
         .await;
     }
 
-    pub async fn events(&self) -> Vec<Value> {
+    pub async fn events(&self) -> Vec<pifleet::protocol::Event> {
         let (status, body) = self.get("/v1/events?limit=1000").await;
         assert_eq!(status, 200, "GET /v1/events: {body}");
-        let mut events = body["events"]
-            .as_array()
-            .cloned()
-            .unwrap_or_else(|| panic!("GET /v1/events has no events list: {body}"));
+        let mut events = view::<EventList>(&body).events;
         events.reverse(); // oldest first
         events
     }
+}
+
+/// An API answer read as the view it must be.
+pub fn view<T: serde::de::DeserializeOwned>(body: &Value) -> T {
+    T::deserialize(body)
+        .unwrap_or_else(|e| panic!("not a {}: {e}: {body}", std::any::type_name::<T>()))
 }
 
 /// Any HTTP call: status and JSON body (Null if not JSON).

@@ -122,18 +122,21 @@ async fn capacities_2_4_8_fill_exactly_proportionally_and_a_15th_agent_waits_for
     coordinator.spawn_agent("a15", "llama3.2").await;
     // It stays pending, saying why, while the fleet is full.
     wait_until_async("a15 to explain why it waits", WAIT, || async {
-        coordinator.agent("a15").await["pending_reason"]
-            .as_str()
+        coordinator
+            .agent("a15")
+            .await
+            .pending_reason
+            .as_deref()
             .is_some_and(|r| r.contains("3 full"))
     })
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(coordinator.agent("a15").await["state"], "pending");
+    assert_eq!(coordinator.agent("a15").await.state, AgentState::Pending);
     // New capacity: it is placed there at once.
     let _extra = Node::start("n1", &broker, &sim.url, "agent_capacity = 1", "");
     wait_until_async("a15 to run on n1", WAIT, || async {
         let a = coordinator.agent("a15").await;
-        a["state"] == "running" && a["node"] == "n1"
+        a.state == AgentState::Running && a.node.as_deref() == Some("n1")
     })
     .await;
 }
@@ -244,7 +247,8 @@ async fn kill_9_of_a_node_moves_its_agents_once_each_and_a_moved_agent_keeps_its
     .await;
     for agent in &moving {
         let a = coordinator.agent(agent).await;
-        assert_ne!(a["node"], victim.as_str(), "{a}");
+        assert_eq!(a.state, AgentState::Running, "{a:?}");
+        assert_ne!(a.node.as_deref(), Some(victim.as_str()), "{a:?}");
     }
     let (status, answer) = coordinator
         .post("/v1/chat", chat("Do you remember me?"))
@@ -753,7 +757,7 @@ async fn draining_a_node_of_6_agents_moves_at_most_2_at_a_time_and_leaves_it_emp
         .await;
     coordinator.spawn_agent("after", "llama3.2").await;
     wait_until_async("the new agent on the emptiest node, d", WAIT, || async {
-        coordinator.agent("after").await["node"] == "d"
+        coordinator.agent("after").await.node.as_deref() == Some("d")
     })
     .await;
 }
@@ -780,9 +784,9 @@ async fn a_stale_offline_on_a_live_node_status_moves_nothing() {
     tokio::time::sleep(Duration::from_secs(3)).await; // longer than offline_grace_secs
     let a = coordinator.agent("stay").await;
     assert_eq!(
-        (a["state"].as_str(), a["node"].as_str()),
-        (Some("running"), Some("live")),
-        "{a}"
+        (a.state, a.node.as_deref()),
+        (AgentState::Running, Some("live")),
+        "{a:?}"
     );
     assert!(coordinator
         .events()
@@ -1155,7 +1159,7 @@ async fn an_unconfirmed_assignment_is_placed_elsewhere_and_a_stray_agent_is_rele
         .await;
     wait_until_async("patient to run on the real node", WAIT, || async {
         let a = coordinator.agent("patient").await;
-        a["state"] == "running" && a["node"] == "real"
+        a.state == AgentState::Running && a.node.as_deref() == Some("real")
     })
     .await;
     let events = coordinator.events().await;
@@ -1413,12 +1417,12 @@ async fn a_node_that_stops_heartbeating_but_stays_connected_is_lost_and_its_agen
     announce_capacity(&silent, "silent", 5, &["quiet"], 2).await;
     wait_until_async("quiet to run on the silent node", WAIT, || async {
         let a = coordinator.agent("quiet").await;
-        a["state"] == "running" && a["node"] == "silent"
+        a.state == AgentState::Running && a.node.as_deref() == Some("silent")
     })
     .await;
     wait_until_async("quiet to move to the steady node", WAIT, || async {
         let a = coordinator.agent("quiet").await;
-        a["state"] == "running" && a["node"] == "steady"
+        a.state == AgentState::Running && a.node.as_deref() == Some("steady")
     })
     .await;
     let events = coordinator.events().await;
@@ -1440,7 +1444,7 @@ async fn a_node_that_stops_heartbeating_but_stays_connected_is_lost_and_its_agen
         })
         .await;
     let a = coordinator.agent("quiet").await;
-    assert_eq!(a["node"], "steady", "{a}");
+    assert_eq!(a.node.as_deref(), Some("steady"), "{a:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

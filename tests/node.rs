@@ -1,9 +1,11 @@
 //! Acceptance tests of the node daemon (issue 2), each against a real
 //! Mosquitto and real `pifleet` processes.
 
+use std::collections::BTreeSet;
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
+use pifleet::protocol::Capacity;
 use serde_json::{json, Value};
 
 use crate::util::{http_get, Client, Mosquitto, Node, Proc, Sim, WAIT};
@@ -80,27 +82,19 @@ async fn a_node_announces_online_and_a_retained_capacity_with_every_contract_fie
         })
         .await;
     let c = capacity.json();
-    for field in [
-        "node",
-        "session",
-        "seq",
-        "version",
-        "arch",
-        "agent_capacity",
-        "agents_running",
-        "agents",
-        "cpu",
-        "memory",
-        "temperature_c",
-        "throttled",
-        "models",
-        "ollama_reachable",
-        "labels",
-        "draining",
-        "ts",
-    ] {
-        assert!(c.get(field).is_some(), "capacity lacks {field}: {c}");
-    }
+    // Exactly the fields of the contract type, none missing (the last four
+    // have serde defaults, so deserializing alone would not notice).
+    let typed: Capacity = serde_json::from_value(c.clone()).expect("a Capacity");
+    let keys = |v: &Value| {
+        v.as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect::<BTreeSet<_>>()
+    };
+    let contract = keys(&serde_json::to_value(&typed).unwrap());
+    assert_eq!(keys(&c), contract, "{c}");
+    assert_eq!(contract.len(), 21, "{contract:?}");
     for (group, field) in [
         ("cpu", "cores"),
         ("cpu", "load1"),

@@ -666,8 +666,10 @@ impl Coordinator {
         view(&body)
     }
 
-    pub async fn agent(&self, name: &str) -> Value {
-        self.get(&format!("/v1/agents/{name}")).await.1
+    pub async fn agent(&self, name: &str) -> AgentView {
+        let (status, body) = self.get(&format!("/v1/agents/{name}")).await;
+        assert_eq!(status, 200, "GET /v1/agents/{name}: {body}");
+        view(&body)
     }
 
     /// Agents running, per node.

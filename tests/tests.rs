@@ -3,6 +3,7 @@
 
 mod util;
 
+mod cli;
 mod coordinator;
 mod node;
 mod ollama_sim;

@@ -63,16 +63,26 @@ pub enum JobsCommand {
 pub enum ClientCommand {
     /// Fleet report: agents running / capacity, nodes, queue depth, recent events.
     Status {
+        #[command(flatten)]
+        connection: Connection,
         /// How many recent scheduling events to show.
         #[arg(long, default_value_t = 10)]
         events: usize,
     },
     /// Nodes with their capacity, load, temperature and agents.
-    Nodes,
+    Nodes {
+        #[command(flatten)]
+        connection: Connection,
+    },
     /// Agents with their state and node.
-    Agents,
+    Agents {
+        #[command(flatten)]
+        connection: Connection,
+    },
     /// Create an agent (or N agents NAME-1..N with --count).
     Spawn {
+        #[command(flatten)]
+        connection: Connection,
         name: String,
         /// Ollama model, e.g. llama3.2 (a name without a tag means :latest).
         #[arg(long)]
@@ -89,11 +99,15 @@ pub enum ClientCommand {
     },
     /// Stop and remove agents.
     Stop {
+        #[command(flatten)]
+        connection: Connection,
         #[arg(required = true)]
         names: Vec<String>,
     },
     /// Send one message to an agent and print its answer.
     Chat {
+        #[command(flatten)]
+        connection: Connection,
         agent: String,
         message: String,
         /// Seconds to keep retrying while the agent is being moved between
@@ -103,6 +117,8 @@ pub enum ClientCommand {
     },
     /// Move every agent off a node and place nothing new there.
     Drain {
+        #[command(flatten)]
+        connection: Connection,
         node: String,
         /// Agents in motion at once (default: scheduler.drain_max_parallel).
         #[arg(long)]
@@ -112,11 +128,21 @@ pub enum ClientCommand {
         deadline_secs: Option<u64>,
     },
     /// Let a drained or cordoned node take agents again.
-    Uncordon { node: String },
+    Uncordon {
+        #[command(flatten)]
+        connection: Connection,
+        node: String,
+    },
     /// Remove a node that is offline for good (a Pi taken out of the fleet).
-    Forget { node: String },
+    Forget {
+        #[command(flatten)]
+        connection: Connection,
+        node: String,
+    },
     /// Queued jobs: list (default), submit, show.
     Jobs {
+        #[command(flatten)]
+        connection: Connection,
         #[command(subcommand)]
         action: Option<JobsCommand>,
     },
@@ -268,8 +294,26 @@ fn print_json(value: &Value) {
     );
 }
 
+impl ClientCommand {
+    fn connection(&self) -> &Connection {
+        match self {
+            ClientCommand::Status { connection, .. }
+            | ClientCommand::Nodes { connection }
+            | ClientCommand::Agents { connection }
+            | ClientCommand::Spawn { connection, .. }
+            | ClientCommand::Stop { connection, .. }
+            | ClientCommand::Chat { connection, .. }
+            | ClientCommand::Drain { connection, .. }
+            | ClientCommand::Uncordon { connection, .. }
+            | ClientCommand::Forget { connection, .. }
+            | ClientCommand::Jobs { connection, .. } => connection,
+        }
+    }
+}
+
 /// Runs `command` and prints its outcome.
-pub fn run(connection: Connection, command: ClientCommand) -> Result<(), Failure> {
+pub fn run(command: ClientCommand) -> Result<(), Failure> {
+    let connection = command.connection().clone();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -284,19 +328,19 @@ pub fn run(connection: Connection, command: ClientCommand) -> Result<(), Failure
 
 async fn execute(api: &Api, as_json: bool, command: ClientCommand) -> Result<(), Failure> {
     match command {
-        ClientCommand::Status { events } => {
+        ClientCommand::Status { events, .. } => {
             let status = api
                 .call(Method::GET, &format!("/v1/status?limit={events}"), None)
                 .await?;
             let view: FleetStatus = typed(&status)?;
             print_result(as_json, &status, || status_report(&view));
         }
-        ClientCommand::Nodes => {
+        ClientCommand::Nodes { .. } => {
             let nodes = api.call(Method::GET, "/v1/nodes", None).await?;
             let view: NodeList = typed(&nodes)?;
             print_result(as_json, &nodes, || nodes_table(&view.nodes));
         }
-        ClientCommand::Agents => {
+        ClientCommand::Agents { .. } => {
             let agents = api.call(Method::GET, "/v1/agents", None).await?;
             let view: AgentList = typed(&agents)?;
             print_result(as_json, &agents, || agents_table(&view.agents));
@@ -307,6 +351,7 @@ async fn execute(api: &Api, as_json: bool, command: ClientCommand) -> Result<(),
             system,
             labels,
             count,
+            ..
         } => {
             let labels = parse_labels(&labels)?;
             let names: Vec<String> = match count {
@@ -333,7 +378,7 @@ async fn execute(api: &Api, as_json: bool, command: ClientCommand) -> Result<(),
                 print_json(&json!({ "agents": created }));
             }
         }
-        ClientCommand::Stop { names } => {
+        ClientCommand::Stop { names, .. } => {
             let mut stopped = Vec::new();
             for name in names {
                 let result = api
@@ -353,6 +398,7 @@ async fn execute(api: &Api, as_json: bool, command: ClientCommand) -> Result<(),
             agent,
             message,
             wait,
+            ..
         } => {
             let body = json!({"agent": agent, "messages": [{"role": "user", "content": message}]});
             let answer = api.chat(body, std::time::Duration::from_secs(wait)).await?;
@@ -374,6 +420,7 @@ async fn execute(api: &Api, as_json: bool, command: ClientCommand) -> Result<(),
             node,
             max_parallel,
             deadline_secs,
+            ..
         } => {
             let body = json!({"max_parallel": max_parallel, "deadline_secs": deadline_secs});
             let path = format!("/v1/nodes/{node}/drain");
@@ -384,17 +431,17 @@ async fn execute(api: &Api, as_json: bool, command: ClientCommand) -> Result<(),
                 format!("draining {node}: {moving} agents to move away")
             });
         }
-        ClientCommand::Uncordon { node } => {
+        ClientCommand::Uncordon { node, .. } => {
             let path = format!("/v1/nodes/{node}/uncordon");
             let result = api.call(Method::POST, &path, None).await?;
             print_result(as_json, &result, || format!("{node} takes agents again"));
         }
-        ClientCommand::Forget { node } => {
+        ClientCommand::Forget { node, .. } => {
             let path = format!("/v1/nodes/{node}");
             let result = api.call(Method::DELETE, &path, None).await?;
             print_result(as_json, &result, || format!("forgot {node}"));
         }
-        ClientCommand::Jobs { action } => jobs(api, as_json, action).await?,
+        ClientCommand::Jobs { action, .. } => jobs(api, as_json, action).await?,
     }
     Ok(())
 }

@@ -29,8 +29,6 @@ pub const EXIT_USAGE: u8 = 64;
     about = "A fleet of local LLM agents on Raspberry Pis, over MQTT"
 )]
 pub struct Cli {
-    #[command(flatten)]
-    pub connection: Connection,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -152,7 +150,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Coordinator { config } => run_coordinator(config),
         Command::Config { action } => config_cmd::run(action),
         Command::OllamaSim(args) => run_sim(args),
-        Command::Client(command) => client::run(cli.connection, command),
+        Command::Client(command) => client::run(command),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -209,7 +209,8 @@ def api(base, path):
 
 
 def cli(base, *args, timeout=60):
-    return run([str(PIFLEET), "--coordinator", base, *args], timeout=timeout)
+    """`pifleet ARGS --coordinator BASE` (client options follow the command)."""
+    return run([str(PIFLEET), *args, "--coordinator", base], timeout=timeout)
 
 
 def nodes(base):
@@ -354,7 +355,7 @@ def run_checks(workdir, machines, sims, key):
     online = wait_for("both nodes online in pifleet status", lambda: (
         lambda st: all(n["state"] == "online" for n in st["nodes"] if n["node"] in PIS)
         and {n["node"] for n in st["nodes"]} >= set(PIS) and st)(
-        json.loads(cli(base, "--json", "status").stdout)))
+        json.loads(cli(base, "status", "--json").stdout)))
     caps = {n["node"]: n["agent_capacity"] for n in online["nodes"]}
     check(caps == PIS, f"pifleet status shows the inventory's capacities: {caps}")
     # Under the hardened unit, sysinfo still reads /proc and the probe /sys.

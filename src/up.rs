@@ -100,7 +100,7 @@ fn check_port(what: &'static str, port: u16, flag: &'static str) -> Result<(), U
 }
 
 /// Starts rumqttd on a thread of its own and waits until it accepts.
-fn start_broker(port: u16) -> Result<(), UpError> {
+async fn start_broker(port: u16) -> Result<(), UpError> {
     use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
     let listen = SocketAddr::from(([127, 0, 0, 1], port));
     let server = ServerSettings {
@@ -139,10 +139,10 @@ fn start_broker(port: u16) -> Result<(), UpError> {
         .map_err(|_| UpError::Broker(port))?;
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
-        if std::net::TcpStream::connect(listen).is_ok() {
+        if tokio::net::TcpStream::connect(listen).await.is_ok() {
             return Ok(());
         }
-        std::thread::sleep(Duration::from_millis(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Err(UpError::Broker(port))
 }
@@ -189,8 +189,51 @@ fn node_toml(id: &str, capacity: u32, mqtt_port: u16, ollama: &Url) -> String {
     )
 }
 
-/// Runs the fleet until `shutdown`.
+/// Runs the fleet until `shutdown`: checks, broker, Ollama (or the
+/// simulator), coordinator, nodes; then watches them and stops them all.
 pub async fn run(options: UpOptions, shutdown: CancellationToken) -> Result<(), UpError> {
+    let ollama = validate(&options)?;
+    let data = DataDir::prepare(options.data_dir.clone())?;
+    start_broker(options.mqtt_port).await?;
+    println!(
+        "pifleet up: embedded MQTT broker (rumqttd) on 127.0.0.1:{}",
+        options.mqtt_port
+    );
+    let sim_shutdown = CancellationToken::new();
+    let (ollama, simulated) = find_ollama(ollama, sim_shutdown.clone()).await?;
+    let coordinator_shutdown = CancellationToken::new();
+    let coordinator = start_coordinator(&options, &data.path, coordinator_shutdown.clone());
+    let mut nodes = start_nodes(&options, &data.path, &ollama)?;
+    let api = format!("http://127.0.0.1:{}", options.api_port);
+    let online = wait_for_nodes(&api, options.nodes, Duration::from_secs(30)).await;
+    print_ready(&options, online, &api, &ollama, simulated, &nodes, &data);
+
+    match supervise(shutdown, coordinator, &mut nodes).await {
+        Supervised::CoordinatorEnded => stop_nodes(&mut nodes).await,
+        Supervised::Shutdown(coordinator) => {
+            println!(
+                "pifleet up: stopping {} nodes, then the coordinator",
+                nodes.iter().filter(|n| !n.exited).count()
+            );
+            stop_nodes(&mut nodes).await;
+            coordinator_shutdown.cancel();
+            match tokio::time::timeout(Duration::from_secs(10), coordinator).await {
+                Ok(Ok(Err(e))) => {
+                    println!("pifleet up: the coordinator stopped with an error: {e}")
+                }
+                Err(_) => println!("pifleet up: the coordinator did not stop within 10s"),
+                _ => {}
+            }
+        }
+    }
+    sim_shutdown.cancel();
+    data.remove_if_temporary();
+    println!("pifleet up: stopped");
+    Ok(())
+}
+
+/// Checks the options; returns the Ollama URL to try.
+fn validate(options: &UpOptions) -> Result<Url, UpError> {
     if !(1..=64).contains(&options.nodes) {
         return Err(UpError::Invalid(format!(
             "--nodes must be between 1 and 64 (got {})",
@@ -204,68 +247,94 @@ pub async fn run(options: UpOptions, shutdown: CancellationToken) -> Result<(), 
         .map_err(|e| UpError::Invalid(format!("--ollama-url: {e}")))?;
     check_port("MQTT", options.mqtt_port, "--mqtt-port")?;
     check_port("API", options.api_port, "--api-port")?;
-    let (data_dir, temporary) = match &options.data_dir {
-        Some(dir) => (dir.clone(), false),
-        None => (
-            std::env::temp_dir().join(format!("pifleet-up-{}", std::process::id())),
-            true,
-        ),
-    };
-    std::fs::create_dir_all(&data_dir).map_err(files_error(&data_dir))?;
+    Ok(ollama)
+}
 
-    start_broker(options.mqtt_port)?;
-    println!(
-        "pifleet up: embedded MQTT broker (rumqttd) on 127.0.0.1:{}",
-        options.mqtt_port
-    );
+/// Where the coordinator's store and the node configs and logs live.
+struct DataDir {
+    path: PathBuf,
+    /// Made for this run (no `--data-dir`): removed on exit.
+    temporary: bool,
+}
 
-    let sim_shutdown = CancellationToken::new();
-    let (ollama, simulated) = match OllamaClient::new(&ollama).models().await {
+impl DataDir {
+    fn prepare(chosen: Option<PathBuf>) -> Result<DataDir, UpError> {
+        let data = match chosen {
+            Some(path) => DataDir {
+                path,
+                temporary: false,
+            },
+            None => DataDir {
+                path: std::env::temp_dir().join(format!("pifleet-up-{}", std::process::id())),
+                temporary: true,
+            },
+        };
+        std::fs::create_dir_all(&data.path).map_err(files_error(&data.path))?;
+        Ok(data)
+    }
+
+    fn remove_if_temporary(&self) {
+        if self.temporary {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// The Ollama at `url` if one answers, else the built-in simulator (said
+/// loudly); returns its URL and whether it is the simulator.
+async fn find_ollama(url: Url, sim_shutdown: CancellationToken) -> Result<(Url, bool), UpError> {
+    let why = match OllamaClient::new(&url).models().await {
         Ok(models) => {
             println!(
-                "pifleet up: using the real Ollama at {ollama} ({} models)",
+                "pifleet up: using the real Ollama at {url} ({} models)",
                 models.len()
             );
-            (ollama, false)
+            return Ok((url, false));
         }
-        Err(why) => {
-            let config = SimConfig {
-                listen: "127.0.0.1:0".parse().expect("valid address"),
-                ..SimConfig::default()
-            };
-            let listener = crate::ollama_sim::bind(&config).await?;
-            let addr = listener
-                .local_addr()
-                .map_err(|e| UpError::Sim(crate::ollama_sim::SimError::Invalid(e.to_string())))?;
-            let router = crate::ollama_sim::router(crate::ollama_sim::Sim::new(config.clone()));
-            tokio::spawn(crate::http::serve(listener, router, sim_shutdown.clone()));
-            let url = ollama_url(format!("http://{addr}")).expect("a valid URL");
-            println!(
-                "pifleet up: ****************************************************************"
-            );
-            println!("pifleet up: NO OLLAMA at {ollama}: {why}");
-            println!("pifleet up: using the built-in Ollama SIMULATOR at {url}");
-            println!(
-                "pifleet up: answers are canned; models: {}",
-                config.models.join(", ")
-            );
-            println!(
-                "pifleet up: ****************************************************************"
-            );
-            (url, true)
-        }
+        Err(why) => why,
     };
+    let config = SimConfig {
+        listen: "127.0.0.1:0".parse().expect("valid address"),
+        ..SimConfig::default()
+    };
+    let listener = crate::ollama_sim::bind(&config).await?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| UpError::Sim(crate::ollama_sim::SimError::Invalid(e.to_string())))?;
+    let router = crate::ollama_sim::router(crate::ollama_sim::Sim::new(config.clone()));
+    tokio::spawn(crate::http::serve(listener, router, sim_shutdown));
+    let sim = ollama_url(format!("http://{addr}")).expect("a valid URL");
+    let banner = "pifleet up: ****************************************************************";
+    println!("{banner}");
+    println!("pifleet up: NO OLLAMA at {url}: {why}");
+    println!("pifleet up: using the built-in Ollama SIMULATOR at {sim}");
+    println!(
+        "pifleet up: answers are canned; models: {}",
+        config.models.join(", ")
+    );
+    println!("{banner}");
+    Ok((sim, true))
+}
 
-    let mut coordinator_config = CoordinatorConfig::with_defaults(data_dir.join("coordinator.db"));
-    coordinator_config.mqtt.port = options.mqtt_port;
-    coordinator_config.api.listen = SocketAddr::from(([127, 0, 0, 1], options.api_port));
-    coordinator_config.timeouts.node_lost_after = Duration::from_secs(20);
-    let coordinator_shutdown = CancellationToken::new();
-    let mut coordinator = tokio::spawn(crate::coordinator::run(
-        coordinator_config,
-        coordinator_shutdown.clone(),
-    ));
+type CoordinatorTask = tokio::task::JoinHandle<Result<(), crate::coordinator::CoordinatorError>>;
 
+fn start_coordinator(
+    options: &UpOptions,
+    data_dir: &Path,
+    shutdown: CancellationToken,
+) -> CoordinatorTask {
+    let mut config = CoordinatorConfig::with_defaults(data_dir.join("coordinator.db"));
+    config.mqtt.port = options.mqtt_port;
+    config.api.listen = SocketAddr::from(([127, 0, 0, 1], options.api_port));
+    config.timeouts.node_lost_after = Duration::from_secs(20);
+    tokio::spawn(crate::coordinator::run(config, shutdown))
+}
+
+fn start_nodes(
+    options: &UpOptions,
+    data_dir: &Path,
+    ollama: &Url,
+) -> Result<Vec<NodeChild>, UpError> {
     let nodes_dir = data_dir.join("nodes");
     std::fs::create_dir_all(&nodes_dir).map_err(files_error(&nodes_dir))?;
     let mut nodes = Vec::new();
@@ -273,7 +342,7 @@ pub async fn run(options: UpOptions, shutdown: CancellationToken) -> Result<(), 
         let id = format!("up-{i}");
         let config = nodes_dir.join(format!("{id}.toml"));
         let log = nodes_dir.join(format!("{id}.log"));
-        let text = node_toml(&id, options.capacity, options.mqtt_port, &ollama);
+        let text = node_toml(&id, options.capacity, options.mqtt_port, ollama);
         NodeConfig::parse(&id, &text).map_err(|e| UpError::Invalid(e.to_string()))?;
         std::fs::write(&config, text).map_err(files_error(&config))?;
         let child = spawn_node(&id, &config, &log)?;
@@ -285,9 +354,18 @@ pub async fn run(options: UpOptions, shutdown: CancellationToken) -> Result<(), 
             exited: false,
         });
     }
+    Ok(nodes)
+}
 
-    let api = format!("http://127.0.0.1:{}", options.api_port);
-    let online = wait_for_nodes(&api, options.nodes, Duration::from_secs(30)).await;
+fn print_ready(
+    options: &UpOptions,
+    online: usize,
+    api: &str,
+    ollama: &Url,
+    simulated: bool,
+    nodes: &[NodeChild],
+    data: &DataDir,
+) {
     println!(
         "pifleet up: fleet is ready ({online}/{} nodes online, {} agent slots each)",
         options.nodes, options.capacity
@@ -303,7 +381,7 @@ pub async fn run(options: UpOptions, shutdown: CancellationToken) -> Result<(), 
         "  Ollama       {ollama}{}",
         if simulated { "   (SIMULATOR)" } else { "" }
     );
-    for n in &nodes {
+    for n in nodes {
         println!(
             "  node {}    pid {}, log {}",
             n.id,
@@ -313,16 +391,35 @@ pub async fn run(options: UpOptions, shutdown: CancellationToken) -> Result<(), 
     }
     println!(
         "  data         {}{}",
-        data_dir.display(),
-        if temporary { " (removed on exit)" } else { "" }
+        data.path.display(),
+        if data.temporary {
+            " (removed on exit)"
+        } else {
+            ""
+        }
     );
     println!("Try: pifleet spawn alice --model llama3.2 && pifleet chat alice \"hello\" && pifleet status");
     println!("Ctrl-C stops everything.");
+}
 
+enum Supervised {
+    /// Asked to stop; the coordinator still runs.
+    Shutdown(CoordinatorTask),
+    /// The coordinator stopped by itself.
+    CoordinatorEnded,
+}
+
+/// Waits for `shutdown` or the coordinator's end, reporting nodes that exit
+/// meanwhile.
+async fn supervise(
+    shutdown: CancellationToken,
+    mut coordinator: CoordinatorTask,
+    nodes: &mut [NodeChild],
+) -> Supervised {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.cancelled() => return Supervised::Shutdown(coordinator),
             result = &mut coordinator => {
                 let outcome = match result {
                     Ok(Ok(())) => "stopped".to_owned(),
@@ -330,8 +427,7 @@ pub async fn run(options: UpOptions, shutdown: CancellationToken) -> Result<(), 
                     Err(e) => format!("crashed: {e}"),
                 };
                 println!("pifleet up: the coordinator {outcome}; stopping the fleet");
-                stop_nodes(&mut nodes).await;
-                return Ok(());
+                return Supervised::CoordinatorEnded;
             }
             _ = tick.tick() => {
                 for n in nodes.iter_mut().filter(|n| !n.exited) {
@@ -348,23 +444,6 @@ pub async fn run(options: UpOptions, shutdown: CancellationToken) -> Result<(), 
             }
         }
     }
-    println!(
-        "pifleet up: stopping {} nodes, then the coordinator",
-        nodes.iter().filter(|n| !n.exited).count()
-    );
-    stop_nodes(&mut nodes).await;
-    coordinator_shutdown.cancel();
-    match tokio::time::timeout(Duration::from_secs(10), coordinator).await {
-        Ok(Ok(Err(e))) => println!("pifleet up: the coordinator stopped with an error: {e}"),
-        Err(_) => println!("pifleet up: the coordinator did not stop within 10s"),
-        _ => {}
-    }
-    sim_shutdown.cancel();
-    if temporary {
-        let _ = std::fs::remove_dir_all(&data_dir);
-    }
-    println!("pifleet up: stopped");
-    Ok(())
 }
 
 /// SIGTERM to every node still running, then wait for them (SIGKILL after 15 s).
@@ -393,15 +472,15 @@ async fn stop_nodes(nodes: &mut [NodeChild]) {
 }
 
 /// Polls the coordinator until `want` nodes are online; returns how many are.
-async fn wait_for_nodes(api: &str, want: usize, limit: Duration) -> u64 {
+async fn wait_for_nodes(api: &str, want: usize, limit: Duration) -> usize {
     let client = reqwest::Client::new();
     let deadline = Instant::now() + limit;
     let mut online = 0;
     while Instant::now() < deadline {
         if let Ok(response) = client.get(format!("{api}/v1/status")).send().await {
-            if let Ok(status) = response.json::<serde_json::Value>().await {
-                online = status["nodes_online"].as_u64().unwrap_or(0);
-                if online >= want as u64 {
+            if let Ok(status) = response.json::<crate::protocol::FleetSummary>().await {
+                online = status.nodes_online;
+                if online >= want {
                     break;
                 }
             }

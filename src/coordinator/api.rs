@@ -1,4 +1,4 @@
-//! The coordinator's HTTP API (DESIGN §5, contract). Handlers validate input
+//! The coordinator's HTTP API (docs/API.md, contract). Handlers validate input
 //! (422), enforce the body limit (413) and the bearer token (401), then ask
 //! the coordinator task through [`ApiRequest`]s; errors are JSON
 //! `{"error", "code"}`.

@@ -1,6 +1,6 @@
 //! The coordinator daemon (`pifleet coordinator`): places agents on the
 //! least-loaded nodes, moves them when a node dies or is drained, routes chat
-//! turns and queued jobs to them, and serves the HTTP API (DESIGN §5).
+//! turns and queued jobs to them, and serves the HTTP API (docs/ARCHITECTURE.md §3).
 //!
 //! One task owns all state ([`core::Coordinator`]); the HTTP handlers and
 //! the MQTT link talk to it through channels:

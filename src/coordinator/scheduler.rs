@@ -1,4 +1,4 @@
-//! Placement (DESIGN §3) as pure code: plain data in, decisions out, no I/O
+//! Placement (docs/ARCHITECTURE.md §3) as pure code: plain data in, decisions out, no I/O
 //! and no clock. The coordinator builds a [`Scheduler`] from its fleet view
 //! for each reconciliation pass and asks it where each pending agent goes.
 //!

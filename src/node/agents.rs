@@ -1,7 +1,7 @@
 //! The node's agent slots as a pure state machine: commands in, effects out,
 //! no I/O and no clock of its own, so every rule is unit-tested here.
 //!
-//! Rules (DESIGN §2, §4):
+//! Rules (docs/ARCHITECTURE.md §2, docs/PROTOCOL.md):
 //! * at most `agent_capacity` agents; a further assign is refused with a
 //!   reason naming the capacity;
 //! * commands are applied once: a repeated command id is ignored;

@@ -18,7 +18,7 @@ pub const STATUS_ONLINE: &str = "online";
 /// node's last will.
 pub const STATUS_OFFLINE: &str = "offline";
 
-/// The retained capacity announcement of one node (DESIGN §4, contract).
+/// The retained capacity announcement of one node (docs/PROTOCOL.md, contract).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Capacity {
     pub node: String,

@@ -1,4 +1,4 @@
-//! MQTT topic names of the pifleet contract (DESIGN §4), built and parsed in
+//! MQTT topic names of the pifleet contract (docs/PROTOCOL.md), built and parsed in
 //! one place so the node, the coordinator and simulators agree on them.
 //!
 //! Layout under the configurable root (default `pifleet`):

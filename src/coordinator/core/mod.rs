@@ -3,7 +3,7 @@
 //! drains, rebalancing, and the reconciliation of what is wanted (the store)
 //! with what nodes report (capacity messages and replies).
 //!
-//! Agent lifecycle (DESIGN §2):
+//! Agent lifecycle (docs/ARCHITECTURE.md §2):
 //!
 //! ```text
 //!  pending ──assign──▶ assigned ──ack / listed──▶ running
@@ -16,6 +16,12 @@
 //!
 //! A move releases the agent from its node *before* placing it elsewhere,
 //! so no agent runs on two nodes at once.
+//!
+//! The core reads no clock and does no network I/O: the daemon's loop tells
+//! it the time of each input ([`Now`]) and publishes what it queued in its
+//! outbox ([`Outgoing`]). It keeps the SQLite store, whose writes must
+//! precede the commands they justify. Errors are domain errors
+//! ([`CoreError`]); `api.rs` maps them to HTTP.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};

@@ -1,7 +1,9 @@
 //! The coordinator's HTTP API (docs/API.md, contract). Handlers validate input
 //! (422), enforce the body limit (413) and the bearer token (401), then ask
-//! the coordinator task through [`ApiRequest`]s; errors are JSON
-//! `{"error", "code"}`.
+//! the coordinator task by sending it an [`ApiCall`] (a closure run on its
+//! state, which sends its own answer back). The core answers in domain terms
+//! ([`CoreError`]); the `From<CoreError> for ApiError` impl here is the only
+//! place HTTP statuses are chosen. Errors are JSON `{"error", "code"}`.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -7,7 +7,7 @@
 //!
 //! * link events: retained `status` and `capacity` messages build the fleet
 //!   view, `reply` messages confirm assignments and carry turn results;
-//! * API requests, each with a oneshot for its answer (a chat's answer is
+//! * API calls, each with a oneshot for its answer (a chat's answer is
 //!   sent when its turn completes);
 //! * a tick every 250 ms: reconciliation, timeouts, the fleet summary.
 //!

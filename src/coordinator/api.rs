@@ -539,6 +539,9 @@ async fn events(State(s): State<ApiState>, QueryParams(q): QueryParams<ListQuery
 }
 
 #[cfg(test)]
+mod router_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -1,0 +1,216 @@
+//! The HTTP API in-process: the real router and a real core (on a
+//! temporary store), driven with `oneshot` requests. No broker, no ports.
+
+use axum::body::Body;
+use axum::http::Request as HttpRequest;
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+use super::*;
+use crate::config::CoordinatorConfig;
+use crate::coordinator::core::Now;
+use crate::coordinator::store::Store;
+use crate::protocol::{AgentState, AgentView};
+
+/// A router whose calls run on a core of their own, as in the daemon.
+fn api(token: Option<&str>) -> (Router, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = CoordinatorConfig::with_defaults(dir.path().join("store.db"));
+    let store = Store::open(&config.store_path, config.history_limit).unwrap();
+    let metrics = Arc::new(CoordinatorMetrics::new());
+    let mut core = Coordinator::load(config, store, Now::system(), metrics.clone()).unwrap();
+    let (tx, mut calls) = mpsc::channel::<ApiCall>(16);
+    tokio::spawn(async move {
+        while let Some(call) = calls.recv().await {
+            core.set_now(Now::system());
+            call(&mut core);
+        }
+    });
+    let state = ApiState {
+        requests: tx,
+        ready: Arc::new(AtomicBool::new(true)),
+        metrics,
+        token: token.map(str::to_owned),
+        max_body: 1024,
+        chat_timeout: Duration::from_secs(1),
+    };
+    (router(state), dir)
+}
+
+async fn call(router: &Router, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let request = HttpRequest::builder()
+        .method(method)
+        .uri(path)
+        .body(Body::from(body.to_owned()))
+        .unwrap();
+    let response = router.clone().oneshot(request).await.unwrap();
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, json)
+}
+
+/// Asserts an error answer: its status, its code, and words of its message.
+fn refused(answer: (u16, Value), status: u16, code: &str, says: &str) {
+    let (got, body) = answer;
+    assert_eq!(got, status, "{body}");
+    assert_eq!(body["code"], code, "{body}");
+    let message = body["error"].as_str().unwrap_or_default();
+    assert!(message.contains(says), "{message:?} should say {says:?}");
+}
+
+#[tokio::test]
+async fn bad_agent_bodies_are_refused_with_what_is_wrong() {
+    let (api, _dir) = api(None);
+    let post = |body: &'static str| call(&api, "POST", "/v1/agents", body);
+    refused(
+        post(r#"{"name":"Bad Name","model":"llama3.2"}"#).await,
+        422,
+        "invalid",
+        "name \"Bad Name\"",
+    );
+    refused(
+        post(r#"{"name":"a","model":"llama3.2","colour":1}"#).await,
+        422,
+        "invalid",
+        "colour",
+    );
+    refused(
+        post(r#"{"name":"a","model":"no such model!"}"#).await,
+        422,
+        "invalid",
+        "model",
+    );
+    refused(
+        post("not json").await,
+        422,
+        "invalid",
+        "not the expected JSON",
+    );
+    let big = format!(
+        r#"{{"name":"a","model":"llama3.2","system":"{}"}}"#,
+        "x".repeat(2000)
+    );
+    refused(
+        call(&api, "POST", "/v1/agents", &big).await,
+        413,
+        "too_large",
+        "max_body_bytes",
+    );
+}
+
+#[tokio::test]
+async fn an_agent_is_created_once_shown_and_deleted() {
+    let (api, _dir) = api(None);
+    let body = r#"{"name":"alice","model":"llama3.2"}"#;
+    let (status, created) = call(&api, "POST", "/v1/agents", body).await;
+    assert_eq!(status, 201, "{created}");
+    let view: AgentView = serde_json::from_value(created).unwrap();
+    assert_eq!(
+        (view.state, view.model.as_str()),
+        (AgentState::Pending, "llama3.2:latest")
+    );
+    refused(
+        call(&api, "POST", "/v1/agents", body).await,
+        409,
+        "exists",
+        "alice",
+    );
+    let (status, shown) = call(&api, "GET", "/v1/agents/alice", "").await;
+    assert_eq!((status, shown["name"].as_str()), (200, Some("alice")));
+    let (status, deleted) = call(&api, "DELETE", "/v1/agents/alice", "").await;
+    assert_eq!((status, deleted["state"].as_str()), (200, Some("stopped")));
+    refused(
+        call(&api, "GET", "/v1/agents/alice", "").await,
+        404,
+        "not_found",
+        "alice",
+    );
+}
+
+#[tokio::test]
+async fn bad_chats_jobs_and_queries_name_the_problem() {
+    let (api, _dir) = api(None);
+    let chat = r#"{"agent":"alice","messages":[{"role":"robot","content":"hi"}]}"#;
+    refused(
+        call(&api, "POST", "/v1/chat", chat).await,
+        422,
+        "invalid",
+        "messages[0].role",
+    );
+    let chat = r#"{"agent":"nobody","messages":[{"role":"user","content":"hi"}]}"#;
+    refused(
+        call(&api, "POST", "/v1/chat", chat).await,
+        404,
+        "not_found",
+        "nobody",
+    );
+    let job = r#"{"message":"x","priority":5000}"#;
+    refused(
+        call(&api, "POST", "/v1/agents/a/jobs", job).await,
+        422,
+        "invalid",
+        "priority",
+    );
+    refused(
+        call(&api, "GET", "/v1/jobs?state=dancing", "").await,
+        422,
+        "invalid",
+        "dancing",
+    );
+    refused(
+        call(&api, "GET", "/v1/jobs?limit=many", "").await,
+        422,
+        "invalid",
+        "limit",
+    );
+    refused(
+        call(&api, "GET", "/v1/nodes/nope", "").await,
+        404,
+        "not_found",
+        "nope",
+    );
+    refused(
+        call(
+            &api,
+            "POST",
+            "/v1/nodes/nope/drain",
+            r#"{"max_parallel":0}"#,
+        )
+        .await,
+        422,
+        "invalid",
+        "max_parallel",
+    );
+    refused(
+        call(&api, "PUT", "/v1/agents", "").await,
+        405,
+        "method_not_allowed",
+        "PUT",
+    );
+    refused(
+        call(&api, "GET", "/v2/agents", "").await,
+        404,
+        "not_found",
+        "/v2/agents",
+    );
+}
+
+#[tokio::test]
+async fn with_a_token_v1_needs_it_and_probes_do_not() {
+    let (api, _dir) = api(Some("0123456789abcdef"));
+    refused(
+        call(&api, "GET", "/v1/status", "").await,
+        401,
+        "unauthorized",
+        "Bearer",
+    );
+    assert_eq!(call(&api, "GET", "/health", "").await.0, 200);
+    assert_eq!(call(&api, "GET", "/ready", "").await.0, 200);
+    let request = HttpRequest::builder()
+        .uri("/v1/status")
+        .header("authorization", "Bearer 0123456789abcdef")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(api.clone().oneshot(request).await.unwrap().status(), 200);
+}

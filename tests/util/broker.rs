@@ -1,0 +1,103 @@
+//! The test's own Mosquitto broker (Debian's package, on a free port).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::*;
+
+fn mosquitto_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("PIFLEET_TEST_MOSQUITTO") {
+        return PathBuf::from(path);
+    }
+    for candidate in [
+        "/usr/sbin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+        "/usr/bin/mosquitto",
+    ] {
+        if Path::new(candidate).exists() {
+            return PathBuf::from(candidate);
+        }
+    }
+    panic!("mosquitto is not installed: run the README's test command (scripts/test.sh), which installs it");
+}
+
+/// A Mosquitto broker of this test, killed when dropped.
+pub struct Mosquitto {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Mosquitto {
+    pub fn start() -> Mosquitto {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for _ in 0..10 {
+            let port = free_port();
+            if let Some(child) = Self::spawn(dir.path(), port) {
+                return Mosquitto { port, dir, child };
+            }
+        }
+        panic!("could not start mosquitto on a free port");
+    }
+
+    fn spawn(dir: &Path, port: u16) -> Option<Child> {
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n"),
+        )
+        .expect("write mosquitto.conf");
+        let mut child = Command::new(mosquitto_binary())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mosquitto");
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = child.try_wait() {
+                return None; // exited: the port was taken meanwhile
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(child);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+
+    /// Stops the broker (SIGKILL) and starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.restart_after(Duration::ZERO);
+    }
+
+    /// Kills the broker, leaves the port closed for `down`, starts it again.
+    pub fn restart_after(&mut self, down: Duration) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(down);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(child) = Self::spawn(self.dir.path(), self.port) {
+                self.child = child;
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not restart on port {}",
+                self.port
+            );
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -610,6 +610,24 @@ mod tests {
         }
     }
 
+    fn queued_job(id: &str, agent: &str) -> JobRow {
+        JobRow {
+            id: id.into(),
+            agent: agent.into(),
+            message: "do it".into(),
+            priority: 0,
+            seq: 0,
+            state: JobState::Queued,
+            attempts: 0,
+            node: None,
+            created_ms: 1,
+            updated_ms: 1,
+            answer: None,
+            error: None,
+            usage: None,
+        }
+    }
+
     #[test]
     fn agents_and_counters_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
@@ -675,19 +693,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("c.db"), 3).unwrap();
         let mut job = JobRow {
-            id: "j1".into(),
-            agent: "a".into(),
-            message: "do it".into(),
             priority: 5,
-            seq: 0,
-            state: JobState::Queued,
-            attempts: 0,
-            node: None,
-            created_ms: 1,
-            updated_ms: 1,
-            answer: None,
-            error: None,
-            usage: None,
+            ..queued_job("j1", "a")
         };
         s.insert_job(&mut job).unwrap();
         let mut second = JobRow {
@@ -714,19 +721,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("c.db"), 3).unwrap();
         let job = |id: &str, state: JobState, updated_ms: u64| JobRow {
-            id: id.into(),
-            agent: "a".into(),
-            message: "m".into(),
-            priority: 0,
-            seq: 0,
             state,
             attempts: 1,
-            node: None,
-            created_ms: 1,
             updated_ms,
-            answer: None,
-            error: None,
-            usage: None,
+            ..queued_job(id, "a")
         };
         for mut j in [
             job("old-done", JobState::Completed, 100),
@@ -754,21 +752,7 @@ mod tests {
         s.insert_agent(&spec("alice"), 10).unwrap();
         let hi = [ChatMessage::new(Role::User, "hi")];
         s.append_history("alice", &hi, 11).unwrap();
-        let mut job = JobRow {
-            id: "j1".into(),
-            agent: "alice".into(),
-            message: "do it".into(),
-            priority: 0,
-            seq: 0,
-            state: JobState::Queued,
-            attempts: 0,
-            node: None,
-            created_ms: 1,
-            updated_ms: 1,
-            answer: None,
-            error: None,
-            usage: None,
-        };
+        let mut job = queued_job("j1", "alice");
         s.insert_job(&mut job).unwrap();
         let sabotage = "UPDATE agents SET state = 'dancing';
             UPDATE messages SET role = 'robot';

@@ -36,15 +36,8 @@ impl ProbeReport {
     /// Before the first sample: nothing known, Ollama not yet checked.
     pub fn unknown() -> Self {
         ProbeReport {
-            cpu: CpuInfo {
-                cores: 0,
-                load1: 0.0,
-                usage_pct: 0.0,
-            },
-            memory: MemoryInfo {
-                total_bytes: 0,
-                available_bytes: 0,
-            },
+            cpu: CpuInfo::default(),
+            memory: MemoryInfo::default(),
             temperature_c: None,
             throttled: None,
             models: Vec::new(),

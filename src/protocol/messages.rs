@@ -60,14 +60,14 @@ pub struct Capacity {
     pub generation: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CpuInfo {
     pub cores: u32,
     pub load1: f64,
     pub usage_pct: f32,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MemoryInfo {
     pub total_bytes: u64,
     pub available_bytes: u64,

@@ -164,15 +164,8 @@ fn never_heard(node: &str) -> Capacity {
         agent_capacity: 0,
         agents_running: 0,
         agents: Vec::new(),
-        cpu: CpuInfo {
-            cores: 0,
-            load1: 0.0,
-            usage_pct: 0.0,
-        },
-        memory: MemoryInfo {
-            total_bytes: 0,
-            available_bytes: 0,
-        },
+        cpu: CpuInfo::default(),
+        memory: MemoryInfo::default(),
         temperature_c: None,
         throttled: None,
         models: Vec::new(),

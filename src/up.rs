@@ -209,7 +209,13 @@ pub async fn run(options: UpOptions, shutdown: CancellationToken) -> Result<(), 
     print_ready(&options, online, &api, &ollama, simulated, &nodes, &data);
 
     match supervise(shutdown, coordinator, &mut nodes).await {
-        Supervised::CoordinatorEnded => stop_nodes(&mut nodes).await,
+        Supervised::CoordinatorEnded => {
+            stop_nodes(&mut nodes).await;
+            sim_shutdown.cancel();
+            // Kept, temporary or not: the node logs say what happened.
+            println!("pifleet up: logs and store kept in {}", data.path.display());
+            return Ok(());
+        }
         Supervised::Shutdown(coordinator) => {
             println!(
                 "pifleet up: stopping {} nodes, then the coordinator",

@@ -5,7 +5,10 @@ use crate::util::pifleet_bin;
 /// Whether `text` lists `option` (not merely a longer option such as
 /// `--tokens-per-sec` for `--token`).
 fn lists(text: &str, option: &str) -> bool {
-    text.contains(&format!("{option} "))
+    text.match_indices(option).any(|(at, _)| {
+        let next = text[at + option.len()..].chars().next();
+        !next.is_some_and(|c| c.is_ascii_alphanumeric() || c == '-')
+    })
 }
 
 fn help(args: &[&str]) -> String {

@@ -4,12 +4,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use pifleet::protocol::{AgentState, EventKind, FleetStatus, JobList, NodeList};
+use pifleet::protocol::{
+    AgentList, AgentState, ChatAnswer, EventKind, FleetStatus, JobList, JobState, NodeList,
+    NodeView,
+};
 use serde_json::{json, Value};
 
 use crate::util::{
-    http_get, poll, send, wait_until, wait_until_async, Client, Coordinator, Mosquitto, Node, Proc,
-    Received, Sim, WAIT,
+    http_get, poll, send, view, wait_until, wait_until_async, Client, Coordinator, Mosquitto, Node,
+    Proc, Received, Sim, WAIT,
 };
 
 const ALL_NODES: [&str; 3] = [
@@ -225,7 +228,7 @@ async fn kill_9_of_a_node_moves_its_agents_once_each_and_a_moved_agent_keeps_its
     let chat = |text: &str| json!({"agent": "m0", "messages": [{"role": "user", "content": text}]});
     let (status, first) = coordinator.post("/v1/chat", chat("My name is Ada.")).await;
     assert_eq!(status, 200, "{first}");
-    let victim = first["node"].as_str().unwrap().to_owned();
+    let victim = view::<ChatAnswer>(&first).node;
     assert_eq!(
         coordinator
             .post("/v1/chat", chat("What is my name?"))
@@ -254,8 +257,9 @@ async fn kill_9_of_a_node_moves_its_agents_once_each_and_a_moved_agent_keeps_its
         .post("/v1/chat", chat("Do you remember me?"))
         .await;
     assert_eq!(status, 200, "{answer}");
-    assert_ne!(answer["node"], victim.as_str());
-    let text = answer["message"]["content"].as_str().unwrap();
+    let answer: ChatAnswer = view(&answer);
+    assert_ne!(answer.node, victim);
+    let text = &answer.message.content;
     // System prompt + two earlier exchanges + the new message.
     assert!(
         text.contains("received 6 messages"),
@@ -333,11 +337,10 @@ async fn a_coordinator_killed_during_a_burst_restarts_with_every_agent_on_exactl
     assert_eq!(agents.len(), 30, "the same agents exist after the restart");
     // Each on exactly one node, as the nodes themselves report it.
     wait_until_async("the nodes to report 30 agents", WAIT, || async {
-        let (_, nodes) = coordinator.get("/v1/nodes").await;
         let mut seen = BTreeMap::<String, usize>::new();
-        for n in nodes["nodes"].as_array().unwrap() {
-            for a in n["agents"].as_array().unwrap() {
-                *seen.entry(a.as_str().unwrap().to_owned()).or_default() += 1;
+        for n in coordinator.nodes().await {
+            for a in n.capacity.agents {
+                *seen.entry(a).or_default() += 1;
             }
         }
         seen.len() == 30 && seen.values().all(|&c| c == 1)
@@ -375,18 +378,15 @@ async fn a_job_whose_node_dies_mid_turn_completes_on_another_node() {
     coordinator.wait_nodes_online(2).await;
     coordinator.spawn_agent("worker", "llama3.2").await;
     coordinator.wait_running(1).await;
-    let (status, job) = coordinator
-        .post(
-            "/v1/agents/worker/jobs",
+    let id = coordinator
+        .submit_job(
+            "worker",
             json!({"message": "summarise the logs", "priority": 3}),
         )
         .await;
-    assert_eq!(status, 202, "{job}");
-    assert_eq!(job["status"], "queued");
-    let id = job["job_id"].as_str().unwrap().to_owned();
     let first_node: String = poll("the job to run", WAIT, || async {
-        let (_, j) = coordinator.get(&format!("/v1/jobs/{id}")).await;
-        (j["status"] == "running").then(|| j["node"].as_str().unwrap_or("").to_owned())
+        let j = coordinator.job(&id).await;
+        (j.status == JobState::Running).then(|| j.node.expect("a running job has a node"))
     })
     .await;
     wait_until_async("the turn to reach Ollama", WAIT, || async {
@@ -394,20 +394,21 @@ async fn a_job_whose_node_dies_mid_turn_completes_on_another_node() {
     })
     .await;
     nodes.get_mut(&first_node).unwrap().proc.signal("KILL");
-    let done: Value = poll("the job to complete", WAIT, || async {
-        let (_, j) = coordinator.get(&format!("/v1/jobs/{id}")).await;
-        (j["status"] == "completed").then_some(j)
+    let done = poll("the job to complete", WAIT, || async {
+        let j = coordinator.job(&id).await;
+        (j.status == JobState::Completed).then_some(j)
     })
     .await;
-    assert_ne!(done["node"], first_node.as_str(), "{done}");
     assert!(
-        done["answer"]
-            .as_str()
-            .unwrap()
-            .contains("summarise the logs"),
-        "{done}"
+        done.node.as_ref().is_some_and(|n| *n != first_node),
+        "{done:?}"
     );
-    assert!(done["usage"]["eval_count"].as_u64().unwrap() > 0);
+    let answer = done.answer.as_deref().unwrap_or_default();
+    assert!(answer.contains("summarise the logs"), "{done:?}");
+    assert!(
+        done.usage.as_ref().is_some_and(|u| u.eval_count > 0),
+        "{done:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -424,42 +425,27 @@ async fn fifty_queued_jobs_complete_highest_priority_first_and_in_order_within_a
     for i in 0..50usize {
         let agent = if i % 2 == 0 { "pa" } else { "pb" };
         let priority = [1, 5, 3, 5, 0, 9, 1][i % 7];
-        let (status, job) = coordinator
-            .post(
-                &format!("/v1/agents/{agent}/jobs"),
+        let id = coordinator
+            .submit_job(
+                agent,
                 json!({"message": format!("job {i}"), "priority": priority}),
             )
             .await;
-        assert_eq!(status, 202, "{job}");
-        submitted.push((
-            agent.to_owned(),
-            job["job_id"].as_str().unwrap().to_owned(),
-            priority,
-            i,
-        ));
+        submitted.push((agent.to_owned(), id, priority, i));
     }
-    assert_eq!(coordinator.get("/v1/status").await.1["queue_depth"], 50);
+    assert_eq!(coordinator.status().await.summary.queue_depth, 50);
     let _node = Node::start("q1", &broker, &sim.url, "agent_capacity = 2", "");
     wait_until_async(
         "all 50 jobs to complete",
         Duration::from_secs(60),
-        || async {
-            let (_, jobs) = coordinator.get("/v1/jobs?state=completed&limit=100").await;
-            jobs["jobs"].as_array().unwrap().len() == 50
-        },
+        || async { coordinator.jobs("state=completed&limit=100").await.len() == 50 },
     )
     .await;
-    let (_, jobs) = coordinator.get("/v1/jobs?limit=100").await;
-    let finished: BTreeMap<String, u64> = jobs["jobs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|j| {
-            (
-                j["job_id"].as_str().unwrap().to_owned(),
-                j["updated_ms"].as_u64().unwrap(),
-            )
-        })
+    let finished: BTreeMap<String, u64> = coordinator
+        .jobs("limit=100")
+        .await
+        .into_iter()
+        .map(|j| (j.job_id, j.updated_ms))
         .collect();
     for agent in ["pa", "pb"] {
         let mut expected: Vec<&(String, String, i64, usize)> =
@@ -749,7 +735,8 @@ async fn draining_a_node_of_6_agents_moves_at_most_2_at_a_time_and_leaves_it_emp
 
     // Uncordon: it takes agents again.
     let (status, node) = coordinator.post("/v1/nodes/d/uncordon", json!({})).await;
-    assert_eq!((status, node["cordoned"].as_bool()), (200, Some(false)));
+    assert_eq!(status, 200, "{node}");
+    assert!(!view::<NodeView>(&node).cordoned, "{node}");
     recorder
         .wait_message("pifleet/nodes/d/capacity", |m| {
             m.json()["draining"] == false && m.at > capacity.at
@@ -894,8 +881,8 @@ fn pifleet_up_then_spawn_chat_and_status_from_a_second_terminal() {
     let status = cli(&["status"]);
     assert!(status.contains("Agents: 1 / 12 running"), "{status}");
     assert!(status.contains("Nodes online: 3 / 3"), "{status}");
-    let json: Value = serde_json::from_str(&cli(&["status", "--json"])).unwrap();
-    assert_eq!(json["agents_running"], 1);
+    let json: FleetStatus = serde_json::from_str(&cli(&["status", "--json"])).unwrap();
+    assert_eq!(json.summary.agents_running, 1);
     // The embedded broker carries the contract topics.
     let sub = std::process::Command::new("mosquitto_sub")
         .args([
@@ -1148,7 +1135,7 @@ async fn an_unconfirmed_assignment_is_placed_elsewhere_and_a_stray_agent_is_rele
     // and never confirms it.
     announce_capacity(&mute, "mute", 10, &[], 2).await;
     wait_until_async("the coordinator to see mute empty", WAIT, || async {
-        coordinator.get("/v1/nodes/mute").await.1["agents_running"] == 0
+        coordinator.node("mute").await.capacity.agents_running == 0
     })
     .await;
     coordinator.spawn_agent("patient", "llama3.2").await;
@@ -1293,9 +1280,9 @@ async fn every_cli_command_works_against_a_coordinator_with_a_token_and_prints_j
         ok(&["spawn", "team", "--model", "llama3.2", "--count", "3", "--label", "x=y"])
             .contains("spawned team-3")
     );
-    let agents: Value = serde_json::from_str(&ok(&["agents", "--json"])).unwrap();
-    assert_eq!(agents["agents"].as_array().unwrap().len(), 3);
-    assert_eq!(agents["agents"][0]["labels"]["x"], "y");
+    let agents: AgentList = serde_json::from_str(&ok(&["agents", "--json"])).unwrap();
+    assert_eq!(agents.agents.len(), 3);
+    assert_eq!(agents.agents[0].labels["x"], "y");
     // Nobody carries label x=y: they wait, and say why.
     wait_until_async("the agents to say why they wait", WAIT, || async {
         ok(&["agents"])
@@ -1323,7 +1310,7 @@ async fn every_cli_command_works_against_a_coordinator_with_a_token_and_prints_j
     .trim()
     .to_owned();
     wait_until_async("the job to complete", WAIT, || async {
-        coordinator_job_status(&coordinator, &id).await == "completed"
+        coordinator_job_status(&coordinator, &id).await == JobState::Completed
     })
     .await;
     assert!(ok(&["jobs", "show", &id]).contains("write a haiku"));
@@ -1355,9 +1342,8 @@ async fn every_cli_command_works_against_a_coordinator_with_a_token_and_prints_j
     assert_eq!(run(&["--version"], None).0, Some(0));
 }
 
-async fn coordinator_job_status(coordinator: &Coordinator, id: &str) -> String {
-    let (_, job) = coordinator.get(&format!("/v1/jobs/{id}")).await;
-    job["status"].as_str().unwrap_or("").to_owned()
+async fn coordinator_job_status(coordinator: &Coordinator, id: &str) -> JobState {
+    coordinator.job(id).await.status
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1371,14 +1357,10 @@ async fn jobs_queued_when_the_coordinator_is_killed_complete_after_it_restarts()
     coordinator.wait_running(1).await;
     let mut ids = Vec::new();
     for i in 0..3 {
-        let (status, job) = coordinator
-            .post(
-                "/v1/agents/busy/jobs",
-                json!({"message": format!("job {i}")}),
-            )
+        let id = coordinator
+            .submit_job("busy", json!({"message": format!("job {i}")}))
             .await;
-        assert_eq!(status, 202);
-        ids.push(job["job_id"].as_str().unwrap().to_owned());
+        ids.push(id);
     }
     wait_until_async("the first job at Ollama", WAIT, || async {
         sim.stats().await["in_flight"] == 1
@@ -1387,12 +1369,13 @@ async fn jobs_queued_when_the_coordinator_is_killed_complete_after_it_restarts()
     coordinator.proc.signal("KILL");
     coordinator.restart();
     for id in &ids {
-        let job: Value = poll(&format!("job {id} to complete"), WAIT, || async {
-            let (_, j) = coordinator.get(&format!("/v1/jobs/{id}")).await;
-            (j["status"] == "completed").then_some(j)
+        let job = poll(&format!("job {id} to complete"), WAIT, || async {
+            let j = coordinator.job(id).await;
+            (j.status == JobState::Completed).then_some(j)
         })
         .await;
-        assert!(job["answer"].as_str().unwrap().contains("job "), "{job}");
+        let answer = job.answer.as_deref().unwrap_or_default();
+        assert!(answer.contains("job "), "{job:?}");
     }
 }
 
@@ -1434,8 +1417,8 @@ async fn a_node_that_stops_heartbeating_but_stays_connected_is_lost_and_its_agen
         lost.message.contains("no capacity message for 3s"),
         "{lost:?}"
     );
-    let (_, node) = coordinator.get("/v1/nodes/silent").await;
-    assert_ne!(node["state"], "online", "{node}");
+    let node = coordinator.node("silent").await;
+    assert_ne!(node.state, "online", "{node:?}");
     // When it speaks again still claiming the agent, it is told to let go.
     announce_capacity(&silent, "silent", 5, &["quiet"], 3).await;
     commands
@@ -1458,7 +1441,7 @@ async fn a_node_killed_and_restarted_at_once_is_recognised_as_a_new_session_and_
     coordinator.spawn_agent("ash-1", "llama3.2").await;
     coordinator.spawn_agent("ash-2", "llama3.2").await;
     coordinator.wait_running(2).await;
-    let (_, before) = coordinator.get("/v1/nodes/phoenix").await;
+    let before = coordinator.node("phoenix").await.capacity.session;
     // A chat in flight when the node dies is answered at once, not at its
     // timeout: the new process never heard of it.
     let (api, token) = (coordinator.api.clone(), coordinator.token.clone());
@@ -1485,8 +1468,8 @@ async fn a_node_killed_and_restarted_at_once_is_recognised_as_a_new_session_and_
     // Same id, same config, a fresh process: it hosts nothing yet.
     let again = Node::start("phoenix", &broker, &sim.url, "agent_capacity = 2", "");
     wait_until_async("both agents to run on the new phoenix", WAIT, || async {
-        let (_, n) = coordinator.get("/v1/nodes/phoenix").await;
-        n["session"] != before["session"] && n["agents"].as_array().map(Vec::len) == Some(2)
+        let n = coordinator.node("phoenix").await.capacity;
+        n.session != before && n.agents.len() == 2
     })
     .await;
     let (status, body) = http_get(&format!("{}/v1/agents", again.api)).await;
@@ -1560,9 +1543,9 @@ async fn garbage_on_the_status_capacity_and_reply_topics_is_logged_and_ignored_a
     log.wait_for_line("ignored a reply from sturdy", WAIT);
     log.wait_for_line("ignored a reply on the topic of sturdy naming node", WAIT);
     // The node is still online and takes agents; nothing was lost.
-    let (_, node) = coordinator.get("/v1/nodes/sturdy").await;
-    assert_eq!(node["state"], "online", "{node}");
-    assert_eq!(node["agent_capacity"], 2, "{node}");
+    let node = coordinator.node("sturdy").await;
+    assert_eq!(node.state, "online", "{node:?}");
+    assert_eq!(node.capacity.agent_capacity, 2, "{node:?}");
     coordinator.spawn_agent("steadfast", "llama3.2").await;
     coordinator.wait_running(1).await;
     assert!(coordinator
@@ -1721,7 +1704,7 @@ async fn finished_jobs_are_deleted_after_keep_finished_secs() {
     assert_eq!(status, 202, "{job}");
     let id = job["job_id"].as_str().unwrap().to_owned();
     wait_until_async("the job to complete", WAIT, || async {
-        coordinator_job_status(&coordinator, &id).await == "completed"
+        coordinator_job_status(&coordinator, &id).await == JobState::Completed
     })
     .await;
     let done = std::time::Instant::now();

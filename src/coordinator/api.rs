@@ -564,11 +564,35 @@ mod tests {
             let api = ApiError::from(error);
             assert_eq!((api.status.as_u16(), api.code), (status, code));
         }
-        let full = ApiError::from(CoreError::QueueFull {
+        let conflict = CoreError::Conflict {
+            code: "exists",
+            message: "m".into(),
+        };
+        let not_running = CoreError::NotRunning {
+            message: "m".into(),
+            retry_after_secs: Some(3),
+        };
+        let moving = CoreError::Turn {
+            code: TurnErrorCode::Released,
+            message: "m".into(),
+            retry_after_secs: Some(5),
+        };
+        let queue_full = CoreError::QueueFull {
             message: "m".into(),
             retry_after_secs: 7,
-        });
-        assert_eq!((full.status.as_u16(), full.retry_after), (429, Some(7)));
+        };
+        for (error, status, code, retry) in [
+            (conflict, 409, "exists", None),
+            (not_running, 503, "agent_not_running", Some(3)),
+            (moving, 503, "released", Some(5)),
+            (queue_full, 429, "queue_full", Some(7)),
+        ] {
+            let api = ApiError::from(error);
+            assert_eq!(
+                (api.status.as_u16(), api.code, api.retry_after),
+                (status, code, retry)
+            );
+        }
     }
 
     #[test]

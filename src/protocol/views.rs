@@ -194,6 +194,9 @@ pub enum EventKind {
     Drained,
     Uncordon,
     Forgotten,
+    /// A kind this version does not know (from a newer coordinator).
+    #[serde(other)]
+    Other,
 }
 
 impl EventKind {
@@ -219,6 +222,7 @@ impl EventKind {
             EventKind::Drained => "drained",
             EventKind::Uncordon => "uncordon",
             EventKind::Forgotten => "forgotten",
+            EventKind::Other => "other",
         }
     }
 }

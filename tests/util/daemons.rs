@@ -2,7 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
-use pifleet::protocol::{AgentList, AgentState, AgentView, EventList, FleetStatus};
+use pifleet::protocol::{
+    AgentList, AgentState, AgentView, EventList, FleetStatus, JobList, JobState, JobSubmitted,
+    JobView, NodeList, NodeView,
+};
 use serde_json::Value;
 
 use super::*;
@@ -30,12 +33,9 @@ impl Sim {
 
     /// The simulator's own counters (`GET /_sim/stats`).
     pub async fn stats(&self) -> Value {
-        reqwest::get(format!("{}/_sim/stats", self.url))
-            .await
-            .expect("sim stats")
-            .json()
-            .await
-            .expect("sim stats json")
+        let (status, body) = http_get(&format!("{}/_sim/stats", self.url)).await;
+        assert_eq!(status, 200, "GET /_sim/stats: {body}");
+        body
     }
 }
 
@@ -207,6 +207,40 @@ impl Coordinator {
         let (status, body) = self.get("/v1/status").await;
         assert_eq!(status, 200, "{body}");
         view(&body)
+    }
+
+    pub async fn node(&self, name: &str) -> NodeView {
+        let (status, body) = self.get(&format!("/v1/nodes/{name}")).await;
+        assert_eq!(status, 200, "GET /v1/nodes/{name}: {body}");
+        view(&body)
+    }
+
+    pub async fn nodes(&self) -> Vec<NodeView> {
+        let (status, body) = self.get("/v1/nodes").await;
+        assert_eq!(status, 200, "GET /v1/nodes: {body}");
+        view::<NodeList>(&body).nodes
+    }
+
+    pub async fn job(&self, id: &str) -> JobView {
+        let (status, body) = self.get(&format!("/v1/jobs/{id}")).await;
+        assert_eq!(status, 200, "GET /v1/jobs/{id}: {body}");
+        view(&body)
+    }
+
+    /// `GET /v1/jobs?{query}`.
+    pub async fn jobs(&self, query: &str) -> Vec<JobView> {
+        let (status, body) = self.get(&format!("/v1/jobs?{query}")).await;
+        assert_eq!(status, 200, "GET /v1/jobs?{query}: {body}");
+        view::<JobList>(&body).jobs
+    }
+
+    /// Queues a job; asserts 202 and returns its id.
+    pub async fn submit_job(&self, agent: &str, body: Value) -> String {
+        let (status, answer) = self.post(&format!("/v1/agents/{agent}/jobs"), body).await;
+        assert_eq!(status, 202, "{answer}");
+        let submitted: JobSubmitted = view(&answer);
+        assert_eq!(submitted.status, JobState::Queued);
+        submitted.job_id
     }
 
     pub async fn agent(&self, name: &str) -> AgentView {

@@ -14,8 +14,16 @@ use crate::protocol::{AgentState, AgentView};
 
 /// A router whose calls run on a core of their own, as in the daemon.
 fn api(token: Option<&str>) -> (Router, tempfile::TempDir) {
+    api_with(token, |_| {})
+}
+
+fn api_with(
+    token: Option<&str>,
+    tweak: impl FnOnce(&mut CoordinatorConfig),
+) -> (Router, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let config = CoordinatorConfig::with_defaults(dir.path().join("store.db"));
+    let mut config = CoordinatorConfig::with_defaults(dir.path().join("store.db"));
+    tweak(&mut config);
     let store = Store::open(&config.store_path, config.history_limit).unwrap();
     let metrics = Arc::new(CoordinatorMetrics::new());
     let mut core = Coordinator::load(config, store, Now::system(), metrics.clone()).unwrap();
@@ -213,4 +221,33 @@ async fn with_a_token_v1_needs_it_and_probes_do_not() {
         .body(Body::empty())
         .unwrap();
     assert_eq!(api.clone().oneshot(request).await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn jobs_are_accepted_until_the_queue_is_full_then_told_when_to_retry() {
+    let (api, _dir) = api_with(None, |c| {
+        c.queue.max_jobs_per_agent = 1;
+        c.queue.retry_after_secs = 7;
+    });
+    let agent = r#"{"name":"alice","model":"llama3.2"}"#;
+    assert_eq!(call(&api, "POST", "/v1/agents", agent).await.0, 201);
+    let job = r#"{"message":"work"}"#;
+    let (status, queued) = call(&api, "POST", "/v1/agents/alice/jobs", job).await;
+    assert_eq!((status, queued["status"].as_str()), (202, Some("queued")));
+    let request = HttpRequest::builder()
+        .method("POST")
+        .uri("/v1/agents/alice/jobs")
+        .body(Body::from(job))
+        .unwrap();
+    let response = api.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["retry-after"], "7");
+    let (status, shown) = call(
+        &api,
+        "GET",
+        &format!("/v1/jobs/{}", queued["job_id"].as_str().unwrap()),
+        "",
+    )
+    .await;
+    assert_eq!((status, shown["status"].as_str()), (200, Some("queued")));
 }

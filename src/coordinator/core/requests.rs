@@ -211,7 +211,7 @@ impl Coordinator {
                     .max(1),
             ),
         };
-        self.set_flags(node, flags);
+        self.set_flags(node, flags)?;
         self.drained_reported.remove(node);
         let hosted = self.agents.values().filter(|a| a.on(node)).count();
         self.event(
@@ -232,7 +232,7 @@ impl Coordinator {
         if self.fleet.get(node).is_none() {
             return Err(CoreError::NotFound(format!("no node named {node}")));
         }
-        self.set_flags(node, NodeFlags::default());
+        self.set_flags(node, NodeFlags::default())?;
         self.event(
             EventKind::Uncordon,
             None,
@@ -262,6 +262,9 @@ impl Coordinator {
                 message: format!("node {node} is online: stop its daemon first (drain it to move its agents gracefully)"),
             });
         }
+        // Stored first: a node forgotten in memory only would come back,
+        // still cordoned, after a restart.
+        self.store.delete_node_flags(node)?;
         let hosted: Vec<String> = self
             .by_node
             .get(node)
@@ -280,9 +283,6 @@ impl Coordinator {
         self.flags.remove(node);
         self.drain_sent.remove(node);
         self.drained_reported.remove(node);
-        if let Err(e) = self.store.delete_node_flags(node) {
-            log::error!("{e}");
-        }
         for kind in [NodeTopic::Status, NodeTopic::Capacity] {
             self.publish(self.topics.node(node, kind), Vec::new(), true);
         }
@@ -302,13 +302,15 @@ impl Coordinator {
         })
     }
 
-    pub(super) fn set_flags(&mut self, node: &str, flags: NodeFlags) {
-        if let Err(e) = self.store.set_node_flags(node, &flags) {
-            log::error!("{e}");
-        }
+    /// Stores a node's cordon and drain flags, then applies them; on a
+    /// store error nothing changes (a drain lost at the next restart would
+    /// surprise the user more than a refused one).
+    pub(super) fn set_flags(&mut self, node: &str, flags: NodeFlags) -> Result<(), StoreError> {
+        self.store.set_node_flags(node, &flags)?;
         self.flags.insert(node.to_owned(), flags);
         self.drain_sent.remove(node);
         self.sync_drain_flag(node);
+        Ok(())
     }
 
     /// Tells `node` its draining flag when its capacity says otherwise.

@@ -472,6 +472,27 @@ fn a_chat_whose_history_cannot_be_read_fails_and_sends_no_turn() {
 }
 
 #[test]
+fn a_job_whose_history_cannot_be_read_waits_for_the_store_and_then_runs() {
+    let mut sim = one_running_on_a();
+    sabotage(&sim, "ALTER TABLE messages RENAME TO messages_lost");
+    let id = sim.c.submit_job("x", "work".into(), 0).unwrap().job_id;
+    sim.run_for(Duration::from_secs(2));
+    let job = sim.c.job(&id).unwrap();
+    assert_eq!((job.status, job.attempts), (JobState::Queued, 0), "{job:?}");
+    assert!(job.error.is_some_and(|e| e.contains("history of agent x")));
+    assert_eq!(sim.commands_to("a", CommandKind::Turn), 0);
+    sabotage(&sim, "ALTER TABLE messages_lost RENAME TO messages");
+    sim.step();
+    let job = sim.c.job(&id).unwrap();
+    assert_eq!(
+        (job.status, job.attempts),
+        (JobState::Running, 1),
+        "{job:?}"
+    );
+    assert_eq!(sim.commands_to("a", CommandKind::Turn), 1);
+}
+
+#[test]
 fn a_delete_whose_state_cannot_be_saved_sends_nothing() {
     let mut sim = one_running_on_a();
     sabotage(
@@ -492,6 +513,22 @@ fn a_delete_whose_state_cannot_be_saved_sends_nothing() {
     sim.deliver();
     assert_eq!(sim.commands_to("a", CommandKind::Release), 1);
     sim.run_until("gone", MINUTE, |s| s.c.agents.is_empty());
+}
+
+#[test]
+fn a_drain_whose_flags_cannot_be_saved_is_refused_and_moves_nothing() {
+    let mut sim = three_on_a_then_b(|_| {});
+    sabotage(
+        &sim,
+        "CREATE TRIGGER read_only BEFORE INSERT ON nodes
+         BEGIN SELECT RAISE(FAIL, 'disk is read-only'); END",
+    );
+    let error = sim.c.drain("a", Some(3), None).unwrap_err();
+    assert!(matches!(&error, CoreError::Store(_)), "{error:?}");
+    sim.run_for(Duration::from_secs(5));
+    assert_eq!(sim.running_on("a"), 3);
+    assert_eq!(sim.commands_to("a", CommandKind::Drain), 0);
+    assert!(!sim.c.node("a").unwrap().cordoned);
 }
 
 #[test]

@@ -66,6 +66,15 @@ impl Coordinator {
                     TurnKind::Chat(reply) => {
                         let _ = reply.send(Err(error));
                     }
+                    // The store may be readable again shortly: the job
+                    // waits (not counted as an attempt) and is tried again
+                    // at the next reconciliation.
+                    TurnKind::Job(job) if matches!(error, CoreError::Store(_)) => {
+                        if let Some(j) = self.jobs.get_mut(&job) {
+                            j.attempts = j.attempts.saturating_sub(1);
+                        }
+                        self.requeue_job(name, &job, error.to_string());
+                    }
                     TurnKind::Job(job) => {
                         self.metrics.job("failed");
                         self.finish_job(&job, None, Some(error.to_string()))
@@ -304,22 +313,8 @@ impl Coordinator {
                     j.attempts = j.attempts.saturating_sub(1);
                 }
                 if code.retryable() && j.attempts < max {
-                    j.state = JobState::Queued;
-                    j.node = None;
-                    j.error = Some(reason.clone());
-                    j.updated_ms = self.now.wall_ms;
-                    let queued = QueuedJob {
-                        priority: j.priority,
-                        seq: j.seq,
-                        id: job.clone(),
-                    };
-                    if let Err(e) = self.store.update_job(j) {
-                        log::error!("{e}");
-                    }
                     log::info!("job {job} failed on {} ({reason}); queued again", turn.node);
-                    if let Some(a) = self.agents.get_mut(&turn.agent) {
-                        a.jobs.push(queued);
-                    }
+                    self.requeue_job(&turn.agent, &job, reason);
                 } else {
                     self.metrics.job("failed");
                     self.finish_job(&job, None, Some(format!("{}: {reason}", code.as_str())));
@@ -327,6 +322,29 @@ impl Coordinator {
             }
         }
         self.dispatch(&turn.agent);
+    }
+
+    /// Puts a job back in its agent's queue, keeping `reason` as its last
+    /// error.
+    fn requeue_job(&mut self, agent: &str, job: &str, reason: String) {
+        let Some(j) = self.jobs.get_mut(job) else {
+            return;
+        };
+        j.state = JobState::Queued;
+        j.node = None;
+        j.error = Some(reason);
+        j.updated_ms = self.now.wall_ms;
+        let queued = QueuedJob {
+            priority: j.priority,
+            seq: j.seq,
+            id: job.to_owned(),
+        };
+        if let Err(e) = self.store.update_job(j) {
+            log::error!("{e}");
+        }
+        if let Some(a) = self.agents.get_mut(agent) {
+            a.jobs.push(queued);
+        }
     }
 
     pub(super) fn take_turn(&mut self, id: &str) -> Option<TurnInFlight> {

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use super::core::{Coordinator, CoreError};
+use super::core::{Coordinator, CoreError, Now};
 use super::metrics::CoordinatorMetrics;
 use crate::http::{no_route, wrong_method, ApiError, PathParam, QueryParams};
 use crate::protocol::{normalize_model, AgentSpec, ChatMessage, JobState, Role, TurnErrorCode};
@@ -109,11 +109,12 @@ impl ApiState {
     async fn call<T: Serialize + Send + 'static>(
         &self,
         status: StatusCode,
-        f: impl FnOnce(&mut Coordinator) -> Result<T, CoreError> + Send + 'static,
+        f: impl FnOnce(&mut Coordinator, Now) -> Result<T, CoreError> + Send + 'static,
     ) -> Response {
         let (tx, rx) = oneshot::channel();
+        // The time is read when the call runs on the coordinator task.
         let call: ApiCall = Box::new(move |c| {
-            let _ = tx.send(f(c));
+            let _ = tx.send(f(c, Now::system()));
         });
         if self.requests.send(call).await.is_err() {
             return stopping();
@@ -127,15 +128,15 @@ impl ApiState {
     /// Like [`ApiState::call`] for a view that cannot fail.
     async fn view<T: Serialize + Send + 'static>(
         &self,
-        f: impl FnOnce(&Coordinator) -> T + Send + 'static,
+        f: impl FnOnce(&Coordinator, Now) -> T + Send + 'static,
     ) -> Response {
-        self.call(StatusCode::OK, move |c| Ok(f(c))).await
+        self.call(StatusCode::OK, move |c, now| Ok(f(c, now))).await
     }
 
     /// A chat: answered when its turn completes, or 504 after `limit`.
     async fn chat(&self, agent: String, messages: Vec<ChatMessage>, limit: Duration) -> Response {
         let (tx, rx) = oneshot::channel();
-        let call: ApiCall = Box::new(move |c| c.chat(&agent, messages, tx));
+        let call: ApiCall = Box::new(move |c| c.chat(&agent, messages, tx, Now::system()));
         if self.requests.send(call).await.is_err() {
             return stopping();
         }
@@ -387,15 +388,16 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
 
 async fn status(State(s): State<ApiState>, QueryParams(q): QueryParams<ListQuery>) -> Response {
     let events = q.limit.unwrap_or(10).min(1000);
-    s.view(move |c| c.status(events)).await
+    s.view(move |c, now| c.status(events, now)).await
 }
 
 async fn nodes(State(s): State<ApiState>) -> Response {
-    s.view(|c| c.nodes()).await
+    s.view(|c, now| c.nodes(now)).await
 }
 
 async fn node(State(s): State<ApiState>, PathParam(node): PathParam<String>) -> Response {
-    s.call(StatusCode::OK, move |c| c.node(&node)).await
+    s.call(StatusCode::OK, move |c, now| c.node(&node, now))
+        .await
 }
 
 async fn drain(
@@ -418,26 +420,29 @@ async fn drain(
     }
     let deadline = body.deadline_secs.map(Duration::from_secs);
     let max_parallel = body.max_parallel;
-    s.call(StatusCode::OK, move |c| {
-        c.drain(&node, max_parallel, deadline)
+    s.call(StatusCode::OK, move |c, now| {
+        c.drain(&node, max_parallel, deadline, now)
     })
     .await
 }
 
 async fn uncordon(State(s): State<ApiState>, PathParam(node): PathParam<String>) -> Response {
-    s.call(StatusCode::OK, move |c| c.uncordon(&node)).await
+    s.call(StatusCode::OK, move |c, now| c.uncordon(&node, now))
+        .await
 }
 
 async fn forget_node(State(s): State<ApiState>, PathParam(node): PathParam<String>) -> Response {
-    s.call(StatusCode::OK, move |c| c.forget_node(&node)).await
+    s.call(StatusCode::OK, move |c, now| c.forget_node(&node, now))
+        .await
 }
 
 async fn agents(State(s): State<ApiState>) -> Response {
-    s.view(|c| c.agent_list()).await
+    s.view(|c, now| c.agent_list(now)).await
 }
 
 async fn agent(State(s): State<ApiState>, PathParam(name): PathParam<String>) -> Response {
-    s.call(StatusCode::OK, move |c| c.agent(&name)).await
+    s.call(StatusCode::OK, move |c, now| c.agent(&name, now))
+        .await
 }
 
 async fn create_agent(
@@ -448,12 +453,13 @@ async fn create_agent(
         Ok(spec) => spec,
         Err(e) => return e.into_response(),
     };
-    s.call(StatusCode::CREATED, move |c| c.create_agent(spec))
+    s.call(StatusCode::CREATED, move |c, now| c.create_agent(spec, now))
         .await
 }
 
 async fn delete_agent(State(s): State<ApiState>, PathParam(name): PathParam<String>) -> Response {
-    s.call(StatusCode::OK, move |c| c.delete_agent(&name)).await
+    s.call(StatusCode::OK, move |c, now| c.delete_agent(&name, now))
+        .await
 }
 
 async fn chat(State(s): State<ApiState>, body: Result<JsonBody<ChatBody>, ApiError>) -> Response {
@@ -488,8 +494,8 @@ async fn submit_job(
         ))
         .into_response();
     }
-    s.call(StatusCode::ACCEPTED, move |c| {
-        c.submit_job(&agent, body.message, body.priority)
+    s.call(StatusCode::ACCEPTED, move |c, now| {
+        c.submit_job(&agent, body.message, body.priority, now)
     })
     .await
 }
@@ -523,19 +529,19 @@ async fn list_jobs(State(s): State<ApiState>, agent: Option<String>, q: ListQuer
         },
     };
     let limit = q.limit.unwrap_or(100).min(10_000);
-    s.call(StatusCode::OK, move |c| {
+    s.call(StatusCode::OK, move |c, _| {
         c.list_jobs(agent.as_deref(), state, limit)
     })
     .await
 }
 
 async fn job(State(s): State<ApiState>, PathParam(id): PathParam<String>) -> Response {
-    s.call(StatusCode::OK, move |c| c.job(&id)).await
+    s.call(StatusCode::OK, move |c, _| c.job(&id)).await
 }
 
 async fn events(State(s): State<ApiState>, QueryParams(q): QueryParams<ListQuery>) -> Response {
     let limit = q.limit.unwrap_or(100).min(1000);
-    s.view(move |c| c.events(limit)).await
+    s.view(move |c, _| c.events(limit)).await
 }
 
 #[cfg(test)]

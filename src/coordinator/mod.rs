@@ -123,9 +123,9 @@ pub async fn run(
             _ = crate::timing::sleep_until(coordinator.placement_due()) => Input::PlacementDue,
             _ = tick.tick() => Input::Tick,
         };
-        // The core reads no clock and does no I/O: it is told the time,
-        // and what it decided to publish is sent here.
-        coordinator.set_now(Now::system());
+        // The core reads no clock and does no I/O: it is told the time of
+        // each input, and what it decided to publish is sent here.
+        let now = Now::system();
         match input {
             Input::Link(LinkEvent::Connected) => {
                 let filters = [NodeTopic::Status, NodeTopic::Capacity, NodeTopic::Reply]
@@ -136,9 +136,9 @@ pub async fn run(
                 }
             }
             Input::Link(LinkEvent::Subscribed) => {
-                coordinator.on_subscribed();
+                coordinator.on_subscribed(now);
                 // Answers published while we were away are lost.
-                coordinator.resend_turns(None, "reconnected to the broker");
+                coordinator.resend_turns(None, "reconnected to the broker", now);
                 let topic = coordinator.topics.coordinator_status();
                 if let Err(e) = link.publisher.publish(topic, STATUS_ONLINE, true) {
                     log::error!("cannot publish the coordinator status: {e}");
@@ -155,7 +155,7 @@ pub async fn run(
             }
             Input::Link(LinkEvent::Disconnected { reason }) => {
                 ready.store(false, Ordering::Relaxed);
-                coordinator.on_disconnected();
+                coordinator.on_disconnected(now);
                 log::warn!("lost the MQTT broker ({reason}); nodes keep their agents meanwhile");
             }
             Input::Link(LinkEvent::Message {
@@ -163,19 +163,21 @@ pub async fn run(
                 payload,
                 retain,
             }) => match coordinator.topics.parse_node_topic(&topic) {
-                Some((node, NodeTopic::Status)) => coordinator.on_status(node, &payload, retain),
-                Some((node, NodeTopic::Capacity)) => {
-                    coordinator.on_capacity(node, &payload, retain)
+                Some((node, NodeTopic::Status)) => {
+                    coordinator.on_status(node, &payload, retain, now)
                 }
-                Some((node, NodeTopic::Reply)) => coordinator.on_reply(node, &payload),
+                Some((node, NodeTopic::Capacity)) => {
+                    coordinator.on_capacity(node, &payload, retain, now)
+                }
+                Some((node, NodeTopic::Reply)) => coordinator.on_reply(node, &payload, now),
                 _ => log::debug!("ignored a message on {topic}"),
             },
             Input::Api(call) => call(&mut coordinator),
-            Input::PlacementDue => coordinator.place_pending(),
+            Input::PlacementDue => coordinator.place_pending(now),
             Input::Tick => {
-                coordinator.reconcile();
+                coordinator.reconcile(now);
                 if ready.load(Ordering::Relaxed) {
-                    coordinator.publish_summary();
+                    coordinator.publish_summary(now);
                 }
             }
         }
@@ -184,8 +186,7 @@ pub async fn run(
 
     systemd::notify_stopping();
     ready.store(false, Ordering::Relaxed);
-    coordinator.set_now(Now::system());
-    coordinator.stop();
+    coordinator.stop(Now::system());
     // Stop taking requests, answer what is queued, then leave the broker.
     background.cancel();
     requests.close();

@@ -30,7 +30,6 @@ fn api_with(
     let (tx, mut calls) = mpsc::channel::<ApiCall>(16);
     tokio::spawn(async move {
         while let Some(call) = calls.recv().await {
-            core.set_now(Now::system());
             call(&mut core);
         }
     });

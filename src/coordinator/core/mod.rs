@@ -17,9 +17,9 @@
 //! A move releases the agent from its node *before* placing it elsewhere,
 //! so no agent runs on two nodes at once.
 //!
-//! The core reads no clock and does no network I/O: the daemon's loop tells
-//! it the time of each input ([`Now`]) and publishes what it queued in its
-//! outbox ([`Outgoing`]). It keeps the SQLite store, whose writes must
+//! The core reads no clock and does no network I/O: every entry point takes
+//! the time of its input ([`Now`]), and the daemon's loop publishes what the
+//! core queued in its outbox ([`Outgoing`]). It keeps the SQLite store, whose writes must
 //! precede the commands they justify. Errors are domain errors
 //! ([`CoreError`]); `api.rs` maps them to HTTP.
 
@@ -162,7 +162,7 @@ pub struct Coordinator {
     store: Store,
     /// MQTT messages decided on, for `mod.rs` to publish.
     outbox: Vec<Outgoing>,
-    /// The time of the input being handled.
+    /// The time of the input being handled (set by each entry point).
     now: Now,
     pub fleet: Fleet,
     pub agents: BTreeMap<String, Agent>,
@@ -311,11 +311,6 @@ impl Coordinator {
         std::mem::take(&mut self.outbox)
     }
 
-    /// Sets the time of the input about to be handled.
-    pub fn set_now(&mut self, now: Now) {
-        self.now = now;
-    }
-
     fn next_id(&mut self, prefix: &str) -> String {
         self.command_seq += 1;
         format!("{prefix}{:x}-{}", self.generation, self.command_seq)
@@ -443,7 +438,8 @@ impl Coordinator {
     }
 
     /// Answers every waiting chat: the coordinator is stopping.
-    pub fn stop(&mut self) {
+    pub fn stop(&mut self, now: Now) {
+        self.now = now;
         let ids: Vec<String> = self.turns.keys().cloned().collect();
         for id in ids {
             if let Some(turn) = self.turns.remove(&id) {

@@ -257,7 +257,8 @@ impl Coordinator {
     }
 
     /// Places pending agents, oldest first.
-    pub fn place_pending(&mut self) {
+    pub fn place_pending(&mut self, now: Now) {
+        self.now = now;
         if self.settled_at.is_none_or(|at| self.now.at < at) {
             // Retained state is still arriving: try again once it settled.
             if self.placement_at.is_some() {

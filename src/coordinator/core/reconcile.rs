@@ -2,7 +2,8 @@ use super::*;
 
 impl Coordinator {
     /// One pass: liveness, timeouts, drains, placement, rebalancing, turns.
-    pub fn reconcile(&mut self) {
+    pub fn reconcile(&mut self, now: Now) {
+        self.now = now;
         let now = self.now.at;
         let t = self.config.timeouts.clone();
         if let Some(stall) = self
@@ -37,7 +38,7 @@ impl Coordinator {
         }
         if self.settled_at.is_some_and(|at| now >= at) {
             self.progress_drains();
-            self.place_pending();
+            self.place_pending(self.now);
             self.rebalance(now);
         }
         // Work waiting for agents that run and are idle (e.g. jobs loaded

@@ -2,7 +2,8 @@ use super::*;
 
 impl Coordinator {
     /// The broker acknowledged our subscriptions: state replays follow.
-    pub fn on_subscribed(&mut self) {
+    pub fn on_subscribed(&mut self, now: Now) {
+        self.now = now;
         let now = self.now.at;
         if self.settled_at.is_some() && !self.link_up {
             // Back after an outage of our own: not hearing the nodes meanwhile
@@ -15,11 +16,13 @@ impl Coordinator {
     }
 
     /// The coordinator lost the broker: node liveness waits until it is back.
-    pub fn on_disconnected(&mut self) {
+    pub fn on_disconnected(&mut self, now: Now) {
+        self.now = now;
         self.link_up = false;
     }
 
-    pub fn on_status(&mut self, node: &str, payload: &[u8], retained: bool) {
+    pub fn on_status(&mut self, node: &str, payload: &[u8], retained: bool, now: Now) {
+        self.now = now;
         use crate::protocol::{STATUS_OFFLINE, STATUS_ONLINE};
         let online = match payload {
             p if p == STATUS_ONLINE.as_bytes() => true,
@@ -40,11 +43,12 @@ impl Coordinator {
         if online && !retained {
             // The node (re)subscribed just now: what was sent to it while
             // it was away is lost.
-            self.resend_turns(Some(node), &format!("{node} announced itself"));
+            self.resend_turns(Some(node), &format!("{node} announced itself"), now);
         }
     }
 
-    pub fn on_capacity(&mut self, node: &str, payload: &[u8], retained: bool) {
+    pub fn on_capacity(&mut self, node: &str, payload: &[u8], retained: bool, now: Now) {
+        self.now = now;
         if payload.is_empty() {
             return; // a cleared retained capacity (a forgotten node)
         }
@@ -222,7 +226,8 @@ impl Coordinator {
         }
     }
 
-    pub fn on_reply(&mut self, node: &str, payload: &[u8]) {
+    pub fn on_reply(&mut self, node: &str, payload: &[u8], now: Now) {
+        self.now = now;
         let reply: Reply =
             match crate::protocol::decode(payload, self.config.mqtt.max_payload_bytes) {
                 Ok(r) => r,

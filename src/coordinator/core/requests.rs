@@ -1,7 +1,8 @@
 use super::*;
 
 impl Coordinator {
-    pub fn create_agent(&mut self, spec: AgentSpec) -> Result<AgentView, CoreError> {
+    pub fn create_agent(&mut self, spec: AgentSpec, now: Now) -> Result<AgentView, CoreError> {
+        self.now = now;
         let exists = || CoreError::Conflict {
             code: "exists",
             message: format!("agent {} already exists", spec.name),
@@ -23,12 +24,13 @@ impl Coordinator {
             None,
             format!("agent {name} created"),
         );
-        self.agent(&name)
+        self.agent(&name, self.now)
     }
 
     /// Deletes an agent: at once if no node hosts it, otherwise once its
     /// node released it. Nothing is sent unless the store took the change.
-    pub fn delete_agent(&mut self, name: &str) -> Result<AgentDeleted, CoreError> {
+    pub fn delete_agent(&mut self, name: &str, now: Now) -> Result<AgentDeleted, CoreError> {
+        self.now = now;
         let Some(a) = self.agents.get(name) else {
             return Err(CoreError::NotFound(format!("no agent named {name}")));
         };
@@ -69,7 +71,8 @@ impl Coordinator {
         })
     }
 
-    pub fn chat(&mut self, name: &str, messages: Vec<ChatMessage>, reply: Responder) {
+    pub fn chat(&mut self, name: &str, messages: Vec<ChatMessage>, reply: Responder, now: Now) {
+        self.now = now;
         let Some(a) = self.agents.get_mut(name) else {
             let _ = reply.send(Err(CoreError::NotFound(format!("no agent named {name}"))));
             return;
@@ -103,7 +106,9 @@ impl Coordinator {
         name: &str,
         message: String,
         priority: i64,
+        now: Now,
     ) -> Result<JobSubmitted, CoreError> {
+        self.now = now;
         let limits = self.config.queue.clone();
         let queued_total = self
             .jobs
@@ -196,7 +201,9 @@ impl Coordinator {
         node: &str,
         max_parallel: Option<usize>,
         deadline: Option<Duration>,
+        now: Now,
     ) -> Result<NodeView, CoreError> {
+        self.now = now;
         if self.fleet.get(node).is_none() {
             return Err(CoreError::NotFound(format!("no node named {node}")));
         }
@@ -224,11 +231,12 @@ impl Coordinator {
                 deadline.as_secs()
             ),
         );
-        self.reconcile();
-        self.node(node)
+        self.reconcile(self.now);
+        self.node(node, self.now)
     }
 
-    pub fn uncordon(&mut self, node: &str) -> Result<NodeView, CoreError> {
+    pub fn uncordon(&mut self, node: &str, now: Now) -> Result<NodeView, CoreError> {
+        self.now = now;
         if self.fleet.get(node).is_none() {
             return Err(CoreError::NotFound(format!("no node named {node}")));
         }
@@ -239,8 +247,8 @@ impl Coordinator {
             Some(node),
             format!("{node} takes agents again"),
         );
-        self.reconcile();
-        self.node(node)
+        self.reconcile(self.now);
+        self.node(node, self.now)
     }
 
     /// Forgets a node that is not online (a Pi taken out of the fleet): its
@@ -248,7 +256,8 @@ impl Coordinator {
     /// status and capacity cleared on the broker so that dashboards and a
     /// restarted coordinator stop showing it. If it comes back it joins as
     /// a new node.
-    pub fn forget_node(&mut self, node: &str) -> Result<NodeForgotten, CoreError> {
+    pub fn forget_node(&mut self, node: &str, now: Now) -> Result<NodeForgotten, CoreError> {
+        self.now = now;
         let Some(view) = self.fleet.get(node) else {
             return Err(CoreError::NotFound(format!("no node named {node}")));
         };
@@ -295,7 +304,7 @@ impl Coordinator {
                 hosted.len()
             ),
         );
-        self.reconcile();
+        self.reconcile(self.now);
         Ok(NodeForgotten {
             node: node.to_owned(),
             forgotten: true,

@@ -43,7 +43,7 @@ impl Sim {
         let now = Now::system();
         let metrics = Arc::new(CoordinatorMetrics::new());
         let mut c = Coordinator::load(config, store, now, metrics).unwrap();
-        c.on_subscribed();
+        c.on_subscribed(now);
         Sim {
             c,
             now,
@@ -65,7 +65,7 @@ impl Sim {
                 ..SimNode::default()
             },
         );
-        self.c.on_status(node, b"online", false);
+        self.c.on_status(node, b"online", false, self.now);
         self.announce(node);
     }
 
@@ -102,7 +102,8 @@ impl Sim {
             turns_in_flight: n.turns.len() as u32,
             generation: self.c.generation,
         };
-        self.c.on_capacity(node, &encode(&capacity), false);
+        self.c
+            .on_capacity(node, &encode(&capacity), false, self.now);
         self.deliver();
     }
 
@@ -111,8 +112,7 @@ impl Sim {
     fn step(&mut self) {
         self.steps += 1;
         self.now = self.now.after(STEP);
-        self.c.set_now(self.now);
-        self.c.reconcile();
+        self.c.reconcile(self.now);
         self.deliver();
         if self.steps.is_multiple_of(4) {
             let alive: Vec<String> = self
@@ -216,7 +216,7 @@ impl Sim {
             generation: self.c.generation,
             body,
         };
-        self.c.on_reply(node, &encode(&reply));
+        self.c.on_reply(node, &encode(&reply), self.now);
     }
 
     /// Answers the oldest unanswered turn on `node` with a failure.
@@ -238,7 +238,7 @@ impl Sim {
                 system: None,
                 labels: BTreeMap::new(),
             };
-            self.c.create_agent(spec).unwrap();
+            self.c.create_agent(spec, self.now).unwrap();
         }
     }
 
@@ -287,7 +287,7 @@ fn three_on_a_then_b(tweak: impl FnOnce(&mut CoordinatorConfig)) -> Sim {
 /// off `a` at once.
 fn drain_three(max_parallel: usize) -> (Sim, usize) {
     let mut sim = three_on_a_then_b(|_| {});
-    sim.c.drain("a", Some(max_parallel), None).unwrap();
+    sim.c.drain("a", Some(max_parallel), None, sim.now).unwrap();
     let mut most = 0;
     let deadline = sim.now.at + MINUTE;
     while sim.running_on("b") < 3 {
@@ -323,14 +323,13 @@ fn a_drain_waits_for_busy_agents_until_its_deadline_then_moves_them_all() {
     for name in ["x", "y"] {
         let (tx, rx) = oneshot::channel();
         sim.c
-            .chat(name, vec![ChatMessage::new(Role::User, "hi")], tx);
+            .chat(name, vec![ChatMessage::new(Role::User, "hi")], tx, sim.now);
         chats.push(rx);
     }
     sim.deliver();
     assert_eq!(sim.nodes["a"].turns.len(), 2);
-    sim.c
-        .drain("a", Some(3), Some(Duration::from_secs(30)))
-        .unwrap();
+    let deadline = Some(Duration::from_secs(30));
+    sim.c.drain("a", Some(3), deadline, sim.now).unwrap();
     sim.run_for(Duration::from_secs(29));
     // The idle one moved; the busy ones stay until the deadline.
     assert_eq!(sim.placement()["b"], ["z"]);
@@ -417,7 +416,7 @@ fn a_job_is_retried_up_to_max_attempts_and_not_for_a_missing_model() {
         let job = sim.c.job(id).unwrap();
         (job.status, job.attempts)
     };
-    let submitted = sim.c.submit_job("x", "work".into(), 0).unwrap();
+    let submitted = sim.c.submit_job("x", "work".into(), 0, sim.now).unwrap();
     let id = submitted.job_id;
     sim.deliver();
     for attempt in 1..=3 {
@@ -426,7 +425,7 @@ fn a_job_is_retried_up_to_max_attempts_and_not_for_a_missing_model() {
     }
     assert_eq!(status(&sim, &id), (JobState::Failed, 3));
 
-    let submitted = sim.c.submit_job("x", "other".into(), 0).unwrap();
+    let submitted = sim.c.submit_job("x", "other".into(), 0, sim.now).unwrap();
     let id = submitted.job_id;
     sim.deliver();
     sim.fail_turn("a", TurnErrorCode::ModelMissing);
@@ -454,7 +453,7 @@ fn a_chat_whose_history_cannot_be_read_fails_and_sends_no_turn() {
     sabotage(&sim, "ALTER TABLE messages RENAME TO messages_lost");
     let (tx, mut rx) = oneshot::channel();
     sim.c
-        .chat("x", vec![ChatMessage::new(Role::User, "hi")], tx);
+        .chat("x", vec![ChatMessage::new(Role::User, "hi")], tx, sim.now);
     sim.deliver();
     let error = rx.try_recv().expect("answered at once").unwrap_err();
     let CoreError::Store(message) = &error else {
@@ -466,7 +465,7 @@ fn a_chat_whose_history_cannot_be_read_fails_and_sends_no_turn() {
     sabotage(&sim, "ALTER TABLE messages_lost RENAME TO messages");
     let (tx, _rx) = oneshot::channel();
     sim.c
-        .chat("x", vec![ChatMessage::new(Role::User, "hi")], tx);
+        .chat("x", vec![ChatMessage::new(Role::User, "hi")], tx, sim.now);
     sim.deliver();
     assert_eq!(sim.commands_to("a", CommandKind::Turn), 1);
 }
@@ -475,7 +474,11 @@ fn a_chat_whose_history_cannot_be_read_fails_and_sends_no_turn() {
 fn a_job_whose_history_cannot_be_read_waits_for_the_store_and_then_runs() {
     let mut sim = one_running_on_a();
     sabotage(&sim, "ALTER TABLE messages RENAME TO messages_lost");
-    let id = sim.c.submit_job("x", "work".into(), 0).unwrap().job_id;
+    let id = sim
+        .c
+        .submit_job("x", "work".into(), 0, sim.now)
+        .unwrap()
+        .job_id;
     sim.run_for(Duration::from_secs(2));
     let job = sim.c.job(&id).unwrap();
     assert_eq!((job.status, job.attempts), (JobState::Queued, 0), "{job:?}");
@@ -500,7 +503,7 @@ fn a_delete_whose_state_cannot_be_saved_sends_nothing() {
         "CREATE TRIGGER read_only BEFORE UPDATE ON agents
          BEGIN SELECT RAISE(FAIL, 'disk is read-only'); END",
     );
-    let error = sim.c.delete_agent("x").unwrap_err();
+    let error = sim.c.delete_agent("x", sim.now).unwrap_err();
     assert!(
         matches!(&error, CoreError::Store(m) if m.contains("disk is read-only")),
         "{error:?}"
@@ -509,7 +512,7 @@ fn a_delete_whose_state_cannot_be_saved_sends_nothing() {
     assert_eq!(sim.commands_to("a", CommandKind::Release), 0);
     assert_eq!(sim.c.agents["x"].state, AgentState::Running);
     sabotage(&sim, "DROP TRIGGER read_only");
-    assert_eq!(sim.c.delete_agent("x").unwrap().state, "stopping");
+    assert_eq!(sim.c.delete_agent("x", sim.now).unwrap().state, "stopping");
     sim.deliver();
     assert_eq!(sim.commands_to("a", CommandKind::Release), 1);
     sim.run_until("gone", MINUTE, |s| s.c.agents.is_empty());
@@ -523,12 +526,12 @@ fn a_drain_whose_flags_cannot_be_saved_is_refused_and_moves_nothing() {
         "CREATE TRIGGER read_only BEFORE INSERT ON nodes
          BEGIN SELECT RAISE(FAIL, 'disk is read-only'); END",
     );
-    let error = sim.c.drain("a", Some(3), None).unwrap_err();
+    let error = sim.c.drain("a", Some(3), None, sim.now).unwrap_err();
     assert!(matches!(&error, CoreError::Store(_)), "{error:?}");
     sim.run_for(Duration::from_secs(5));
     assert_eq!(sim.running_on("a"), 3);
     assert_eq!(sim.commands_to("a", CommandKind::Drain), 0);
-    assert!(!sim.c.node("a").unwrap().cordoned);
+    assert!(!sim.c.node("a", sim.now).unwrap().cordoned);
 }
 
 #[test]

@@ -160,7 +160,8 @@ impl Coordinator {
     /// coordinator was not connected is lost with clean sessions; a node
     /// ignores a turn it is still running and answers one it finished
     /// again, so resending is safe.
-    pub fn resend_turns(&mut self, node: Option<&str>, why: &str) {
+    pub fn resend_turns(&mut self, node: Option<&str>, why: &str, now: Now) {
+        self.now = now;
         let due: Vec<(&String, &TurnInFlight)> = self
             .turns
             .iter()

@@ -39,10 +39,10 @@ impl Coordinator {
         }
     }
 
-    pub fn status(&self, events: usize) -> FleetStatus {
+    pub fn status(&self, events: usize, now: Now) -> FleetStatus {
         FleetStatus {
             summary: self.summary(),
-            nodes: self.nodes().nodes,
+            nodes: self.nodes(now).nodes,
             events: self.events(events).events,
         }
     }
@@ -54,7 +54,7 @@ impl Coordinator {
         }
     }
 
-    pub fn node(&self, node: &str) -> Result<NodeView, CoreError> {
+    pub fn node(&self, node: &str, now: Now) -> Result<NodeView, CoreError> {
         let Some(view) = self.fleet.get(node) else {
             return Err(CoreError::NotFound(format!("no node named {node}")));
         };
@@ -76,25 +76,21 @@ impl Coordinator {
             state: view.liveness.name().to_owned(),
             cordoned: flags.cordoned,
             assigned,
-            last_seen_secs: self
-                .now
-                .at
-                .saturating_duration_since(view.last_heard)
-                .as_secs(),
+            last_seen_secs: now.at.saturating_duration_since(view.last_heard).as_secs(),
         })
     }
 
-    pub fn nodes(&self) -> NodeList {
+    pub fn nodes(&self, now: Now) -> NodeList {
         NodeList {
             nodes: self
                 .fleet
                 .nodes()
-                .filter_map(|n| self.node(&n.id).ok())
+                .filter_map(|n| self.node(&n.id, now).ok())
                 .collect(),
         }
     }
 
-    pub fn agent(&self, name: &str) -> Result<AgentView, CoreError> {
+    pub fn agent(&self, name: &str, now: Now) -> Result<AgentView, CoreError> {
         let Some(a) = self.agents.get(name) else {
             return Err(CoreError::NotFound(format!("no agent named {name}")));
         };
@@ -114,23 +110,24 @@ impl Coordinator {
             queued_jobs: a.jobs.len(),
             busy: a.turn.is_some(),
             created_ms: a.created_ms,
-            state_secs: self.now.at.saturating_duration_since(a.since).as_secs(),
+            state_secs: now.at.saturating_duration_since(a.since).as_secs(),
         })
     }
 
-    pub fn agent_list(&self) -> AgentList {
+    pub fn agent_list(&self, now: Now) -> AgentList {
         AgentList {
             agents: self
                 .agents
                 .keys()
-                .filter_map(|n| self.agent(n).ok())
+                .filter_map(|n| self.agent(n, now).ok())
                 .collect(),
         }
     }
 
     /// The retained fleet summary, published when it changed (at most once
     /// a second) or every 30 s.
-    pub fn publish_summary(&mut self) {
+    pub fn publish_summary(&mut self, now: Now) {
+        self.now = now;
         let summary = self.summary();
         let now = self.now.at;
         let due = match &self.summary_published {

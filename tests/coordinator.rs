@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use pifleet::protocol::{
-    AgentList, AgentState, ChatAnswer, EventKind, FleetStatus, JobList, JobState, NodeList,
-    NodeView,
+    AgentList, AgentState, AgentView, ChatAnswer, EventKind, FleetStatus, JobList, JobState,
+    NodeList, NodeView,
 };
 use serde_json::{json, Value};
 
@@ -575,9 +575,10 @@ async fn the_api_answers_429_422_401_413_409_and_404_as_json() {
     );
     // Chat to an agent that cannot run (no nodes): 503 with the reason.
     wait_until_async("q to say why it waits", WAIT, || async {
-        let (_, a) = call(reqwest::Method::GET, "/v1/agents/q", None).await;
-        a["pending_reason"]
-            .as_str()
+        let (status, a) = call(reqwest::Method::GET, "/v1/agents/q", None).await;
+        assert_eq!(status, 200, "{a}");
+        view::<AgentView>(&a)
+            .pending_reason
             .is_some_and(|r| r.contains("no nodes"))
     })
     .await;
@@ -1502,7 +1503,10 @@ async fn a_node_killed_and_restarted_at_once_is_recognised_as_a_new_session_and_
             json!({"agent": "ash-1", "messages": [{"role": "user", "content": "still there?"}]}),
         )
         .await;
-    assert!(chat["message"]["content"].as_str().is_some(), "{chat}");
+    assert!(
+        !view::<ChatAnswer>(&chat).message.content.is_empty(),
+        "{chat}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1608,7 +1612,7 @@ async fn a_broker_restart_moves_nothing_and_chats_in_flight_are_answered_once() 
     // Each answer was recorded once: system prompt, one exchange, the new message.
     let (status, body) = chat("calm-2", "and now?").await.unwrap();
     assert_eq!(status, 200, "{body}");
-    let answer = body["message"]["content"].as_str().unwrap();
+    let answer = view::<ChatAnswer>(&body).message.content;
     assert!(answer.contains("received 4 messages"), "{answer}");
     coordinator.wait_nodes_online(2).await;
     assert_eq!(coordinator.placement().await, before);
@@ -1686,7 +1690,7 @@ async fn a_node_that_reconnects_gets_its_turns_in_flight_again_and_the_chat_is_a
         .await;
     let (status, body) = chat.await.unwrap();
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["message"]["content"], "here I am", "{body}");
+    assert_eq!(view::<ChatAnswer>(&body).message.content, "here I am");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1698,11 +1702,9 @@ async fn finished_jobs_are_deleted_after_keep_finished_secs() {
     coordinator.wait_nodes_online(1).await;
     coordinator.spawn_agent("tidy", "llama3.2").await;
     coordinator.wait_running(1).await;
-    let (status, job) = coordinator
-        .post("/v1/agents/tidy/jobs", json!({"message": "short-lived"}))
+    let id = coordinator
+        .submit_job("tidy", json!({"message": "short-lived"}))
         .await;
-    assert_eq!(status, 202, "{job}");
-    let id = job["job_id"].as_str().unwrap().to_owned();
     wait_until_async("the job to complete", WAIT, || async {
         coordinator_job_status(&coordinator, &id).await == JobState::Completed
     })
@@ -1750,14 +1752,14 @@ async fn a_node_taken_out_of_the_fleet_can_be_forgotten_once_offline() {
     gone.proc.signal("KILL");
     gone.proc.wait_exit(WAIT);
     wait_until_async("the node to be lost", WAIT, || async {
-        coordinator.get("/v1/nodes/gone").await.1["state"] == "offline"
+        coordinator.node("gone").await.state == "offline"
     })
     .await;
     let (code, text) = cli(&["forget", "gone"]);
     assert_eq!((code, text.trim()), (Some(0), "forgot gone"));
     assert_eq!(coordinator.get("/v1/nodes/gone").await.0, 404);
-    let (_, nodes) = coordinator.get("/v1/nodes").await;
-    assert_eq!(nodes["nodes"].as_array().unwrap().len(), 1, "{nodes}");
+    let nodes = coordinator.nodes().await;
+    assert_eq!(nodes.len(), 1, "{nodes:?}");
     // Both agents fit on the node that is left.
     wait_until_async("both agents on keep", WAIT, || async {
         coordinator.placement().await.get("keep").map(Vec::len) == Some(2)

@@ -19,7 +19,8 @@ pub const STATUS_ONLINE: &str = "online";
 pub const STATUS_OFFLINE: &str = "offline";
 
 /// The retained capacity announcement of one node (docs/PROTOCOL.md, contract).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Its `Default` is a node nothing is known of yet: zeros and empty strings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Capacity {
     pub node: String,
     /// Random per process start; changes when the node restarts.

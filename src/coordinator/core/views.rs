@@ -2,7 +2,6 @@
 //! jobs, events and the fleet, and the retained fleet summary.
 
 use super::*;
-use crate::protocol::{CpuInfo, MemoryInfo};
 
 impl Coordinator {
     pub fn summary(&self) -> FleetSummary {
@@ -154,26 +153,7 @@ impl Coordinator {
 fn never_heard(node: &str) -> Capacity {
     Capacity {
         node: node.to_owned(),
-        session: String::new(),
-        seq: 0,
-        version: String::new(),
-        arch: String::new(),
-        agent_capacity: 0,
-        agents_running: 0,
-        agents: Vec::new(),
-        cpu: CpuInfo::default(),
-        memory: MemoryInfo::default(),
-        temperature_c: None,
-        throttled: None,
-        models: Vec::new(),
-        ollama_reachable: false,
-        labels: BTreeMap::new(),
-        draining: false,
-        ts: 0,
-        max_temperature_c: None,
-        max_parallel: 0,
-        turns_in_flight: 0,
-        generation: 0,
+        ..Capacity::default()
     }
 }
 

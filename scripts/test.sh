@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian machine with the Rust toolchain:
 # installs what the tests need, then checks formatting and lints, runs every
-# unit and integration test, checks what goes onto the Pis (Ansible lint,
+# unit and integration test (with real Mosquitto, Prometheus and promtool),
+# checks what goes onto the Pis (Ansible lint,
 # systemd units, the ARM64 build and .deb) and enrolls a fleet of four
 # systemd-nspawn machines with the playbook.
 #
@@ -27,6 +28,10 @@ missing=()
 need() { dpkg -s "$1" >/dev/null 2>&1 || missing+=("$1"); }
 need mosquitto
 need mosquitto-clients
+# Monitoring tests: promtool and a Prometheus server, Jinja2 for Home
+# Assistant's templates.
+need prometheus
+need python3-jinja2
 if [ "$mode" != quick ]; then
     for pkg in systemd-container debootstrap qemu-user file openssh-client python3-venv; do need "$pkg"; done
 fi

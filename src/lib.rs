@@ -7,7 +7,8 @@
 //! * [`up`] — a whole fleet on one machine (`pifleet up`)
 //! * [`config`] — configuration files, validated with line/column errors
 //! * [`mqtt`] — the broker connection (rumqttc) with reconnect and backoff
-//! * [`http`], [`systemd`] — what the daemons share for HTTP and systemd
+//! * [`http`], [`metrics`], [`systemd`] — what the daemons share for HTTP,
+//!   Prometheus and systemd
 //! * [`cli`] — the `pifleet` command line
 #![forbid(unsafe_code)]
 
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod coordinator;
 pub mod http;
+pub mod metrics;
 pub mod mqtt;
 pub mod node;
 pub mod ollama_sim;

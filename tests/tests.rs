@@ -5,5 +5,6 @@ mod util;
 
 mod cli;
 mod coordinator;
+mod monitoring;
 mod node;
 mod ollama_sim;

@@ -79,6 +79,12 @@ rebalance_max_moves = 2
 # regardless.
 drain_max_parallel = 2
 drain_deadline_secs = 300
+
+[home_assistant]
+# MQTT discovery: a device per node and one for the fleet appear in Home
+# Assistant by themselves (docs/MONITORING.md).
+discovery = true
+discovery_prefix = "homeassistant"
 "#;
 
 #[derive(Debug, Deserialize)]
@@ -97,6 +103,15 @@ struct RawCoordinator {
     queue: RawQueue,
     #[serde(default)]
     scheduler: RawScheduler,
+    #[serde(default)]
+    home_assistant: RawHomeAssistant,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHomeAssistant {
+    discovery: Option<Spanned<bool>>,
+    discovery_prefix: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -153,6 +168,13 @@ pub struct CoordinatorConfig {
     pub timeouts: Timeouts,
     pub queue: QueueLimits,
     pub scheduler: SchedulerSettings,
+    pub home_assistant: HomeAssistant,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HomeAssistant {
+    pub discovery: bool,
+    pub discovery_prefix: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -223,6 +245,10 @@ impl CoordinatorConfig {
                 rebalance_max_moves: 2,
                 drain_max_parallel: 2,
                 drain_deadline: Duration::from_secs(300),
+            },
+            home_assistant: HomeAssistant {
+                discovery: true,
+                discovery_prefix: "homeassistant".to_owned(),
             },
         }
     }
@@ -381,6 +407,21 @@ impl CoordinatorConfig {
                 secs_in(0, 86_400),
             ),
         };
+        let h = &raw.home_assistant;
+        let home_assistant = HomeAssistant {
+            discovery: c.value(
+                "home_assistant.discovery",
+                &h.discovery,
+                d.home_assistant.discovery,
+                Ok,
+            ),
+            discovery_prefix: c.value(
+                "home_assistant.discovery_prefix",
+                &h.discovery_prefix,
+                d.home_assistant.discovery_prefix,
+                |p: String| crate::protocol::validate_topic_root(&p).map(|_| p),
+            ),
+        };
         c.finish(CoordinatorConfig {
             history_limit,
             mqtt,
@@ -389,6 +430,7 @@ impl CoordinatorConfig {
             timeouts,
             queue,
             scheduler,
+            home_assistant,
         })
     }
 }

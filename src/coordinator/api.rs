@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -111,18 +111,23 @@ impl ApiState {
         status: StatusCode,
         f: impl FnOnce(&mut Coordinator, Now) -> Result<T, CoreError> + Send + 'static,
     ) -> Response {
+        respond(status, self.ask(f).await)
+    }
+
+    /// Runs `f` on the coordinator task and returns its result.
+    async fn ask<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Coordinator, Now) -> Result<T, CoreError> + Send + 'static,
+    ) -> Result<T, CoreError> {
         let (tx, rx) = oneshot::channel();
         // The time is read when the call runs on the coordinator task.
         let call: ApiCall = Box::new(move |c| {
             let _ = tx.send(f(c, Now::system()));
         });
         if self.requests.send(call).await.is_err() {
-            return stopping();
+            return Err(CoreError::Stopping);
         }
-        match rx.await {
-            Ok(answer) => respond(status, answer),
-            Err(_) => stopping(),
-        }
+        rx.await.unwrap_or(Err(CoreError::Stopping))
     }
 
     /// Like [`ApiState::call`] for a view that cannot fail.
@@ -176,6 +181,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .nest("/v1", v1)
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(max_body))
@@ -376,14 +385,28 @@ async fn ready(State(s): State<ApiState>) -> Result<Json<Value>, ApiError> {
     }
 }
 
-async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.metrics.encode(),
-    )
+/// The gauges are set from the status `GET /v1/status` answers, then the
+/// whole registry is encoded.
+async fn metrics(State(s): State<ApiState>, headers: HeaderMap) -> Response {
+    match s.ask(|c, now| Ok(c.status(0, now))).await {
+        Ok(status) => s.metrics.observe(&status),
+        Err(e) => return ApiError::from(e).into_response(),
+    }
+    crate::metrics::exposition(&s.metrics.registry, &headers)
+}
+
+/// Counts every request by its route pattern, method and status.
+async fn count_requests(State(s): State<ApiState>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = request.method().clone();
+    let response = next.run(request).await;
+    s.metrics
+        .http_request(&route, method.as_str(), response.status().as_u16());
+    response
 }
 
 async fn status(State(s): State<ApiState>, QueryParams(q): QueryParams<ListQuery>) -> Response {

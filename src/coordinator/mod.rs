@@ -18,6 +18,7 @@
 
 pub mod api;
 pub mod core;
+pub mod discovery;
 pub mod fleet;
 pub mod metrics;
 pub mod scheduler;
@@ -128,9 +129,10 @@ pub async fn run(
         let now = Now::system();
         match input {
             Input::Link(LinkEvent::Connected) => {
-                let filters = [NodeTopic::Status, NodeTopic::Capacity, NodeTopic::Reply]
+                let mut filters = [NodeTopic::Status, NodeTopic::Capacity, NodeTopic::Reply]
                     .map(|kind| coordinator.topics.all_nodes(kind))
                     .to_vec();
+                filters.extend(coordinator.home_assistant_status_topic());
                 if let Err(e) = link.publisher.subscribe(filters) {
                     log::error!("cannot subscribe: {e}");
                 }
@@ -170,6 +172,9 @@ pub async fn run(
                     coordinator.on_capacity(node, &payload, retain, now)
                 }
                 Some((node, NodeTopic::Reply)) => coordinator.on_reply(node, &payload, now),
+                _ if Some(&topic) == coordinator.home_assistant_status_topic().as_ref() => {
+                    coordinator.on_home_assistant_status(&payload, now)
+                }
                 _ => log::debug!("ignored a message on {topic}"),
             },
             Input::Api(call) => call(&mut coordinator),

@@ -180,6 +180,11 @@ impl AgentTable {
             .sum()
     }
 
+    /// Turns waiting behind another turn of their agent.
+    pub fn turns_queued(&self) -> usize {
+        self.agents.values().map(|a| a.queue.len()).sum()
+    }
+
     pub fn views(&self) -> Vec<AgentView> {
         self.agents
             .values()

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::header;
-use axum::response::IntoResponse;
+use axum::http::HeaderMap;
+use axum::response::Response;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
@@ -62,14 +62,8 @@ async fn ready(State(s): State<ApiState>) -> Result<Json<serde_json::Value>, Api
     }
 }
 
-async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.metrics.encode(),
-    )
+async fn metrics(State(s): State<ApiState>, headers: HeaderMap) -> Response {
+    crate::metrics::exposition(&s.metrics.registry, &headers)
 }
 
 async fn agents(State(s): State<ApiState>) -> Result<Json<serde_json::Value>, ApiError> {

@@ -1,109 +1,156 @@
-//! Prometheus metrics of a node (`GET /metrics`), in the text exposition
-//! format. Values are atomics updated by the node's main loop and turn tasks.
+//! Prometheus metrics of a node (`GET /metrics`, see [`crate::metrics`] for
+//! the format). Values are atomics updated by the node's main loop and turn
+//! tasks. Names follow Prometheus' naming guide: `pifleet_node_` prefix, base
+//! units, `_total` counters. There is no `node` label: the scrape target's
+//! `instance` tells the nodes apart (the coordinator's per-node series carry
+//! `node`).
 
-use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Registry, Unit};
 use std::sync::atomic::AtomicU64;
 
 type Labels = Vec<(&'static str, String)>;
 
+/// Outcomes of an Ollama call, created at zero so `rate()` sees them at once.
+const OUTCOMES: [&str; 2] = ["ok", "error"];
+
 pub struct NodeMetrics {
-    registry: Registry,
+    pub registry: Registry,
     pub agents_running: Gauge,
     pub agent_capacity: Gauge,
     pub turns_in_flight: Gauge,
+    pub turns_queued: Gauge,
     pub mqtt_connected: Gauge,
+    pub mqtt_reconnects: Counter,
     pub ollama_reachable: Gauge,
-    pub temperature_celsius: Gauge<f64, AtomicU64>,
+    temperature_celsius: Family<Labels, Gauge<f64, AtomicU64>>,
+    throttled: Family<Labels, Gauge>,
+    pub tokens_generated: Counter,
     ollama_requests: Family<Labels, Counter>,
-    ollama_request_seconds: Histogram,
+    ollama_request_seconds: Family<Labels, Histogram>,
     commands: Family<Labels, Counter>,
 }
 
 impl NodeMetrics {
-    pub fn new(node: &str) -> Self {
-        let mut root = Registry::with_prefix_and_labels(
-            "pifleet_node",
-            [(
-                std::borrow::Cow::Borrowed("node"),
-                std::borrow::Cow::Owned(node.to_owned()),
-            )]
-            .into_iter(),
-        );
-        let metrics = NodeMetrics {
+    pub fn new() -> Self {
+        let m = NodeMetrics {
+            registry: Registry::with_prefix("pifleet_node"),
             agents_running: Gauge::default(),
             agent_capacity: Gauge::default(),
             turns_in_flight: Gauge::default(),
+            turns_queued: Gauge::default(),
             mqtt_connected: Gauge::default(),
+            mqtt_reconnects: Counter::default(),
             ollama_reachable: Gauge::default(),
-            temperature_celsius: Gauge::default(),
+            temperature_celsius: Family::default(),
+            throttled: Family::default(),
+            tokens_generated: Counter::default(),
             ollama_requests: Family::default(),
-            ollama_request_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 14)),
+            ollama_request_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.01, 2.0, 16))
+            }),
             commands: Family::default(),
-            registry: Registry::default(),
         };
-        let r = &mut root;
+        for outcome in OUTCOMES {
+            let labels = vec![("outcome", outcome.to_owned())];
+            drop(m.ollama_requests.get_or_create(&labels));
+            drop(m.ollama_request_seconds.get_or_create(&labels));
+        }
+        let mut m = m;
+        let r = &mut m.registry;
         r.register(
             "agents_running",
             "Agents hosted by this node",
-            metrics.agents_running.clone(),
+            m.agents_running.clone(),
         );
         r.register(
             "agent_capacity",
             "Agents this node may host (agent_capacity)",
-            metrics.agent_capacity.clone(),
+            m.agent_capacity.clone(),
         );
         r.register(
             "turns_in_flight",
-            "Chat turns accepted and not yet answered",
-            metrics.turns_in_flight.clone(),
+            "Chat turns accepted and not yet answered (running or queued)",
+            m.turns_in_flight.clone(),
+        );
+        r.register(
+            "turns_queued",
+            "Chat turns waiting behind another turn of their agent",
+            m.turns_queued.clone(),
         );
         r.register(
             "mqtt_connected",
             "1 while connected to the MQTT broker",
-            metrics.mqtt_connected.clone(),
+            m.mqtt_connected.clone(),
+        );
+        r.register(
+            "mqtt_reconnects",
+            "Connections to the MQTT broker after the first",
+            m.mqtt_reconnects.clone(),
         );
         r.register(
             "ollama_reachable",
             "1 while the local Ollama answers",
-            metrics.ollama_reachable.clone(),
+            m.ollama_reachable.clone(),
+        );
+        r.register_with_unit(
+            "temperature",
+            "SoC temperature (absent where the board has no sensor)",
+            Unit::Celsius,
+            m.temperature_celsius.clone(),
         );
         r.register(
-            "temperature_celsius",
-            "SoC temperature",
-            metrics.temperature_celsius.clone(),
+            "throttled",
+            "1 while the Pi firmware reports throttling (absent elsewhere)",
+            m.throttled.clone(),
         );
         r.register(
             "ollama_requests",
-            "Ollama chat calls by outcome",
-            metrics.ollama_requests.clone(),
+            "Ollama chat calls by outcome (ok or error)",
+            m.ollama_requests.clone(),
+        );
+        r.register_with_unit(
+            "ollama_request_duration",
+            "Duration of Ollama chat calls by outcome",
+            Unit::Seconds,
+            m.ollama_request_seconds.clone(),
         );
         r.register(
-            "ollama_request_duration_seconds",
-            "Duration of Ollama chat calls",
-            metrics.ollama_request_seconds.clone(),
+            "tokens_generated",
+            "Tokens Ollama generated for this node's turns (eval_count)",
+            m.tokens_generated.clone(),
         );
         r.register(
             "commands",
             "Coordinator commands by kind and result",
-            metrics.commands.clone(),
+            m.commands.clone(),
         );
-        NodeMetrics {
-            registry: root,
-            ..metrics
-        }
+        m
     }
 
-    /// Counts one Ollama call with its outcome (`ok` or an error code).
-    pub fn ollama_request(&self, outcome: &str, seconds: f64) {
-        self.ollama_requests
-            .get_or_create(&vec![("outcome", outcome.to_owned())])
-            .inc();
-        self.ollama_request_seconds.observe(seconds);
+    /// Counts one Ollama call: `ok` or `error` (the error's code is in the
+    /// turn's result and the log; as a label it would grow without bound).
+    pub fn ollama_request(&self, ok: bool, seconds: f64) {
+        let labels = vec![("outcome", OUTCOMES[usize::from(!ok)].to_owned())];
+        self.ollama_requests.get_or_create(&labels).inc();
+        self.ollama_request_seconds
+            .get_or_create(&labels)
+            .observe(seconds);
+    }
+
+    /// The SoC temperature and throttling, each exported only once known.
+    pub fn thermal(&self, temperature_c: Option<f32>, throttled: Option<bool>) {
+        if let Some(t) = temperature_c {
+            self.temperature_celsius
+                .get_or_create(&vec![])
+                .set(f64::from(t));
+        }
+        if let Some(t) = throttled {
+            self.throttled.get_or_create(&vec![]).set(i64::from(t));
+        }
     }
 
     /// Counts one command (`assign`, `turn`, `invalid`...) and its result
@@ -116,12 +163,11 @@ impl NodeMetrics {
             ])
             .inc();
     }
+}
 
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = encode(&mut out, &self.registry);
-        out
+impl Default for NodeMetrics {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -129,28 +175,40 @@ impl NodeMetrics {
 mod tests {
     use super::*;
 
+    fn encoded(m: &NodeMetrics) -> String {
+        let mut s = String::new();
+        prometheus_client::encoding::text::encode(&mut s, &m.registry).unwrap();
+        crate::metrics::classic_text(&s)
+    }
+
     #[test]
-    fn the_exposition_names_agents_capacity_and_ollama_durations() {
-        let m = NodeMetrics::new("pi-1");
+    fn the_exposition_names_agents_capacity_tokens_and_ollama_durations() {
+        let m = NodeMetrics::new();
         m.agent_capacity.set(3);
         m.agents_running.set(2);
-        m.ollama_request("ok", 0.2);
-        let text = m.encode();
+        m.tokens_generated.inc_by(17);
+        m.ollama_request(true, 0.2);
+        let unknown = encoded(&m);
         assert!(
-            text.contains("pifleet_node_agent_capacity{node=\"pi-1\"} 3"),
-            "{text}"
+            !unknown.contains("pifleet_node_temperature_celsius "),
+            "{unknown}"
         );
-        assert!(
-            text.contains("pifleet_node_agents_running{node=\"pi-1\"} 2"),
-            "{text}"
-        );
-        assert!(
-            text.contains("pifleet_node_ollama_requests_total{node=\"pi-1\",outcome=\"ok\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("pifleet_node_ollama_request_duration_seconds_count{node=\"pi-1\"} 1"),
-            "{text}"
-        );
+        m.thermal(Some(51.5), Some(true));
+        let text = encoded(&m);
+        for line in [
+            "pifleet_node_temperature_celsius 51.5",
+            "pifleet_node_throttled 1",
+            "pifleet_node_agent_capacity 3",
+            "pifleet_node_agents_running 2",
+            "pifleet_node_tokens_generated_total 17",
+            "pifleet_node_ollama_requests_total{outcome=\"ok\"} 1",
+            "pifleet_node_ollama_requests_total{outcome=\"error\"} 0",
+            "pifleet_node_ollama_request_duration_seconds_count{outcome=\"ok\"} 1",
+        ] {
+            assert!(
+                text.contains(&format!("{line}\n")),
+                "{line} missing:\n{text}"
+            );
+        }
     }
 }

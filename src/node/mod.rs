@@ -98,7 +98,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<(), 
         config.ollama.url
     );
 
-    let metrics = Arc::new(metrics::NodeMetrics::new(&config.node_id));
+    let metrics = Arc::new(metrics::NodeMetrics::new());
     metrics.agent_capacity.set(i64::from(config.agent_capacity));
     let connected = Arc::new(AtomicBool::new(false));
     let (query_tx, queries) = mpsc::channel(16);
@@ -287,6 +287,9 @@ impl Node {
             .turns_in_flight
             .set(self.table.turns_in_flight() as i64);
         self.metrics
+            .turns_queued
+            .set(self.table.turns_queued() as i64);
+        self.metrics
             .mqtt_connected
             .set(i64::from(self.is_connected()));
     }
@@ -294,6 +297,9 @@ impl Node {
     fn on_link(&mut self, event: LinkEvent) {
         match event {
             LinkEvent::Connected => {
+                if self.announced_ready {
+                    self.metrics.mqtt_reconnects.inc();
+                }
                 if let Some(since) = self.disconnected_since.take() {
                     log::debug!("broker was away for {:?}", since.elapsed());
                 }
@@ -536,9 +542,7 @@ impl Node {
         self.metrics
             .ollama_reachable
             .set(i64::from(report.ollama_reachable));
-        if let Some(t) = report.temperature_c {
-            self.metrics.temperature_celsius.set(f64::from(t));
-        }
+        self.metrics.thermal(report.temperature_c, report.throttled);
         self.probe = report;
         self.probed = true;
         // Every probe report is a heartbeat.
@@ -759,7 +763,8 @@ async fn execute_turn(
     let seconds = started.elapsed().as_secs_f64();
     match outcome {
         Ok((message, usage)) => {
-            metrics.ollama_request("ok", seconds);
+            metrics.ollama_request(true, seconds);
+            metrics.tokens_generated.inc_by(usage.eval_count);
             TurnResult {
                 agent: request.agent,
                 ok: true,
@@ -771,7 +776,7 @@ async fn execute_turn(
             }
         }
         Err(error) => {
-            metrics.ollama_request(error.code.as_str(), seconds);
+            metrics.ollama_request(false, seconds);
             TurnResult {
                 agent: request.agent,
                 ok: false,

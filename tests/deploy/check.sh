@@ -12,7 +12,7 @@ cd "$(dirname "$0")/../.."
 fail() { echo "FAILED: $*" >&2; exit 1; }
 
 echo "==> yamllint, ansible-lint (production profile), ansible-playbook --syntax-check"
-yamllint --strict ansible inventory.example.yaml
+yamllint --strict ansible inventory.example.yaml monitoring
 ansible-lint --profile production ansible inventory.example.yaml
 ansible-playbook -i inventory.example.yaml ansible/pi-fleet.yaml --syntax-check
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)

@@ -64,6 +64,9 @@ pub struct Agent {
     /// The node it is moving away from, while in motion.
     pub(super) moving_from: Option<String>,
     pub(super) last_moved: Option<Instant>,
+    /// Since when it has needed a node (created, or left its node), until
+    /// it runs: the scheduling latency.
+    pub(super) waiting_since: Option<Instant>,
     pub(super) turn: Option<String>,
     pub(super) chats: VecDeque<ChatWaiter>,
     pub(super) jobs: BinaryHeap<QueuedJob>,
@@ -84,6 +87,7 @@ impl Agent {
             avoid: None,
             moving_from: None,
             last_moved: None,
+            waiting_since: Some(now),
             turn: None,
             chats: VecDeque::new(),
             jobs: BinaryHeap::new(),

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use super::discovery::Discovery;
 use super::fleet::{Change, Fleet, Heard};
 use super::metrics::CoordinatorMetrics;
 use super::scheduler::{MovableAgent, NodeSlots, Request, Scheduler, Standing};
@@ -60,6 +61,7 @@ const REBALANCE_EVERY: Duration = Duration::from_secs(2);
 const STALLED_AFTER: Duration = Duration::from_secs(5);
 
 mod agent;
+mod announce;
 mod placement;
 mod reconcile;
 mod reports;
@@ -194,6 +196,12 @@ pub struct Coordinator {
     reconciled_at: Option<Instant>,
     pub metrics: Arc<CoordinatorMetrics>,
     summary_published: Option<(Instant, FleetSummary)>,
+    /// Home Assistant discovery, unless turned off.
+    discovery: Option<Discovery>,
+    /// Nodes whose discovery configs were published on this connection,
+    /// with the version they named.
+    announced: HashMap<String, String>,
+    fleet_announced: bool,
 }
 
 impl Coordinator {
@@ -207,7 +215,7 @@ impl Coordinator {
         let generation = store.begin_generation(now.wall_ms)?;
         let topics = Topics::new(config.mqtt.topic_root.clone());
         let mut c = Coordinator {
-            topics,
+            topics: topics.clone(),
             generation,
             fleet: Fleet::default(),
             agents: BTreeMap::new(),
@@ -229,6 +237,12 @@ impl Coordinator {
             reconciled_at: None,
             metrics,
             summary_published: None,
+            discovery: config
+                .home_assistant
+                .discovery
+                .then(|| Discovery::new(&config.home_assistant.discovery_prefix, topics.clone())),
+            announced: HashMap::new(),
+            fleet_announced: false,
             store,
             outbox: Vec::new(),
             now,
@@ -418,6 +432,14 @@ impl Coordinator {
         }
         let old = (a.state, a.node.clone());
         let created = a.created_ms;
+        if state == AgentState::Running {
+            if let Some(since) = a.waiting_since.take() {
+                let waited = self.now.at.saturating_duration_since(since);
+                self.metrics.agent_scheduled(waited.as_secs_f64());
+            }
+        } else if old.0 == AgentState::Running {
+            a.waiting_since = Some(self.now.at);
+        }
         a.state = state;
         a.node = node.clone();
         a.since = self.now.at;

@@ -172,6 +172,7 @@ impl Coordinator {
                         continue; // nowhere to go yet: it keeps running here
                     }
                 }
+                self.metrics.agent_moved("drain");
                 self.start_move(
                     &name,
                     &node,
@@ -378,6 +379,7 @@ impl Coordinator {
                 "rebalance: {} is above {}x the fleet average",
                 m.from, s.rebalance_threshold
             );
+            self.metrics.agent_moved("rebalance");
             self.start_move(&m.agent, &m.from, &why);
         }
     }

@@ -53,7 +53,6 @@ impl Coordinator {
         for name in idle_with_work {
             self.dispatch(&name);
         }
-        self.update_gauges();
     }
 
     pub(super) fn expire_commands(&mut self, now: Instant) {
@@ -128,27 +127,6 @@ impl Coordinator {
             ),
             Err(e) => log::error!("{e}"),
         }
-    }
-
-    pub(super) fn update_gauges(&self) {
-        let mut counts: HashMap<AgentState, i64> = HashMap::new();
-        for a in self.agents.values() {
-            *counts.entry(a.state).or_default() += 1;
-        }
-        for state in AgentState::ALL {
-            let count = counts.get(&state).copied().unwrap_or(0);
-            self.metrics.agents(state.as_str(), count);
-        }
-        let online: Vec<_> = self.fleet.nodes().filter(|n| n.is_online()).collect();
-        self.metrics.nodes_online.set(online.len() as i64);
-        self.metrics.agent_capacity.set(
-            online
-                .iter()
-                .filter_map(|n| n.capacity.as_ref())
-                .map(|c| i64::from(c.agent_capacity))
-                .sum(),
-        );
-        self.metrics.queue_depth.set(self.queue_depth() as i64);
     }
 
     pub(super) fn queue_depth(&self) -> usize {

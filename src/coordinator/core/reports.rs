@@ -11,6 +11,9 @@ impl Coordinator {
             self.fleet.heard_all(now);
         }
         self.link_up = true;
+        // The broker may have lost retained configs (restarted without
+        // persistence): publish them again.
+        self.forget_announcements();
         self.settled_at
             .get_or_insert(now + Duration::from_millis(500));
     }
@@ -318,6 +321,8 @@ impl Coordinator {
             .get(node)
             .map(|set| set.iter().cloned().collect())
             .unwrap_or_default();
+        self.metrics.nodes_lost.inc();
+        self.metrics.failovers.inc_by(affected.len() as u64);
         self.event(
             EventKind::NodeLost,
             None,

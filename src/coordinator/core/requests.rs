@@ -292,6 +292,8 @@ impl Coordinator {
         self.flags.remove(node);
         self.drain_sent.remove(node);
         self.drained_reported.remove(node);
+        // Home Assistant's entities go before the state they read.
+        self.clear_discovery(node);
         for kind in [NodeTopic::Status, NodeTopic::Capacity] {
             self.publish(self.topics.node(node, kind), Vec::new(), true);
         }

@@ -75,10 +75,7 @@ impl Coordinator {
                         }
                         self.requeue_job(name, &job, error.to_string());
                     }
-                    TurnKind::Job(job) => {
-                        self.metrics.job("failed");
-                        self.finish_job(&job, None, Some(error.to_string()))
-                    }
+                    TurnKind::Job(job) => self.finish_job(&job, None, Some(error.to_string())),
                 }
                 return;
             }
@@ -256,7 +253,6 @@ impl Coordinator {
                 }));
             }
             TurnKind::Job(job) => {
-                self.metrics.job("completed");
                 if let Some(j) = self.jobs.get_mut(&job) {
                     j.usage = Some(usage);
                 }
@@ -317,7 +313,6 @@ impl Coordinator {
                     log::info!("job {job} failed on {} ({reason}); queued again", turn.node);
                     self.requeue_job(&turn.agent, &job, reason);
                 } else {
-                    self.metrics.job("failed");
                     self.finish_job(&job, None, Some(format!("{}: {reason}", code.as_str())));
                 }
             }
@@ -370,6 +365,8 @@ impl Coordinator {
         job.answer = answer;
         job.error = error;
         job.updated_ms = self.now.wall_ms;
+        let seconds = job.updated_ms.saturating_sub(job.created_ms) as f64 / 1000.0;
+        self.metrics.job(job.state == JobState::Completed, seconds);
         if let Err(e) = self.store.update_job(&job) {
             log::error!("{e}");
         }

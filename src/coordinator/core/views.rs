@@ -127,6 +127,7 @@ impl Coordinator {
     /// a second) or every 30 s.
     pub fn publish_summary(&mut self, now: Now) {
         self.now = now;
+        self.announce_discovery();
         let summary = self.summary();
         let now = self.now.at;
         let due = match &self.summary_published {

@@ -18,8 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::rejection::JsonRejection;
-use axum::extract::State;
+use axum::extract::{FromRequest, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -27,6 +26,7 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
@@ -279,15 +279,28 @@ struct ModelRequest {
     stream: Option<bool>,
 }
 
-fn bad_json(rejection: JsonRejection) -> Response {
-    error(StatusCode::BAD_REQUEST, rejection.body_text())
+/// A JSON request body, read as Ollama reads it (gin's `ShouldBindJSON`):
+/// as JSON whatever its `Content-Type` says, or none (LiteLLM's Ollama
+/// provider sends none). Errors are Ollama's 400 `{"error": ...}`.
+struct OllamaJson<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OllamaJson<T> {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Response> {
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|r| error(StatusCode::BAD_REQUEST, r.body_text()))?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(error(StatusCode::BAD_REQUEST, "missing request body"));
+        }
+        serde_json::from_slice(&bytes)
+            .map(OllamaJson)
+            .map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))
+    }
 }
 
-async fn show(State(sim): State<Sim>, body: Result<Json<ModelRequest>, JsonRejection>) -> Response {
-    let Json(req) = match body {
-        Ok(b) => b,
-        Err(r) => return bad_json(r),
-    };
+async fn show(State(sim): State<Sim>, OllamaJson(req): OllamaJson<ModelRequest>) -> Response {
     let name = normalize_model(&req.model);
     if !lock(&sim.0.models).contains_key(&name) {
         return error(
@@ -306,11 +319,7 @@ async fn show(State(sim): State<Sim>, body: Result<Json<ModelRequest>, JsonRejec
     .into_response()
 }
 
-async fn pull(State(sim): State<Sim>, body: Result<Json<ModelRequest>, JsonRejection>) -> Response {
-    let Json(req) = match body {
-        Ok(b) => b,
-        Err(r) => return bad_json(r),
-    };
+async fn pull(State(sim): State<Sim>, OllamaJson(req): OllamaJson<ModelRequest>) -> Response {
     let name = normalize_model(&req.model);
     let entry = model_entry(&name);
     let digest = format!("sha256:{}", entry.digest);
@@ -508,11 +517,7 @@ fn tokenize(text: &str) -> Vec<String> {
     tokens
 }
 
-async fn chat(State(sim): State<Sim>, body: Result<Json<ChatRequest>, JsonRejection>) -> Response {
-    let Json(req) = match body {
-        Ok(b) => b,
-        Err(r) => return bad_json(r),
-    };
+async fn chat(State(sim): State<Sim>, OllamaJson(req): OllamaJson<ChatRequest>) -> Response {
     let guard = match sim.admit(&req.model) {
         Ok(g) => g,
         Err((status, message)) => return error(status, message),
@@ -565,12 +570,8 @@ async fn chat(State(sim): State<Sim>, body: Result<Json<ChatRequest>, JsonReject
 
 async fn generate(
     State(sim): State<Sim>,
-    body: Result<Json<GenerateRequest>, JsonRejection>,
+    OllamaJson(req): OllamaJson<GenerateRequest>,
 ) -> Response {
-    let Json(req) = match body {
-        Ok(b) => b,
-        Err(r) => return bad_json(r),
-    };
     let guard = match sim.admit(&req.model) {
         Ok(g) => g,
         Err((status, message)) => return error(status, message),

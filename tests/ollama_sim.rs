@@ -204,3 +204,48 @@ async fn the_simulator_fails_like_ollama_missing_model_busy_failure_rate_bad_jso
     assert_eq!(status, 500);
     assert!(body.contains("simulated failure"), "{body}");
 }
+
+/// Real Ollama reads a body as JSON whatever its Content-Type says (gin's
+/// ShouldBindJSON); LiteLLM's Ollama provider sends none, so every endpoint
+/// that takes a body must accept it without one.
+#[tokio::test(flavor = "multi_thread")]
+async fn bodies_are_read_as_json_without_or_with_any_content_type() {
+    let sim = Sim::start(&[]);
+    let chat = json!({"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": false});
+    let generate = json!({"model": "llama3.2", "prompt": "hi", "stream": false});
+    let model = json!({"model": "llama3.2", "stream": false});
+    for (path, body) in [
+        ("/api/chat", &chat),
+        ("/api/generate", &generate),
+        ("/api/show", &model),
+        ("/api/pull", &model),
+    ] {
+        for content_type in [
+            None,
+            Some("text/plain"),
+            Some("application/x-www-form-urlencoded"),
+        ] {
+            let mut request = reqwest::Client::new()
+                .post(format!("{}{path}", sim.url))
+                .body(body.to_string());
+            if let Some(ct) = content_type {
+                request = request.header("content-type", ct);
+            }
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let text = response.text().await.unwrap();
+            assert_eq!(status, 200, "{path} with {content_type:?}: {text}");
+            let answer: Value = serde_json::from_str(&text).unwrap();
+            assert!(answer.get("error").is_none(), "{path}: {answer}");
+        }
+    }
+    // Without a body at all: Ollama's own error.
+    let response = reqwest::Client::new()
+        .post(format!("{}/api/chat", sim.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["error"], "missing request body");
+}

@@ -25,7 +25,7 @@ pub fn exposition(registry: &Registry, request: &HeaderMap) -> Response {
         .get_all(header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .any(|v| v.contains("application/openmetrics-text"));
+        .any(accepts_openmetrics);
     if wants_openmetrics {
         ([(header::CONTENT_TYPE, OPENMETRICS)], text).into_response()
     } else {
@@ -37,58 +37,74 @@ pub fn exposition(registry: &Registry, request: &HeaderMap) -> Response {
 pub fn classic_text(openmetrics: &str) -> String {
     let mut counters: Vec<&str> = Vec::new();
     let mut out = String::with_capacity(openmetrics.len());
-    for line in openmetrics.lines() {
+    let mut lines = openmetrics.lines().peekable();
+    while let Some(line) = lines.next() {
         if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            // The TYPE line follows its HELP: both get the classic name.
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            let kind = lines
+                .peek()
+                .and_then(|l| l.strip_prefix(&format!("# TYPE {name} ")))
+                .unwrap_or("");
+            let (classic, classic_kind) = classic_family(name, kind);
+            out.push_str(&format!("# HELP {classic} {help}\n"));
+            if !kind.is_empty() {
+                lines.next();
+                out.push_str(&format!("# TYPE {classic} {classic_kind}\n"));
+            }
+            if kind == "counter" {
+                counters.push(name);
+            }
             continue;
         }
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
-            match kind {
-                "counter" => {
-                    counters.push(name);
-                    out.push_str(&format!("# TYPE {name}_total counter\n"));
-                }
-                "unknown" => out.push_str(&format!("# TYPE {name} untyped\n")),
-                _ => {
-                    out.push_str(line);
-                    out.push('\n');
-                }
-            }
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("# HELP ") {
-            let name = rest.split(' ').next().unwrap_or("");
-            // HELP comes before TYPE: look the counter up by the next TYPE.
-            if is_counter_declared(openmetrics, name) {
-                out.push_str(&format!("# HELP {name}_total{}\n", &rest[name.len()..]));
-            } else {
-                out.push_str(line);
-                out.push('\n');
+            let (classic, classic_kind) = classic_family(name, kind);
+            out.push_str(&format!("# TYPE {classic} {classic_kind}\n"));
+            if kind == "counter" {
+                counters.push(name);
             }
             continue;
         }
         let sample = line.split(['{', ' ']).next().unwrap_or("");
-        let created = sample
+        if sample
             .strip_suffix("_created")
-            .is_some_and(|base| counters.contains(&base));
-        if !created {
-            // A family without labels prints `name{} value`.
-            match line.split_once("{} ") {
-                Some((name, value)) if name == sample => {
-                    out.push_str(&format!("{name} {value}\n"));
-                }
-                _ => {
-                    out.push_str(line);
-                    out.push('\n');
-                }
+            .is_some_and(|base| counters.contains(&base))
+        {
+            continue;
+        }
+        // A family without labels prints `name{} value`.
+        match line.split_once("{} ") {
+            Some((name, value)) if name == sample => out.push_str(&format!("{name} {value}\n")),
+            _ => {
+                out.push_str(line);
+                out.push('\n');
             }
         }
     }
     out
 }
 
-fn is_counter_declared(text: &str, name: &str) -> bool {
-    text.contains(&format!("# TYPE {name} counter\n"))
+/// The classic name and type of an OpenMetrics family.
+fn classic_family<'a>(name: &str, kind: &'a str) -> (String, &'a str) {
+    match kind {
+        "counter" => (format!("{name}_total"), "counter"),
+        "info" => (format!("{name}_info"), "gauge"),
+        "gauge" | "histogram" | "summary" => (name.to_owned(), kind),
+        _ => (name.to_owned(), "untyped"),
+    }
+}
+
+/// Whether an `Accept` header asks for OpenMetrics (with a non-zero q).
+fn accepts_openmetrics(accept: &str) -> bool {
+    accept.split(',').any(|range| {
+        let mut parts = range.split(';').map(str::trim);
+        parts.next() == Some("application/openmetrics-text")
+            && !parts.any(|p| p.strip_prefix("q=").is_some_and(|q| q.parse() == Ok(0.0)))
+    })
 }
 
 #[cfg(test)]
@@ -108,6 +124,11 @@ mod tests {
         r.register("agents", "Agents", g);
         let h = Histogram::new([0.1, 1.0]);
         h.observe(0.5);
+        r.register(
+            "build",
+            "Build",
+            prometheus_client::metrics::info::Info::new(vec![("version", "1")]),
+        );
         r.register_with_unit(
             "latency",
             "Latency",
@@ -127,6 +148,13 @@ mod tests {
         assert!(text.contains("pifleet_test_requests_total 1\n"), "{text}");
         assert!(text.contains("# TYPE pifleet_test_agents gauge\npifleet_test_agents 3\n"));
         assert!(text.contains("pifleet_test_latency_seconds_bucket{le=\"1.0\"} 1\n"));
+        assert!(text.contains("# HELP pifleet_test_latency_seconds Latency.\n# TYPE pifleet_test_latency_seconds histogram\n"), "{text}");
+        assert!(
+            text.contains(
+                "# TYPE pifleet_test_build_info gauge\npifleet_test_build_info{version=\"1\"} 1\n"
+            ),
+            "{text}"
+        );
         for gone in ["# EOF", "# UNIT", "_created"] {
             assert!(!text.contains(gone), "{gone} left in\n{text}");
         }
@@ -146,5 +174,9 @@ mod tests {
         );
         let om = exposition(&r, &headers);
         assert_eq!(om.headers()[header::CONTENT_TYPE], OPENMETRICS);
+        assert!(!accepts_openmetrics(
+            "application/openmetrics-text;q=0, text/plain"
+        ));
+        assert!(!accepts_openmetrics("text/plain;version=0.0.4"));
     }
 }

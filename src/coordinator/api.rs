@@ -92,10 +92,6 @@ pub struct ApiState {
     pub chat_timeout: Duration,
 }
 
-fn stopping() -> Response {
-    ApiError::from(CoreError::Stopping).into_response()
-}
-
 fn respond<T: Serialize>(status: StatusCode, answer: Result<T, CoreError>) -> Response {
     match answer {
         Ok(body) => (status, Json(body)).into_response(),
@@ -139,19 +135,33 @@ impl ApiState {
     }
 
     /// A chat: answered when its turn completes, or 504 after `limit`.
+    /// Every chat is timed here, whatever its outcome (`ok` or the error
+    /// code the client gets).
     async fn chat(&self, agent: String, messages: Vec<ChatMessage>, limit: Duration) -> Response {
+        let started = std::time::Instant::now();
         let (tx, rx) = oneshot::channel();
         let call: ApiCall = Box::new(move |c| c.chat(&agent, messages, tx, Now::system()));
-        if self.requests.send(call).await.is_err() {
-            return stopping();
-        }
-        match tokio::time::timeout(limit, rx).await {
-            Ok(Ok(answer)) => respond(StatusCode::OK, answer),
-            Ok(Err(_)) => stopping(),
-            Err(_) => {
-                let message = format!("no answer within {}s", limit.as_secs());
-                ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", message).into_response()
+        let answer = if self.requests.send(call).await.is_err() {
+            Err(ApiError::from(CoreError::Stopping))
+        } else {
+            match tokio::time::timeout(limit, rx).await {
+                Ok(Ok(answer)) => answer.map_err(ApiError::from),
+                Ok(Err(_)) => Err(ApiError::from(CoreError::Stopping)),
+                Err(_) => {
+                    let message = format!("no answer within {}s", limit.as_secs());
+                    Err(ApiError::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "timeout",
+                        message,
+                    ))
+                }
             }
+        };
+        let outcome = answer.as_ref().map_or_else(|e| e.code, |_| "ok");
+        self.metrics.chat(outcome, started.elapsed().as_secs_f64());
+        match answer {
+            Ok(body) => (StatusCode::OK, Json(body)).into_response(),
+            Err(e) => e.into_response(),
         }
     }
 }
@@ -388,20 +398,26 @@ async fn ready(State(s): State<ApiState>) -> Result<Json<Value>, ApiError> {
 /// The gauges are set from the status `GET /v1/status` answers, then the
 /// whole registry is encoded.
 async fn metrics(State(s): State<ApiState>, headers: HeaderMap) -> Response {
-    match s.ask(|c, now| Ok(c.status(0, now))).await {
-        Ok(status) => s.metrics.observe(&status),
-        Err(e) => return ApiError::from(e).into_response(),
+    // Observed on the coordinator task, so scrapes see states in order.
+    let observed = s.ask(|c, now| {
+        c.metrics.observe(&c.status(0, now));
+        Ok(())
+    });
+    if let Err(e) = observed.await {
+        return ApiError::from(e).into_response();
     }
     crate::metrics::exposition(&s.metrics.registry, &headers)
 }
 
-/// Counts every request by its route pattern, method and status.
+/// Counts requests by route pattern, method and status. A `route_layer`:
+/// it sees the requests that matched a route (answers 404 and 405 from the
+/// fallbacks are not counted).
 async fn count_requests(State(s): State<ApiState>, request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
+        .unwrap_or_default();
     let method = request.method().clone();
     let response = next.run(request).await;
     s.metrics

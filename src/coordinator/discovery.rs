@@ -179,17 +179,19 @@ pub struct Discovery {
     id_root: String,
 }
 
-/// Discovery topics and ids allow `[a-zA-Z0-9_-]`; node ids may hold `.`.
+/// Discovery topics and ids allow `[a-zA-Z0-9_-]`; node ids may also hold
+/// `.`. `_` becomes `__` and `.` becomes `_`, so two node ids never share
+/// an id (`pi.1` → `pi_1`, `pi_1` → `pi__1`).
 fn id_safe(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '_' => out.push_str("__"),
+            c if c.is_ascii_alphanumeric() || c == '-' => out.push(c),
+            _ => out.push('_'),
+        }
+    }
+    out
 }
 
 impl Discovery {
@@ -360,6 +362,8 @@ mod tests {
         assert_eq!(v["device"]["via_device"], "pifleet_fleet");
         let topics: Vec<String> = configs.into_iter().map(|(t, _)| t).collect();
         assert_eq!(topics, discovery().node_config_topics("pi.1"));
+        // Distinct node ids keep distinct entities.
+        assert_ne!(topics, discovery().node_config_topics("pi_1"));
     }
 
     #[test]

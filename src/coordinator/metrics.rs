@@ -36,8 +36,9 @@ fn label(key: &'static str, value: &str) -> Labels {
 }
 
 fn latency_histogram() -> Histogram {
-    // 1 ms to ~33 s.
-    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+    // 1 ms to ~9 min: a chat on an instant model, and a job that waited in
+    // the queue or an agent whose node was lost (`node_lost_after`).
+    Histogram::new(exponential_buckets(0.001, 2.0, 20))
 }
 
 /// The per-node gauges, each `{node="..."}`.
@@ -349,21 +350,24 @@ impl CoordinatorMetrics {
     /// Sets every gauge from the fleet's status: totals, nodes by state and
     /// the per-node series (removed for nodes no longer listed).
     pub fn observe(&self, status: &FleetStatus) {
+        // Called on the coordinator task (in the order of its states); the
+        // lock only makes the type shareable.
+        let mut exported = self
+            .exported_nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let s = &status.summary;
         self.agent_capacity
             .set(i64::try_from(s.agent_capacity).unwrap_or(i64::MAX));
         self.utilisation.set(s.utilisation_pct / 100.0);
         self.queue_depth.set(s.queue_depth as i64);
         self.jobs_running.set(s.jobs_running as i64);
-        let stopping = s.agents_total
-            - (s.agents_pending + s.agents_assigned + s.agents_running + s.agents_moving)
-                .min(s.agents_total);
         for (state, count) in [
             (AgentState::Pending, s.agents_pending),
             (AgentState::Assigned, s.agents_assigned),
             (AgentState::Running, s.agents_running),
             (AgentState::Releasing, s.agents_moving),
-            (AgentState::Stopping, stopping),
+            (AgentState::Stopping, s.agents_stopping),
         ] {
             self.agents
                 .get_or_create(&label("state", state.as_str()))
@@ -383,10 +387,6 @@ impl CoordinatorMetrics {
         for node in &status.nodes {
             self.per_node.set(node);
         }
-        let mut exported = self
-            .exported_nodes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
         for gone in exported.difference(&listed) {
             self.per_node.remove(gone);
         }
@@ -473,6 +473,7 @@ mod tests {
                 agents_pending: 1,
                 agents_assigned: 0,
                 agents_moving: 1,
+                agents_stopping: 1,
                 agent_capacity: 4,
                 utilisation_pct: 50.0,
                 queue_depth: 7,

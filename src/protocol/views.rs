@@ -254,6 +254,9 @@ pub struct FleetSummary {
     pub agents_pending: usize,
     pub agents_assigned: usize,
     pub agents_moving: usize,
+    /// Deleted, waiting for their node to release them.
+    #[serde(default)]
+    pub agents_stopping: usize,
     /// Slots on online nodes.
     pub agent_capacity: u64,
     pub utilisation_pct: f64,

@@ -54,6 +54,14 @@ pub fn retained(broker: &Mosquitto, filters: &[&str]) -> String {
         command.args(["-t", f]);
     }
     let out = command.output().expect("run mosquitto_sub");
+    // 27: the -W timeout ran out (nothing more to read); anything else but
+    // success means it did not read the broker at all.
+    assert!(
+        out.status.success() || out.status.code() == Some(27),
+        "mosquitto_sub failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).expect("UTF-8 from mosquitto_sub")
 }
 
@@ -96,7 +104,19 @@ pub struct Prometheus {
 }
 
 impl Prometheus {
-    pub fn start(coordinator: &str, nodes: &[&str]) -> Prometheus {
+    /// Starts it and waits until it is ready (`/-/ready` answers 200: the
+    /// port opens before the storage is ready to answer queries).
+    pub async fn start(coordinator: &str, nodes: &[&str]) -> Prometheus {
+        let prometheus = Self::spawn(coordinator, nodes);
+        poll("prometheus to be ready", WAIT, || async {
+            let ready = reqwest::get(format!("{}/-/ready", prometheus.url)).await;
+            ready.is_ok_and(|r| r.status() == 200).then_some(())
+        })
+        .await;
+        prometheus
+    }
+
+    fn spawn(coordinator: &str, nodes: &[&str]) -> Prometheus {
         let dir = tempfile::tempdir().expect("temp dir");
         for file in ["prometheus.yml", "alerts.yml"] {
             std::fs::copy(repo("monitoring").join(file), dir.path().join(file)).unwrap();

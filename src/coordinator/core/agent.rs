@@ -119,5 +119,4 @@ pub(super) struct TurnInFlight {
     pub(super) deadline: Instant,
     /// The deadline as sent to the node (Unix ms), for resending.
     pub(super) deadline_ms: u64,
-    pub(super) started: Instant,
 }

@@ -257,9 +257,14 @@ impl Coordinator {
             agent.state = AgentState::from_stored(row.state);
             if agent.state == AgentState::Pending {
                 agent.node = None;
-            } else if let Some(node) = &row.node {
-                c.fleet.expect(node, now);
-                agent.deadline = Some(deadline);
+            } else {
+                // Placed before the restart: its confirmation is not a
+                // scheduling delay.
+                agent.waiting_since = None;
+                if let Some(node) = &row.node {
+                    c.fleet.expect(node, now);
+                    agent.deadline = Some(deadline);
+                }
             }
             c.index(
                 &agent.spec.name,

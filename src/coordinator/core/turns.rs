@@ -94,7 +94,6 @@ impl Coordinator {
                 new_messages,
                 deadline: now + timeout,
                 deadline_ms,
-                started: now,
             },
         );
     }
@@ -241,10 +240,8 @@ impl Coordinator {
         {
             log::error!("{e}");
         }
-        let seconds = self.now.at.duration_since(turn.started).as_secs_f64();
         match turn.kind {
             TurnKind::Chat(reply) => {
-                self.metrics.chat("ok", seconds);
                 let _ = reply.send(Ok(ChatAnswer {
                     agent: turn.agent.clone(),
                     node: turn.node.clone(),
@@ -276,10 +273,6 @@ impl Coordinator {
         };
         match turn.kind {
             TurnKind::Chat(reply) => {
-                self.metrics.chat(
-                    code.as_str(),
-                    self.now.at.duration_since(turn.started).as_secs_f64(),
-                );
                 // Worth asking again shortly: Ollama was busy, or the agent
                 // is moving to another node.
                 let retry = matches!(

@@ -21,6 +21,7 @@ impl Coordinator {
             agents_pending: count(AgentState::Pending),
             agents_assigned: count(AgentState::Assigned),
             agents_moving: count(AgentState::Releasing),
+            agents_stopping: count(AgentState::Stopping),
             agent_capacity: capacity,
             utilisation_pct: if capacity == 0 {
                 0.0

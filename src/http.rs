@@ -4,6 +4,7 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -132,8 +133,16 @@ pub async fn bind(
 }
 
 /// Serves `router` on `listener` until `shutdown` is cancelled, then lets
-/// requests in progress finish.
+/// requests in progress finish. Answers go out with `TCP_NODELAY`: hyper
+/// writes a response's head and body separately, and Nagle's algorithm
+/// would hold the body until the client acknowledged the head (up to 40 ms
+/// with delayed ACKs).
 pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) {
+    let listener = listener.tap_io(|stream| {
+        if let Err(e) = stream.set_nodelay(true) {
+            log::debug!("cannot set TCP_NODELAY on an HTTP connection: {e}");
+        }
+    });
     let result = axum::serve(listener, router)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await;

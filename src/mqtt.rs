@@ -190,6 +190,10 @@ impl Link {
         }
         let (client, mut eventloop) = AsyncClient::new(options, 256);
         eventloop.network_options.set_connection_timeout(5);
+        // Commands, turns and replies are small packets that someone waits
+        // for: Nagle's algorithm would hold each one back until the previous
+        // one is acknowledged (40 ms with delayed ACKs) on every hop.
+        eventloop.network_options.set_tcp_nodelay(true);
 
         let (event_tx, events) = mpsc::channel(EVENT_CHANNEL);
         let (tx, rx) = mpsc::unbounded_channel();

@@ -1292,7 +1292,24 @@ async fn every_cli_command_works_against_a_coordinator_with_a_token_and_prints_j
             == 3
     })
     .await;
-    ok(&["stop", "team-1", "team-2", "team-3"]);
+    // One request for the lot; the names that exist are reported, the rest made.
+    let (code, out, err) = run(
+        &[
+            "spawn", "team", "--model", "llama3.2", "--count", "4", "--label", "x=y",
+        ],
+        Some(token),
+    );
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        out.contains("spawned team-4") && !out.contains("spawned team-1"),
+        "{out}"
+    );
+    assert!(
+        out.contains("not spawned: team-1: agent team-1 already exists"),
+        "{out}"
+    );
+    assert!(err.contains("3 of 4 agents were not spawned"), "{err}");
+    ok(&["stop", "team-1", "team-2", "team-3", "team-4"]);
     ok(&["spawn", "solo", "--model", "llama3.2"]);
     coordinator.wait_running(1).await;
     let nodes = ok(&["nodes"]);

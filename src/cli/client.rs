@@ -11,8 +11,8 @@ use serde_json::{json, Value};
 
 use super::Failure;
 use crate::protocol::{
-    utc_timestamp, AgentDeleted, AgentList, AgentView, ChatAnswer, FleetStatus, JobList,
-    JobSubmitted, JobView, NodeList, NodeView,
+    utc_timestamp, AgentDeleted, AgentList, AgentView, AgentsCreated, ChatAnswer, FleetStatus,
+    JobList, JobSubmitted, JobView, NodeList, NodeView,
 };
 
 /// Where the coordinator is and how to talk to it.
@@ -354,28 +354,44 @@ async fn execute(api: &Api, as_json: bool, command: ClientCommand) -> Result<(),
             ..
         } => {
             let labels = parse_labels(&labels)?;
-            let names: Vec<String> = match count {
-                None => vec![name],
-                Some(n) => (1..=n).map(|i| format!("{name}-{i}")).collect(),
-            };
-            let mut created = Vec::new();
-            for name in names {
+            let Some(count) = count else {
                 let body =
                     json!({"name": name, "model": model, "system": system, "labels": labels});
                 let agent = api.call(Method::POST, "/v1/agents", Some(body)).await?;
                 let view: AgentView = typed(&agent)?;
-                if !as_json {
-                    println!(
+                print_result(as_json, &json!({ "agents": [agent] }), || {
+                    format!(
                         "spawned {} ({}, {})",
                         view.name,
                         view.model,
                         view.state.as_str()
-                    );
+                    )
+                });
+                return Ok(());
+            };
+            // One request for all of them, NAME-1 to NAME-N.
+            let body = json!({"count": count, "prefix": name, "model": model, "system": system, "labels": labels});
+            let answer = api.call(Method::POST, "/v1/agents", Some(body)).await?;
+            let result: AgentsCreated = typed(&answer)?;
+            print_result(as_json, &answer, || {
+                let mut text = String::new();
+                for view in result.created.iter().take(20) {
+                    let state = view.state.as_str();
+                    text += &format!("spawned {} ({}, {state})\n", view.name, view.model);
                 }
-                created.push(agent);
-            }
-            if as_json {
-                print_json(&json!({ "agents": created }));
+                if result.created.len() > 20 {
+                    text += &format!("... and {} more\n", result.created.len() - 20);
+                }
+                for e in &result.errors {
+                    text += &format!("not spawned: {}: {}\n", e.name, e.error);
+                }
+                text
+            });
+            if !result.errors.is_empty() {
+                return Err(Failure {
+                    code: 1,
+                    message: format!("{} of {count} agents were not spawned", result.errors.len()),
+                });
             }
         }
         ClientCommand::Stop { names, .. } => {

@@ -25,7 +25,9 @@ use tokio::sync::{mpsc, oneshot};
 use super::core::{Coordinator, CoreError, Now};
 use super::metrics::CoordinatorMetrics;
 use crate::http::{no_route, wrong_method, ApiError, PathParam, QueryParams};
-use crate::protocol::{normalize_model, AgentSpec, ChatMessage, JobState, Role, TurnErrorCode};
+use crate::protocol::{
+    normalize_model, AgentError, AgentSpec, ChatMessage, JobState, Role, TurnErrorCode,
+};
 
 /// What a handler asks the coordinator task to do: a call on its state,
 /// run there between other inputs, that sends its own answer back.
@@ -298,6 +300,80 @@ struct NewAgent {
     labels: BTreeMap<String, String>,
 }
 
+/// Most agents one request creates.
+const MAX_BULK: u64 = 100_000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentList {
+    agents: Vec<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentCount {
+    count: u64,
+    prefix: String,
+    model: String,
+    #[serde(default)]
+    system: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+fn parse_body<T: DeserializeOwned>(body: Value) -> Result<T, ApiError> {
+    serde_json::from_value(body).map_err(|e| invalid(format!("body is not the expected JSON: {e}")))
+}
+
+/// The agents of a list or count body that are valid, and an error for
+/// each listed agent that is not. A bad count body is refused whole.
+fn bulk_specs(body: Value) -> Result<(Vec<AgentSpec>, Vec<AgentError>), ApiError> {
+    if body.get("count").is_some() {
+        let b: AgentCount = parse_body(body)?;
+        if !(1..=MAX_BULK).contains(&b.count) {
+            return Err(invalid(format!(
+                "count must be 1 to {MAX_BULK} (got {})",
+                b.count
+            )));
+        }
+        let specs = (1..=b.count)
+            .map(|i| {
+                validate_new_agent(NewAgent {
+                    name: format!("{}-{i}", b.prefix),
+                    model: b.model.clone(),
+                    system: b.system.clone(),
+                    labels: b.labels.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok((specs, Vec::new()));
+    }
+    let AgentList { agents } = parse_body(body)?;
+    if agents.is_empty() || agents.len() as u64 > MAX_BULK {
+        return Err(invalid(format!(
+            "agents must list 1 to {MAX_BULK} agents (got {})",
+            agents.len()
+        )));
+    }
+    let mut specs = Vec::with_capacity(agents.len());
+    let mut rejected = Vec::new();
+    for (i, agent) in agents.into_iter().enumerate() {
+        let name = agent
+            .get("name")
+            .and_then(Value::as_str)
+            .map_or_else(|| format!("agents[{i}]"), str::to_owned);
+        match parse_body::<NewAgent>(agent).and_then(validate_new_agent) {
+            Ok(spec) => specs.push(spec),
+            Err(e) => rejected.push(AgentError {
+                name,
+                code: e.code.to_owned(),
+                error: e.message,
+            }),
+        }
+    }
+    Ok((specs, rejected))
+}
+
 fn validate_new_agent(body: NewAgent) -> Result<AgentSpec, ApiError> {
     validate_agent_name(&body.name)?;
     let model = body.model.trim();
@@ -484,11 +560,32 @@ async fn agent(State(s): State<ApiState>, PathParam(name): PathParam<String>) ->
         .await
 }
 
+/// One agent (`{"name", "model", ...}`: 201 with the agent), a list
+/// (`{"agents": [...]}`) or a count (`{"count", "prefix", "model", ...}`,
+/// named `prefix-1` to `prefix-N`): 200 with what was created and, per
+/// agent, why the others were not.
 async fn create_agent(
     State(s): State<ApiState>,
-    body: Result<JsonBody<NewAgent>, ApiError>,
+    body: Result<JsonBody<Value>, ApiError>,
 ) -> Response {
-    let spec = match body.and_then(|JsonBody(b)| validate_new_agent(b)) {
+    let body = match body {
+        Ok(JsonBody(body)) => body,
+        Err(e) => return e.into_response(),
+    };
+    if body.get("agents").is_some() || body.get("count").is_some() {
+        let (specs, rejected) = match bulk_specs(body) {
+            Ok(v) => v,
+            Err(e) => return e.into_response(),
+        };
+        return s
+            .call(StatusCode::OK, move |c, now| {
+                let mut answer = c.create_agents(specs, now)?;
+                answer.errors.splice(0..0, rejected);
+                Ok(answer)
+            })
+            .await;
+    }
+    let spec = match parse_body::<NewAgent>(body).and_then(validate_new_agent) {
         Ok(spec) => spec,
         Err(e) => return e.into_response(),
     };

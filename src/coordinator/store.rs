@@ -343,6 +343,38 @@ impl Store {
             .map_err(self.err("insert an agent"))
     }
 
+    /// Inserts many agents in one transaction; for each, whether it was new.
+    pub fn insert_agents(&self, specs: &[AgentSpec], created_ms: u64) -> Result<Vec<bool>> {
+        let tx = self
+            .conn
+            .unchecked_transaction()
+            .map_err(self.err("begin inserting agents"))?;
+        let mut inserted = Vec::with_capacity(specs.len());
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO agents (name, model, system, labels, created_ms, state) VALUES (?1, ?2, ?3, ?4, ?5, 'pending')
+                     ON CONFLICT(name) DO NOTHING",
+                )
+                .map_err(self.err("insert agents"))?;
+            for spec in specs {
+                let labels = serde_json::to_string(&spec.labels).unwrap_or_else(|_| "{}".into());
+                let n = insert
+                    .execute(params![
+                        spec.name,
+                        spec.model,
+                        spec.system,
+                        labels,
+                        created_ms as i64
+                    ])
+                    .map_err(self.err("insert an agent"))?;
+                inserted.push(n == 1);
+            }
+        }
+        tx.commit().map_err(self.err("commit new agents"))?;
+        Ok(inserted)
+    }
+
     pub fn set_agent_state(
         &self,
         name: &str,

@@ -78,6 +78,23 @@ pub struct AgentDeleted {
     pub state: String,
 }
 
+/// `POST /v1/agents` with a list (`{"agents": [...]}`) or a count
+/// (`{"count", "prefix", "model", ...}`): what was created, and why the
+/// others were not.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentsCreated {
+    pub created: Vec<AgentView>,
+    pub errors: Vec<AgentError>,
+}
+
+/// One agent of a bulk creation that was not created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentError {
+    pub name: String,
+    pub code: String,
+    pub error: String,
+}
+
 /// A node as the coordinator sees it: its latest capacity message plus the
 /// coordinator's own knowledge. A node that is not online shows no agents.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

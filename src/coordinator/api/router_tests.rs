@@ -10,7 +10,7 @@ use super::*;
 use crate::config::CoordinatorConfig;
 use crate::coordinator::core::Now;
 use crate::coordinator::store::Store;
-use crate::protocol::{AgentState, AgentView};
+use crate::protocol::{AgentState, AgentView, AgentsCreated};
 
 /// A router whose calls run on a core of their own, as in the daemon.
 fn api(token: Option<&str>) -> (Router, tempfile::TempDir) {
@@ -249,4 +249,66 @@ async fn jobs_are_accepted_until_the_queue_is_full_then_told_when_to_retry() {
     )
     .await;
     assert_eq!((status, shown["status"].as_str()), (200, Some("queued")));
+}
+
+#[tokio::test]
+async fn agents_are_created_in_bulk_by_count_or_list_with_per_agent_errors() {
+    let (api, _dir) = api_with(None, |_| {});
+    let post = |body: &'static str| call(&api, "POST", "/v1/agents", body);
+    let (status, body) = post(r#"{"count":3,"prefix":"w","model":"llama3.2"}"#).await;
+    assert_eq!(status, 200, "{body}");
+    let answer: AgentsCreated = serde_json::from_value(body).unwrap();
+    let names: Vec<&str> = answer.created.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(names, ["w-1", "w-2", "w-3"]);
+    assert!(answer
+        .created
+        .iter()
+        .all(|a| a.state == AgentState::Pending));
+    assert!(answer.errors.is_empty());
+
+    // A list: one new, one that exists, one twice, one invalid.
+    let list = r#"{"agents":[{"name":"x","model":"llama3.2"},{"name":"w-2","model":"llama3.2"},
+        {"name":"y","model":"llama3.2"},{"name":"y","model":"llama3.2"},{"name":"Bad Name","model":"llama3.2"}]}"#;
+    let (status, body) = post(list).await;
+    assert_eq!(status, 200, "{body}");
+    let answer: AgentsCreated = serde_json::from_value(body).unwrap();
+    let names: Vec<&str> = answer.created.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(names, ["x", "y"]);
+    let errors: Vec<(&str, &str)> = answer
+        .errors
+        .iter()
+        .map(|e| (e.name.as_str(), e.code.as_str()))
+        .collect();
+    assert_eq!(
+        errors,
+        [("Bad Name", "invalid"), ("w-2", "exists"), ("y", "exists")]
+    );
+    let (_, listed) = call(&api, "GET", "/v1/agents", "").await;
+    assert_eq!(listed["agents"].as_array().unwrap().len(), 5, "{listed}");
+
+    // A bad count body is refused whole, and the old single body still works.
+    refused(
+        post(r#"{"count":0,"prefix":"z","model":"llama3.2"}"#).await,
+        422,
+        "invalid",
+        "count must be 1 to 100000",
+    );
+    refused(
+        post(r#"{"count":2,"prefix":"Bad Name","model":"llama3.2"}"#).await,
+        422,
+        "invalid",
+        "Bad Name-1",
+    );
+    refused(
+        post(r#"{"agents":[]}"#).await,
+        422,
+        "invalid",
+        "1 to 100000 agents",
+    );
+    let (status, body) = post(r#"{"name":"solo","model":"llama3.2"}"#).await;
+    assert_eq!(
+        (status, body["name"].as_str()),
+        (201, Some("solo")),
+        "{body}"
+    );
 }

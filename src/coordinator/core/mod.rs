@@ -24,7 +24,7 @@
 //! ([`CoreError`]); `api.rs` maps them to HTTP.
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,10 +37,11 @@ use super::scheduler::{MovableAgent, NodeSlots, Request, Scheduler, Standing};
 use super::store::{JobRow, JobState, NodeFlags, Store, StoreError, StoredState};
 use crate::config::coordinator::CoordinatorConfig;
 use crate::protocol::{
-    encode, now_ms, Ack, AgentDeleted, AgentList, AgentSpec, AgentState, AgentView, Capacity,
-    ChatAnswer, ChatMessage, Command, CommandBody, CommandKind, Event, EventKind, EventList,
-    FleetStatus, FleetSummary, JobList, JobSubmitted, JobView, NodeForgotten, NodeList, NodeTopic,
-    NodeView, Reply, ReplyBody, Role, Topics, TurnErrorCode, TurnRequest, TurnResult, Usage,
+    encode, now_ms, Ack, AgentDeleted, AgentError, AgentList, AgentSpec, AgentState, AgentView,
+    AgentsCreated, Capacity, ChatAnswer, ChatMessage, Command, CommandBody, CommandKind, Event,
+    EventKind, EventList, FleetStatus, FleetSummary, JobList, JobSubmitted, JobView, NodeForgotten,
+    NodeList, NodeTopic, NodeView, Reply, ReplyBody, Role, Topics, TurnErrorCode, TurnRequest,
+    TurnResult, Usage,
 };
 
 /// How long a node that refused an agent is skipped for it.

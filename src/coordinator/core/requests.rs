@@ -27,6 +27,47 @@ impl Coordinator {
         self.agent(&name, self.now)
     }
 
+    /// Creates many agents with one store transaction; names that exist
+    /// (or repeat within `specs`) are reported, the others created.
+    pub fn create_agents(
+        &mut self,
+        specs: Vec<AgentSpec>,
+        now: Now,
+    ) -> Result<AgentsCreated, CoreError> {
+        self.now = now;
+        let mut errors = Vec::new();
+        let mut fresh = Vec::with_capacity(specs.len());
+        let mut seen = HashSet::new();
+        for spec in specs {
+            if self.agents.contains_key(&spec.name) || !seen.insert(spec.name.clone()) {
+                errors.push(exists(&spec.name));
+            } else {
+                fresh.push(spec);
+            }
+        }
+        let created_ms = self.now.wall_ms;
+        let inserted = self.store.insert_agents(&fresh, created_ms)?;
+        let mut created = Vec::with_capacity(fresh.len());
+        for (spec, new) in fresh.into_iter().zip(inserted) {
+            let name = spec.name.clone();
+            if !new {
+                errors.push(exists(&name));
+                continue;
+            }
+            self.agents
+                .insert(name.clone(), Agent::new(spec, created_ms, self.now.at));
+            self.index(&name, created_ms, None, AgentState::Pending, None);
+            self.event(
+                EventKind::Created,
+                Some(&name),
+                None,
+                format!("agent {name} created"),
+            );
+            created.push(self.agent(&name, self.now)?);
+        }
+        Ok(AgentsCreated { created, errors })
+    }
+
     /// Deletes an agent: at once if no node hosts it, otherwise once its
     /// node released it. Nothing is sent unless the store took the change.
     pub fn delete_agent(&mut self, name: &str, now: Now) -> Result<AgentDeleted, CoreError> {
@@ -346,5 +387,13 @@ impl Coordinator {
         }
         self.drain_sent.insert(node.to_owned(), now);
         self.send(node, CommandBody::Drain { draining: want });
+    }
+}
+
+fn exists(name: &str) -> AgentError {
+    AgentError {
+        name: name.to_owned(),
+        code: "exists".to_owned(),
+        error: format!("agent {name} already exists"),
     }
 }

@@ -16,7 +16,9 @@
 //! so on every [`LinkEvent::Connected`] the application subscribes and
 //! announces itself again.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rumqttc::{
@@ -55,6 +57,53 @@ pub enum LinkEvent {
         payload: Bytes,
         retain: bool,
     },
+}
+
+/// When the broker was last heard from, shared between the link's poller
+/// and its owner: a node that has not heard the broker for a while must
+/// assume that the coordinator has not heard it either (its lease).
+#[derive(Clone)]
+pub struct Heard {
+    base: Instant,
+    /// Milliseconds since `base` of the last packet.
+    last: Arc<AtomicU64>,
+    /// The longest gap between packets since the owner last asked.
+    gap: Arc<AtomicU64>,
+}
+
+impl Heard {
+    pub fn new() -> Heard {
+        Heard {
+            base: Instant::now(),
+            last: Arc::new(AtomicU64::new(0)),
+            gap: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Something arrived from the broker just now.
+    pub fn now(&self) {
+        let ms = self.base.elapsed().as_millis() as u64;
+        let before = self.last.swap(ms, Ordering::Relaxed);
+        self.gap
+            .fetch_max(ms.saturating_sub(before), Ordering::Relaxed);
+    }
+
+    /// The longest the broker was silent since the last call: the silence
+    /// going on now, or a gap that ended since (a process frozen by SIGSTOP
+    /// or a suspended VM hears the broker again as it resumes, but the
+    /// monotonic clock kept running meanwhile).
+    pub fn take_longest_silence(&self) -> Duration {
+        let now = self.base.elapsed().as_millis() as u64;
+        let current = now.saturating_sub(self.last.load(Ordering::Relaxed));
+        let ended = self.gap.swap(0, Ordering::Relaxed);
+        Duration::from_millis(current.max(ended))
+    }
+}
+
+impl Default for Heard {
+    fn default() -> Self {
+        Heard::new()
+    }
 }
 
 /// The last will the broker publishes if the connection dies uncleanly.
@@ -145,6 +194,8 @@ pub enum LinkError {
 pub struct Link {
     pub publisher: Publisher,
     pub events: mpsc::Receiver<LinkEvent>,
+    /// When the broker last sent anything (a PUBACK, a PINGRESP, a message).
+    pub heard: Heard,
     closing: CancellationToken,
     poller: JoinHandle<()>,
     sender: JoinHandle<()>,
@@ -199,7 +250,14 @@ impl Link {
         let (tx, rx) = mpsc::unbounded_channel();
         let closing = CancellationToken::new();
         let address = config.address();
-        let poller = tokio::spawn(poll(eventloop, event_tx, closing.clone(), address));
+        let heard = Heard::new();
+        let poller = tokio::spawn(poll(
+            eventloop,
+            event_tx,
+            closing.clone(),
+            address,
+            heard.clone(),
+        ));
         let sender = tokio::spawn(send(client, rx));
         Ok(Link {
             publisher: Publisher {
@@ -207,6 +265,7 @@ impl Link {
                 max_payload: config.max_payload_bytes,
             },
             events,
+            heard,
             closing,
             poller,
             sender,
@@ -219,6 +278,7 @@ impl Link {
         let Link {
             publisher,
             mut events,
+            heard: _,
             closing,
             mut poller,
             sender,
@@ -278,14 +338,16 @@ async fn send(client: AsyncClient, mut rx: mpsc::UnboundedReceiver<Outbound>) {
     }
 }
 
-/// Exponential backoff with jitter: 250 ms doubling up to 30 s.
+/// Exponential backoff with jitter: 250 ms doubling up to 5 s.
 struct Backoff {
     next: Duration,
 }
 
 impl Backoff {
     const FIRST: Duration = Duration::from_millis(250);
-    const MAX: Duration = Duration::from_secs(30);
+    /// Short next to a node's lease (`fence_secs`, 7 s by default), so that
+    /// a broker that is back is found again before the lease ends.
+    const MAX: Duration = Duration::from_secs(5);
 
     fn new() -> Self {
         Backoff { next: Self::FIRST }
@@ -308,11 +370,15 @@ async fn poll(
     events: mpsc::Sender<LinkEvent>,
     closing: CancellationToken,
     address: String,
+    heard: Heard,
 ) {
     let mut backoff = Backoff::new();
     let mut failures: u64 = 0;
     loop {
         let event = eventloop.poll().await;
+        if let Ok(Event::Incoming(_)) = &event {
+            heard.now();
+        }
         let forward = match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 log::info!("connected to MQTT broker {address}");

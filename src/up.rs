@@ -183,7 +183,7 @@ fn spawn_node(id: &str, config: &Path, log: &Path) -> Result<Child, UpError> {
 
 fn node_toml(id: &str, capacity: u32, mqtt_port: u16, ollama: &Url) -> String {
     format!(
-        "node_id = \"{id}\"\nagent_capacity = {capacity}\nheartbeat_secs = 5\nshutdown_grace_secs = 10\n\
+        "node_id = \"{id}\"\nagent_capacity = {capacity}\nheartbeat_secs = 2\nshutdown_grace_secs = 10\n\
          [mqtt]\nport = {mqtt_port}\nkeep_alive_secs = 10\n[ollama]\nurl = \"{ollama}\"\nmax_parallel = 2\n\
          [api]\nlisten = \"127.0.0.1:0\"\n"
     )

@@ -1585,8 +1585,11 @@ async fn a_broker_restart_moves_nothing_and_chats_in_flight_are_answered_once() 
         &broker,
         "[timeouts]\nchat_secs = 30\nnode_lost_after_secs = 4",
     );
-    let _a = Node::start("br-a", &broker, &sim.url, "agent_capacity = 2", "");
-    let _b = Node::start("br-b", &broker, &sim.url, "agent_capacity = 2", "");
+    // The nodes' lease outlasts the outage (by default, 7 s of silence make
+    // a node stop its agents: a broker down this long costs a move).
+    let lease = "agent_capacity = 2\nfence_secs = 15";
+    let _a = Node::start("br-a", &broker, &sim.url, lease, "");
+    let _b = Node::start("br-b", &broker, &sim.url, lease, "");
     coordinator.wait_nodes_online(2).await;
     let names = ["calm-1", "calm-2", "calm-3"];
     for name in names {

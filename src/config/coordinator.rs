@@ -42,10 +42,13 @@ max_body_bytes = 262144
 path = "/var/lib/pifleet/coordinator.db"
 
 [timeouts]
-# A node is lost when no capacity message came for this long...
-node_lost_after_secs = 35
+# A node is lost when nothing came from it for this long (it sends a
+# capacity message every heartbeat_secs, 2 by default)... Keep it above the
+# nodes' fence_secs (7), so that a silent node stops its agents before they
+# are placed elsewhere. Raise both on slow or lossy links.
+node_lost_after_secs = 9
 # ...or this long after its last will ('offline') unless it speaks again.
-offline_grace_secs = 2
+offline_grace_secs = 1
 # Seconds to wait after a node is lost before placing its agents elsewhere.
 # 0 moves them at once; set it above the nodes' fence_secs to be sure an
 # agent never runs twice, at the price of that much downtime.
@@ -226,8 +229,8 @@ impl CoordinatorConfig {
             },
             store_path,
             timeouts: Timeouts {
-                node_lost_after: Duration::from_secs(35),
-                offline_grace: Duration::from_secs(2),
+                node_lost_after: Duration::from_secs(9),
+                offline_grace: Duration::from_secs(1),
                 fence: Duration::ZERO,
                 assign_ack: Duration::from_secs(10),
                 chat: Duration::from_secs(120),

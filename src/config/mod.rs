@@ -128,6 +128,11 @@ impl<'a> Checker<'a> {
         self.problems.push(self.source.problem(Some(span), message));
     }
 
+    /// Records a problem at `span`, or at the start of the file.
+    pub fn report_at(&mut self, span: Option<Range<usize>>, message: impl Into<String>) {
+        self.problems.push(self.source.problem(span, message));
+    }
+
     /// Validates an optional value, falling back to `default` when absent.
     /// A value that fails `check` is reported and replaced by the default so
     /// that checking can go on.

@@ -26,8 +26,9 @@ pub const DEFAULT_NODE_CONFIG: &str = r#"# pifleet node daemon configuration (/e
 # How many agents this node hosts at most (required, at least 1).
 agent_capacity = 4
 
-# Seconds between capacity announcements (load, temperature, agents).
-heartbeat_secs = 10
+# Seconds between capacity announcements (load, temperature, agents). Each
+# is acknowledged by the broker, which keeps the node's lease (fence_secs).
+heartbeat_secs = 2
 
 # The coordinator places no agent here while the SoC is this hot or hotter.
 max_temperature_c = 80.0
@@ -35,9 +36,12 @@ max_temperature_c = 80.0
 # On SIGTERM: seconds to let chat turns in flight finish before giving up.
 shutdown_grace_secs = 30
 
-# After this many seconds without the broker the node stops its agents, so
-# that an agent never runs on two nodes once the coordinator moved it.
-fence_secs = 60
+# The node's lease on its agents: after this many seconds without hearing
+# the broker (cut off, or the process or machine frozen) it stops them all,
+# so that an agent never runs on two nodes once the coordinator moved it.
+# Keep it below the coordinator's node_lost_after_secs (9) and at least
+# 3 x heartbeat_secs.
+fence_secs = 7
 
 # Labels that agents can require for placement.
 [labels]
@@ -167,10 +171,10 @@ impl NodeConfig {
             node_id: node_id.to_owned(),
             agent_capacity,
             labels: BTreeMap::new(),
-            heartbeat: Duration::from_secs(10),
+            heartbeat: Duration::from_secs(2),
             max_temperature_c: 80.0,
             shutdown_grace: Duration::from_secs(30),
-            fence_after: Duration::from_secs(60),
+            fence_after: Duration::from_secs(7),
             mqtt: MqttConfig::default(),
             ollama: OllamaConfig {
                 url: ollama_url("http://127.0.0.1:11434".into()).expect("default URL is valid"),
@@ -241,7 +245,7 @@ impl NodeConfig {
         let heartbeat = c.value(
             "heartbeat_secs",
             &raw.heartbeat_secs,
-            Duration::from_secs(10),
+            Duration::from_secs(2),
             secs_in(1, 3600),
         );
         let max_temperature_c = c.value(
@@ -265,9 +269,24 @@ impl NodeConfig {
         let fence_after = c.value(
             "fence_secs",
             &raw.fence_secs,
-            Duration::from_secs(60),
+            Duration::from_secs(7),
             secs_in(1, 86_400),
         );
+        if fence_after < heartbeat * 3 {
+            let at = raw
+                .fence_secs
+                .as_ref()
+                .map(|s| s.span())
+                .or_else(|| raw.heartbeat_secs.as_ref().map(|s| s.span()));
+            c.report_at(
+                at,
+                format!(
+                    "fence_secs ({}) must be at least 3 x heartbeat_secs ({}): the node hears the broker once per heartbeat",
+                    fence_after.as_secs(),
+                    heartbeat.as_secs()
+                ),
+            );
+        }
         let mqtt = MqttConfig::validate(&raw.mqtt, &mut c);
         let defaults = NodeConfig::with_defaults(&node_id, agent_capacity);
         let ollama = OllamaConfig {
@@ -360,6 +379,19 @@ mod tests {
         let p = problems("node_id = \"a\"\n\nagent_capacity = 0\n");
         assert_eq!(p.len(), 1, "{p:?}");
         assert!(p[0].starts_with("node.toml:3:18: agent_capacity"), "{p:?}");
+    }
+
+    #[test]
+    fn a_lease_shorter_than_three_heartbeats_is_refused() {
+        let p = problems("agent_capacity = 2\nheartbeat_secs = 5\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].starts_with("node.toml:2:18:")
+                && p[0].contains("fence_secs (7) must be at least 3 x heartbeat_secs (5)"),
+            "{p:?}"
+        );
+        let p = problems("agent_capacity = 2\nheartbeat_secs = 5\nfence_secs = 15\n");
+        assert!(p.is_empty(), "{p:?}");
     }
 
     #[test]

@@ -132,6 +132,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<(), 
         session: crate::protocol::new_id(),
         seq: 0,
         publisher: link.publisher.clone(),
+        heard: link.heard.clone(),
         probe: ProbeReport::unknown(),
         probed: false,
         connected,
@@ -198,6 +199,8 @@ struct Node {
     connected: Arc<AtomicBool>,
     announced_ready: bool,
     disconnected_since: Option<Instant>,
+    /// When the broker last spoke: the node's lease on its agents.
+    heard: crate::mqtt::Heard,
     /// The capacity changed since it was last published.
     dirty: bool,
     last_capacity: Instant,
@@ -297,6 +300,8 @@ impl Node {
     fn on_link(&mut self, event: LinkEvent) {
         match event {
             LinkEvent::Connected => {
+                // Back after a silence (a cut, a freeze): fence first.
+                self.check_fence();
                 if self.announced_ready {
                     self.metrics.mqtt_reconnects.inc();
                 }
@@ -549,16 +554,21 @@ impl Node {
         self.publish_capacity();
     }
 
+    /// The node's lease: it hosts agents only while it hears the broker (a
+    /// PUBACK for every heartbeat, a PINGRESP, any message). After
+    /// `fence_secs` of silence, cut off or frozen, it must assume that the
+    /// coordinator declared it lost (`node_lost_after_secs`, longer) and
+    /// placed its agents elsewhere: it stops them all, before it announces
+    /// anything again.
     fn check_fence(&mut self) {
-        let Some(since) = self.disconnected_since else {
-            return;
-        };
-        if since.elapsed() < self.config.fence_after || self.table.is_empty() {
+        let silence = self.heard.take_longest_silence();
+        if silence < self.config.fence_after || self.table.is_empty() {
             return;
         }
         log::warn!(
-            "no broker for {}s (fence_secs): stopping all {} agents so that none runs twice once the coordinator moves them",
-            since.elapsed().as_secs(),
+            "heard nothing from the broker for {:.1}s (fence_secs = {}): stopping all {} agents so that none runs twice once the coordinator moves them",
+            silence.as_secs_f64(),
+            self.config.fence_after.as_secs(),
             self.table.len()
         );
         let effects = self.table.remove_all(TurnErrorCode::Fenced);
@@ -710,6 +720,8 @@ impl Node {
     /// Publishes the retained capacity message now. While disconnected it
     /// only marks it due: the ConnAck handler publishes a fresh one.
     fn publish_capacity(&mut self) {
+        // Never announce agents the lease no longer covers.
+        self.check_fence();
         if !self.is_connected() {
             self.dirty = true;
             return;

@@ -10,8 +10,10 @@
 //! * [`http`], [`metrics`], [`systemd`] — what the daemons share for HTTP,
 //!   Prometheus and systemd
 //! * [`cli`] — the `pifleet` command line
+//! * [`bench`] — `pifleet bench`: benchmarks that start their own fleet
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod coordinator;

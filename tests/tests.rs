@@ -5,6 +5,7 @@ mod util;
 
 mod cli;
 mod coordinator;
+mod failover;
 mod monitoring;
 mod node;
 mod ollama_sim;

@@ -58,6 +58,11 @@ pub enum Command {
     },
     /// Run an Ollama-compatible simulator (for tests, demos and benchmarks).
     OllamaSim(SimArgs),
+    /// Benchmarks: start a fleet here (or use yours) and print one JSON line.
+    Bench {
+        #[command(subcommand)]
+        command: crate::bench::BenchCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -151,6 +156,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Config { action } => config_cmd::run(action),
         Command::OllamaSim(args) => run_sim(args),
         Command::Client(command) => client::run(command),
+        Command::Bench { command } => run_bench(command),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -191,6 +197,17 @@ macro_rules! runtime_failure {
             }
         }
     )*};
+}
+
+/// A benchmark on a runtime with a worker per core: the load generator must
+/// not be what limits the figures.
+fn run_bench(command: crate::bench::BenchCommand) -> Result<(), Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::runtime(&e))?
+        .block_on(crate::bench::run(command))
+        .map_err(|e| Failure::runtime(&e))
 }
 
 runtime_failure!(

@@ -1,0 +1,225 @@
+//! `pifleet bench chat`: seed 000's load test. CONCURRENCY clients post
+//! `{agent, messages}` to `/v1/chat` back to back for SECONDS, spread over
+//! AGENTS agents. Without `--coordinator` it starts a fleet here: Mosquitto
+//! (or `--mqtt`), the Ollama simulator answering at once, the coordinator
+//! and NODES node daemons with `ollama.max_parallel` = 100.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::{progress, quantile, round3, Api, BenchError, Mqtt, Stack};
+
+#[derive(Debug, clap::Args)]
+pub struct ChatArgs {
+    /// Agents the chats are spread over (created as bench-1..N if missing).
+    #[arg(long, default_value_t = 1000, value_parser = at_least_1())]
+    agents: usize,
+    /// Clients chatting at once.
+    #[arg(long, default_value_t = 1000, value_parser = at_least_1())]
+    concurrency: usize,
+    /// How long to chat.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    seconds: u64,
+    /// Node daemons to start (without --coordinator).
+    #[arg(long, default_value_t = 10, value_parser = at_least_1())]
+    nodes: usize,
+    /// Use this coordinator (and its fleet) instead of starting one.
+    #[arg(long)]
+    coordinator: Option<String>,
+    /// API token of --coordinator (or PIFLEET_API_TOKEN).
+    #[arg(long, env = "PIFLEET_API_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Use this broker (HOST:PORT) instead of starting Mosquitto.
+    #[arg(long)]
+    mqtt: Option<String>,
+    /// Model of the agents it creates.
+    #[arg(long, default_value = "llama3.2")]
+    model: String,
+}
+
+/// A count of at least 1 (clap refuses 0 with a usage error).
+pub fn at_least_1() -> impl clap::builder::TypedValueParser<Value = usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+}
+
+pub fn parse_mqtt(address: &str) -> Result<Mqtt, BenchError> {
+    let (host, port) = address
+        .rsplit_once(':')
+        .ok_or_else(|| BenchError::new(format!("--mqtt {address:?}: expected HOST:PORT")))?;
+    let port = port
+        .parse()
+        .map_err(|_| BenchError::new(format!("--mqtt {address:?}: {port:?} is not a port")))?;
+    Ok(Mqtt {
+        host: host.to_owned(),
+        port,
+    })
+}
+
+/// Starts a broker (unless given), the simulator, the coordinator and
+/// `nodes` nodes of `capacity` slots; the API once every node is online.
+pub async fn start_fleet(
+    stack: &mut Stack,
+    mqtt: Option<&str>,
+    nodes: usize,
+    capacity: u32,
+    coordinator_toml: &str,
+) -> Result<(Api, u32, Mqtt), BenchError> {
+    let mqtt = match mqtt {
+        Some(address) => parse_mqtt(address)?,
+        None => stack.mosquitto()?,
+    };
+    progress(format!("broker {}:{}", mqtt.host, mqtt.port));
+    let sim = stack.simulator(0)?;
+    let (url, pid) = stack.coordinator(&mqtt, coordinator_toml)?;
+    progress(format!("coordinator {url} (pid {pid})"));
+    for i in 1..=nodes {
+        stack.node(&format!("bench-node-{i}"), &mqtt, &sim, capacity, 100)?;
+    }
+    let api = Api::new(&url, None, 64);
+    api.wait_for("every node online", Duration::from_secs(60), |s| {
+        s.summary.nodes_online >= nodes
+    })
+    .await?;
+    progress(format!("{nodes} nodes online, {capacity} slots each"));
+    Ok((api, pid, mqtt))
+}
+
+pub async fn run(args: ChatArgs) -> Result<Value, BenchError> {
+    let mut stack = Stack::new()?;
+    let result = bench(&args, &mut stack).await;
+    if result.is_err() {
+        stack.keep_logs();
+    }
+    result
+}
+
+async fn bench(args: &ChatArgs, stack: &mut Stack) -> Result<Value, BenchError> {
+    let api = match &args.coordinator {
+        Some(url) => Api::new(url, args.token.clone(), args.concurrency),
+        None => {
+            let capacity = args.agents.div_ceil(args.nodes) as u32;
+            let (api, _, _) =
+                start_fleet(stack, args.mqtt.as_deref(), args.nodes, capacity, "").await?;
+            Api::new(&api.base, None, args.concurrency)
+        }
+    };
+    let names = agents(&api, args).await?;
+    progress(format!(
+        "{} agents running; {} clients chat for {}s",
+        names.len(),
+        args.concurrency,
+        args.seconds
+    ));
+    let names = Arc::new(names);
+    let me = std::process::id();
+    let cpu_before = super::cpu_time(me);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(args.seconds);
+    let clients: Vec<_> = (0..args.concurrency)
+        .map(|c| {
+            let (api, names) = (api.clone(), names.clone());
+            tokio::spawn(client(api, names, c, args.concurrency, deadline))
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    let mut errors = 0u64;
+    let mut first_error = None;
+    for c in clients {
+        let (ms, failed, error) = c
+            .await
+            .map_err(|e| BenchError::new(format!("a client failed: {e}")))?;
+        latencies.extend(ms);
+        errors += failed;
+        first_error = first_error.or(error);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let cpu = super::cpu_time(me).saturating_sub(cpu_before).as_secs_f64();
+    latencies.sort_by(f64::total_cmp);
+    if let Some(e) = &first_error {
+        progress(format!("{errors} errors; the first: {e}"));
+    }
+    let requests = latencies.len() as u64 + errors;
+    Ok(json!({
+        "bench": "chat",
+        "agents": names.len(),
+        "concurrency": args.concurrency,
+        "seconds": round3(elapsed),
+        "requests": requests,
+        "rps": round3(latencies.len() as f64 / elapsed),
+        "p50_ms": round3(quantile(&latencies, 0.5)),
+        "p99_ms": round3(quantile(&latencies, 0.99)),
+        "max_ms": round3(latencies.last().copied().unwrap_or(0.0)),
+        "errors": errors,
+        "client_cpu_pct": round3(cpu * 100.0 / elapsed),
+    }))
+}
+
+/// The agents to chat with: those running, topped up with new `bench-N`.
+async fn agents(api: &Api, args: &ChatArgs) -> Result<Vec<String>, BenchError> {
+    let running = |list: &Value| -> Vec<String> {
+        list["agents"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|a| a["state"] == "running")
+            .filter_map(|a| a["name"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let list = api
+        .expect(reqwest::Method::GET, "/v1/agents", None, 200)
+        .await?;
+    let mut names = running(&list);
+    if names.len() < args.agents {
+        let missing = args.agents - names.len();
+        progress(format!("creating {missing} agents bench-1..{missing}"));
+        api.spawn("bench", missing, &args.model).await?;
+        let want = args.agents;
+        api.wait_for("the agents to run", Duration::from_secs(120), |s| {
+            s.summary.agents_running >= want
+        })
+        .await?;
+        let list = api
+            .expect(reqwest::Method::GET, "/v1/agents", None, 200)
+            .await?;
+        names = running(&list);
+    }
+    names.truncate(args.agents);
+    Ok(names)
+}
+
+/// One client: chats back to back until `deadline`; latencies in ms, the
+/// number of failed chats and the first failure.
+async fn client(
+    api: Api,
+    names: Arc<Vec<String>>,
+    me: usize,
+    clients: usize,
+    deadline: Instant,
+) -> (Vec<f64>, u64, Option<String>) {
+    let mut latencies = Vec::new();
+    let (mut errors, mut first) = (0, None);
+    let mut i = me;
+    while Instant::now() < deadline {
+        let agent = &names[i % names.len()];
+        i += clients;
+        let body = json!({"agent": agent, "messages": [{"role": "user", "content": "Hello! How are you?"}]});
+        let start = Instant::now();
+        match api
+            .send(reqwest::Method::POST, "/v1/chat", Some(&body))
+            .await
+        {
+            Ok((200, _)) => latencies.push(start.elapsed().as_secs_f64() * 1000.0),
+            Ok((status, answer)) => {
+                errors += 1;
+                first.get_or_insert_with(|| format!("{status} {answer}"));
+            }
+            Err(e) => {
+                errors += 1;
+                first.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+    (latencies, errors, first)
+}

@@ -1,0 +1,241 @@
+//! `pifleet bench`: benchmarks users can run here or point at their own
+//! fleet. Each prints progress on stderr and ends with one line of JSON on
+//! stdout (docs/BENCHMARKS.md).
+//!
+//! * `chat`: many clients chatting with many agents (seed 000's load test)
+//! * `failover`: a node killed or frozen; how soon its agents run elsewhere
+
+mod chat;
+mod failover;
+mod stack;
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub use stack::{Mqtt, Stack};
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BenchError(String);
+
+impl BenchError {
+    pub fn new(message: impl Into<String>) -> Self {
+        BenchError(message.into())
+    }
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// Chat load: CONCURRENCY clients chat with AGENTS agents for SECONDS.
+    Chat(chat::ChatArgs),
+    /// Failover: kill -9 (or SIGSTOP) the node with the most agents and
+    /// time until they all run elsewhere.
+    Failover(failover::FailoverArgs),
+}
+
+pub async fn run(command: BenchCommand) -> Result<(), BenchError> {
+    raise_open_files_limit();
+    let result = match command {
+        BenchCommand::Chat(args) => chat::run(args).await?,
+        BenchCommand::Failover(args) => failover::run(args).await?,
+    };
+    println!("{result}");
+    Ok(())
+}
+
+/// Progress on stderr.
+pub fn progress(message: impl AsRef<str>) {
+    eprintln!("bench: {}", message.as_ref());
+}
+
+/// A thousand clients need a thousand sockets: lift the soft limit to the
+/// hard one.
+fn raise_open_files_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            log::debug!("cannot raise the open files limit: {e}");
+        }
+    }
+}
+
+/// The coordinator's HTTP API.
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    client: reqwest::Client,
+    token: Option<String>,
+}
+
+impl Api {
+    pub fn new(base: &str, token: Option<String>, connections: usize) -> Api {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(connections)
+            .tcp_nodelay(true)
+            .timeout(Duration::from_secs(300))
+            .build()
+            .expect("a plain HTTP client");
+        Api {
+            base: base.trim_end_matches('/').to_owned(),
+            client,
+            token,
+        }
+    }
+
+    /// One call: status and JSON body (Null if none).
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value), BenchError> {
+        let mut request = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| BenchError::new(format!("{}{path}: {e}", self.base)))?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// A call that must answer `want`; its body.
+    pub async fn expect(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        want: u16,
+    ) -> Result<Value, BenchError> {
+        let (status, answer) = self.send(method.clone(), path, body).await?;
+        if status != want {
+            return Err(BenchError::new(format!(
+                "{method} {path} answered {status}: {answer}"
+            )));
+        }
+        Ok(answer)
+    }
+
+    /// A GET answering 200 with the view `T`.
+    pub async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, BenchError> {
+        let body = self.expect(reqwest::Method::GET, path, None, 200).await?;
+        serde_json::from_value(body).map_err(|e| BenchError::new(format!("GET {path}: {e}")))
+    }
+
+    pub async fn status(&self) -> Result<crate::protocol::FleetStatus, BenchError> {
+        self.get("/v1/status?limit=0").await
+    }
+
+    /// Polls the status until `done` holds or `limit` passes.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        limit: Duration,
+        done: impl Fn(&crate::protocol::FleetStatus) -> bool,
+    ) -> Result<Duration, BenchError> {
+        let start = Instant::now();
+        loop {
+            if done(&self.status().await?) {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > limit {
+                return Err(BenchError::new(format!(
+                    "timed out after {}s waiting for {what}",
+                    limit.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Creates `count` agents `PREFIX-1..N` in one request.
+    pub async fn spawn(&self, prefix: &str, count: usize, model: &str) -> Result<(), BenchError> {
+        let body = serde_json::json!({"count": count, "prefix": prefix, "model": model});
+        let answer = self
+            .expect(reqwest::Method::POST, "/v1/agents", Some(&body), 200)
+            .await?;
+        match answer["errors"].as_array() {
+            Some(errors) if errors.is_empty() => Ok(()),
+            _ => Err(BenchError::new(format!(
+                "not every agent was created: {}",
+                answer["errors"]
+            ))),
+        }
+    }
+}
+
+/// Resident memory of process `pid`, in bytes (Linux).
+pub fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// CPU time (user + system) of process `pid` so far (Linux).
+pub fn cpu_time(pid: u32) -> Duration {
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name, which is in parentheses.
+            let rest = s.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let utime: u64 = fields.get(11)?.parse().ok()?;
+            let stime: u64 = fields.get(12)?.parse().ok()?;
+            Some(utime + stime)
+        })
+        .unwrap_or(0);
+    // USER_HZ is 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
+/// The `q` quantile (0 to 1) of sorted `values`.
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+/// Rounds to 3 decimals for the JSON line.
+pub fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_pick_the_nearest_rank() {
+        let values: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(quantile(&values, 0.5), 51.0);
+        assert_eq!(quantile(&values, 0.99), 99.0);
+        assert_eq!(quantile(&values, 1.0), 100.0);
+        assert_eq!(quantile(&[], 0.5), 0.0);
+    }
+
+    #[test]
+    fn this_process_has_memory_and_cpu_time() {
+        let me = std::process::id();
+        assert!(rss_bytes(me) > 1 << 20);
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_millis(50) {
+            std::hint::black_box(0u64);
+        }
+        assert!(cpu_time(me) > Duration::ZERO);
+    }
+}

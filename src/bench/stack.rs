@@ -1,0 +1,263 @@
+//! The processes a benchmark starts on this machine: a Mosquitto broker (or
+//! the user's, with `--mqtt`), the Ollama simulator, the coordinator and node
+//! daemons as child processes of this binary, each logging to a file in a
+//! temporary directory. Everything is killed and the directory removed when
+//! the [`Stack`] is dropped (the directory is kept when the run failed, and
+//! its path printed).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::BenchError;
+
+const START_LIMIT: Duration = Duration::from_secs(30);
+
+pub struct Stack {
+    pub dir: PathBuf,
+    children: Vec<(String, Child)>,
+    keep: bool,
+}
+
+/// A broker address.
+#[derive(Debug, Clone)]
+pub struct Mqtt {
+    pub host: String,
+    pub port: u16,
+}
+
+fn free_port() -> Result<u16, BenchError> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| BenchError::new(format!("cannot find a free port: {e}")))
+}
+
+fn wait_port(port: u16, child: &mut Child, what: &str) -> Result<bool, BenchError> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        if let Ok(Some(status)) = child.try_wait() {
+            log::debug!("{what} exited with {status}");
+            return Ok(false);
+        }
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(true);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err(BenchError::new(format!("{what} did not open port {port}")))
+}
+
+impl Stack {
+    pub fn new() -> Result<Stack, BenchError> {
+        let dir = std::env::temp_dir().join(format!(
+            "pifleet-bench-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| BenchError::new(format!("cannot create {}: {e}", dir.display())))?;
+        Ok(Stack {
+            dir,
+            children: Vec::new(),
+            keep: false,
+        })
+    }
+
+    /// Keeps the logs when the run did not succeed.
+    pub fn keep_logs(&mut self) {
+        self.keep = true;
+    }
+
+    fn write(&self, name: &str, text: &str) -> Result<PathBuf, BenchError> {
+        let path = self.dir.join(name);
+        std::fs::write(&path, text)
+            .map_err(|e| BenchError::new(format!("cannot write {}: {e}", path.display())))?;
+        Ok(path)
+    }
+
+    /// Debian's Mosquitto on a free loopback port, configured as the
+    /// Ansible role configures it (`set_tcp_nodelay`), without persistence.
+    pub fn mosquitto(&mut self) -> Result<Mqtt, BenchError> {
+        let binary = [
+            "/usr/sbin/mosquitto",
+            "/usr/local/sbin/mosquitto",
+            "/usr/bin/mosquitto",
+        ]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .ok_or_else(|| {
+            BenchError::new(
+                "mosquitto is not installed (apt-get install mosquitto), or pass --mqtt HOST:PORT",
+            )
+        })?;
+        for _ in 0..10 {
+            let port = free_port()?;
+            let conf = self.write(
+                "mosquitto.conf",
+                &format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\nmax_queued_messages 100000\n"),
+            )?;
+            let mut child = Command::new(binary)
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| BenchError::new(format!("cannot start {binary}: {e}")))?;
+            if wait_port(port, &mut child, "mosquitto")? {
+                self.children.push(("mosquitto".into(), child));
+                return Ok(Mqtt {
+                    host: "127.0.0.1".into(),
+                    port,
+                });
+            }
+        }
+        Err(BenchError::new("could not start mosquitto on a free port"))
+    }
+
+    /// Starts `pifleet ARGS` (this binary), logging to `NAME.log`.
+    pub fn spawn(&mut self, name: &str, args: &[&str]) -> Result<u32, BenchError> {
+        let exe = std::env::current_exe()
+            .map_err(|e| BenchError::new(format!("cannot find this program: {e}")))?;
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))
+            .map_err(|e| BenchError::new(format!("cannot create the log of {name}: {e}")))?;
+        let err = log
+            .try_clone()
+            .map_err(|e| BenchError::new(format!("log of {name}: {e}")))?;
+        let child = Command::new(exe)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .env(
+                "PIFLEET_LOG",
+                std::env::var("PIFLEET_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .spawn()
+            .map_err(|e| BenchError::new(format!("cannot start {name}: {e}")))?;
+        let pid = child.id();
+        self.children.push((name.to_owned(), child));
+        Ok(pid)
+    }
+
+    /// Waits for `needle` in `NAME.log`; the rest of that line.
+    pub fn wait_log(&mut self, name: &str, needle: &str) -> Result<String, BenchError> {
+        let path = self.dir.join(format!("{name}.log"));
+        let start = Instant::now();
+        while start.elapsed() < START_LIMIT {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if let Some(at) = text.find(needle) {
+                let rest = &text[at + needle.len()..];
+                return Ok(rest.lines().next().unwrap_or("").to_owned());
+            }
+            if let Some((_, child)) = self.children.iter_mut().find(|(n, _)| n == name) {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.keep = true;
+                    return Err(BenchError::new(format!(
+                        "{name} exited ({status}); see {}",
+                        path.display()
+                    )));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.keep = true;
+        Err(BenchError::new(format!(
+            "{name} did not log {needle:?} within {}s; see {}",
+            START_LIMIT.as_secs(),
+            path.display()
+        )))
+    }
+
+    /// `pifleet ollama-sim` answering at once (no first-token delay, 100,000
+    /// tokens per second); its URL.
+    pub fn simulator(&mut self, max_parallel: u32) -> Result<String, BenchError> {
+        let limit = max_parallel.to_string();
+        self.spawn(
+            "ollama-sim",
+            &[
+                "ollama-sim",
+                "--listen",
+                "127.0.0.1:0",
+                "--first-token-ms",
+                "0",
+                "--tokens-per-sec",
+                "100000",
+                "--max-parallel",
+                &limit,
+            ],
+        )?;
+        let url = self.wait_log("ollama-sim", "listening on ")?;
+        Ok(url.trim().to_owned())
+    }
+
+    /// The coordinator on `mqtt` with `extra` TOML; its API URL and pid.
+    pub fn coordinator(&mut self, mqtt: &Mqtt, extra: &str) -> Result<(String, u32), BenchError> {
+        let config = self.write(
+            "coordinator.toml",
+            &format!(
+                "{extra}\n[mqtt]\nhost = \"{}\"\nport = {}\nmax_payload_bytes = 16777216\n[api]\nlisten = \"127.0.0.1:0\"\nmax_body_bytes = 67108864\n[store]\npath = \"{}\"\n",
+                mqtt.host,
+                mqtt.port,
+                self.dir.join("coordinator.db").display()
+            ),
+        )?;
+        let config = config.display().to_string();
+        let pid = self.spawn("coordinator", &["coordinator", "--config", &config])?;
+        // Logged at info; the spawn keeps warn unless PIFLEET_LOG says more.
+        let line = self.wait_log("coordinator", "coordinator ready: API ")?;
+        let api = line.split(',').next().unwrap_or("").trim().to_owned();
+        Ok((api, pid))
+    }
+
+    /// A node daemon `id` with `capacity` slots and `max_parallel` Ollama
+    /// calls at once; its pid once it is ready.
+    pub fn node(
+        &mut self,
+        id: &str,
+        mqtt: &Mqtt,
+        ollama: &str,
+        capacity: u32,
+        max_parallel: u32,
+    ) -> Result<u32, BenchError> {
+        let config = self.write(
+            &format!("{id}.toml"),
+            &format!(
+                "node_id = \"{id}\"\nagent_capacity = {capacity}\n[mqtt]\nhost = \"{}\"\nport = {}\nmax_payload_bytes = 16777216\n[ollama]\nurl = \"{ollama}\"\nmax_parallel = {max_parallel}\n[api]\nlisten = \"127.0.0.1:0\"\n",
+                mqtt.host, mqtt.port
+            ),
+        )?;
+        let config = config.display().to_string();
+        let pid = self.spawn(id, &["node", "--config", &config])?;
+        self.wait_log(id, &format!("node {id} ready"))?;
+        Ok(pid)
+    }
+
+    /// Sends `signal` to child `name`.
+    pub fn signal(&self, name: &str, signal: rustix::process::Signal) -> Result<(), BenchError> {
+        let (_, child) = self
+            .children
+            .iter()
+            .find(|(n, _)| n == name)
+            .ok_or_else(|| BenchError::new(format!("no process named {name}")))?;
+        let pid = rustix::process::Pid::from_raw(child.id() as i32)
+            .ok_or_else(|| BenchError::new(format!("{name} has no pid")))?;
+        rustix::process::kill_process(pid, signal)
+            .map_err(|e| BenchError::new(format!("cannot signal {name}: {e}")))
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if self.keep {
+            eprintln!("bench: logs kept in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}

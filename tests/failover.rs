@@ -1,0 +1,130 @@
+//! Silent nodes and the node's lease, and `pifleet bench` run at a small
+//! size (its correctness fields, not its timings).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::util::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_node_stops_its_agents_before_it_speaks_again_so_none_runs_twice() {
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&[]);
+    let coordinator = Coordinator::start(&broker, "[timeouts]\nnode_lost_after_secs = 5");
+    // Lease 3 s (heartbeat 1 s), below the coordinator's 5 s.
+    let frozen = Node::start(
+        "ice",
+        &broker,
+        &sim.url,
+        "agent_capacity = 1\nfence_secs = 3",
+        "",
+    );
+    coordinator.wait_nodes_online(1).await;
+    coordinator.spawn_agent("cold", "llama3.2").await;
+    coordinator.wait_running(1).await;
+    let _warm = Node::start("warm", &broker, &sim.url, "agent_capacity = 1", "");
+    coordinator.wait_nodes_online(2).await;
+    let watch = Client::connect(&broker, &["pifleet/nodes/ice/capacity"]).await;
+
+    // Frozen 7 s: lost at 5 s and the agent moved, but the broker keeps the
+    // connection (keep-alive 5 s: it gives up after 7.5 s at the earliest).
+    let froze = Instant::now();
+    frozen.proc.signal("STOP");
+    poll("cold to run on warm", WAIT, || async {
+        (coordinator.agent("cold").await.node.as_deref() == Some("warm")).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(7).saturating_sub(froze.elapsed())).await;
+    let thawed = Instant::now();
+    frozen.proc.signal("CONT");
+    // It fences before it announces anything: no capacity from now on
+    // lists the agent, and it comes back empty.
+    let back = watch
+        .wait_message("pifleet/nodes/ice/capacity", |m| {
+            m.at > thawed && m.json()["agents"] == serde_json::json!([])
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stale: Vec<_> = watch
+        .on_topic("pifleet/nodes/ice/capacity")
+        .into_iter()
+        .filter(|m| m.at > thawed && m.json()["agents"] != serde_json::json!([]))
+        .map(|m| m.text())
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "ice announced stale agents after thawing: {stale:?}"
+    );
+    assert!(back.at.duration_since(thawed) < Duration::from_secs(5));
+    assert!(frozen.proc.output().iter().any(
+        |l| l.contains("heard nothing from the broker") && l.contains("stopping all 1 agents")
+    ));
+    assert_eq!(
+        coordinator.agent("cold").await.node.as_deref(),
+        Some("warm")
+    );
+}
+
+/// Runs `pifleet bench ARGS`; its final JSON line.
+fn bench(args: &[&str]) -> Value {
+    let out = Command::new(pifleet_bin())
+        .arg("bench")
+        .args(args)
+        .output()
+        .expect("run pifleet bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "pifleet bench {args:?}: {stdout}{stderr}"
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+#[test]
+fn bench_chat_runs_a_small_fleet_and_reports_every_chat() {
+    let r = bench(&[
+        "chat",
+        "--agents",
+        "10",
+        "--concurrency",
+        "4",
+        "--seconds",
+        "3",
+        "--nodes",
+        "2",
+    ]);
+    assert_eq!(r["agents"], 10, "{r}");
+    assert_eq!(r["errors"], 0, "{r}");
+    let requests = r["requests"].as_u64().unwrap();
+    assert!(requests > 10, "{r}");
+    let p50 = r["p50_ms"].as_f64().unwrap();
+    let (p99, max) = (r["p99_ms"].as_f64().unwrap(), r["max_ms"].as_f64().unwrap());
+    assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{r}");
+    assert!(r["client_cpu_pct"].as_f64().unwrap() > 0.0, "{r}");
+}
+
+#[test]
+fn bench_failover_moves_every_agent_of_a_killed_or_frozen_node_without_duplicates() {
+    for mode in ["kill", "freeze"] {
+        let r = bench(&["failover", "--agents", "12", "--mode", mode]);
+        assert_eq!(r["duplicates"], 0, "{mode}: {r}");
+        assert!(r["moved"].as_u64().unwrap() >= 4, "{mode}: {r}");
+        let detect = r["seconds_to_detect"].as_f64().unwrap();
+        let running = r["seconds_to_all_running"].as_f64().unwrap();
+        assert!(detect > 0.0 && running >= detect, "{mode}: {r}");
+    }
+}
+
+#[test]
+fn bench_refuses_bad_arguments_with_a_usage_error() {
+    let out = Command::new(pifleet_bin())
+        .args(["bench", "chat", "--agents", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--agents"));
+}

@@ -437,26 +437,28 @@ impl Store {
             .conn
             .unchecked_transaction()
             .map_err(self.err("append history"))?;
+        // Cached statements: a chat appends twice per turn, and parsing the
+        // SQL again each time showed in profiles of the chat path.
         let last: i64 = tx
-            .query_row(
-                "SELECT COALESCE(MAX(seq), 0) FROM messages WHERE agent = ?1",
-                [agent],
-                |r| r.get(0),
-            )
+            .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM messages WHERE agent = ?1")
+            .and_then(|mut s| s.query_row([agent], |r| r.get(0)))
             .map_err(self.err("append history"))?;
-        for (i, m) in messages.iter().enumerate() {
-            tx.execute(
-                "INSERT INTO messages (agent, seq, role, content, ts_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![agent, last + 1 + i as i64, role_name(m.role), m.content, now_ms as i64],
-            )
-            .map_err(self.err("append history"))?;
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO messages (agent, seq, role, content, ts_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(self.err("append history"))?;
+            for (i, m) in messages.iter().enumerate() {
+                insert
+                    .execute(params![agent, last + 1 + i as i64, role_name(m.role), m.content, now_ms as i64])
+                    .map_err(self.err("append history"))?;
+            }
         }
         let newest = last + messages.len() as i64;
-        tx.execute(
-            "DELETE FROM messages WHERE agent = ?1 AND seq <= ?2",
-            params![agent, newest - self.history_limit as i64],
-        )
-        .map_err(self.err("trim history"))?;
+        tx.prepare_cached("DELETE FROM messages WHERE agent = ?1 AND seq <= ?2")
+            .and_then(|mut s| s.execute(params![agent, newest - self.history_limit as i64]))
+            .map_err(self.err("trim history"))?;
         tx.commit().map_err(self.err("append history"))
     }
 

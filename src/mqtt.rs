@@ -16,8 +16,7 @@
 //! so on every [`LinkEvent::Connected`] the application subscribes and
 //! announces itself again.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -65,27 +64,29 @@ pub enum LinkEvent {
 #[derive(Clone)]
 pub struct Heard {
     base: Instant,
-    /// Milliseconds since `base` of the last packet.
-    last: Arc<AtomicU64>,
-    /// The longest gap between packets since the owner last asked.
-    gap: Arc<AtomicU64>,
+    /// Milliseconds since `base` of the last packet, and the longest gap
+    /// between packets since the owner last asked; updated together.
+    state: Arc<Mutex<(u64, u64)>>,
 }
 
 impl Heard {
     pub fn new() -> Heard {
         Heard {
             base: Instant::now(),
-            last: Arc::new(AtomicU64::new(0)),
-            gap: Arc::new(AtomicU64::new(0)),
+            state: Arc::new(Mutex::new((0, 0))),
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, u64)> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Something arrived from the broker just now.
     pub fn now(&self) {
         let ms = self.base.elapsed().as_millis() as u64;
-        let before = self.last.swap(ms, Ordering::Relaxed);
-        self.gap
-            .fetch_max(ms.saturating_sub(before), Ordering::Relaxed);
+        let mut state = self.lock();
+        let (last, gap) = *state;
+        *state = (ms, gap.max(ms.saturating_sub(last)));
     }
 
     /// The longest the broker was silent since the last call: the silence
@@ -94,9 +95,10 @@ impl Heard {
     /// monotonic clock kept running meanwhile).
     pub fn take_longest_silence(&self) -> Duration {
         let now = self.base.elapsed().as_millis() as u64;
-        let current = now.saturating_sub(self.last.load(Ordering::Relaxed));
-        let ended = self.gap.swap(0, Ordering::Relaxed);
-        Duration::from_millis(current.max(ended))
+        let mut state = self.lock();
+        let (last, gap) = *state;
+        *state = (last, 0);
+        Duration::from_millis(now.saturating_sub(last).max(gap))
     }
 }
 
@@ -338,7 +340,7 @@ async fn send(client: AsyncClient, mut rx: mpsc::UnboundedReceiver<Outbound>) {
     }
 }
 
-/// Exponential backoff with jitter: 250 ms doubling up to 5 s.
+/// Exponential backoff with jitter: 250 ms doubling up to 1 s.
 struct Backoff {
     next: Duration,
 }
@@ -347,7 +349,7 @@ impl Backoff {
     const FIRST: Duration = Duration::from_millis(250);
     /// Short next to a node's lease (`fence_secs`, 7 s by default), so that
     /// a broker that is back is found again before the lease ends.
-    const MAX: Duration = Duration::from_secs(5);
+    const MAX: Duration = Duration::from_secs(1);
 
     fn new() -> Self {
         Backoff { next: Self::FIRST }
@@ -449,6 +451,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn heard_reports_the_silence_going_on_and_a_gap_that_ended() {
+        let heard = Heard::new();
+        heard.now();
+        assert!(heard.take_longest_silence() < Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(120));
+        // A packet ends the gap (as after a SIGSTOP): the gap is still told once.
+        heard.now();
+        assert!(heard.take_longest_silence() >= Duration::from_millis(120));
+        assert!(heard.take_longest_silence() < Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(heard.take_longest_silence() >= Duration::from_millis(60));
+    }
+
+    #[test]
     fn backoff_doubles_to_a_cap_and_resets() {
         let mut b = Backoff::new();
         let first = b.step();
@@ -457,7 +473,7 @@ mod tests {
             b.step();
         }
         let capped = b.step();
-        assert!(capped <= Duration::from_millis(33_750) && capped >= Duration::from_millis(26_250));
+        assert!(capped <= Duration::from_millis(1_125) && capped >= Duration::from_millis(875));
         b.reset();
         assert!(b.step() <= Duration::from_millis(282));
     }

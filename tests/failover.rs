@@ -13,13 +13,15 @@ async fn a_frozen_node_stops_its_agents_before_it_speaks_again_so_none_runs_twic
     let broker = Mosquitto::start();
     let sim = Sim::start(&[]);
     let coordinator = Coordinator::start(&broker, "[timeouts]\nnode_lost_after_secs = 5");
-    // Lease 3 s (heartbeat 1 s), below the coordinator's 5 s.
+    // Lease 3 s (heartbeat 1 s), below the coordinator's 5 s; a keep-alive
+    // of 30 s keeps the broker from closing the connection while it is
+    // frozen, so only the lease can stop its agents.
     let frozen = Node::start(
         "ice",
         &broker,
         &sim.url,
         "agent_capacity = 1\nfence_secs = 3",
-        "",
+        "[mqtt]\nkeep_alive_secs = 30",
     );
     coordinator.wait_nodes_online(1).await;
     coordinator.spawn_agent("cold", "llama3.2").await;
@@ -28,8 +30,7 @@ async fn a_frozen_node_stops_its_agents_before_it_speaks_again_so_none_runs_twic
     coordinator.wait_nodes_online(2).await;
     let watch = Client::connect(&broker, &["pifleet/nodes/ice/capacity"]).await;
 
-    // Frozen 7 s: lost at 5 s and the agent moved, but the broker keeps the
-    // connection (keep-alive 5 s: it gives up after 7.5 s at the earliest).
+    // Frozen 7 s: lost at 5 s and the agent moved; the connection stays.
     let froze = Instant::now();
     frozen.proc.signal("STOP");
     poll("cold to run on warm", WAIT, || async {
@@ -65,6 +66,8 @@ async fn a_frozen_node_stops_its_agents_before_it_speaks_again_so_none_runs_twic
         coordinator.agent("cold").await.node.as_deref(),
         Some("warm")
     );
+    // The path tested was the lease, not a dropped connection.
+    assert_eq!(frozen.proc.count_lines("lost the MQTT broker"), 0);
 }
 
 /// Runs `pifleet bench ARGS`; its final JSON line.

@@ -36,9 +36,18 @@ pub enum BenchCommand {
 
 pub async fn run(command: BenchCommand) -> Result<(), BenchError> {
     raise_open_files_limit();
-    let result = match command {
-        BenchCommand::Chat(args) => chat::run(args).await?,
-        BenchCommand::Failover(args) => failover::run(args).await?,
+    let bench = async {
+        match command {
+            BenchCommand::Chat(args) => chat::run(args).await,
+            BenchCommand::Failover(args) => failover::run(args).await,
+        }
+    };
+    // Ctrl-C or SIGTERM: the bench future is dropped, and with it the
+    // processes it started (a frozen node is killed, not left stopped).
+    let interrupted = crate::systemd::shutdown_on_signals();
+    let result = tokio::select! {
+        result = bench => result?,
+        _ = interrupted.cancelled() => return Err(BenchError::new("interrupted")),
     };
     println!("{result}");
     Ok(())

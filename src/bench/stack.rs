@@ -130,10 +130,8 @@ impl Stack {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
-            .env(
-                "PIFLEET_LOG",
-                std::env::var("PIFLEET_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            // Readiness is read from info lines, whatever the user's PIFLEET_LOG.
+            .env("PIFLEET_LOG", "info")
             .spawn()
             .map_err(|e| BenchError::new(format!("cannot start {name}: {e}")))?;
         let pid = child.id();
@@ -148,8 +146,10 @@ impl Stack {
         while start.elapsed() < START_LIMIT {
             let text = std::fs::read_to_string(&path).unwrap_or_default();
             if let Some(at) = text.find(needle) {
-                let rest = &text[at + needle.len()..];
-                return Ok(rest.lines().next().unwrap_or("").to_owned());
+                // Only a whole line: the process may be writing it.
+                if let Some((line, _)) = text[at + needle.len()..].split_once('\n') {
+                    return Ok(line.to_owned());
+                }
             }
             if let Some((_, child)) = self.children.iter_mut().find(|(n, _)| n == name) {
                 if let Ok(Some(status)) = child.try_wait() {
@@ -205,7 +205,6 @@ impl Stack {
         )?;
         let config = config.display().to_string();
         let pid = self.spawn("coordinator", &["coordinator", "--config", &config])?;
-        // Logged at info; the spawn keeps warn unless PIFLEET_LOG says more.
         let line = self.wait_log("coordinator", "coordinator ready: API ")?;
         let api = line.split(',').next().unwrap_or("").trim().to_owned();
         Ok((api, pid))

@@ -42,8 +42,8 @@ max_body_bytes = 262144
 path = "/var/lib/pifleet/coordinator.db"
 
 [timeouts]
-# A node is lost when nothing came from it for this long (it sends a
-# capacity message every heartbeat_secs, 2 by default)... Keep it above the
+# A node is lost when no capacity message came from it for this long (it
+# sends one every heartbeat_secs, 2 by default)... Keep it above the
 # nodes' fence_secs (7), so that a silent node stops its agents before they
 # are placed elsewhere. Raise both on slow or lossy links.
 node_lost_after_secs = 9

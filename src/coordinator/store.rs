@@ -451,7 +451,13 @@ impl Store {
                 .map_err(self.err("append history"))?;
             for (i, m) in messages.iter().enumerate() {
                 insert
-                    .execute(params![agent, last + 1 + i as i64, role_name(m.role), m.content, now_ms as i64])
+                    .execute(params![
+                        agent,
+                        last + 1 + i as i64,
+                        role_name(m.role),
+                        m.content,
+                        now_ms as i64
+                    ])
                     .map_err(self.err("append history"))?;
             }
         }

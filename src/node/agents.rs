@@ -412,7 +412,9 @@ impl AgentTable {
             .map(|turn| {
                 let reason = match code {
                     TurnErrorCode::Fenced => {
-                        format!("node {node} lost the broker and stopped agent {name}")
+                        format!(
+                            "node {node} heard no broker for fence_secs and stopped agent {name}"
+                        )
                     }
                     _ => format!("agent {name} was released from node {node} before the turn ran"),
                 };

@@ -12,8 +12,9 @@
 //!   Ollama with a timeout;
 //! * probe reports every `heartbeat_secs` (capacity heartbeat);
 //! * queries from the HTTP API;
-//! * a one-second tick for the watchdog and for fencing (no broker for
-//!   `fence_secs` → stop every agent);
+//! * a one-second tick for the watchdog and for the node's lease (nothing
+//!   heard from the broker, or no heartbeat sent, for `fence_secs` → stop
+//!   every agent; checked too before acting on anything from the link);
 //! * shutdown: take no new work, let turns in flight finish within
 //!   `shutdown_grace_secs`, fail the rest, publish `offline`, disconnect.
 
@@ -298,10 +299,11 @@ impl Node {
     }
 
     fn on_link(&mut self, event: LinkEvent) {
+        // Back after a silence (a cut, a freeze), the lease is checked
+        // before any command, connection or message is acted on.
+        self.check_fence();
         match event {
             LinkEvent::Connected => {
-                // Back after a silence (a cut, a freeze): fence first.
-                self.check_fence();
                 if self.announced_ready {
                     self.metrics.mqtt_reconnects.inc();
                 }
@@ -339,7 +341,7 @@ impl Node {
                 self.connected.store(false, Ordering::Relaxed);
                 self.disconnected_since.get_or_insert_with(Instant::now);
                 log::warn!(
-                    "lost the MQTT broker ({reason}); agents keep running for up to fence_secs"
+                    "lost the MQTT broker ({reason}); agents keep running until fence_secs of silence"
                 );
             }
             LinkEvent::Message {
@@ -482,6 +484,7 @@ impl Node {
     }
 
     fn on_turn_done(&mut self, done: Result<(tokio::task::Id, TurnDone), tokio::task::JoinError>) {
+        self.check_fence();
         let done = match done {
             Ok((task, done)) => {
                 self.running.remove(&task);
@@ -561,7 +564,12 @@ impl Node {
     /// placed its agents elsewhere: it stops them all, before it announces
     /// anything again.
     fn check_fence(&mut self) {
-        let silence = self.heard.take_longest_silence();
+        // The coordinator counts only capacity messages: a node whose
+        // heartbeats stalled is as silent to it as one cut off.
+        let silence = self
+            .heard
+            .take_longest_silence()
+            .max(self.last_capacity.elapsed());
         if silence < self.config.fence_after || self.table.is_empty() {
             return;
         }

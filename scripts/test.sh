@@ -54,20 +54,28 @@ echo "==> cargo test (benchmarks: cargo bench, see docs/BENCHMARKS.md)"
 cargo test --locked --lib --bins --tests
 [ "$mode" = quick ] && { echo "==> all tests passed (--quick)"; exit 0; }
 
-# Ansible and its linters, pinned, in a virtualenv kept between runs.
-venv=${PIFLEET_TOOLS_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/pifleet/venv}
-stamp="$venv/.requirements.sha256"
-want=$(sha256sum tests/deploy/requirements.txt | cut -d' ' -f1)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    echo "==> installing tests/deploy/requirements.txt into $venv"
-    rm -rf "$venv"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install -q -r tests/deploy/requirements.txt
-    echo "$want" > "$stamp"
-fi
+# Python tools, pinned, each set in a virtualenv kept between runs:
+# Ansible and its linters, and the peers' Ollama clients.
+cache=${XDG_CACHE_HOME:-$HOME/.cache}/pifleet
+venv_for() { # DIR REQUIREMENTS
+    local stamp="$1/.requirements.sha256" want
+    want=$(sha256sum "$2" | cut -d' ' -f1)
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        echo "==> installing $2 into $1"
+        rm -rf "$1"
+        python3 -m venv "$1"
+        "$1/bin/pip" install -q -r "$2"
+        echo "$want" > "$stamp"
+    fi
+}
+venv=${PIFLEET_TOOLS_VENV:-$cache/venv}
+venv_for "$venv" tests/deploy/requirements.txt
+venv_for "$cache/peers-venv" tests/peers/requirements.txt
 export PATH="$venv/bin:$PATH"
 
 cargo build --locked --bin pifleet
+echo "==> tests/peers/ollama_clients.py: the ollama Python client and LiteLLM against ollama-sim"
+LITELLM_LOCAL_MODEL_COST_MAP=True "$cache/peers-venv/bin/python" tests/peers/ollama_clients.py target/debug/pifleet
 tests/deploy/check.sh
 if [ "$mode" = full ]; then
     echo "==> tests/deploy/enroll.py: enroll four systemd-nspawn machines with ansible/pi-fleet.yaml"

@@ -69,16 +69,9 @@ fn capacity(id: &str, node: &mut SimNode) -> Capacity {
     }
 }
 
+/// Resident memory in KiB (`pifleet bench` reads it the same way).
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .map(|v| v.trim().trim_end_matches("kB").trim().to_owned())
-        })
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    pifleet::bench::rss_bytes(pid) / 1024
 }
 
 /// Plays 300 nodes on one connection: answers assign and release commands

@@ -24,6 +24,9 @@ pub mod api;
 pub mod metrics;
 pub mod ollama;
 pub mod probe;
+mod start;
+
+pub use start::{run, run_simulated};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -40,7 +43,7 @@ use crate::timing::sleep_until;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::NodeConfig;
-use crate::mqtt::{Link, LinkError, LinkEvent, Publisher, Will};
+use crate::mqtt::{LinkError, LinkEvent, Publisher};
 use crate::protocol::{
     decode_command, encode, now_ms, Capacity, ChatMessage, NodeTopic, Reply, ReplyBody, Role,
     Topics, TurnErrorCode, TurnResult, STATUS_OFFLINE, STATUS_ONLINE,
@@ -49,7 +52,7 @@ use crate::systemd::{self, Liveness};
 use agents::{AgentTable, Effect, Turn};
 use answered::AnsweredTurns;
 use ollama::OllamaClient;
-use probe::{HostProbe, ProbeReport};
+use probe::ProbeReport;
 
 /// Set by `pifleet up` to its own process id: a node whose parent is no
 /// longer that process stops gracefully (checked every second).
@@ -69,106 +72,6 @@ pub enum NodeError {
     Link(#[from] LinkError),
     #[error("capacity probe: {0}")]
     Probe(String),
-}
-
-/// Runs the node daemon until `shutdown` is cancelled, then stops gracefully.
-pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<(), NodeError> {
-    let (listener, api_addr) = crate::http::bind(config.api.listen)
-        .await
-        .map_err(|source| NodeError::Bind {
-            addr: config.api.listen,
-            source,
-        })?;
-    let host = HostProbe::new(&config.probe).map_err(NodeError::Probe)?;
-    let topics = Topics::new(config.mqtt.topic_root.clone());
-    let will = Will {
-        topic: topics.node(&config.node_id, NodeTopic::Status),
-        payload: STATUS_OFFLINE.into(),
-        retain: true,
-    };
-    let mut link = Link::start(
-        &config.mqtt,
-        &format!("pifleet-node-{}", config.node_id),
-        Some(will),
-    )?;
-    log::info!(
-        "node {} starting: agent_capacity {}, API http://{api_addr}, broker {}, Ollama {}",
-        config.node_id,
-        config.agent_capacity,
-        config.mqtt.address(),
-        config.ollama.url
-    );
-
-    let metrics = Arc::new(metrics::NodeMetrics::new());
-    metrics.agent_capacity.set(i64::from(config.agent_capacity));
-    let connected = Arc::new(AtomicBool::new(false));
-    let (query_tx, queries) = mpsc::channel(16);
-    let background = CancellationToken::new();
-    let api_state = api::ApiState {
-        node: config.node_id.clone(),
-        connected: connected.clone(),
-        metrics: metrics.clone(),
-        queries: query_tx,
-    };
-    let api_task = tokio::spawn(crate::http::serve(
-        listener,
-        api::router(api_state),
-        background.clone(),
-    ));
-    let ollama = OllamaClient::new(&config.ollama.url);
-    let (probe_tx, probes) = mpsc::channel(2);
-    let probe_task = tokio::spawn(probe::run(
-        host,
-        ollama.clone(),
-        config.heartbeat,
-        probe_tx,
-        background.clone(),
-    ));
-    let liveness = Liveness::default();
-    liveness.beat();
-    systemd::spawn_watchdog(liveness.clone(), background.clone());
-
-    let mut node = Node {
-        table: AgentTable::new(&config.node_id, config.agent_capacity),
-        session: crate::protocol::new_id(),
-        seq: 0,
-        publisher: link.publisher.clone(),
-        heard: link.heard.clone(),
-        probe: ProbeReport::unknown(),
-        probed: false,
-        connected,
-        announced_ready: false,
-        disconnected_since: Some(Instant::now()),
-        dirty: false,
-        last_capacity: Instant::now() - CAPACITY_DEBOUNCE,
-        turns: JoinSet::new(),
-        running: HashMap::new(),
-        slots: Arc::new(Semaphore::new(config.ollama.max_parallel as usize)),
-        ollama,
-        metrics,
-        liveness,
-        stopping: false,
-        answered: AnsweredTurns::default(),
-        parent: std::env::var(PARENT_PID_ENV)
-            .ok()
-            .and_then(|pid| pid.parse().ok())
-            .and_then(rustix::process::Pid::from_raw),
-        topics,
-        config,
-    };
-    node.run(&mut link.events, probes, queries, shutdown).await;
-    node.publish_capacity();
-    node.publish_status(STATUS_OFFLINE);
-    log::info!(
-        "node {} published offline; disconnecting",
-        node.config.node_id
-    );
-    link.close(Duration::from_secs(5)).await;
-    background.cancel();
-    let _ = api_task.await;
-    let _ = probe_task.await;
-    log::info!("node {} stopped", node.config.node_id);
-    Ok(())
 }
 
 /// What a turn task hands back to the main loop.

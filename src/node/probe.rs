@@ -154,6 +154,52 @@ pub async fn run(
     reports: mpsc::Sender<ProbeReport>,
     shutdown: CancellationToken,
 ) {
+    every(interval, reports, shutdown, || {
+        let (cpu, memory, temperature_c, throttled) = host.sample();
+        let ollama = ollama.clone();
+        async move {
+            let (models, ollama_error) = match ollama.models().await {
+                Ok(models) => (models, None),
+                Err(e) => (Vec::new(), Some(e)),
+            };
+            ProbeReport {
+                cpu,
+                memory,
+                temperature_c,
+                throttled,
+                ollama_reachable: ollama_error.is_none(),
+                models,
+                ollama_error,
+            }
+        }
+    })
+    .await
+}
+
+/// The same `report` every `interval`: a simulated node's probe.
+pub async fn repeat(
+    report: ProbeReport,
+    interval: Duration,
+    reports: mpsc::Sender<ProbeReport>,
+    shutdown: CancellationToken,
+) {
+    every(interval, reports, shutdown, || {
+        std::future::ready(report.clone())
+    })
+    .await
+}
+
+/// Sends a `sample()` every `interval` (the first at once) until
+/// `shutdown` or until nobody listens.
+async fn every<F, Sample>(
+    interval: Duration,
+    reports: mpsc::Sender<ProbeReport>,
+    shutdown: CancellationToken,
+    mut sample: F,
+) where
+    F: FnMut() -> Sample,
+    Sample: std::future::Future<Output = ProbeReport>,
+{
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -161,21 +207,7 @@ pub async fn run(
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let (cpu, memory, temperature_c, throttled) = host.sample();
-        let (models, ollama_error) = match ollama.models().await {
-            Ok(models) => (models, None),
-            Err(e) => (Vec::new(), Some(e)),
-        };
-        let report = ProbeReport {
-            cpu,
-            memory,
-            temperature_c,
-            throttled,
-            ollama_reachable: ollama_error.is_none(),
-            models,
-            ollama_error,
-        };
-        if reports.send(report).await.is_err() {
+        if reports.send(sample().await).await.is_err() {
             return;
         }
     }

@@ -108,7 +108,11 @@ pub async fn run(
 
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut announced = false;
+    let mut session = Session {
+        ready: ready.clone(),
+        announced: false,
+        api_addr,
+    };
     loop {
         liveness.beat();
         let input = tokio::select! {
@@ -126,62 +130,29 @@ pub async fn run(
         };
         // The core reads no clock and does no I/O: it is told the time of
         // each input, and what it decided to publish is sent here.
-        let now = Now::system();
         match input {
-            Input::Link(LinkEvent::Connected) => {
-                let mut filters = [NodeTopic::Status, NodeTopic::Capacity, NodeTopic::Reply]
-                    .map(|kind| coordinator.topics.all_nodes(kind))
-                    .to_vec();
-                filters.extend(coordinator.home_assistant_status_topic());
-                if let Err(e) = link.publisher.subscribe(filters) {
-                    log::error!("cannot subscribe: {e}");
+            Input::Link(event) => {
+                // Link messages already waiting are handled in one store
+                // transaction: a commit per ack or report is what limited
+                // placing agents in bulk. Nothing is sent before it commits.
+                coordinator.begin_batch();
+                let mut event = Some(event);
+                let mut handled = 0;
+                while let Some(e) = event.take() {
+                    on_link(&mut coordinator, &link.publisher, &mut session, e);
+                    handled += 1;
+                    if handled < LINK_BATCH {
+                        event = link.events.try_recv().ok();
+                    }
                 }
+                coordinator.end_batch();
             }
-            Input::Link(LinkEvent::Subscribed) => {
-                coordinator.on_subscribed(now);
-                // Answers published while we were away are lost.
-                coordinator.resend_turns(None, "reconnected to the broker", now);
-                let topic = coordinator.topics.coordinator_status();
-                if let Err(e) = link.publisher.publish(topic, STATUS_ONLINE, true) {
-                    log::error!("cannot publish the coordinator status: {e}");
-                }
-                ready.store(true, Ordering::Relaxed);
-                log::info!(
-                    "coordinator ready: API http://{api_addr}, generation {}",
-                    coordinator.generation
-                );
-                if !announced {
-                    announced = true;
-                    systemd::notify_ready(&format!("coordinator ready on {api_addr}"));
-                }
-            }
-            Input::Link(LinkEvent::Disconnected { reason }) => {
-                ready.store(false, Ordering::Relaxed);
-                coordinator.on_disconnected(now);
-                log::warn!("lost the MQTT broker ({reason}); nodes keep their agents meanwhile");
-            }
-            Input::Link(LinkEvent::Message {
-                topic,
-                payload,
-                retain,
-            }) => match coordinator.topics.parse_node_topic(&topic) {
-                Some((node, NodeTopic::Status)) => {
-                    coordinator.on_status(node, &payload, retain, now)
-                }
-                Some((node, NodeTopic::Capacity)) => {
-                    coordinator.on_capacity(node, &payload, retain, now)
-                }
-                Some((node, NodeTopic::Reply)) => coordinator.on_reply(node, &payload, now),
-                _ if Some(&topic) == coordinator.home_assistant_status_topic().as_ref() => {
-                    coordinator.on_home_assistant_status(&payload, now)
-                }
-                _ => log::debug!("ignored a message on {topic}"),
-            },
             Input::Api(call) => call(&mut coordinator),
-            Input::PlacementDue => coordinator.place_pending(now),
+            Input::PlacementDue => coordinator.place_pending(Now::system()),
             Input::Tick => {
+                let now = Now::system();
                 coordinator.reconcile(now);
-                if ready.load(Ordering::Relaxed) {
+                if session.ready.load(Ordering::Relaxed) {
                     coordinator.publish_summary(now);
                 }
             }
@@ -210,6 +181,75 @@ pub async fn run(
     link.close(Duration::from_secs(5)).await;
     log::info!("coordinator stopped");
     Ok(())
+}
+
+/// Link events handled in one store transaction at most.
+const LINK_BATCH: usize = 256;
+
+/// The coordinator's connection state, as the link events tell it.
+struct Session {
+    ready: Arc<AtomicBool>,
+    announced: bool,
+    api_addr: SocketAddr,
+}
+
+fn on_link(
+    coordinator: &mut core::Coordinator,
+    publisher: &Publisher,
+    session: &mut Session,
+    event: LinkEvent,
+) {
+    let now = Now::system();
+    match event {
+        LinkEvent::Connected => {
+            let mut filters = [NodeTopic::Status, NodeTopic::Capacity, NodeTopic::Reply]
+                .map(|kind| coordinator.topics.all_nodes(kind))
+                .to_vec();
+            filters.extend(coordinator.home_assistant_status_topic());
+            if let Err(e) = publisher.subscribe(filters) {
+                log::error!("cannot subscribe: {e}");
+            }
+        }
+        LinkEvent::Subscribed => {
+            coordinator.on_subscribed(now);
+            // Answers published while we were away are lost.
+            coordinator.resend_turns(None, "reconnected to the broker", now);
+            let topic = coordinator.topics.coordinator_status();
+            if let Err(e) = publisher.publish(topic, STATUS_ONLINE, true) {
+                log::error!("cannot publish the coordinator status: {e}");
+            }
+            session.ready.store(true, Ordering::Relaxed);
+            log::info!(
+                "coordinator ready: API http://{}, generation {}",
+                session.api_addr,
+                coordinator.generation
+            );
+            if !session.announced {
+                session.announced = true;
+                systemd::notify_ready(&format!("coordinator ready on {}", session.api_addr));
+            }
+        }
+        LinkEvent::Disconnected { reason } => {
+            session.ready.store(false, Ordering::Relaxed);
+            coordinator.on_disconnected(now);
+            log::warn!("lost the MQTT broker ({reason}); nodes keep their agents meanwhile");
+        }
+        LinkEvent::Message {
+            topic,
+            payload,
+            retain,
+        } => match coordinator.topics.parse_node_topic(&topic) {
+            Some((node, NodeTopic::Status)) => coordinator.on_status(node, &payload, retain, now),
+            Some((node, NodeTopic::Capacity)) => {
+                coordinator.on_capacity(node, &payload, retain, now)
+            }
+            Some((node, NodeTopic::Reply)) => coordinator.on_reply(node, &payload, now),
+            _ if Some(&topic) == coordinator.home_assistant_status_topic().as_ref() => {
+                coordinator.on_home_assistant_status(&payload, now)
+            }
+            _ => log::debug!("ignored a message on {topic}"),
+        },
+    }
 }
 
 /// What the main loop woke up for.

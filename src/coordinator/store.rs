@@ -138,6 +138,8 @@ pub struct Store {
     conn: Connection,
     path: PathBuf,
     history_limit: usize,
+    /// Open [`Store::begin`] batches.
+    batch_depth: std::cell::Cell<u32>,
 }
 
 const SCHEMA: &str = "
@@ -221,12 +223,20 @@ impl Store {
             conn,
             path: path.to_owned(),
             history_limit,
+            batch_depth: std::cell::Cell::new(0),
         })
     }
 
-    /// Starts a transaction around a batch of writes (a placement pass).
-    /// Errors are logged: the writes then happen one by one.
+    /// Starts a transaction around a batch of writes (a placement pass, or
+    /// the link messages handled in one go). Batches nest: only the
+    /// outermost [`Store::commit`] commits. Errors are logged: the writes
+    /// then happen one by one.
     pub fn begin(&self) {
+        let depth = self.batch_depth.get();
+        self.batch_depth.set(depth + 1);
+        if depth > 0 || !self.conn.is_autocommit() {
+            return;
+        }
         if let Err(e) = self.conn.execute_batch("BEGIN") {
             log::warn!(
                 "store {}: cannot begin a transaction: {e}",
@@ -235,9 +245,12 @@ impl Store {
         }
     }
 
-    /// Commits what [`Store::begin`] started; false if that failed.
+    /// Ends what [`Store::begin`] started, committing if it was the
+    /// outermost batch; false if that commit failed.
     pub fn commit(&self) -> bool {
-        if self.conn.is_autocommit() {
+        let depth = self.batch_depth.get().saturating_sub(1);
+        self.batch_depth.set(depth);
+        if depth > 0 || self.conn.is_autocommit() {
             return true;
         }
         match self.conn.execute_batch("COMMIT") {
@@ -246,6 +259,32 @@ impl Store {
                 log::error!("store {}: cannot commit: {e}", self.path.display());
                 let _ = self.conn.execute_batch("ROLLBACK");
                 false
+            }
+        }
+    }
+
+    /// Runs `writes` all or nothing, inside a batch or on its own (a
+    /// savepoint nests in an open transaction, or is one).
+    fn atomically<T>(
+        &self,
+        action: &'static str,
+        writes: impl FnOnce(&Connection) -> Result<T>,
+    ) -> Result<T> {
+        self.conn
+            .execute_batch("SAVEPOINT atomically")
+            .map_err(self.err(action))?;
+        match writes(&self.conn) {
+            Ok(value) => {
+                self.conn
+                    .execute_batch("RELEASE atomically")
+                    .map_err(self.err(action))?;
+                Ok(value)
+            }
+            Err(e) => {
+                let _ = self
+                    .conn
+                    .execute_batch("ROLLBACK TO atomically; RELEASE atomically");
+                Err(e)
             }
         }
     }
@@ -259,21 +298,21 @@ impl Store {
     }
 
     fn counter(&self, key: &str) -> Result<u64> {
+        // Cached statements: placing agents in bulk reads and writes the
+        // placement counter once per agent.
         self.conn
-            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| {
-                r.get::<_, i64>(0)
-            })
-            .optional()
+            .prepare_cached("SELECT value FROM meta WHERE key = ?1")
+            .and_then(|mut s| s.query_row([key], |r| r.get::<_, i64>(0)).optional())
             .map(|v| v.unwrap_or(0) as u64)
             .map_err(self.err("read a counter"))
     }
 
     fn set_counter(&self, key: &str, value: u64) -> Result<()> {
         self.conn
-            .execute(
+            .prepare_cached(
                 "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2",
-                params![key, value as i64],
             )
+            .and_then(|mut s| s.execute(params![key, value as i64]))
             .map(|_| ())
             .map_err(self.err("write a counter"))
     }
@@ -345,10 +384,7 @@ impl Store {
 
     /// Inserts many agents in one transaction; for each, whether it was new.
     pub fn insert_agents(&self, specs: &[AgentSpec], created_ms: u64) -> Result<Vec<bool>> {
-        let tx = self
-            .conn
-            .unchecked_transaction()
-            .map_err(self.err("begin inserting agents"))?;
+        self.atomically("insert agents", |tx| {
         let mut inserted = Vec::with_capacity(specs.len());
         {
             let mut insert = tx
@@ -371,8 +407,8 @@ impl Store {
                 inserted.push(n == 1);
             }
         }
-        tx.commit().map_err(self.err("commit new agents"))?;
         Ok(inserted)
+        })
     }
 
     pub fn set_agent_state(
@@ -393,21 +429,19 @@ impl Store {
 
     /// Removes an agent and its history; its open jobs fail.
     pub fn delete_agent(&self, name: &str, now_ms: u64) -> Result<()> {
-        let tx = self
-            .conn
-            .unchecked_transaction()
-            .map_err(self.err("delete an agent"))?;
-        tx.execute("DELETE FROM agents WHERE name = ?1", [name])
-            .map_err(self.err("delete an agent"))?;
-        tx.execute("DELETE FROM messages WHERE agent = ?1", [name])
-            .map_err(self.err("delete history"))?;
-        tx.execute(
-            "UPDATE jobs SET state = 'failed', error = 'the agent was stopped', updated_ms = ?2
+        self.atomically("delete an agent", |tx| {
+            tx.execute("DELETE FROM agents WHERE name = ?1", [name])
+                .map_err(self.err("delete an agent"))?;
+            tx.execute("DELETE FROM messages WHERE agent = ?1", [name])
+                .map_err(self.err("delete history"))?;
+            tx.execute(
+                "UPDATE jobs SET state = 'failed', error = 'the agent was stopped', updated_ms = ?2
              WHERE agent = ?1 AND state IN ('queued', 'running')",
-            params![name, now_ms as i64],
-        )
-        .map_err(self.err("fail the agent's jobs"))?;
-        tx.commit().map_err(self.err("delete an agent"))
+                params![name, now_ms as i64],
+            )
+            .map_err(self.err("fail the agent's jobs"))?;
+            Ok(())
+        })
     }
 
     /// The agent's last `history_limit` messages, oldest first.
@@ -433,10 +467,7 @@ impl Store {
 
     /// Appends to the agent's history and drops what exceeds the limit.
     pub fn append_history(&self, agent: &str, messages: &[ChatMessage], now_ms: u64) -> Result<()> {
-        let tx = self
-            .conn
-            .unchecked_transaction()
-            .map_err(self.err("append history"))?;
+        self.atomically("append history", |tx| {
         // Cached statements: a chat appends twice per turn, and parsing the
         // SQL again each time showed in profiles of the chat path.
         let last: i64 = tx
@@ -465,7 +496,8 @@ impl Store {
         tx.prepare_cached("DELETE FROM messages WHERE agent = ?1 AND seq <= ?2")
             .and_then(|mut s| s.execute(params![agent, newest - self.history_limit as i64]))
             .map_err(self.err("trim history"))?;
-        tx.commit().map_err(self.err("append history"))
+        Ok(())
+        })
     }
 
     /// Stores a new queued job, giving it its place in submission order.
@@ -706,6 +738,35 @@ mod tests {
             1001,
             "generations grow even if the clock goes back"
         );
+    }
+
+    #[test]
+    fn batches_nest_commit_once_and_hold_the_writes_that_open_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let s = Store::open(&path, 3).unwrap();
+        s.begin();
+        s.begin(); // a placement pass inside a batch of link messages
+        s.insert_agents(&[spec("a"), spec("b")], 0).unwrap();
+        assert!(s.commit(), "the inner end commits nothing yet");
+        s.append_history("a", &[ChatMessage::new(Role::User, "hi")], 0)
+            .unwrap();
+        s.delete_agent("b", 0).unwrap();
+        // Another connection sees nothing before the outer commit.
+        let other = Store::open(&path, 3).unwrap();
+        assert!(other.agents().unwrap().is_empty());
+        assert!(s.commit());
+        let names: Vec<String> = other
+            .agents()
+            .unwrap()
+            .into_iter()
+            .map(|a| a.spec.name)
+            .collect();
+        assert_eq!(names, ["a"]);
+        assert_eq!(other.history("a").unwrap().len(), 1);
+        // Outside a batch, each write commits at once.
+        s.insert_agent(&spec("c"), 0).unwrap();
+        assert_eq!(other.agents().unwrap().len(), 2);
     }
 
     #[test]

@@ -326,6 +326,17 @@ impl Coordinator {
         });
     }
 
+    /// Starts a batch of inputs whose writes to the store commit together
+    /// ([`Coordinator::end_batch`]); the outbox must be sent only after.
+    pub fn begin_batch(&self) {
+        self.store.begin();
+    }
+
+    /// Commits the batch; false (logged) if the store refused it.
+    pub fn end_batch(&self) -> bool {
+        self.store.commit()
+    }
+
     /// The messages decided on since the last call, in order.
     pub fn take_outbox(&mut self) -> Vec<Outgoing> {
         std::mem::take(&mut self.outbox)

@@ -55,15 +55,20 @@ impl Coordinator {
     }
 
     pub fn node(&self, node: &str, now: Now) -> Result<NodeView, CoreError> {
-        let Some(view) = self.fleet.get(node) else {
-            return Err(CoreError::NotFound(format!("no node named {node}")));
-        };
-        let flags = self.flags.get(node).cloned().unwrap_or_default();
         let assigned = self
             .agents
             .values()
             .filter(|a| a.on(node) && a.state == AgentState::Assigned)
             .count();
+        self.node_view(node, assigned, now)
+    }
+
+    /// The view of `node`, given how many assignments to it are unconfirmed.
+    fn node_view(&self, node: &str, assigned: usize, now: Now) -> Result<NodeView, CoreError> {
+        let Some(view) = self.fleet.get(node) else {
+            return Err(CoreError::NotFound(format!("no node named {node}")));
+        };
+        let flags = self.flags.get(node).cloned().unwrap_or_default();
         let mut capacity = view.capacity.clone().unwrap_or_else(|| never_heard(node));
         if !view.is_online() {
             // Its last report no longer says what runs there.
@@ -80,12 +85,22 @@ impl Coordinator {
         })
     }
 
+    /// Every node: one pass over the agents, not one per node.
     pub fn nodes(&self, now: Now) -> NodeList {
+        let mut assigned: HashMap<&str, usize> = HashMap::new();
+        for a in self.agents.values() {
+            if let (AgentState::Assigned, Some(node)) = (a.state, a.node.as_deref()) {
+                *assigned.entry(node).or_default() += 1;
+            }
+        }
         NodeList {
             nodes: self
                 .fleet
                 .nodes()
-                .filter_map(|n| self.node(&n.id, now).ok())
+                .filter_map(|n| {
+                    let count = assigned.get(n.id.as_str()).copied().unwrap_or(0);
+                    self.node_view(&n.id, count, now).ok()
+                })
                 .collect(),
         }
     }

@@ -4,6 +4,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use pifleet::protocol::EventKind;
 use serde_json::Value;
 
 use crate::util::*;
@@ -70,6 +71,79 @@ async fn a_frozen_node_stops_its_agents_before_it_speaks_again_so_none_runs_twic
     assert_eq!(frozen.proc.count_lines("lost the MQTT broker"), 0);
 }
 
+/// Issue 9: at default settings, a node on a link with 300 ± 100 ms delay
+/// each way and 10 % loss (`LossyLink`: this kernel has no netem) stays
+/// online with its agents, and chats through it are answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_on_a_slow_lossy_link_is_never_declared_lost_at_default_settings() {
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&[]);
+    // The coordinator's defaults (the harness shortens node_lost_after).
+    let coordinator = Coordinator::start(
+        &broker,
+        "[timeouts]\nnode_lost_after_secs = 9\n[mqtt]\nkeep_alive_secs = 15",
+    );
+    let shape = LinkShape {
+        delay: Duration::from_millis(300),
+        jitter: Duration::from_millis(100),
+        loss: 0.1,
+    };
+    let link = LossyLink::start(broker.port, shape).await;
+    // The node's defaults: heartbeat 2 s, lease 7 s, keep-alive 15 s.
+    let far = Node::start(
+        "far",
+        &broker,
+        &sim.url,
+        "agent_capacity = 3\nheartbeat_secs = 2",
+        &format!("[mqtt]\nport = {}\nkeep_alive_secs = 15", link.port),
+    );
+    coordinator.wait_nodes_online(1).await;
+    for name in ["f1", "f2", "f3"] {
+        coordinator.spawn_agent(name, "llama3.2").await;
+    }
+    coordinator.wait_running(3).await;
+    let watch = Instant::now();
+    let mut chats = 0;
+    while watch.elapsed() < Duration::from_secs(30) {
+        let node = coordinator.node("far").await;
+        assert_eq!(
+            node.state,
+            "online",
+            "after {:?}: {node:?}",
+            watch.elapsed()
+        );
+        let (status, answer) = coordinator
+            .post(
+                "/v1/chat",
+                serde_json::json!({"agent": "f1", "messages": [{"role": "user", "content": "hi"}]}),
+            )
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        chats += 1;
+    }
+    assert!(chats > 5, "{chats} chats in 30 s");
+    assert_eq!(coordinator.status().await.summary.agents_running, 3);
+    let log = far.proc.output();
+    for silent in ["heard nothing from the broker", "lost the MQTT broker"] {
+        assert!(
+            !log.iter().any(|l| l.contains(silent)),
+            "{silent}: {log:#?}"
+        );
+    }
+    let lost: Vec<_> = coordinator
+        .events()
+        .await
+        .into_iter()
+        .filter(|e| {
+            !matches!(
+                e.kind,
+                EventKind::Created | EventKind::Placed | EventKind::Running | EventKind::NodeJoined
+            )
+        })
+        .collect();
+    assert!(lost.is_empty(), "{lost:?}");
+}
+
 /// Runs `pifleet bench ARGS`; its final JSON line.
 fn bench(args: &[&str]) -> Value {
     let out = Command::new(pifleet_bin())
@@ -123,6 +197,56 @@ fn bench_failover_moves_every_agent_of_a_killed_or_frozen_node_without_duplicate
 }
 
 #[test]
+fn bench_placement_places_every_agent_once_on_simulated_nodes_within_capacity() {
+    let r = bench(&[
+        "placement",
+        "--nodes",
+        "10",
+        "--capacity",
+        "10",
+        "--limit-secs",
+        "20",
+    ]);
+    assert_eq!(
+        (r["agents"].as_u64(), r["nodes"].as_u64()),
+        (Some(100), Some(10)),
+        "{r}"
+    );
+    assert_eq!(r["agents_hosted"], 100, "{r}");
+    assert_eq!(r["max_node_overfill"], 0, "{r}");
+    let running = r["seconds_to_all_running"].as_f64().unwrap();
+    assert!(
+        running > 0.0 && running >= r["seconds_to_create"].as_f64().unwrap(),
+        "{r}"
+    );
+    assert!(r["placements_per_sec"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(
+        r["coordinator_rss_bytes"].as_u64().unwrap() > 1 << 20,
+        "{r}"
+    );
+}
+
+#[test]
+fn bench_node_footprint_measures_one_node_idle_and_with_agents() {
+    let r = bench(&["node-footprint", "--agents", "200", "--seconds", "1"]);
+    assert_eq!(r["agents"], 200, "{r}");
+    let idle = r["rss_idle_bytes"].as_u64().unwrap();
+    let loaded = r["rss_with_agents_bytes"].as_u64().unwrap();
+    assert!(idle > 1 << 20 && loaded > idle, "{r}");
+    let anon = r["rss_anon_idle_bytes"].as_u64().unwrap();
+    assert!(0 < anon && anon < idle, "{r}");
+    assert_eq!(
+        r["rss_per_agent_bytes"].as_u64().unwrap(),
+        (loaded - idle) / 200,
+        "{r}"
+    );
+    for cpu in ["cpu_pct_idle", "cpu_pct_with_agents"] {
+        let pct = r[cpu].as_f64().unwrap();
+        assert!((0.0..100.0).contains(&pct), "{cpu}: {r}");
+    }
+}
+
+#[test]
 fn bench_refuses_bad_arguments_with_a_usage_error() {
     let out = Command::new(pifleet_bin())
         .args(["bench", "chat", "--agents", "0"])
@@ -130,4 +254,10 @@ fn bench_refuses_bad_arguments_with_a_usage_error() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--agents"));
+    let out = Command::new(pifleet_bin())
+        .args(["bench", "placement", "--capacity", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--capacity"));
 }

@@ -34,9 +34,46 @@ pub struct ChatArgs {
     /// Use this broker (HOST:PORT) instead of starting Mosquitto.
     #[arg(long)]
     mqtt: Option<String>,
-    /// Model of the agents it creates.
+    /// Model of the agents it creates (with --openai: the model asked for).
     #[arg(long, default_value = "llama3.2")]
     model: String,
+    /// Load an OpenAI-compatible endpoint instead (POST URL/chat/completions
+    /// with --model), such as the LiteLLM proxy: a peer measured by the
+    /// same client (scripts/bench-litellm.sh).
+    #[arg(long, conflicts_with_all = ["coordinator", "mqtt"])]
+    openai: Option<String>,
+}
+
+/// Where the clients send their chats.
+enum Target {
+    /// pifleet's `POST /v1/chat` with `{agent, messages}`, over these agents.
+    Fleet(Vec<String>),
+    /// `POST /chat/completions` with `{model, messages}`.
+    OpenAi(String),
+}
+
+impl Target {
+    /// The path and body of chat number `i`.
+    fn request(&self, i: usize) -> (&'static str, Value) {
+        let messages = json!([{"role": "user", "content": "Hello! How are you?"}]);
+        match self {
+            Target::Fleet(names) => (
+                "/v1/chat",
+                json!({"agent": names[i % names.len()], "messages": messages}),
+            ),
+            Target::OpenAi(model) => (
+                "/chat/completions",
+                json!({"model": model, "messages": messages}),
+            ),
+        }
+    }
+
+    fn agents(&self) -> usize {
+        match self {
+            Target::Fleet(names) => names.len(),
+            Target::OpenAi(_) => 0,
+        }
+    }
 }
 
 /// A count of at least 1 (clap refuses 0 with a usage error).
@@ -86,41 +123,39 @@ pub async fn start_fleet(
     Ok((api, pid, mqtt))
 }
 
-pub async fn run(args: ChatArgs) -> Result<Value, BenchError> {
-    let mut stack = Stack::new()?;
-    let result = bench(&args, &mut stack).await;
-    if result.is_err() {
-        stack.keep_logs();
-    }
-    result
-}
-
-async fn bench(args: &ChatArgs, stack: &mut Stack) -> Result<Value, BenchError> {
-    let api = match &args.coordinator {
-        Some(url) => Api::new(url, args.token.clone(), args.concurrency),
-        None => {
+pub async fn bench(args: &ChatArgs, stack: &mut Stack) -> Result<Value, BenchError> {
+    let api = match (&args.openai, &args.coordinator) {
+        (Some(url), _) => Api::new(url, args.token.clone(), args.concurrency),
+        (None, Some(url)) => Api::new(url, args.token.clone(), args.concurrency),
+        (None, None) => {
             let capacity = args.agents.div_ceil(args.nodes) as u32;
             let (api, _, _) =
                 start_fleet(stack, args.mqtt.as_deref(), args.nodes, capacity, "").await?;
             Api::new(&api.base, None, args.concurrency)
         }
     };
-    let names = agents(&api, args).await?;
+    let target = match &args.openai {
+        Some(url) => {
+            progress(format!("{url}/chat/completions, model {}", args.model));
+            Target::OpenAi(args.model.clone())
+        }
+        None => Target::Fleet(agents(&api, args).await?),
+    };
     progress(format!(
-        "{} agents running; {} clients chat for {}s",
-        names.len(),
+        "{} agents; {} clients chat for {}s",
+        target.agents(),
         args.concurrency,
         args.seconds
     ));
-    let names = Arc::new(names);
+    let target = Arc::new(target);
     let me = std::process::id();
     let cpu_before = super::cpu_time(me);
     let start = Instant::now();
     let deadline = start + Duration::from_secs(args.seconds);
     let clients: Vec<_> = (0..args.concurrency)
         .map(|c| {
-            let (api, names) = (api.clone(), names.clone());
-            tokio::spawn(client(api, names, c, args.concurrency, deadline))
+            let (api, target) = (api.clone(), target.clone());
+            tokio::spawn(client(api, target, c, args.concurrency, deadline))
         })
         .collect();
     let mut latencies = Vec::new();
@@ -143,7 +178,7 @@ async fn bench(args: &ChatArgs, stack: &mut Stack) -> Result<Value, BenchError> 
     let requests = latencies.len() as u64 + errors;
     Ok(json!({
         "bench": "chat",
-        "agents": names.len(),
+        "agents": target.agents(),
         "concurrency": args.concurrency,
         "seconds": round3(elapsed),
         "requests": requests,
@@ -193,7 +228,7 @@ async fn agents(api: &Api, args: &ChatArgs) -> Result<Vec<String>, BenchError> {
 /// number of failed chats and the first failure.
 async fn client(
     api: Api,
-    names: Arc<Vec<String>>,
+    target: Arc<Target>,
     me: usize,
     clients: usize,
     deadline: Instant,
@@ -202,14 +237,10 @@ async fn client(
     let (mut errors, mut first) = (0, None);
     let mut i = me;
     while Instant::now() < deadline {
-        let agent = &names[i % names.len()];
+        let (path, body) = target.request(i);
         i += clients;
-        let body = json!({"agent": agent, "messages": [{"role": "user", "content": "Hello! How are you?"}]});
         let start = Instant::now();
-        match api
-            .send(reqwest::Method::POST, "/v1/chat", Some(&body))
-            .await
-        {
+        match api.send(reqwest::Method::POST, path, Some(&body)).await {
             Ok((200, _)) => latencies.push(start.elapsed().as_secs_f64() * 1000.0),
             Ok((status, answer)) => {
                 errors += 1;

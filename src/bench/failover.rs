@@ -43,15 +43,6 @@ pub struct FailoverArgs {
     limit_secs: u64,
 }
 
-pub async fn run(args: FailoverArgs) -> Result<Value, BenchError> {
-    let mut stack = Stack::new()?;
-    let result = bench(&args, &mut stack).await;
-    if result.is_err() {
-        stack.keep_logs();
-    }
-    result
-}
-
 /// Agents listed by more than one online node.
 fn duplicates(nodes: &NodeList) -> usize {
     let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
@@ -63,7 +54,7 @@ fn duplicates(nodes: &NodeList) -> usize {
     seen.values().filter(|&&c| c > 1).count()
 }
 
-async fn bench(args: &FailoverArgs, stack: &mut Stack) -> Result<Value, BenchError> {
+pub async fn bench(args: &FailoverArgs, stack: &mut Stack) -> Result<Value, BenchError> {
     let capacity = u32::try_from(args.agents).unwrap_or(u32::MAX);
     let (api, _, _) = start_fleet(stack, args.mqtt.as_deref(), args.nodes, capacity, "").await?;
     api.spawn("fo", args.agents, "llama3.2").await?;

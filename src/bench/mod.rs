@@ -4,9 +4,14 @@
 //!
 //! * `chat`: many clients chatting with many agents (seed 000's load test)
 //! * `failover`: a node killed or frozen; how soon its agents run elsewhere
+//! * `placement`: thousands of agents placed on hundreds of simulated nodes
+//! * `node-footprint`: memory and CPU of one node daemon, idle and loaded
 
 mod chat;
 mod failover;
+pub mod fleet_sim;
+mod footprint;
+mod placement;
 mod stack;
 
 use std::time::{Duration, Instant};
@@ -32,15 +37,29 @@ pub enum BenchCommand {
     /// Failover: kill -9 (or SIGSTOP) the node with the most agents and
     /// time until they all run elsewhere.
     Failover(failover::FailoverArgs),
+    /// Placement: NODES simulated nodes of CAPACITY slots; time until
+    /// NODES × CAPACITY agents created in bulk all run.
+    Placement(placement::PlacementArgs),
+    /// Node footprint: memory and CPU of one node daemon, idle and with
+    /// AGENTS idle agents.
+    NodeFootprint(footprint::FootprintArgs),
 }
 
 pub async fn run(command: BenchCommand) -> Result<(), BenchError> {
     raise_open_files_limit();
+    let mut stack = Stack::new()?;
     let bench = async {
-        match command {
-            BenchCommand::Chat(args) => chat::run(args).await,
-            BenchCommand::Failover(args) => failover::run(args).await,
+        let result = match command {
+            BenchCommand::Chat(args) => chat::bench(&args, &mut stack).await,
+            BenchCommand::Failover(args) => failover::bench(&args, &mut stack).await,
+            BenchCommand::Placement(args) => placement::bench(&args, &mut stack).await,
+            BenchCommand::NodeFootprint(args) => footprint::bench(&args, &mut stack).await,
+        };
+        if result.is_err() {
+            // What the processes logged, for finding out why.
+            stack.keep_logs();
         }
+        result
     };
     // Ctrl-C or SIGTERM: the bench future is dropped, and with it the
     // processes it started (a frozen node is killed, not left stopped).
@@ -77,6 +96,8 @@ pub struct Api {
     pub base: String,
     client: reqwest::Client,
     token: Option<String>,
+    /// How often [`Api::wait_for`] asks.
+    poll: Duration,
 }
 
 impl Api {
@@ -91,7 +112,15 @@ impl Api {
             base: base.trim_end_matches('/').to_owned(),
             client,
             token,
+            poll: Duration::from_millis(20),
         }
+    }
+
+    /// Polls every `poll` in [`Api::wait_for`]: each status of a big fleet
+    /// costs the coordinator a copy of every node's report.
+    pub fn polling_every(mut self, poll: Duration) -> Api {
+        self.poll = poll;
+        self
     }
 
     /// One call: status and JSON body (Null if none).
@@ -161,7 +190,7 @@ impl Api {
                     limit.as_secs()
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(self.poll).await;
         }
     }
 
@@ -183,11 +212,22 @@ impl Api {
 
 /// Resident memory of process `pid`, in bytes (Linux).
 pub fn rss_bytes(pid: u32) -> u64 {
+    status_bytes(pid, "VmRSS:")
+}
+
+/// The part of it that is the process's own (heap, stacks), not pages of
+/// its executable and libraries (Linux).
+pub fn rss_anon_bytes(pid: u32) -> u64 {
+    status_bytes(pid, "RssAnon:")
+}
+
+/// A `kB` field of `/proc/PID/status`, in bytes; 0 if unreadable.
+fn status_bytes(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .find_map(|l| l.strip_prefix(field))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
         .map_or(0, |kib| kib * 1024)
@@ -206,8 +246,8 @@ pub fn cpu_time(pid: u32) -> Duration {
             Some(utime + stime)
         })
         .unwrap_or(0);
-    // USER_HZ is 100 on Linux.
-    Duration::from_millis(ticks * 10)
+    let hz = rustix::param::clock_ticks_per_second().max(1);
+    Duration::from_micros(ticks * 1_000_000 / hz)
 }
 
 /// The `q` quantile (0 to 1) of sorted `values`.
@@ -241,6 +281,7 @@ mod tests {
     fn this_process_has_memory_and_cpu_time() {
         let me = std::process::id();
         assert!(rss_bytes(me) > 1 << 20);
+        assert!(0 < rss_anon_bytes(me) && rss_anon_bytes(me) < rss_bytes(me));
         let start = std::time::Instant::now();
         while start.elapsed() < Duration::from_millis(50) {
             std::hint::black_box(0u64);

@@ -233,6 +233,15 @@ impl Stack {
         Ok(pid)
     }
 
+    /// The process id of child `name`.
+    pub fn pid(&self, name: &str) -> Result<u32, BenchError> {
+        self.children
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, child)| child.id())
+            .ok_or_else(|| BenchError::new(format!("no process named {name}")))
+    }
+
     /// Sends `signal` to child `name`.
     pub fn signal(&self, name: &str, signal: rustix::process::Signal) -> Result<(), BenchError> {
         let (_, child) = self

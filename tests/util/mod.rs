@@ -3,7 +3,7 @@
 //! an MQTT client that records everything it sees, and waits that end on a
 //! condition rather than after a fixed sleep. One file per concern:
 //! `broker.rs`, `procs.rs`, `daemons.rs` (simulator, node, coordinator),
-//! `mqtt.rs`, `monitoring.rs` (mosquitto_sub, promtool, Prometheus); the waits and HTTP helpers are here.
+//! `mqtt.rs`, `lossy.rs` (a slow, lossy link), `monitoring.rs` (mosquitto_sub, promtool, Prometheus); the waits and HTTP helpers are here.
 
 #![allow(dead_code)]
 
@@ -14,13 +14,14 @@ use serde_json::Value;
 
 mod broker;
 mod daemons;
+mod lossy;
 mod monitoring;
 mod mqtt;
 mod procs;
 
 // Each user of the harness (the tests, the benches) takes what it needs.
 #[allow(unused_imports)]
-pub use {broker::*, daemons::*, monitoring::*, mqtt::*, procs::*};
+pub use {broker::*, daemons::*, lossy::*, monitoring::*, mqtt::*, procs::*};
 
 /// Generous, because CI machines are small and run tests in parallel.
 pub const WAIT: Duration = Duration::from_secs(20);

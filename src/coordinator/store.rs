@@ -385,29 +385,29 @@ impl Store {
     /// Inserts many agents in one transaction; for each, whether it was new.
     pub fn insert_agents(&self, specs: &[AgentSpec], created_ms: u64) -> Result<Vec<bool>> {
         self.atomically("insert agents", |tx| {
-        let mut inserted = Vec::with_capacity(specs.len());
-        {
-            let mut insert = tx
-                .prepare_cached(
-                    "INSERT INTO agents (name, model, system, labels, created_ms, state) VALUES (?1, ?2, ?3, ?4, ?5, 'pending')
-                     ON CONFLICT(name) DO NOTHING",
-                )
-                .map_err(self.err("insert agents"))?;
-            for spec in specs {
-                let labels = serde_json::to_string(&spec.labels).unwrap_or_else(|_| "{}".into());
-                let n = insert
-                    .execute(params![
-                        spec.name,
-                        spec.model,
-                        spec.system,
-                        labels,
-                        created_ms as i64
-                    ])
-                    .map_err(self.err("insert an agent"))?;
-                inserted.push(n == 1);
+            let mut inserted = Vec::with_capacity(specs.len());
+            {
+                let mut insert = tx
+                    .prepare_cached(
+                        "INSERT INTO agents (name, model, system, labels, created_ms, state) VALUES (?1, ?2, ?3, ?4, ?5, 'pending')
+                         ON CONFLICT(name) DO NOTHING",
+                    )
+                    .map_err(self.err("insert agents"))?;
+                for spec in specs {
+                    let labels = serde_json::to_string(&spec.labels).unwrap_or_else(|_| "{}".into());
+                    let n = insert
+                        .execute(params![
+                            spec.name,
+                            spec.model,
+                            spec.system,
+                            labels,
+                            created_ms as i64
+                        ])
+                        .map_err(self.err("insert an agent"))?;
+                    inserted.push(n == 1);
+                }
             }
-        }
-        Ok(inserted)
+            Ok(inserted)
         })
     }
 
@@ -468,35 +468,35 @@ impl Store {
     /// Appends to the agent's history and drops what exceeds the limit.
     pub fn append_history(&self, agent: &str, messages: &[ChatMessage], now_ms: u64) -> Result<()> {
         self.atomically("append history", |tx| {
-        // Cached statements: a chat appends twice per turn, and parsing the
-        // SQL again each time showed in profiles of the chat path.
-        let last: i64 = tx
-            .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM messages WHERE agent = ?1")
-            .and_then(|mut s| s.query_row([agent], |r| r.get(0)))
-            .map_err(self.err("append history"))?;
-        {
-            let mut insert = tx
-                .prepare_cached(
-                    "INSERT INTO messages (agent, seq, role, content, ts_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-                )
+            // Cached statements: a chat appends twice per turn, and parsing the
+            // SQL again each time showed in profiles of the chat path.
+            let last: i64 = tx
+                .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM messages WHERE agent = ?1")
+                .and_then(|mut s| s.query_row([agent], |r| r.get(0)))
                 .map_err(self.err("append history"))?;
-            for (i, m) in messages.iter().enumerate() {
-                insert
-                    .execute(params![
-                        agent,
-                        last + 1 + i as i64,
-                        role_name(m.role),
-                        m.content,
-                        now_ms as i64
-                    ])
+            {
+                let mut insert = tx
+                    .prepare_cached(
+                        "INSERT INTO messages (agent, seq, role, content, ts_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )
                     .map_err(self.err("append history"))?;
+                for (i, m) in messages.iter().enumerate() {
+                    insert
+                        .execute(params![
+                            agent,
+                            last + 1 + i as i64,
+                            role_name(m.role),
+                            m.content,
+                            now_ms as i64
+                        ])
+                        .map_err(self.err("append history"))?;
+                }
             }
-        }
-        let newest = last + messages.len() as i64;
-        tx.prepare_cached("DELETE FROM messages WHERE agent = ?1 AND seq <= ?2")
-            .and_then(|mut s| s.execute(params![agent, newest - self.history_limit as i64]))
-            .map_err(self.err("trim history"))?;
-        Ok(())
+            let newest = last + messages.len() as i64;
+            tx.prepare_cached("DELETE FROM messages WHERE agent = ?1 AND seq <= ?2")
+                .and_then(|mut s| s.execute(params![agent, newest - self.history_limit as i64]))
+                .map_err(self.err("trim history"))?;
+            Ok(())
         })
     }
 

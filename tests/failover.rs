@@ -214,14 +214,18 @@ fn bench_placement_places_every_agent_once_on_simulated_nodes_within_capacity() 
     );
     assert_eq!(r["agents_hosted"], 100, "{r}");
     assert_eq!(r["max_node_overfill"], 0, "{r}");
+    // 100 agents at seconds_to_all_running make placements_per_sec.
     let running = r["seconds_to_all_running"].as_f64().unwrap();
+    let rate = r["placements_per_sec"].as_f64().unwrap();
     assert!(
-        running > 0.0 && running >= r["seconds_to_create"].as_f64().unwrap(),
+        running > 0.0 && (rate - (100.0 / running).round()).abs() <= 1.0,
         "{r}"
     );
-    assert!(r["placements_per_sec"].as_f64().unwrap() > 0.0, "{r}");
+    // The coordinator's memory grew with nodes and agents.
+    let rss = |k: &str| r[k].as_u64().unwrap();
+    assert!(rss("coordinator_rss_bytes_empty") > 1 << 20, "{r}");
     assert!(
-        r["coordinator_rss_bytes"].as_u64().unwrap() > 1 << 20,
+        rss("coordinator_rss_bytes") > rss("coordinator_rss_bytes_empty"),
         "{r}"
     );
 }
@@ -235,11 +239,8 @@ fn bench_node_footprint_measures_one_node_idle_and_with_agents() {
     assert!(idle > 1 << 20 && loaded > idle, "{r}");
     let anon = r["rss_anon_idle_bytes"].as_u64().unwrap();
     assert!(0 < anon && anon < idle, "{r}");
-    assert_eq!(
-        r["rss_per_agent_bytes"].as_u64().unwrap(),
-        (loaded - idle) / 200,
-        "{r}"
-    );
+    // An idle agent is a table entry, not a task: well under 64 KiB.
+    assert!(r["rss_per_agent_bytes"].as_u64().unwrap() < 64 << 10, "{r}");
     for cpu in ["cpu_pct_idle", "cpu_pct_with_agents"] {
         let pct = r[cpu].as_f64().unwrap();
         assert!((0.0..100.0).contains(&pct), "{cpu}: {r}");

@@ -134,7 +134,9 @@ pub async fn run(
             Input::Link(event) => {
                 // Link messages already waiting are handled in one store
                 // transaction: a commit per ack or report is what limited
-                // placing agents in bulk. Nothing is sent before it commits.
+                // placing agents in bulk. The outbox is sent only after it
+                // commits, and not at all if it failed: what was not stored
+                // is not sent (assignments time out and are placed again).
                 coordinator.begin_batch();
                 let mut event = Some(event);
                 let mut handled = 0;
@@ -145,7 +147,13 @@ pub async fn run(
                         event = link.events.try_recv().ok();
                     }
                 }
-                coordinator.end_batch();
+                if !coordinator.end_batch() {
+                    let dropped = coordinator.take_outbox();
+                    log::error!(
+                        "{} messages not sent: the store did not take the changes they follow from",
+                        dropped.len()
+                    );
+                }
             }
             Input::Api(call) => call(&mut coordinator),
             Input::PlacementDue => coordinator.place_pending(Now::system()),

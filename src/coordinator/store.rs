@@ -274,18 +274,28 @@ impl Store {
             .execute_batch("SAVEPOINT atomically")
             .map_err(self.err(action))?;
         match writes(&self.conn) {
-            Ok(value) => {
-                self.conn
-                    .execute_batch("RELEASE atomically")
-                    .map_err(self.err(action))?;
-                Ok(value)
-            }
+            Ok(value) => match self.conn.execute_batch("RELEASE atomically") {
+                Ok(()) => Ok(value),
+                Err(e) => {
+                    self.undo_savepoint();
+                    Err(self.err(action)(e))
+                }
+            },
             Err(e) => {
-                let _ = self
-                    .conn
-                    .execute_batch("ROLLBACK TO atomically; RELEASE atomically");
+                self.undo_savepoint();
                 Err(e)
             }
+        }
+    }
+
+    /// Undoes and closes the savepoint of [`Store::atomically`], so that no
+    /// transaction is left open behind it.
+    fn undo_savepoint(&self) {
+        if let Err(e) = self
+            .conn
+            .execute_batch("ROLLBACK TO atomically; RELEASE atomically")
+        {
+            log::error!("store {}: cannot undo a write: {e}", self.path.display());
         }
     }
 

@@ -102,6 +102,8 @@ struct Node {
     probed: bool,
     connected: Arc<AtomicBool>,
     announced_ready: bool,
+    /// Tell systemd when ready (the daemon; not a simulated node).
+    notify_systemd: bool,
     disconnected_since: Option<Instant>,
     /// When the broker last spoke: the node's lease on its agents.
     heard: crate::mqtt::Heard,
@@ -232,13 +234,13 @@ impl Node {
                     self.config.node_id,
                     self.topics.node(&self.config.node_id, NodeTopic::Command)
                 );
-                if !self.announced_ready {
-                    self.announced_ready = true;
+                if !self.announced_ready && self.notify_systemd {
                     systemd::notify_ready(&format!(
                         "node {} online, {} agent slots",
                         self.config.node_id, self.config.agent_capacity
                     ));
                 }
+                self.announced_ready = true;
             }
             LinkEvent::Disconnected { reason } => {
                 self.connected.store(false, Ordering::Relaxed);

@@ -31,6 +31,8 @@ struct Host {
     ollama: OllamaClient,
     /// The `pifleet up` process that started this node, if any.
     parent: Option<rustix::process::Pid>,
+    /// A daemon tells systemd when it is ready; a simulated node does not.
+    notify_systemd: bool,
 }
 
 /// Runs the node daemon until `shutdown` is cancelled, then stops gracefully.
@@ -87,6 +89,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<(), 
             .ok()
             .and_then(|pid| pid.parse().ok())
             .and_then(rustix::process::Pid::from_raw),
+        notify_systemd: true,
     };
     let id = config.node_id.clone();
     let result = drive(config, host, shutdown).await;
@@ -123,6 +126,7 @@ pub async fn run_simulated(
         liveness: Liveness::default(),
         ollama: OllamaClient::new(&config.ollama.url),
         parent: None,
+        notify_systemd: false,
     };
     let result = drive(config, host, shutdown).await;
     background.cancel();
@@ -161,6 +165,7 @@ async fn drive(
         probed: false,
         connected: host.connected,
         announced_ready: false,
+        notify_systemd: host.notify_systemd,
         disconnected_since: Some(Instant::now()),
         dirty: false,
         last_capacity: Instant::now() - CAPACITY_DEBOUNCE,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Chat throughput of pifleet and of a peer, the LiteLLM proxy, measured in the
 # same run with the same client (`pifleet bench chat`, `--openai` for the
-# proxy) against the same simulator (`pifleet ollama-sim`, answering at once).
+# proxy) against identical simulators (`pifleet ollama-sim`, answering at once).
 # Three runs of each size; prints every JSON line, then the medians.
 #
 #   scripts/bench-litellm.sh            # 1, 50 and 1,000 clients, 10 s each

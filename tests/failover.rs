@@ -214,13 +214,8 @@ fn bench_placement_places_every_agent_once_on_simulated_nodes_within_capacity() 
     );
     assert_eq!(r["agents_hosted"], 100, "{r}");
     assert_eq!(r["max_node_overfill"], 0, "{r}");
-    // 100 agents at seconds_to_all_running make placements_per_sec.
     let running = r["seconds_to_all_running"].as_f64().unwrap();
-    let rate = r["placements_per_sec"].as_f64().unwrap();
-    assert!(
-        running > 0.0 && (rate - (100.0 / running).round()).abs() <= 1.0,
-        "{r}"
-    );
+    assert!(running > 0.0 && running < 20.0, "{r}");
     // The coordinator's memory grew with nodes and agents.
     let rss = |k: &str| r[k].as_u64().unwrap();
     assert!(rss("coordinator_rss_bytes_empty") > 1 << 20, "{r}");

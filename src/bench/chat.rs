@@ -40,7 +40,7 @@ pub struct ChatArgs {
     /// Load an OpenAI-compatible endpoint instead (POST URL/chat/completions
     /// with --model), such as the LiteLLM proxy: a peer measured by the
     /// same client (scripts/bench-litellm.sh).
-    #[arg(long, conflicts_with_all = ["coordinator", "mqtt"])]
+    #[arg(long, conflicts_with_all = ["coordinator", "mqtt", "agents", "nodes"])]
     openai: Option<String>,
 }
 

@@ -94,6 +94,16 @@ pub fn parse_mqtt(address: &str) -> Result<Mqtt, BenchError> {
     })
 }
 
+/// The broker at `address` (HOST:PORT), or a Mosquitto started here.
+pub fn broker(stack: &mut Stack, address: Option<&str>) -> Result<Mqtt, BenchError> {
+    let mqtt = match address {
+        Some(address) => parse_mqtt(address)?,
+        None => stack.mosquitto()?,
+    };
+    progress(format!("broker {}:{}", mqtt.host, mqtt.port));
+    Ok(mqtt)
+}
+
 /// Starts a broker (unless given), the simulator, the coordinator and
 /// `nodes` nodes of `capacity` slots; the API once every node is online.
 pub async fn start_fleet(
@@ -103,11 +113,7 @@ pub async fn start_fleet(
     capacity: u32,
     coordinator_toml: &str,
 ) -> Result<(Api, u32, Mqtt), BenchError> {
-    let mqtt = match mqtt {
-        Some(address) => parse_mqtt(address)?,
-        None => stack.mosquitto()?,
-    };
-    progress(format!("broker {}:{}", mqtt.host, mqtt.port));
+    let mqtt = broker(stack, mqtt)?;
     let sim = stack.simulator(0)?;
     let (url, pid) = stack.coordinator(&mqtt, coordinator_toml)?;
     progress(format!("coordinator {url} (pid {pid})"));

@@ -45,13 +45,8 @@ pub struct FailoverArgs {
 
 /// Agents listed by more than one online node.
 fn duplicates(nodes: &NodeList) -> usize {
-    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
-    for n in nodes.nodes.iter().filter(|n| n.state == "online") {
-        for a in &n.capacity.agents {
-            *seen.entry(a.as_str()).or_default() += 1;
-        }
-    }
-    seen.values().filter(|&&c| c > 1).count()
+    let online = nodes.nodes.iter().filter(|n| n.state == "online");
+    super::listings(online).values().filter(|&&c| c > 1).count()
 }
 
 pub async fn bench(args: &FailoverArgs, stack: &mut Stack) -> Result<Value, BenchError> {

@@ -210,6 +210,17 @@ impl Api {
     }
 }
 
+/// How many of `nodes` list each agent in their capacity reports.
+pub fn listings<'a>(
+    nodes: impl Iterator<Item = &'a crate::protocol::NodeView>,
+) -> std::collections::BTreeMap<&'a str, usize> {
+    let mut hosts = std::collections::BTreeMap::new();
+    for name in nodes.flat_map(|n| &n.capacity.agents) {
+        *hosts.entry(name.as_str()).or_default() += 1;
+    }
+    hosts
+}
+
 /// Resident memory of process `pid`, in bytes (Linux).
 pub fn rss_bytes(pid: u32) -> u64 {
     status_bytes(pid, "VmRSS:")

@@ -5,12 +5,12 @@
 //! node). Then it checks what the nodes themselves report: every agent
 //! hosted exactly once and no node above its capacity.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::chat::{at_least_1, parse_mqtt};
+use super::chat::{at_least_1, broker};
 use super::fleet_sim::FleetSim;
 use super::{cpu_time, progress, round3, rss_bytes, Api, BenchError, Stack};
 use crate::protocol::{AgentList, NodeList};
@@ -35,11 +35,7 @@ pub struct PlacementArgs {
 }
 
 pub async fn bench(args: &PlacementArgs, stack: &mut Stack) -> Result<Value, BenchError> {
-    let mqtt = match &args.mqtt {
-        Some(address) => parse_mqtt(address)?,
-        None => stack.mosquitto()?,
-    };
-    progress(format!("broker {}:{}", mqtt.host, mqtt.port));
+    let mqtt = broker(stack, args.mqtt.as_deref())?;
     let (url, coordinator) = stack.coordinator(&mqtt, "")?;
     progress(format!("coordinator {url} (pid {coordinator})"));
     let api = Api::new(&url, None, 4).polling_every(Duration::from_millis(100));
@@ -167,10 +163,7 @@ fn check_hosting(nodes: &NodeList, agents: &AgentList) -> (u64, usize, usize) {
         })
         .max()
         .unwrap_or(0);
-    let mut hosts: BTreeMap<&str, usize> = BTreeMap::new();
-    for name in nodes.nodes.iter().flat_map(|n| &n.capacity.agents) {
-        *hosts.entry(name.as_str()).or_default() += 1;
-    }
+    let hosts = super::listings(nodes.nodes.iter());
     let duplicates = hosts.values().filter(|&&c| c > 1).count();
     (by_coordinator.max(by_nodes), hosts.len(), duplicates)
 }

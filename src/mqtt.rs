@@ -16,8 +16,7 @@
 //! so on every [`LinkEvent::Connected`] the application subscribes and
 //! announces itself again.
 
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use rumqttc::{
@@ -56,56 +55,6 @@ pub enum LinkEvent {
         payload: Bytes,
         retain: bool,
     },
-}
-
-/// When the broker was last heard from, shared between the link's poller
-/// and its owner: a node that has not heard the broker for a while must
-/// assume that the coordinator has not heard it either (its lease).
-#[derive(Clone)]
-pub struct Heard {
-    base: Instant,
-    /// Milliseconds since `base` of the last packet, and the longest gap
-    /// between packets since the owner last asked; updated together.
-    state: Arc<Mutex<(u64, u64)>>,
-}
-
-impl Heard {
-    pub fn new() -> Heard {
-        Heard {
-            base: Instant::now(),
-            state: Arc::new(Mutex::new((0, 0))),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, u64)> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Something arrived from the broker just now.
-    pub fn now(&self) {
-        let ms = self.base.elapsed().as_millis() as u64;
-        let mut state = self.lock();
-        let (last, gap) = *state;
-        *state = (ms, gap.max(ms.saturating_sub(last)));
-    }
-
-    /// The longest the broker was silent since the last call: the silence
-    /// going on now, or a gap that ended since (a process frozen by SIGSTOP
-    /// or a suspended VM hears the broker again as it resumes, but the
-    /// monotonic clock kept running meanwhile).
-    pub fn take_longest_silence(&self) -> Duration {
-        let now = self.base.elapsed().as_millis() as u64;
-        let mut state = self.lock();
-        let (last, gap) = *state;
-        *state = (last, 0);
-        Duration::from_millis(now.saturating_sub(last).max(gap))
-    }
-}
-
-impl Default for Heard {
-    fn default() -> Self {
-        Heard::new()
-    }
 }
 
 /// The last will the broker publishes if the connection dies uncleanly.
@@ -197,7 +146,6 @@ pub struct Link {
     pub publisher: Publisher,
     pub events: mpsc::Receiver<LinkEvent>,
     /// When the broker last sent anything (a PUBACK, a PINGRESP, a message).
-    pub heard: Heard,
     closing: CancellationToken,
     poller: JoinHandle<()>,
     sender: JoinHandle<()>,
@@ -252,14 +200,7 @@ impl Link {
         let (tx, rx) = mpsc::unbounded_channel();
         let closing = CancellationToken::new();
         let address = config.address();
-        let heard = Heard::new();
-        let poller = tokio::spawn(poll(
-            eventloop,
-            event_tx,
-            closing.clone(),
-            address,
-            heard.clone(),
-        ));
+        let poller = tokio::spawn(poll(eventloop, event_tx, closing.clone(), address));
         let sender = tokio::spawn(send(client, rx));
         Ok(Link {
             publisher: Publisher {
@@ -267,7 +208,6 @@ impl Link {
                 max_payload: config.max_payload_bytes,
             },
             events,
-            heard,
             closing,
             poller,
             sender,
@@ -280,7 +220,6 @@ impl Link {
         let Link {
             publisher,
             mut events,
-            heard: _,
             closing,
             mut poller,
             sender,
@@ -372,15 +311,11 @@ async fn poll(
     events: mpsc::Sender<LinkEvent>,
     closing: CancellationToken,
     address: String,
-    heard: Heard,
 ) {
     let mut backoff = Backoff::new();
     let mut failures: u64 = 0;
     loop {
         let event = eventloop.poll().await;
-        if let Ok(Event::Incoming(_)) = &event {
-            heard.now();
-        }
         let forward = match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 log::info!("connected to MQTT broker {address}");
@@ -449,20 +384,6 @@ fn describe(e: &ConnectionError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn heard_reports_the_silence_going_on_and_a_gap_that_ended() {
-        let heard = Heard::new();
-        heard.now();
-        assert!(heard.take_longest_silence() < Duration::from_millis(50));
-        std::thread::sleep(Duration::from_millis(120));
-        // A packet ends the gap (as after a SIGSTOP): the gap is still told once.
-        heard.now();
-        assert!(heard.take_longest_silence() >= Duration::from_millis(120));
-        assert!(heard.take_longest_silence() < Duration::from_millis(50));
-        std::thread::sleep(Duration::from_millis(60));
-        assert!(heard.take_longest_silence() >= Duration::from_millis(60));
-    }
 
     #[test]
     fn backoff_doubles_to_a_cap_and_resets() {

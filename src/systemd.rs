@@ -98,12 +98,14 @@ pub struct Liveness(Arc<AtomicU64>);
 
 impl Liveness {
     pub fn beat(&self) {
-        self.0.store(crate::protocol::now_ms(), Ordering::Relaxed);
+        // Monotonic: a wall clock stepped by NTP (or fake-hwclock) must not
+        // make a live loop look hung, nor a hung one look alive.
+        self.0.store(crate::protocol::mono_ms(), Ordering::Relaxed);
     }
 
     fn age(&self) -> Duration {
         let last = self.0.load(Ordering::Relaxed);
-        Duration::from_millis(crate::protocol::now_ms().saturating_sub(last))
+        Duration::from_millis(crate::protocol::mono_ms().saturating_sub(last))
     }
 }
 

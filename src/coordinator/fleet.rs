@@ -10,6 +10,11 @@
 //!   window means the `offline` was a late will of an older connection, and
 //!   the node stays. Otherwise it is **lost**.
 //! * No capacity message for `node_lost_after` also makes it lost.
+//! * A lost node's agents may be placed elsewhere only once the node has
+//!   surely stopped them ([`Fleet::released_at`]): after a silence, `last
+//!   heard + the node's announced fence_ms` (its lease cannot outlive the
+//!   last heartbeat the coordinator heard by more); after a last will, at
+//!   once (docs/RELIABILITY.md says why, and what that costs).
 //! * A new `session` is a restart: the new capacity's agent list is the
 //!   truth about what the node hosts.
 
@@ -50,7 +55,12 @@ pub struct NodeView {
     pub liveness: Liveness,
     /// What the latest status message said (None: no status seen yet).
     pub status_online: Option<bool>,
+    /// When the coordinator last received a message from it (its own
+    /// clock: node timestamps are never trusted).
     pub last_heard: Instant,
+    /// Lost through its last will (`offline` while online) rather than
+    /// silence.
+    pub lost_by_will: bool,
 }
 
 impl NodeView {
@@ -83,6 +93,10 @@ pub enum Change {
         reason: String,
     },
 }
+
+/// Added to a node's fence time: its timer may fire a little late (a busy
+/// Pi), and two crystals never tick at quite the same rate.
+pub const FENCE_MARGIN: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Default)]
 pub struct Fleet {
@@ -126,6 +140,7 @@ impl Fleet {
                 liveness: Liveness::Unknown,
                 status_online: None,
                 last_heard: now,
+                lost_by_will: false,
             });
     }
 
@@ -229,6 +244,7 @@ impl Fleet {
     ) -> Vec<Change> {
         let mut changes = Vec::new();
         for view in self.nodes.values_mut() {
+            view.lost_by_will = matches!(view.liveness, Liveness::Suspect { .. });
             let reason = match view.liveness {
                 Liveness::Suspect { since } if now.duration_since(since) >= offline_grace => {
                     "its status turned offline (last will or clean stop)".to_owned()
@@ -259,6 +275,27 @@ impl Fleet {
             Liveness::Lost { since } => Some(since),
             _ => None,
         }
+    }
+
+    /// When a lost node has surely stopped its agents, so that they may run
+    /// elsewhere (`None`: not lost). Lost by silence: `fence` (its announced
+    /// `fence_ms`, else `default_fence`) plus [`FENCE_MARGIN`] after it was
+    /// last heard. Lost by its last will: when it was declared lost.
+    pub fn released_at(&self, node: &str, default_fence: Duration) -> Option<Instant> {
+        let view = self.nodes.get(node)?;
+        let Liveness::Lost { since } = view.liveness else {
+            return None;
+        };
+        if view.lost_by_will {
+            return Some(since);
+        }
+        let fence = view
+            .capacity
+            .as_ref()
+            .map(|c| Duration::from_millis(c.fence_ms))
+            .filter(|f| !f.is_zero())
+            .unwrap_or(default_fence);
+        Some(since.max(view.last_heard + fence + FENCE_MARGIN))
     }
 }
 
@@ -297,6 +334,7 @@ mod tests {
             max_parallel: 1,
             turns_in_flight: 0,
             generation: 0,
+            fence_ms: 7000,
         }
     }
 

@@ -33,6 +33,27 @@ pub struct Turn {
     pub id: String,
     pub generation: u64,
     pub request: TurnRequest,
+    /// On the node's monotonic clock ([`At::mono_ms`]): when nobody waits
+    /// for the answer any more (arrival + the request's `timeout_ms`).
+    pub deadline_mono_ms: Option<u64>,
+}
+
+/// When a command is applied: the wall clock, for display only, and the
+/// node's monotonic clock, for deadlines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct At {
+    pub wall_ms: u64,
+    pub mono_ms: u64,
+}
+
+impl At {
+    /// Now, on this process's clocks.
+    pub fn now() -> At {
+        At {
+            wall_ms: crate::protocol::now_ms(),
+            mono_ms: crate::protocol::mono_ms(),
+        }
+    }
 }
 
 /// What the I/O layer must do after a state change.
@@ -204,8 +225,9 @@ impl AgentTable {
             .collect()
     }
 
-    /// Applies one command received at `now_ms`.
-    pub fn apply(&mut self, command: Command, now_ms: u64) -> Vec<Effect> {
+    /// Applies one command received at `now`.
+    pub fn apply(&mut self, command: Command, now: At) -> Vec<Effect> {
+        let now_ms = now.wall_ms;
         let Command {
             id,
             generation,
@@ -250,9 +272,10 @@ impl AgentTable {
                 let turn = Turn {
                     id,
                     generation,
+                    deadline_mono_ms: request.timeout_ms.map(|t| now.mono_ms.saturating_add(t)),
                     request,
                 };
-                vec![self.accept_turn(turn, now_ms)]
+                vec![self.accept_turn(turn, now.mono_ms)]
             }
         }
     }
@@ -279,6 +302,8 @@ impl AgentTable {
                 reason,
                 agents_running: self.agents.len() as u32,
                 ts: self.now_ms,
+                // Set by the node, which numbers its capacity messages.
+                seq: 0,
             },
         }
     }
@@ -423,7 +448,7 @@ impl AgentTable {
             .collect()
     }
 
-    fn accept_turn(&mut self, turn: Turn, now_ms: u64) -> Effect {
+    fn accept_turn(&mut self, turn: Turn, mono_ms: u64) -> Effect {
         let name = turn.request.agent.clone();
         if self.stopping {
             let reason = format!("node {} is shutting down and takes no new turns", self.node);
@@ -444,12 +469,13 @@ impl AgentTable {
             agent.queue.push_back(turn);
             return Effect::Queued;
         }
-        start_or_expire(agent, turn, now_ms)
+        start_or_expire(agent, turn, mono_ms)
     }
 
     /// The turn `turn_id` of agent `name` ended; returns what to do next for
     /// that agent (start its next queued turn, or fail expired ones).
-    pub fn turn_finished(&mut self, name: &str, turn_id: &str, now_ms: u64) -> Vec<Effect> {
+    /// `mono_ms` is the node's monotonic clock.
+    pub fn turn_finished(&mut self, name: &str, turn_id: &str, mono_ms: u64) -> Vec<Effect> {
         let Some(agent) = self.agents.get_mut(name) else {
             return vec![];
         };
@@ -460,7 +486,7 @@ impl AgentTable {
         agent.turns_completed += 1;
         let mut effects = Vec::new();
         while let Some(next) = agent.queue.pop_front() {
-            let effect = start_or_expire(agent, next, now_ms);
+            let effect = start_or_expire(agent, next, mono_ms);
             let started = matches!(effect, Effect::StartTurn { .. });
             effects.push(effect);
             if started {
@@ -491,12 +517,12 @@ impl AgentTable {
     }
 }
 
-fn start_or_expire(agent: &mut HostedAgent, turn: Turn, now_ms: u64) -> Effect {
-    if let Some(deadline) = turn.request.deadline_ms {
-        if deadline <= now_ms {
+fn start_or_expire(agent: &mut HostedAgent, turn: Turn, mono_ms: u64) -> Effect {
+    if let Some(deadline) = turn.deadline_mono_ms {
+        if deadline <= mono_ms {
             let reason = format!(
-                "the turn's deadline passed {} ms before agent {} could run it",
-                now_ms - deadline,
+                "the turn's budget ran out {} ms before agent {} could run it",
+                mono_ms - deadline,
                 agent.spec.name
             );
             return failed(turn, TurnErrorCode::Expired, reason);
@@ -558,7 +584,7 @@ mod tests {
                 agent: agent.into(),
                 messages: vec![ChatMessage::new(Role::User, "hi")],
                 system: None,
-                deadline_ms: None,
+                timeout_ms: None,
                 job: None,
             }),
         )
@@ -578,11 +604,11 @@ mod tests {
     fn a_fourth_agent_is_refused_with_a_reason_naming_the_capacity() {
         let mut t = AgentTable::new("pi-1", 3);
         for (i, name) in ["a", "b", "c"].iter().enumerate() {
-            let effects = t.apply(assign(&format!("c{i}"), name, i as u64 + 1), 0);
+            let effects = t.apply(assign(&format!("c{i}"), name, i as u64 + 1), At::default());
             assert!(ack_of(&effects).ok);
             assert!(effects.contains(&Effect::CapacityChanged));
         }
-        let effects = t.apply(assign("c9", "d", 9), 0);
+        let effects = t.apply(assign("c9", "d", 9), At::default());
         let ack = ack_of(&effects);
         assert!(!ack.ok);
         let reason = ack.reason.as_deref().unwrap();
@@ -593,7 +619,7 @@ mod tests {
     #[test]
     fn a_repeated_command_id_is_applied_once() {
         let mut t = AgentTable::new("pi-1", 1);
-        assert!(ack_of(&t.apply(assign("same", "a", 1), 0)).ok);
+        assert!(ack_of(&t.apply(assign("same", "a", 1), At::default())).ok);
         t.apply(
             command(
                 "r",
@@ -603,9 +629,9 @@ mod tests {
                     placement: 1,
                 },
             ),
-            0,
+            At::default(),
         );
-        let effects = t.apply(assign("same", "a", 1), 0);
+        let effects = t.apply(assign("same", "a", 1), At::default());
         assert!(matches!(effects[..], [Effect::Ignored { .. }]));
         assert!(
             t.is_empty(),
@@ -618,8 +644,8 @@ mod tests {
         let mut t = AgentTable::new("pi-1", 2);
         let mut newer = assign("n", "a", 1);
         newer.generation = 5;
-        t.apply(newer, 0);
-        let effects = t.apply(assign("o", "b", 2), 0);
+        t.apply(newer, At::default());
+        let effects = t.apply(assign("o", "b", 2), At::default());
         assert!(
             matches!(&effects[..], [Effect::Ignored { reason, .. }] if reason.contains("stale"))
         );
@@ -629,7 +655,7 @@ mod tests {
     #[test]
     fn a_late_release_of_an_older_placement_keeps_the_newer_one() {
         let mut t = AgentTable::new("pi-1", 2);
-        t.apply(assign("a1", "a", 4), 0);
+        t.apply(assign("a1", "a", 4), At::default());
         let effects = t.apply(
             command(
                 "r",
@@ -639,11 +665,11 @@ mod tests {
                     placement: 3,
                 },
             ),
-            0,
+            At::default(),
         );
         assert!(!ack_of(&effects).ok);
         assert_eq!(t.names(), vec!["a"]);
-        let effects = t.apply(assign("a0", "a", 2), 0);
+        let effects = t.apply(assign("a0", "a", 2), At::default());
         assert!(
             !ack_of(&effects).ok,
             "an older assign does not downgrade the placement"
@@ -654,13 +680,19 @@ mod tests {
     #[test]
     fn turns_of_one_agent_run_one_at_a_time_in_order() {
         let mut t = AgentTable::new("pi-1", 2);
-        t.apply(assign("a", "alice", 1), 0);
-        let first = t.apply(turn("t1", "alice"), 0);
+        t.apply(assign("a", "alice", 1), At::default());
+        let first = t.apply(turn("t1", "alice"), At::default());
         assert!(
             matches!(&first[..], [Effect::StartTurn { turn, system, .. }] if turn.id == "t1" && system.as_deref() == Some("be brief"))
         );
-        assert_eq!(t.apply(turn("t2", "alice"), 0), vec![Effect::Queued]);
-        assert_eq!(t.apply(turn("t3", "alice"), 0), vec![Effect::Queued]);
+        assert_eq!(
+            t.apply(turn("t2", "alice"), At::default()),
+            vec![Effect::Queued]
+        );
+        assert_eq!(
+            t.apply(turn("t3", "alice"), At::default()),
+            vec![Effect::Queued]
+        );
         assert_eq!(t.turns_in_flight(), 3);
         assert!(
             t.turn_finished("alice", "t2", 0).is_empty(),
@@ -683,7 +715,7 @@ mod tests {
     #[test]
     fn a_turn_for_an_unknown_agent_fails_with_a_reason() {
         let mut t = AgentTable::new("pi-1", 2);
-        let effects = t.apply(turn("t", "ghost"), 0);
+        let effects = t.apply(turn("t", "ghost"), At::default());
         match &effects[..] {
             [Effect::TurnFailed { result, .. }] => {
                 let error = result.error.as_ref().unwrap();
@@ -695,16 +727,23 @@ mod tests {
     }
 
     #[test]
-    fn queued_turns_past_their_deadline_fail_as_expired() {
+    fn queued_turns_past_their_budget_fail_as_expired_whatever_the_wall_clock() {
         let mut t = AgentTable::new("pi-1", 1);
-        t.apply(assign("a", "alice", 1), 0);
-        t.apply(turn("t1", "alice"), 0);
-        let mut late = turn("t2", "alice");
-        if let CommandBody::Turn(r) = &mut late.body {
-            r.deadline_ms = Some(100);
-        }
-        t.apply(late, 50);
-        t.apply(turn("t3", "alice"), 60);
+        let at = |wall_ms, mono_ms| At { wall_ms, mono_ms };
+        t.apply(assign("a", "alice", 1), At::default());
+        t.apply(turn("t1", "alice"), At::default());
+        let budget = |id, ms| {
+            let mut c = turn(id, "alice");
+            if let CommandBody::Turn(r) = &mut c.body {
+                r.timeout_ms = Some(ms);
+            }
+            c
+        };
+        // Arrives at monotonic 50 ms with 100 ms left: due at 150 ms. The
+        // node's wall clock is a day ahead; it plays no part.
+        t.apply(budget("t2", 100), at(86_400_000, 50));
+        // A wall clock a day behind does not expire a turn with budget left.
+        t.apply(budget("t3", 10_000), at(0, 60));
         let next = t.turn_finished("alice", "t1", 200);
         assert!(
             matches!(&next[0], Effect::TurnFailed { result, .. } if result.error.as_ref().unwrap().code == TurnErrorCode::Expired)
@@ -715,9 +754,9 @@ mod tests {
     #[test]
     fn releasing_an_agent_fails_its_queued_turns_and_frees_the_slot() {
         let mut t = AgentTable::new("pi-1", 1);
-        t.apply(assign("a", "alice", 1), 0);
-        t.apply(turn("t1", "alice"), 0);
-        t.apply(turn("t2", "alice"), 0);
+        t.apply(assign("a", "alice", 1), At::default());
+        t.apply(turn("t1", "alice"), At::default());
+        t.apply(turn("t2", "alice"), At::default());
         let effects = t.apply(
             command(
                 "r",
@@ -727,7 +766,7 @@ mod tests {
                     placement: 1,
                 },
             ),
-            0,
+            At::default(),
         );
         assert!(ack_of(&effects).ok);
         assert!(effects
@@ -735,7 +774,7 @@ mod tests {
             .any(|e| matches!(e, Effect::TurnFailed { turn, .. } if turn.id == "t2")));
         assert!(t.is_empty());
         assert!(
-            ack_of(&t.apply(assign("b", "bob", 2), 0)).ok,
+            ack_of(&t.apply(assign("b", "bob", 2), At::default())).ok,
             "the slot is free again"
         );
         assert!(t.turn_finished("alice", "t1", 0).is_empty());
@@ -744,17 +783,20 @@ mod tests {
     #[test]
     fn draining_and_stopping_refuse_new_agents_and_stopping_refuses_turns() {
         let mut t = AgentTable::new("pi-1", 4);
-        t.apply(assign("a", "alice", 1), 0);
-        let effects = t.apply(command("d", 1, CommandBody::Drain { draining: true }), 0);
+        t.apply(assign("a", "alice", 1), At::default());
+        let effects = t.apply(
+            command("d", 1, CommandBody::Drain { draining: true }),
+            At::default(),
+        );
         assert!(effects.contains(&Effect::CapacityChanged));
         assert!(t.draining());
-        assert!(ack_of(&t.apply(assign("b", "bob", 2), 0))
+        assert!(ack_of(&t.apply(assign("b", "bob", 2), At::default()))
             .reason
             .as_deref()
             .unwrap()
             .contains("draining"));
         t.set_stopping();
-        let effects = t.apply(turn("t", "alice"), 0);
+        let effects = t.apply(turn("t", "alice"), At::default());
         assert!(
             matches!(&effects[..], [Effect::TurnFailed { result, .. }] if result.error.as_ref().unwrap().code == TurnErrorCode::ShuttingDown)
         );

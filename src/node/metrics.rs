@@ -25,6 +25,8 @@ pub struct NodeMetrics {
     pub turns_queued: Gauge,
     pub mqtt_connected: Gauge,
     pub mqtt_reconnects: Counter,
+    pub fences: Counter,
+    pub turns_fenced: Counter,
     pub ollama_reachable: Gauge,
     temperature_celsius: Family<Labels, Gauge<f64, AtomicU64>>,
     throttled: Family<Labels, Gauge>,
@@ -44,6 +46,8 @@ impl NodeMetrics {
             turns_queued: Gauge::default(),
             mqtt_connected: Gauge::default(),
             mqtt_reconnects: Counter::default(),
+            fences: Counter::default(),
+            turns_fenced: Counter::default(),
             ollama_reachable: Gauge::default(),
             temperature_celsius: Family::default(),
             throttled: Family::default(),
@@ -90,6 +94,16 @@ impl NodeMetrics {
             "mqtt_reconnects",
             "Connections to the MQTT broker after the first",
             m.mqtt_reconnects.clone(),
+        );
+        r.register(
+            "fences",
+            "Times the node's lease ran out and it stopped all its agents",
+            m.fences.clone(),
+        );
+        r.register(
+            "turns_fenced",
+            "Running turns aborted (with their Ollama calls) by a fence",
+            m.turns_fenced.clone(),
         );
         r.register(
             "ollama_reachable",

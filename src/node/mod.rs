@@ -12,15 +12,18 @@
 //!   Ollama with a timeout;
 //! * probe reports every `heartbeat_secs` (capacity heartbeat);
 //! * queries from the HTTP API;
-//! * a one-second tick for the watchdog and for the node's lease (nothing
-//!   heard from the broker, or no heartbeat sent, for `fence_secs` → stop
-//!   every agent; checked too before acting on anything from the link);
+//! * a one-second tick for the watchdog;
+//! * the end of the node's [`lease::Lease`]: `fence_secs` after the last
+//!   heartbeat the broker echoed back was sent, it stops every agent and
+//!   aborts their running turns (checked too before acting on anything from
+//!   the link);
 //! * shutdown: take no new work, let turns in flight finish within
 //!   `shutdown_grace_secs`, fail the rest, publish `offline`, disconnect.
 
 pub mod agents;
 pub mod answered;
 pub mod api;
+pub mod lease;
 pub mod metrics;
 pub mod ollama;
 pub mod probe;
@@ -45,12 +48,13 @@ use tokio_util::sync::CancellationToken;
 use crate::config::NodeConfig;
 use crate::mqtt::{LinkError, LinkEvent, Publisher};
 use crate::protocol::{
-    decode_command, encode, now_ms, Capacity, ChatMessage, NodeTopic, Reply, ReplyBody, Role,
-    Topics, TurnErrorCode, TurnResult, STATUS_OFFLINE, STATUS_ONLINE,
+    decode_command, encode, mono_ms, now_ms, Capacity, ChatMessage, NodeTopic, Reply, ReplyBody,
+    Role, Topics, TurnErrorCode, TurnResult, STATUS_OFFLINE, STATUS_ONLINE,
 };
 use crate::systemd::{self, Liveness};
-use agents::{AgentTable, Effect, Turn};
+use agents::{AgentTable, At, Effect, Turn};
 use answered::AnsweredTurns;
+use lease::Lease;
 use ollama::OllamaClient;
 use probe::ProbeReport;
 
@@ -89,6 +93,8 @@ struct RunningTurn {
     generation: u64,
     agent: String,
     job: Option<String>,
+    /// Stops the task and its Ollama call (fencing).
+    abort: tokio::task::AbortHandle,
 }
 
 struct Node {
@@ -105,8 +111,9 @@ struct Node {
     /// Tell systemd when ready (the daemon; not a simulated node).
     notify_systemd: bool,
     disconnected_since: Option<Instant>,
-    /// When the broker last spoke: the node's lease on its agents.
-    heard: crate::mqtt::Heard,
+    /// The node's lease on its agents: renewed by its own heartbeats
+    /// echoed back by the broker.
+    lease: Lease,
     /// The capacity changed since it was last published.
     dirty: bool,
     last_capacity: Instant,
@@ -143,6 +150,12 @@ impl Node {
             }
             let publish_at =
                 (self.dirty && self.is_connected()).then(|| self.last_capacity + CAPACITY_DEBOUNCE);
+            // The fence fires at the lease's end, not on a tick.
+            let fence_at = if self.table.is_empty() && self.running.is_empty() {
+                None
+            } else {
+                Some(self.lease.expires_at().unwrap_or_else(Instant::now))
+            };
             tokio::select! {
                 _ = shutdown.cancelled(), if !self.stopping => {
                     grace_ends = Some(Instant::now() + self.config.shutdown_grace);
@@ -165,10 +178,8 @@ impl Node {
                 },
                 Some(done) = self.turns.join_next_with_id(), if !self.turns.is_empty() => self.on_turn_done(done),
                 _ = sleep_until(publish_at) => self.publish_capacity(),
-                _ = tick.tick() => {
-                    self.check_fence();
-                    self.check_parent(&shutdown);
-                }
+                _ = sleep_until(fence_at) => self.check_fence(),
+                _ = tick.tick() => self.check_parent(&shutdown),
             }
         }
     }
@@ -219,6 +230,8 @@ impl Node {
                 let filters = vec![
                     self.topics.node(node, NodeTopic::Command),
                     self.topics.node(node, NodeTopic::Status),
+                    // Our own heartbeats, echoed: the lease's proof.
+                    self.topics.node(node, NodeTopic::Capacity),
                 ];
                 if let Err(e) = self.publisher.subscribe(filters) {
                     log::error!("cannot subscribe: {e}");
@@ -261,6 +274,9 @@ impl Node {
                 Some((node, NodeTopic::Status)) if node == self.config.node_id && !retain => {
                     self.on_own_status(&payload)
                 }
+                Some((node, NodeTopic::Capacity)) if node == self.config.node_id => {
+                    self.lease.echoed(&payload);
+                }
                 _ => log::debug!("ignored a message on {topic}"),
             },
         }
@@ -291,7 +307,7 @@ impl Node {
             return;
         }
         let generation = self.table.generation();
-        let effects = self.table.apply(command, now_ms());
+        let effects = self.table.apply(command, At::now());
         if self.table.generation() > generation && generation > 0 {
             log::info!("coordinator generation is now {}", self.table.generation());
         }
@@ -304,8 +320,10 @@ impl Node {
                 Effect::Ack {
                     id,
                     generation,
-                    ack,
+                    mut ack,
                 } => {
+                    // The next capacity message (seq + 1) reflects it.
+                    ack.seq = self.seq;
                     let kind = format!("{:?}", ack.command).to_lowercase();
                     let agent = ack.agent.as_deref().unwrap_or("-");
                     match (&ack.ok, &ack.reason) {
@@ -358,6 +376,7 @@ impl Node {
             id,
             generation,
             request,
+            deadline_mono_ms: turn_deadline,
         } = turn;
         let agent = request.agent.clone();
         let job = request.job.clone();
@@ -367,9 +386,17 @@ impl Node {
         let timeout = self.config.ollama.request_timeout;
         let task_agent = agent.clone();
         let task_id = id.clone();
+        // The turn's budget, counted on this node's clock from arrival.
+        let budget_ends = turn_deadline
+            .map(|d| Instant::now() + Duration::from_millis(d.saturating_sub(mono_ms())));
         let handle = self.turns.spawn(async move {
-            let result =
-                execute_turn(&slots, &ollama, &metrics, model, system, request, timeout).await;
+            let call = OllamaCall {
+                model,
+                system,
+                timeout,
+                budget_ends,
+            };
+            let result = execute_turn(&slots, &ollama, &metrics, call, request).await;
             TurnDone {
                 id: task_id,
                 generation,
@@ -384,6 +411,7 @@ impl Node {
                 generation,
                 agent,
                 job,
+                abort: handle,
             },
         );
     }
@@ -433,7 +461,7 @@ impl Node {
             done.generation,
             ReplyBody::TurnResult(done.result),
         );
-        let next = self.table.turn_finished(&done.agent, &done.id, now_ms());
+        let next = self.table.turn_finished(&done.agent, &done.id, mono_ms());
         self.apply(next);
     }
 
@@ -462,28 +490,37 @@ impl Node {
         self.publish_capacity();
     }
 
-    /// The node's lease: it hosts agents only while it hears the broker (a
-    /// PUBACK for every heartbeat, a PINGRESP, any message). After
-    /// `fence_secs` of silence, cut off or frozen, it must assume that the
-    /// coordinator declared it lost (`node_lost_after_secs`, longer) and
-    /// placed its agents elsewhere: it stops them all, before it announces
-    /// anything again.
+    /// The node's lease ([`Lease`]): once it ran out, cut off or frozen,
+    /// the node must assume that the coordinator placed its agents
+    /// elsewhere. It stops them all and aborts their running turns (and so
+    /// their Ollama calls) before it acts on or announces anything else.
     fn check_fence(&mut self) {
-        // The coordinator counts only capacity messages: a node whose
-        // heartbeats stalled is as silent to it as one cut off.
-        let silence = self
-            .heard
-            .take_longest_silence()
-            .max(self.last_capacity.elapsed());
-        if silence < self.config.fence_after || self.table.is_empty() {
+        let now = Instant::now();
+        if !self.lease.expired(now) || (self.table.is_empty() && self.running.is_empty()) {
             return;
         }
+        let fence = self.lease.fence_after().as_secs_f64();
+        let since = match self.lease.age(now) {
+            Some(age) => format!("{:.1}s ago", age.as_secs_f64()),
+            None => "never".into(),
+        };
         log::warn!(
-            "heard nothing from the broker for {:.1}s (fence_secs = {}): stopping all {} agents so that none runs twice once the coordinator moves them",
-            silence.as_secs_f64(),
-            self.config.fence_after.as_secs(),
-            self.table.len()
+            "fenced: the broker last echoed a heartbeat sent {since} (fence_secs = {fence}): stopping all {} agents and aborting {} running turns so that none runs twice once the coordinator moves them",
+            self.table.len(),
+            self.running.len()
         );
+        let reason = format!(
+            "node {} fenced (no heartbeat confirmed by the broker for {fence}s): the turn was stopped",
+            self.config.node_id
+        );
+        for (_, turn) in std::mem::take(&mut self.running) {
+            turn.abort.abort();
+            self.metrics.turns_fenced.inc();
+            let result =
+                TurnResult::failed(&turn.agent, turn.job, TurnErrorCode::Fenced, reason.clone());
+            self.reply(turn.id, turn.generation, ReplyBody::TurnResult(result));
+        }
+        self.metrics.fences.inc();
         let effects = self.table.remove_all(TurnErrorCode::Fenced);
         self.apply(effects);
         self.dirty = true;
@@ -627,6 +664,7 @@ impl Node {
             max_parallel: self.config.ollama.max_parallel,
             turns_in_flight: self.table.turns_in_flight() as u32,
             generation: self.table.generation(),
+            fence_ms: self.config.fence_after.as_millis() as u64,
         }
     }
 
@@ -643,22 +681,39 @@ impl Node {
         self.last_capacity = Instant::now();
         let capacity = self.capacity();
         let topic = self.topics.node(&self.config.node_id, NodeTopic::Capacity);
-        if let Err(e) = self.publisher.publish(topic, encode(&capacity), true) {
+        let payload = encode(&capacity);
+        self.lease.sent(&payload, self.last_capacity);
+        if let Err(e) = self.publisher.publish(topic, payload, true) {
             log::error!("cannot publish capacity: {e}");
         }
     }
 }
 
-/// Runs one turn: waits for an Ollama slot, then asks Ollama.
+/// How to run one turn's Ollama call.
+struct OllamaCall {
+    model: String,
+    system: Option<String>,
+    /// `ollama.request_timeout`.
+    timeout: Duration,
+    /// When nobody waits for the answer any more (the turn's budget).
+    budget_ends: Option<Instant>,
+}
+
+/// Runs one turn: waits for an Ollama slot, then asks Ollama, for no longer
+/// than the turn's budget.
 async fn execute_turn(
     slots: &Semaphore,
     ollama: &OllamaClient,
     metrics: &metrics::NodeMetrics,
-    model: String,
-    system: Option<String>,
+    call: OllamaCall,
     request: crate::protocol::TurnRequest,
-    timeout: Duration,
 ) -> TurnResult {
+    let OllamaCall {
+        model,
+        system,
+        mut timeout,
+        budget_ends,
+    } = call;
     let Ok(_permit) = slots.acquire().await else {
         return TurnResult::failed(
             &request.agent,
@@ -667,15 +722,16 @@ async fn execute_turn(
             "node stopping".into(),
         );
     };
-    if let Some(deadline) = request.deadline_ms {
-        let now = now_ms();
-        if deadline <= now {
+    if let Some(ends) = budget_ends {
+        let now = Instant::now();
+        if ends <= now {
             let reason = format!(
-                "the turn waited for an Ollama slot until {} ms past its deadline",
-                now - deadline
+                "the turn waited for an Ollama slot {} ms past its budget",
+                (now - ends).as_millis()
             );
             return TurnResult::failed(&request.agent, request.job, TurnErrorCode::Expired, reason);
         }
+        timeout = timeout.min(ends - now);
     }
     let mut messages = request.messages;
     if let Some(system) = system {

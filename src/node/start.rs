@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::agents::AgentTable;
 use super::answered::AnsweredTurns;
+use super::lease::Lease;
 use super::ollama::OllamaClient;
 use super::probe::{self, HostProbe, ProbeReport};
 use super::{api, metrics, Node, NodeError, CAPACITY_DEBOUNCE, PARENT_PID_ENV};
@@ -160,7 +161,7 @@ async fn drive(
         session: crate::protocol::new_id(),
         seq: 0,
         publisher: link.publisher.clone(),
-        heard: link.heard.clone(),
+        lease: Lease::new(config.fence_after),
         probe: ProbeReport::unknown(),
         probed: false,
         connected: host.connected,

@@ -45,7 +45,8 @@ pub struct Capacity {
     pub ollama_reachable: bool,
     pub labels: BTreeMap<String, String>,
     pub draining: bool,
-    /// Unix time in milliseconds when the message was made.
+    /// Unix time in milliseconds when the message was made, by the node's
+    /// clock (which may be wrong): for display only, never for ordering.
     pub ts: u64,
     /// The node's own temperature limit, for the scheduler.
     #[serde(default)]
@@ -59,6 +60,13 @@ pub struct Capacity {
     /// The highest coordinator generation the node has accepted.
     #[serde(default)]
     pub generation: u64,
+    /// The node's fence timeout (`fence_secs`) in milliseconds: after this
+    /// long without proof that the broker received its packets, the node
+    /// has stopped all its agents. The coordinator waits this long after it
+    /// last heard the node before it places the node's agents elsewhere.
+    /// 0 (an older node) means "unknown": the coordinator's default applies.
+    #[serde(default)]
+    pub fence_ms: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -182,10 +190,13 @@ pub struct TurnRequest {
     /// System prompt; sent to Ollama first unless `messages` starts with one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system: Option<String>,
-    /// Unix ms after which nobody waits for the answer: a turn still queued
-    /// then is failed with `expired` instead of run.
+    /// The turn's remaining budget in milliseconds when the command was
+    /// sent. The node counts it from when the command arrived, on its own
+    /// monotonic clock: a turn still queued (or waiting for an Ollama slot)
+    /// past it is failed with `expired` instead of run, and a running one is
+    /// stopped. No wall clock crosses machines (docs/RELIABILITY.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub deadline_ms: Option<u64>,
+    pub timeout_ms: Option<u64>,
     /// The job this turn serves, if any (for logs and the coordinator).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<String>,
@@ -225,10 +236,14 @@ pub struct Ack {
     pub reason: Option<String>,
     /// Agents the node hosts after applying the command.
     pub agents_running: u32,
-    /// Node clock (Unix ms) when the command was applied: a capacity message
-    /// with a later `ts` reflects it.
+    /// Node clock (Unix ms) when the command was applied; for display only.
     #[serde(default)]
     pub ts: u64,
+    /// The `seq` of the node's last capacity message (same session) when the
+    /// command was applied: a capacity message with a greater `seq`
+    /// reflects it. Reports are ordered by session and `seq`, never by `ts`.
+    #[serde(default)]
+    pub seq: u64,
 }
 
 /// Outcome of a chat turn.

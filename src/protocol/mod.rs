@@ -87,7 +87,19 @@ pub fn new_id() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
 
-/// Unix time in milliseconds.
+/// Milliseconds on this process's monotonic clock (since its first call):
+/// for deadlines and ages that must not jump with the wall clock. Never
+/// sent to another machine.
+pub fn mono_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
+/// Unix time in milliseconds: for display only (logs, events, `ts` fields).
+/// Never compared with another machine's clock.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -56,8 +56,11 @@ pub struct Agent {
     pub(super) since: Instant,
     /// When an assignment or release must have been acknowledged.
     pub(super) deadline: Option<Instant>,
-    /// Node clock of the last confirmation that the node hosts it.
-    pub(super) confirmed_ts: u64,
+    /// The node's capacity `seq` (this session) as of the last
+    /// confirmation that it hosts the agent: only a capacity message with a
+    /// greater `seq` can say it no longer does. Never a timestamp: node
+    /// clocks are not to be trusted or compared.
+    pub(super) confirmed_seq: u64,
     pub pending_reason: Option<String>,
     /// A node not to place it on, until when.
     pub(super) avoid: Option<(String, Instant)>,
@@ -82,7 +85,7 @@ impl Agent {
             placement: 0,
             since: now,
             deadline: None,
-            confirmed_ts: 0,
+            confirmed_seq: 0,
             pending_reason: None,
             avoid: None,
             moving_from: None,
@@ -116,7 +119,7 @@ pub(super) struct TurnInFlight {
     pub(super) node: String,
     pub(super) kind: TurnKind,
     pub(super) new_messages: Vec<ChatMessage>,
+    /// When the caller stops waiting (on the coordinator's monotonic
+    /// clock); the node gets what is left of it as `timeout_ms`.
     pub(super) deadline: Instant,
-    /// The deadline as sent to the node (Unix ms), for resending.
-    pub(super) deadline_ms: u64,
 }

@@ -457,6 +457,10 @@ impl Coordinator {
         } else if old.0 == AgentState::Running {
             a.waiting_since = Some(self.now.at);
         }
+        if a.node != node {
+            // Sequence numbers are per node (and session).
+            a.confirmed_seq = 0;
+        }
         a.state = state;
         a.node = node.clone();
         a.since = self.now.at;

@@ -96,10 +96,10 @@ impl Coordinator {
                 AgentState::Running | AgentState::Assigned if a.on(node) => {
                     let confirm = a.state == AgentState::Assigned;
                     if let Some(a) = self.agents.get_mut(name) {
-                        a.confirmed_ts = a.confirmed_ts.max(capacity.ts);
+                        a.confirmed_seq = a.confirmed_seq.max(capacity.seq);
                     }
                     if confirm {
-                        self.confirm(name, node, capacity.ts);
+                        self.confirm(name, node, capacity.seq);
                     }
                 }
                 AgentState::Pending
@@ -117,7 +117,7 @@ impl Coordinator {
                     );
                     self.set_state(name, AgentState::Running, Some(node.to_owned()));
                     if let Some(a) = self.agents.get_mut(name) {
-                        a.confirmed_ts = capacity.ts;
+                        a.confirmed_seq = capacity.seq;
                     }
                     self.dispatch(name);
                 }
@@ -137,7 +137,7 @@ impl Coordinator {
             .filter_map(|name| {
                 let a = self.agents.get(name)?;
                 let gone = match a.state {
-                    AgentState::Running => capacity.ts > a.confirmed_ts,
+                    AgentState::Running => capacity.seq > a.confirmed_seq,
                     AgentState::Releasing | AgentState::Stopping => true,
                     _ => false,
                 };
@@ -181,11 +181,11 @@ impl Coordinator {
         self.release(node, name, placement);
     }
 
-    pub(super) fn confirm(&mut self, name: &str, node: &str, node_ts: u64) {
+    pub(super) fn confirm(&mut self, name: &str, node: &str, seq: u64) {
         let moved = self.agents.get(name).and_then(|a| a.moving_from.clone());
         self.set_state(name, AgentState::Running, Some(node.to_owned()));
         if let Some(a) = self.agents.get_mut(name) {
-            a.confirmed_ts = a.confirmed_ts.max(node_ts);
+            a.confirmed_seq = a.confirmed_seq.max(seq);
             if moved.is_some() {
                 a.moving_from = None;
                 a.last_moved = Some(self.now.at);
@@ -263,7 +263,7 @@ impl Coordinator {
         let current = a.on(node) && a.placement == placement;
         match (ack.command, ack.ok) {
             (CommandKind::Assign, true) if current && a.state == AgentState::Assigned => {
-                self.confirm(&name, node, ack.ts)
+                self.confirm(&name, node, ack.seq)
             }
             (CommandKind::Assign, true) if !(current && a.state == AgentState::Running) => {
                 // A late ack of an assignment we gave up on.
@@ -299,12 +299,20 @@ impl Coordinator {
                     format!("node {node} is online with {capacity} agent slots"),
                 );
             }
-            Change::Restarted { node } => self.event(
-                EventKind::NodeRestarted,
-                None,
-                Some(&node),
-                format!("node {node} restarted (new session)"),
-            ),
+            Change::Restarted { node } => {
+                // A new session numbers its messages from 1 again.
+                for name in self.by_node.get(&node).into_iter().flatten() {
+                    if let Some(a) = self.agents.get_mut(name) {
+                        a.confirmed_seq = 0;
+                    }
+                }
+                self.event(
+                    EventKind::NodeRestarted,
+                    None,
+                    Some(&node),
+                    format!("node {node} restarted (new session)"),
+                )
+            }
             Change::Recovered { node } => self.event(
                 EventKind::NodeRecovered,
                 None,
@@ -352,10 +360,12 @@ impl Coordinator {
         self.release_lost_agents();
     }
 
-    /// Agents on lost nodes go back to pending once the fence time passed.
+    /// Agents on lost nodes go back to pending once their node has surely
+    /// stopped them ([`Fleet::released_at`]) and `timeouts.fence` passed.
     pub(super) fn release_lost_agents(&mut self) {
         let now = self.now.at;
-        let fence = self.config.timeouts.fence;
+        let t = &self.config.timeouts;
+        let (fence, default_fence) = (t.fence, t.node_lost_after);
         let due: Vec<(String, String)> = self
             .agents
             .iter()
@@ -363,7 +373,9 @@ impl Coordinator {
             .filter_map(|(name, a)| {
                 let node = a.node.as_ref()?;
                 let since = self.fleet.lost_since(node)?;
-                (now.duration_since(since) >= fence).then(|| (name.clone(), node.clone()))
+                let released = self.fleet.released_at(node, default_fence)?;
+                (now >= released && now.duration_since(since) >= fence)
+                    .then(|| (name.clone(), node.clone()))
             })
             .collect();
         for (name, node) in due {

@@ -96,11 +96,14 @@ impl Sim {
             ollama_reachable: true,
             labels: BTreeMap::new(),
             draining: n.draining,
-            ts: self.now.wall_ms,
+            // A node clock that runs backwards: the core must order
+            // reports by session and seq and never look at `ts`.
+            ts: 1_000_000_000_000 - n.seq,
             max_temperature_c: None,
             max_parallel: 1,
             turns_in_flight: n.turns.len() as u32,
             generation: self.c.generation,
+            fence_ms: 7000,
         };
         self.c
             .on_capacity(node, &encode(&capacity), false, self.now);
@@ -203,7 +206,8 @@ impl Sim {
             ok,
             reason: (!ok).then(|| "full".to_owned()),
             agents_running: n.hosted.len() as u32,
-            ts: self.now.wall_ms,
+            ts: 0,
+            seq: n.seq,
         };
         self.reply(node, &command.id, ReplyBody::Ack(ack));
     }
@@ -393,17 +397,54 @@ fn a_node_that_does_not_confirm_an_assignment_in_time_loses_it() {
 }
 
 #[test]
-fn a_silent_node_is_lost_after_node_lost_after_and_its_agents_move() {
+fn a_silent_node_is_lost_after_node_lost_after_but_its_agents_move_only_once_it_has_fenced() {
+    // Lost after 5 s of silence, but the node announced a 7 s fence: its
+    // agents may still run there until 7 s after it was last heard.
     let mut sim = three_on_a_then_b(|c| c.timeouts.node_lost_after = Duration::from_secs(5));
     sim.run_for(Duration::from_secs(10));
     assert_eq!(sim.running_on("a"), 3, "a healthy node keeps its agents");
-    sim.nodes.get_mut("a").unwrap().alive = false; // power cut: no last will
-    sim.run_for(Duration::from_secs(4));
-    assert_eq!(sim.running_on("a"), 3, "not lost before node_lost_after");
-    sim.run_until("moved to b", Duration::from_secs(3), |s| {
+    sim.announce("a");
+    let last_heard = sim.now.at;
+    sim.nodes.get_mut("a").unwrap().alive = false; // cut off: no last will
+    sim.run_until("a lost", Duration::from_secs(6), |s| {
+        s.kinds().contains(&"node_lost")
+    });
+    while sim.now.at < last_heard + Duration::from_millis(7400) {
+        assert_eq!(
+            sim.running_on("b"),
+            0,
+            "placed elsewhere {:?} after a was last heard, before its 7 s fence",
+            sim.now.at - last_heard
+        );
+        sim.step();
+    }
+    sim.run_until("moved to b", Duration::from_secs(2), |s| {
         s.running_on("b") == 3
     });
     assert_eq!(sim.kinds().iter().filter(|k| **k == "node_lost").count(), 1);
+}
+
+#[test]
+fn an_agent_its_node_stops_listing_is_placed_again_whatever_the_node_clock_says() {
+    // The sim's node clock runs backwards (see `announce`): only `seq`
+    // tells that the report without the agent is newer than its ack.
+    let mut sim = one_running_on_a();
+    sim.run_for(Duration::from_secs(2));
+    sim.nodes.get_mut("a").unwrap().hosted.clear(); // the node dropped it
+    sim.announce("a");
+    assert!(sim.kinds().contains(&"vanished"), "{:?}", sim.kinds());
+    sim.run_until("hosted again", MINUTE, |s| s.running_on("a") == 1);
+}
+
+#[test]
+fn a_last_will_moves_the_agents_after_offline_grace_without_waiting_for_the_fence() {
+    let mut sim = three_on_a_then_b(|_| {});
+    sim.run_for(Duration::from_secs(10));
+    sim.nodes.get_mut("a").unwrap().alive = false; // kill -9: the broker sends the will
+    sim.c.on_status("a", b"offline", false, sim.now);
+    sim.run_until("moved to b", Duration::from_secs(2), |s| {
+        s.running_on("b") == 3
+    });
 }
 
 #[test]

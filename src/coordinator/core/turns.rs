@@ -57,8 +57,7 @@ impl Coordinator {
             TurnKind::Chat(_) => None,
         };
         let id = self.next_id("t");
-        let deadline_ms = self.now.wall_ms + timeout.as_millis() as u64;
-        let payload = match self.turn_command(&id, name, node, &new_messages, job, deadline_ms) {
+        let payload = match self.turn_command(&id, name, node, &new_messages, job, timeout) {
             Ok(payload) => payload,
             Err(error) => {
                 log::warn!("turn for {name} not sent: {error}");
@@ -93,7 +92,6 @@ impl Coordinator {
                 kind,
                 new_messages,
                 deadline: now + timeout,
-                deadline_ms,
             },
         );
     }
@@ -108,7 +106,7 @@ impl Coordinator {
         node: &str,
         new_messages: &[ChatMessage],
         job: Option<String>,
-        deadline_ms: u64,
+        budget: Duration,
     ) -> Result<Vec<u8>, CoreError> {
         // Without its history the agent would answer as if the
         // conversation had not happened: better no answer than that.
@@ -126,7 +124,9 @@ impl Coordinator {
                 agent: name.to_owned(),
                 messages,
                 system,
-                deadline_ms: Some(deadline_ms),
+                // What is left of it, counted by the node on its own
+                // clock from arrival: no wall clock crosses machines.
+                timeout_ms: Some(budget.as_millis() as u64),
                 job,
             }),
         };
@@ -173,7 +173,11 @@ impl Coordinator {
                 TurnKind::Job(job) => Some(job.clone()),
                 TurnKind::Chat(_) => None,
             };
-            match self.turn_command(id, &t.agent, &t.node, &t.new_messages, job, t.deadline_ms) {
+            let budget = t.deadline.saturating_duration_since(self.now.at);
+            if budget.is_zero() {
+                continue; // expire_turns fails it; a stale command helps nobody
+            }
+            match self.turn_command(id, &t.agent, &t.node, &t.new_messages, job, budget) {
                 Ok(payload) => {
                     resent.push((self.topics.node(&t.node, NodeTopic::Command), payload))
                 }

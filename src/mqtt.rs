@@ -7,8 +7,12 @@
 //!   sends pings and reconnects while polled), turns packets into
 //!   [`LinkEvent`]s and, after an error, sleeps with exponential backoff
 //!   (rumqttc itself would reconnect in a tight loop);
-//! * the **publisher** drains an unbounded queue of [`Outbound`] requests into
-//!   the rumqttc client.
+//! * the **publisher** drains a bounded queue ([`QUEUE_BOUND`]) of
+//!   [`Outbound`] requests into the rumqttc client, only while connected: a
+//!   request that waited past its expiry (a turn command past its budget)
+//!   is dropped, not sent late. rumqttc itself forgets what it held when a
+//!   clean session reconnects; the application sends again what is still
+//!   due (resent turns, capacity, status).
 //!
 //! The application never awaits rumqttc: [`Publisher`] only enqueues. That
 //! breaks the cycle poller → application → rumqttc request channel → poller
@@ -16,7 +20,7 @@
 //! so on every [`LinkEvent::Connected`] the application subscribes and
 //! announces itself again.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rumqttc::{
@@ -36,6 +40,10 @@ const EVENT_CHANNEL: usize = 4096;
 /// the payload limit; between the two, the application rejects the payload
 /// itself and the connection survives.
 const TRANSPORT_LIMIT_FACTOR: usize = 4;
+
+/// Requests waiting for the broker, at most: past it, publishing fails with
+/// [`PublishError::Full`] (an outage of minutes at a busy coordinator).
+pub const QUEUE_BOUND: usize = 8192;
 
 /// What the poller reports to the application.
 #[derive(Debug)]
@@ -69,6 +77,8 @@ enum Outbound {
         topic: String,
         payload: Vec<u8>,
         retain: bool,
+        /// Dropped instead of sent once this passed.
+        expires: Option<Instant>,
     },
     Subscribe(Vec<String>),
     Disconnect,
@@ -85,12 +95,14 @@ pub enum PublishError {
     },
     #[error("the MQTT link is closed")]
     Closed,
+    #[error("the MQTT publish queue is full ({QUEUE_BOUND} messages wait for the broker)")]
+    Full,
 }
 
 /// Cheap, cloneable handle that queues messages for the broker (QoS 1).
 #[derive(Clone)]
 pub struct Publisher {
-    tx: mpsc::UnboundedSender<Outbound>,
+    tx: mpsc::Sender<Outbound>,
     max_payload: usize,
 }
 
@@ -102,6 +114,18 @@ impl Publisher {
         payload: impl Into<Vec<u8>>,
         retain: bool,
     ) -> Result<(), PublishError> {
+        self.publish_until(topic, payload, retain, None)
+    }
+
+    /// Publishes unless `expires` passes first (while the broker is away):
+    /// then the message is dropped, never sent late.
+    pub fn publish_until(
+        &self,
+        topic: String,
+        payload: impl Into<Vec<u8>>,
+        retain: bool,
+        expires: Option<Instant>,
+    ) -> Result<(), PublishError> {
         let payload = payload.into();
         if payload.len() > self.max_payload {
             return Err(PublishError::TooLarge {
@@ -110,20 +134,24 @@ impl Publisher {
                 max: self.max_payload,
             });
         }
-        self.tx
-            .send(Outbound::Publish {
-                topic,
-                payload,
-                retain,
-            })
-            .map_err(|_| PublishError::Closed)
+        self.enqueue(Outbound::Publish {
+            topic,
+            payload,
+            retain,
+            expires,
+        })
+    }
+
+    fn enqueue(&self, request: Outbound) -> Result<(), PublishError> {
+        self.tx.try_send(request).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => PublishError::Full,
+            mpsc::error::TrySendError::Closed(_) => PublishError::Closed,
+        })
     }
 
     /// Queues a QoS 1 subscription to `filters`.
     pub fn subscribe(&self, filters: Vec<String>) -> Result<(), PublishError> {
-        self.tx
-            .send(Outbound::Subscribe(filters))
-            .map_err(|_| PublishError::Closed)
+        self.enqueue(Outbound::Subscribe(filters))
     }
 
     pub fn max_payload(&self) -> usize {
@@ -197,11 +225,18 @@ impl Link {
         eventloop.network_options.set_tcp_nodelay(true);
 
         let (event_tx, events) = mpsc::channel(EVENT_CHANNEL);
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(QUEUE_BOUND);
+        let (connected_tx, connected) = tokio::sync::watch::channel(false);
         let closing = CancellationToken::new();
         let address = config.address();
-        let poller = tokio::spawn(poll(eventloop, event_tx, closing.clone(), address));
-        let sender = tokio::spawn(send(client, rx));
+        let poller = tokio::spawn(poll(
+            eventloop,
+            event_tx,
+            closing.clone(),
+            address,
+            connected_tx,
+        ));
+        let sender = tokio::spawn(send(client, rx, connected));
         Ok(Link {
             publisher: Publisher {
                 tx,
@@ -224,7 +259,7 @@ impl Link {
             mut poller,
             sender,
         } = self;
-        let _ = publisher.tx.send(Outbound::Disconnect);
+        let _ = publisher.tx.try_send(Outbound::Disconnect);
         closing.cancel();
         drop(publisher);
         // Keep draining events so the poller never blocks on a full channel.
@@ -247,13 +282,31 @@ impl Link {
     }
 }
 
-async fn send(client: AsyncClient, mut rx: mpsc::UnboundedReceiver<Outbound>) {
+async fn send(
+    client: AsyncClient,
+    mut rx: mpsc::Receiver<Outbound>,
+    mut connected: tokio::sync::watch::Receiver<bool>,
+) {
     while let Some(request) = rx.recv().await {
+        if matches!(request, Outbound::Disconnect) {
+            let _ = client.disconnect().await;
+            return;
+        }
+        // Hold requests while the broker is away: what rumqttc holds is
+        // forgotten on a clean reconnect, and what waits here can expire.
+        if connected.wait_for(|c| *c).await.is_err() {
+            return;
+        }
         let result = match request {
+            Outbound::Publish { expires, .. } if expires.is_some_and(|e| e <= Instant::now()) => {
+                log::debug!("dropped a message that expired while the broker was away");
+                continue;
+            }
             Outbound::Publish {
                 topic,
                 payload,
                 retain,
+                ..
             } => {
                 client
                     .publish(topic, QoS::AtLeastOnce, retain, payload)
@@ -268,10 +321,7 @@ async fn send(client: AsyncClient, mut rx: mpsc::UnboundedReceiver<Outbound>) {
                     )
                     .await
             }
-            Outbound::Disconnect => {
-                let _ = client.disconnect().await;
-                return;
-            }
+            Outbound::Disconnect => return,
         };
         if result.is_err() {
             return; // the event loop is gone
@@ -311,6 +361,7 @@ async fn poll(
     events: mpsc::Sender<LinkEvent>,
     closing: CancellationToken,
     address: String,
+    connected: tokio::sync::watch::Sender<bool>,
 ) {
     let mut backoff = Backoff::new();
     let mut failures: u64 = 0;
@@ -318,6 +369,7 @@ async fn poll(
         let event = eventloop.poll().await;
         let forward = match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                connected.send_replace(true);
                 log::info!("connected to MQTT broker {address}");
                 backoff.reset();
                 failures = 0;
@@ -333,6 +385,7 @@ async fn poll(
             Ok(_) => None,
             Err(ConnectionError::RequestsDone) => return,
             Err(e) => {
+                connected.send_replace(false);
                 if closing.is_cancelled() {
                     return;
                 }

@@ -82,7 +82,7 @@ async fn a_node_announces_online_and_a_retained_capacity_with_every_contract_fie
         })
         .await;
     let c = capacity.json();
-    // Exactly the fields of the contract type, none missing (the last four
+    // Exactly the fields of the contract type, none missing (the last five
     // have serde defaults, so deserializing alone would not notice).
     let typed: Capacity = serde_json::from_value(c.clone()).expect("a Capacity");
     let keys = |v: &Value| {
@@ -94,7 +94,7 @@ async fn a_node_announces_online_and_a_retained_capacity_with_every_contract_fie
     };
     let contract = keys(&serde_json::to_value(&typed).unwrap());
     assert_eq!(keys(&c), contract, "{c}");
-    assert_eq!(contract.len(), 21, "{contract:?}");
+    assert_eq!(contract.len(), 22, "{contract:?}");
     for (group, field) in [
         ("cpu", "cores"),
         ("cpu", "load1"),

@@ -67,7 +67,8 @@ impl From<CoreError> for ApiError {
                     | TurnErrorCode::AgentNotAssigned
                     | TurnErrorCode::Released
                     | TurnErrorCode::ShuttingDown
-                    | TurnErrorCode::Fenced => StatusCode::SERVICE_UNAVAILABLE,
+                    | TurnErrorCode::Fenced
+                    | TurnErrorCode::Forgotten => StatusCode::SERVICE_UNAVAILABLE,
                     _ => StatusCode::BAD_GATEWAY,
                 };
                 let error = ApiError::new(status, code.as_str(), message);

@@ -271,7 +271,7 @@ enum Input {
 /// Publishes what the core decided to send (queued QoS 1 publishes).
 fn send_outbox(coordinator: &mut core::Coordinator, publisher: &Publisher) {
     for m in coordinator.take_outbox() {
-        if let Err(e) = publisher.publish(m.topic, m.payload, m.retain) {
+        if let Err(e) = publisher.publish_until(m.topic, m.payload, m.retain, m.expires) {
             log::error!("cannot publish: {e}");
         }
     }

@@ -236,6 +236,24 @@ impl AgentTable {
         } = command;
         self.now_ms = now_ms;
         if !self.recent.insert(&id) {
+            if let CommandBody::Turn(request) = body {
+                if !self.holds_turn(&request.agent, &id) {
+                    // Ran here, and its answer (which the node would have
+                    // published again) is forgotten: say so at once rather
+                    // than let the caller wait out its timeout.
+                    let reason = format!(
+                        "turn {id} ran on node {} earlier and its answer is no longer held; run it again",
+                        self.node
+                    );
+                    let turn = Turn {
+                        id,
+                        generation,
+                        request,
+                        deadline_mono_ms: None,
+                    };
+                    return vec![failed(turn, TurnErrorCode::Forgotten, reason)];
+                }
+            }
             return vec![Effect::Ignored {
                 id,
                 reason: "repeated command id (already applied)".into(),
@@ -501,6 +519,13 @@ impl AgentTable {
         self.stopping = true;
     }
 
+    /// Whether turn `id` of `agent` is running or queued here.
+    fn holds_turn(&self, agent: &str, id: &str) -> bool {
+        self.agents
+            .get(agent)
+            .is_some_and(|a| a.running.as_deref() == Some(id) || a.queue.iter().any(|t| t.id == id))
+    }
+
     /// Queued turns, removed; running turns stay (their ids are returned by
     /// [`AgentTable::running_turns`]).
     pub fn take_queued(&mut self) -> Vec<Turn> {
@@ -724,6 +749,21 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_repeated_turn_is_ignored_while_held_and_answered_forgotten_once_done() {
+        let mut t = AgentTable::new("pi-1", 1);
+        t.apply(assign("a", "alice", 1), At::default());
+        t.apply(turn("t1", "alice"), At::default());
+        let again = t.apply(turn("t1", "alice"), At::default());
+        assert!(matches!(&again[0], Effect::Ignored { .. }), "{again:?}");
+        t.turn_finished("alice", "t1", 0);
+        let again = t.apply(turn("t1", "alice"), At::default());
+        assert!(
+            matches!(&again[0], Effect::TurnFailed { result, .. } if result.error.as_ref().unwrap().code == TurnErrorCode::Forgotten),
+            "{again:?}"
+        );
     }
 
     #[test]

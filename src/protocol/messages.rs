@@ -318,6 +318,9 @@ pub enum TurnErrorCode {
     ShuttingDown,
     /// The node lost the broker for longer than its fence timeout.
     Fenced,
+    /// The turn arrived again; the node ran it but no longer holds its
+    /// answer. Running it again is safe and the quickest way to an answer.
+    Forgotten,
 }
 
 impl TurnErrorCode {
@@ -333,6 +336,7 @@ impl TurnErrorCode {
             TurnErrorCode::Expired => "expired",
             TurnErrorCode::ShuttingDown => "shutting_down",
             TurnErrorCode::Fenced => "fenced",
+            TurnErrorCode::Forgotten => "forgotten",
         }
     }
 

@@ -108,6 +108,8 @@ pub struct Outgoing {
     pub topic: String,
     pub payload: Vec<u8>,
     pub retain: bool,
+    /// Not sent after this (a turn command past its budget).
+    pub expires: Option<Instant>,
 }
 
 /// Why a request was not done, in the domain's terms; `api.rs` alone maps
@@ -323,6 +325,17 @@ impl Coordinator {
             topic,
             payload: payload.into(),
             retain,
+            expires: None,
+        });
+    }
+
+    /// A command that must not be delivered after `expires`.
+    fn publish_until(&mut self, topic: String, payload: Vec<u8>, expires: Instant) {
+        self.outbox.push(Outgoing {
+            topic,
+            payload,
+            retain: false,
+            expires: Some(expires),
         });
     }
 

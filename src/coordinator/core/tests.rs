@@ -437,6 +437,23 @@ fn an_agent_its_node_stops_listing_is_placed_again_whatever_the_node_clock_says(
 }
 
 #[test]
+fn a_job_turn_whose_answer_the_node_forgot_runs_again_at_once_as_the_same_attempt() {
+    let mut sim = one_running_on_a();
+    let id = sim
+        .c
+        .submit_job("x", "work".into(), 0, sim.now)
+        .unwrap()
+        .job_id;
+    sim.deliver();
+    let turns = |sim: &Sim| sim.commands_to("a", CommandKind::Turn);
+    assert_eq!(turns(&sim), 1);
+    sim.fail_turn("a", TurnErrorCode::Forgotten);
+    assert_eq!(turns(&sim), 2, "sent again without waiting for its timeout");
+    let job = sim.c.job(&id).unwrap();
+    assert_eq!((job.status, job.attempts), (JobState::Running, 1));
+}
+
+#[test]
 fn a_last_will_moves_the_agents_after_offline_grace_without_waiting_for_the_fence() {
     let mut sim = three_on_a_then_b(|_| {});
     sim.run_for(Duration::from_secs(10));

@@ -79,11 +79,15 @@ impl Coordinator {
                 return;
             }
         };
-        self.publish(self.topics.node(node, NodeTopic::Command), payload, false);
+        let deadline = self.now.at + timeout;
+        self.publish_until(
+            self.topics.node(node, NodeTopic::Command),
+            payload,
+            deadline,
+        );
         if let Some(a) = self.agents.get_mut(name) {
             a.turn = Some(id.clone());
         }
-        let now = self.now.at;
         self.turns.insert(
             id,
             TurnInFlight {
@@ -91,7 +95,7 @@ impl Coordinator {
                 node: node.to_owned(),
                 kind,
                 new_messages,
-                deadline: now + timeout,
+                deadline,
             },
         );
     }
@@ -178,14 +182,16 @@ impl Coordinator {
                 continue; // expire_turns fails it; a stale command helps nobody
             }
             match self.turn_command(id, &t.agent, &t.node, &t.new_messages, job, budget) {
-                Ok(payload) => {
-                    resent.push((self.topics.node(&t.node, NodeTopic::Command), payload))
-                }
+                Ok(payload) => resent.push((
+                    self.topics.node(&t.node, NodeTopic::Command),
+                    payload,
+                    t.deadline,
+                )),
                 Err(e) => log::error!("cannot send turn {id} to {} again: {e}", t.node),
             }
         }
-        for (topic, payload) in resent {
-            self.publish(topic, payload, false);
+        for (topic, payload, deadline) in resent {
+            self.publish_until(topic, payload, deadline);
         }
     }
 
@@ -197,6 +203,9 @@ impl Coordinator {
         match (result.ok, result.message, result.error) {
             (true, Some(message), _) => {
                 self.turn_succeeded(id, message, result.usage.unwrap_or_default())
+            }
+            (_, _, Some(error)) if error.code == TurnErrorCode::Forgotten => {
+                self.run_again(id, &error.reason)
             }
             (_, _, Some(error)) => {
                 let placement_problem = matches!(
@@ -230,6 +239,35 @@ impl Coordinator {
                 true,
             ),
         }
+    }
+
+    /// The node ran turn `id` but lost its answer on the way and forgot it:
+    /// the same turn runs again under a new id, within what is left of its
+    /// budget (nothing of it was stored, so nothing is doubled).
+    fn run_again(&mut self, id: &str, why: &str) {
+        let still_there = self.turns.get(id).is_some_and(|t| {
+            self.agents
+                .get(&t.agent)
+                .is_some_and(|a| a.on(&t.node) && a.state == AgentState::Running)
+        });
+        if !still_there {
+            let reason = format!("{why}; its agent has left the node meanwhile");
+            self.turn_failed(id, TurnErrorCode::Released, reason, false);
+            return;
+        }
+        let Some(turn) = self.take_turn(id) else {
+            return;
+        };
+        let budget = turn.deadline.saturating_duration_since(self.now.at);
+        log::info!("turn {id} for {}: {why}", turn.agent);
+        // The same attempt of a job, not a new one.
+        self.start_turn(
+            &turn.agent,
+            &turn.node,
+            turn.new_messages,
+            turn.kind,
+            budget,
+        );
     }
 
     pub(super) fn turn_succeeded(&mut self, id: &str, message: ChatMessage, usage: Usage) {
@@ -286,6 +324,7 @@ impl Coordinator {
                         | TurnErrorCode::Released
                         | TurnErrorCode::ShuttingDown
                         | TurnErrorCode::Fenced
+                        | TurnErrorCode::Forgotten
                 );
                 let error = CoreError::Turn {
                     code,

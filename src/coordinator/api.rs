@@ -29,6 +29,9 @@ use crate::protocol::{
     normalize_model, AgentError, AgentSpec, ChatMessage, JobState, Role, TurnErrorCode,
 };
 
+/// `Retry-After` of a 503 caused by the store.
+const STORE_RETRY_AFTER_SECS: u64 = 5;
+
 /// What a handler asks the coordinator task to do: a call on its state,
 /// run there between other inputs, that sends its own answer back.
 pub type ApiCall = Box<dyn FnOnce(&mut Coordinator) + Send>;
@@ -77,8 +80,10 @@ impl From<CoreError> for ApiError {
                     None => error,
                 }
             }
+            // A full or failing disk: nothing was done, and the
+            // coordinator recovers by itself once it can write again.
             CoreError::Store(_) => {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", message)
+                ApiError::unavailable("store", message).retry_after(STORE_RETRY_AFTER_SECS)
             }
             CoreError::Stopping => ApiError::unavailable("stopping", message),
         }
@@ -89,6 +94,8 @@ impl From<CoreError> for ApiError {
 pub struct ApiState {
     pub requests: mpsc::Sender<ApiCall>,
     pub ready: Arc<AtomicBool>,
+    /// False while the store cannot write.
+    pub store_ok: Arc<AtomicBool>,
     pub metrics: Arc<CoordinatorMetrics>,
     pub token: Option<String>,
     pub max_body: usize,
@@ -120,8 +127,10 @@ impl ApiState {
     ) -> Result<T, CoreError> {
         let (tx, rx) = oneshot::channel();
         // The time is read when the call runs on the coordinator task.
+        // The answer leaves once the call's batch commits.
         let call: ApiCall = Box::new(move |c| {
-            let _ = tx.send(f(c, Now::system()));
+            let result = f(c, Now::system());
+            c.answer(tx, result);
         });
         if self.requests.send(call).await.is_err() {
             return Err(CoreError::Stopping);
@@ -462,13 +471,19 @@ struct ListQuery {
 }
 
 async fn ready(State(s): State<ApiState>) -> Result<Json<Value>, ApiError> {
-    if s.ready.load(Ordering::Relaxed) {
-        Ok(Json(json!({"ready": true})))
-    } else {
+    if !s.ready.load(Ordering::Relaxed) {
         Err(ApiError::unavailable(
             "not_ready",
-            "the store is not open or the MQTT broker is not connected",
+            "the MQTT broker is not connected",
         ))
+    } else if !s.store_ok.load(Ordering::Relaxed) {
+        Err(ApiError::unavailable(
+            "not_ready",
+            "the store cannot write (is its disk full?); see the coordinator's log",
+        )
+        .retry_after(STORE_RETRY_AFTER_SECS))
+    } else {
+        Ok(Json(json!({"ready": true})))
     }
 }
 
@@ -697,7 +712,7 @@ mod tests {
         };
         for (error, status, code) in [
             (CoreError::NotFound("m".into()), 404, "not_found"),
-            (CoreError::Store("m".into()), 500, "store"),
+            (CoreError::Store("m".into()), 503, "store"),
             (CoreError::TooLarge("m".into()), 413, "too_large"),
             (CoreError::Stopping, 503, "stopping"),
             (turn(TurnErrorCode::Timeout), 504, "timeout"),

@@ -223,6 +223,7 @@ pub struct CoordinatorMetrics {
     per_node: NodeSeries,
     exported_nodes: Mutex<BTreeSet<String>>,
     pub placements: Counter,
+    pub store_failures: Counter,
     moves: Family<Labels, Counter>,
     pub failovers: Counter,
     pub nodes_lost: Counter,
@@ -248,6 +249,7 @@ impl CoordinatorMetrics {
             per_node: NodeSeries::default(),
             exported_nodes: Mutex::new(BTreeSet::new()),
             placements: Counter::default(),
+            store_failures: Counter::default(),
             moves: Family::default(),
             failovers: Counter::default(),
             nodes_lost: Counter::default(),
@@ -302,6 +304,11 @@ impl CoordinatorMetrics {
             "placements",
             "Assignments of an agent to a node",
             m.placements.clone(),
+        );
+        r.register(
+            "store_failures",
+            "Batches the store refused (rolled back; the state was reloaded)",
+            m.store_failures.clone(),
         );
         r.register(
             "agent_moves",

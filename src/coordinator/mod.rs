@@ -87,11 +87,14 @@ pub async fn run(
     );
 
     let ready = Arc::new(AtomicBool::new(false));
+    let store_ok = Arc::new(AtomicBool::new(true));
+    let mut failed = None;
     let (tx, mut requests) = mpsc::channel::<ApiCall>(1024);
     let background = CancellationToken::new();
     let state = api::ApiState {
         requests: tx,
         ready: ready.clone(),
+        store_ok: store_ok.clone(),
         metrics,
         token: config.api.token.clone(),
         max_body: config.api.max_body_bytes,
@@ -129,15 +132,20 @@ pub async fn run(
             _ = tick.tick() => Input::Tick,
         };
         // The core reads no clock and does no I/O: it is told the time of
-        // each input, and what it decided to publish is sent here.
+        // each input, and what it decided to publish is sent here. Every
+        // input is one store batch: its commands and HTTP answers leave
+        // only once it commits (core/durability.rs).
+        if matches!(input, Input::Tick) {
+            // While the store cannot write: a write of its own, outside
+            // any batch, to notice when it can again.
+            coordinator.probe_store(Now::system());
+        }
+        coordinator.begin_batch();
         match input {
             Input::Link(event) => {
                 // Link messages already waiting are handled in one store
                 // transaction: a commit per ack or report is what limited
-                // placing agents in bulk. The outbox is sent only after it
-                // commits, and not at all if it failed: what was not stored
-                // is not sent (assignments time out and are placed again).
-                coordinator.begin_batch();
+                // placing agents in bulk.
                 let mut event = Some(event);
                 let mut handled = 0;
                 while let Some(e) = event.take() {
@@ -146,13 +154,6 @@ pub async fn run(
                     if handled < LINK_BATCH {
                         event = link.events.try_recv().ok();
                     }
-                }
-                if !coordinator.end_batch() {
-                    let dropped = coordinator.take_outbox();
-                    log::error!(
-                        "{} messages not sent: the store did not take the changes they follow from",
-                        dropped.len()
-                    );
                 }
             }
             Input::Api(call) => call(&mut coordinator),
@@ -165,6 +166,12 @@ pub async fn run(
                 }
             }
         }
+        if let Err(e) = coordinator.end_batch() {
+            log::error!("{e}: the store cannot be read back; stopping");
+            failed = Some(e);
+            break;
+        }
+        store_ok.store(coordinator.store_fault().is_none(), Ordering::Relaxed);
         send_outbox(&mut coordinator, &link.publisher);
     }
 
@@ -188,7 +195,10 @@ pub async fn run(
     }
     link.close(Duration::from_secs(5)).await;
     log::info!("coordinator stopped");
-    Ok(())
+    match failed {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
 }
 
 /// Link events handled in one store transaction at most.

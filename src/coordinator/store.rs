@@ -140,6 +140,8 @@ pub struct Store {
     history_limit: usize,
     /// Open [`Store::begin`] batches.
     batch_depth: std::cell::Cell<u32>,
+    /// The first error inside the open batch: it fails the whole batch.
+    fault: std::cell::RefCell<Option<String>>,
 }
 
 const SCHEMA: &str = "
@@ -224,6 +226,7 @@ impl Store {
             path: path.to_owned(),
             history_limit,
             batch_depth: std::cell::Cell::new(0),
+            fault: std::cell::RefCell::new(None),
         })
     }
 
@@ -237,6 +240,7 @@ impl Store {
         if depth > 0 || !self.conn.is_autocommit() {
             return;
         }
+        self.fault.replace(None);
         if let Err(e) = self.conn.execute_batch("BEGIN") {
             log::warn!(
                 "store {}: cannot begin a transaction: {e}",
@@ -246,21 +250,44 @@ impl Store {
     }
 
     /// Ends what [`Store::begin`] started, committing if it was the
-    /// outermost batch; false if that commit failed.
-    pub fn commit(&self) -> bool {
+    /// outermost batch. Any error inside the batch, or of the commit itself,
+    /// rolls the whole batch back and is returned: the caller must then
+    /// forget what it computed from the batch.
+    pub fn commit(&self) -> std::result::Result<(), String> {
         let depth = self.batch_depth.get().saturating_sub(1);
         self.batch_depth.set(depth);
-        if depth > 0 || self.conn.is_autocommit() {
-            return true;
+        if depth > 0 {
+            return Ok(());
         }
-        match self.conn.execute_batch("COMMIT") {
-            Ok(()) => true,
-            Err(e) => {
-                log::error!("store {}: cannot commit: {e}", self.path.display());
-                let _ = self.conn.execute_batch("ROLLBACK");
-                false
+        let fault = self.fault.take();
+        if self.conn.is_autocommit() {
+            return fault.map_or(Ok(()), Err);
+        }
+        let outcome = match fault {
+            Some(fault) => Err(fault),
+            None => self
+                .conn
+                .execute_batch("COMMIT")
+                .map_err(|e| format!("store {}: cannot commit: {e}", self.path.display())),
+        };
+        if outcome.is_err() && !self.conn.is_autocommit() {
+            if let Err(e) = self.conn.execute_batch("ROLLBACK") {
+                log::error!("store {}: cannot roll back: {e}", self.path.display());
             }
         }
+        outcome
+    }
+
+    /// Whether a batch is open.
+    pub fn in_batch(&self) -> bool {
+        self.batch_depth.get() > 0
+    }
+
+    /// Whether the store takes writes: a tiny write of its own, for a
+    /// coordinator waiting for a full disk to have room again.
+    pub fn probe_write(&self) -> Result<()> {
+        let n = self.counter("write_probe")?;
+        self.set_counter("write_probe", n.wrapping_add(1) % 1_000_000)
     }
 
     /// Runs `writes` all or nothing, inside a batch or on its own (a
@@ -299,11 +326,29 @@ impl Store {
         }
     }
 
+    /// Maps an SQLite error to a [`StoreError`]. Inside a batch it also
+    /// fails the batch: SQLite may have rolled back the transaction by
+    /// itself (SQLITE_FULL, SQLITE_IOERR), and the writes that follow must
+    /// not be committed one by one without the ones before them.
     fn err(&self, action: &'static str) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
-        move |source| StoreError {
-            path: self.path.display().to_string(),
-            action,
-            source,
+        move |source| {
+            let error = StoreError {
+                path: self.path.display().to_string(),
+                action,
+                source,
+            };
+            if self.batch_depth.get() > 0 {
+                let mut fault = self.fault.borrow_mut();
+                if fault.is_none() {
+                    *fault = Some(error.to_string());
+                }
+                if self.conn.is_autocommit() {
+                    // Keep what follows in a transaction that will be
+                    // rolled back with the rest of the batch.
+                    let _ = self.conn.execute_batch("BEGIN");
+                }
+            }
+            error
         }
     }
 
@@ -758,14 +803,14 @@ mod tests {
         s.begin();
         s.begin(); // a placement pass inside a batch of link messages
         s.insert_agents(&[spec("a"), spec("b")], 0).unwrap();
-        assert!(s.commit(), "the inner end commits nothing yet");
+        assert!(s.commit().is_ok(), "the inner end commits nothing yet");
         s.append_history("a", &[ChatMessage::new(Role::User, "hi")], 0)
             .unwrap();
         s.delete_agent("b", 0).unwrap();
         // Another connection sees nothing before the outer commit.
         let other = Store::open(&path, 3).unwrap();
         assert!(other.agents().unwrap().is_empty());
-        assert!(s.commit());
+        assert!(s.commit().is_ok());
         let names: Vec<String> = other
             .agents()
             .unwrap()
@@ -777,6 +822,39 @@ mod tests {
         // Outside a batch, each write commits at once.
         s.insert_agent(&spec("c"), 0).unwrap();
         assert_eq!(other.agents().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_failed_write_fails_its_whole_batch_even_writes_that_succeeded_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let s = Store::open(&path, 10_000).unwrap();
+        s.begin();
+        s.insert_agent(&spec("before"), 0).unwrap();
+        // A full disk: the database may not grow by another page.
+        let pages: i64 = s
+            .conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        s.conn.pragma_update(None, "max_page_count", pages).unwrap();
+        let big = ChatMessage::new(Role::User, "x".repeat(64 * 1024));
+        let full = s.append_history("before", &[big], 0).unwrap_err();
+        s.conn
+            .pragma_update(None, "max_page_count", 1_000_000)
+            .unwrap();
+        s.insert_agent(&spec("after"), 0).unwrap();
+        let fault = s.commit().unwrap_err();
+        assert!(fault.contains("append history"), "{fault} ({full})");
+        let other = Store::open(&path, 3).unwrap();
+        assert!(
+            other.agents().unwrap().is_empty(),
+            "nothing of the batch is stored"
+        );
+        // The next batch starts clean.
+        s.begin();
+        s.insert_agent(&spec("later"), 0).unwrap();
+        assert!(s.commit().is_ok());
+        assert_eq!(other.agents().unwrap().len(), 1);
     }
 
     #[test]

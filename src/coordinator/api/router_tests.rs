@@ -36,6 +36,7 @@ fn api_with(
     let state = ApiState {
         requests: tx,
         ready: Arc::new(AtomicBool::new(true)),
+        store_ok: Arc::new(AtomicBool::new(true)),
         metrics,
         token: token.map(str::to_owned),
         max_body: 1024,

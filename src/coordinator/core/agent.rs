@@ -123,3 +123,13 @@ pub(super) struct TurnInFlight {
     /// clock); the node gets what is left of it as `timeout_ms`.
     pub(super) deadline: Instant,
 }
+
+impl TurnInFlight {
+    /// The job it serves, if it is a job's turn.
+    pub(super) fn job(&self) -> Option<&String> {
+        match &self.kind {
+            TurnKind::Job(id) => Some(id),
+            TurnKind::Chat(_) => None,
+        }
+    }
+}

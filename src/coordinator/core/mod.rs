@@ -43,6 +43,7 @@ use crate::protocol::{
     NodeList, NodeTopic, NodeView, Reply, ReplyBody, Role, Topics, TurnErrorCode, TurnRequest,
     TurnResult, Usage,
 };
+use durability::HeldAnswer;
 
 /// How long a node that refused an agent is skipped for it.
 const REFUSAL_BACKOFF: Duration = Duration::from_secs(30);
@@ -63,6 +64,7 @@ const STALLED_AFTER: Duration = Duration::from_secs(5);
 
 mod agent;
 mod announce;
+mod durability;
 mod placement;
 mod reconcile;
 mod reports;
@@ -167,6 +169,12 @@ pub struct Coordinator {
     store: Store,
     /// MQTT messages decided on, for `mod.rs` to publish.
     outbox: Vec<Outgoing>,
+    /// HTTP answers decided in the open batch, released when it commits.
+    answers: Vec<HeldAnswer>,
+    /// Why the store cannot write, while it cannot ([`durability`]).
+    store_fault: Option<String>,
+    /// Job turns ended in the open batch, restored if it does not commit.
+    taken_in_batch: Vec<(String, TurnInFlight)>,
     /// The time of the input being handled (set by each entry point).
     now: Now,
     pub fleet: Fleet,
@@ -248,51 +256,13 @@ impl Coordinator {
             fleet_announced: false,
             store,
             outbox: Vec::new(),
+            answers: Vec::new(),
+            store_fault: None,
+            taken_in_batch: Vec::new(),
             now,
             config,
         };
-        let now = now.at;
-        let deadline = now + c.config.timeouts.assign_ack;
-        for row in c.store.agents()? {
-            let mut agent = Agent::new(row.spec, row.created_ms, now);
-            agent.placement = row.placement;
-            agent.node = row.node.clone();
-            agent.state = AgentState::from_stored(row.state);
-            if agent.state == AgentState::Pending {
-                agent.node = None;
-            } else {
-                // Placed before the restart: its confirmation is not a
-                // scheduling delay.
-                agent.waiting_since = None;
-                if let Some(node) = &row.node {
-                    c.fleet.expect(node, now);
-                    agent.deadline = Some(deadline);
-                }
-            }
-            c.index(
-                &agent.spec.name,
-                agent.created_ms,
-                None,
-                agent.state,
-                agent.node.as_deref(),
-            );
-            c.agents.insert(agent.spec.name.clone(), agent);
-        }
-        for mut job in c.store.open_jobs()? {
-            if job.state == JobState::Running {
-                job.state = JobState::Queued;
-                job.node = None;
-                c.store.update_job(&job)?;
-            }
-            if let Some(agent) = c.agents.get_mut(&job.agent) {
-                agent.jobs.push(QueuedJob {
-                    priority: job.priority,
-                    seq: job.seq,
-                    id: job.id.clone(),
-                });
-            }
-            c.jobs.insert(job.id.clone(), job);
-        }
+        c.load_state(true)?;
         log::info!(
             "coordinator generation {generation}: {} agents, {} open jobs loaded from {}",
             c.agents.len(),
@@ -337,17 +307,6 @@ impl Coordinator {
             retain: false,
             expires: Some(expires),
         });
-    }
-
-    /// Starts a batch of inputs whose writes to the store commit together
-    /// ([`Coordinator::end_batch`]); the outbox must be sent only after.
-    pub fn begin_batch(&self) {
-        self.store.begin();
-    }
-
-    /// Commits the batch; false (logged) if the store refused it.
-    pub fn end_batch(&self) -> bool {
-        self.store.commit()
     }
 
     /// The messages decided on since the last call, in order.
@@ -431,7 +390,9 @@ impl Coordinator {
     /// [`Coordinator::try_set_state`].
     fn set_state(&mut self, name: &str, state: AgentState, node: Option<String>) {
         if let Err(e) = self.try_set_state(name, state, node.clone()) {
-            log::error!("{e}; going on with the state in memory");
+            // Inside the daemon's batch this fails the batch, and the
+            // core reloads from the store (durability.rs).
+            log::error!("{e}; going on with the state in memory until the batch ends");
             self.apply_state(name, state, node);
         }
     }

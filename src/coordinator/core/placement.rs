@@ -84,6 +84,8 @@ impl Coordinator {
             }
             self.pending.remove(&(a.created_ms, name.to_owned()));
             for waiter in a.chats.drain(..) {
+                // An error claims nothing stored: it need not wait for the
+                // batch to commit.
                 let _ = waiter.reply.send(Err(CoreError::NotFound(format!(
                     "agent {name} was stopped"
                 ))));
@@ -268,7 +270,9 @@ impl Coordinator {
             return;
         }
         self.placement_at = None;
-        if self.pending.is_empty() {
+        // Nothing could be stored: placing waits until the store takes
+        // writes again (`probe_store` asks for a pass then).
+        if self.pending.is_empty() || self.store_fault.is_some() {
             return;
         }
         let now = self.now.at;
@@ -325,9 +329,11 @@ impl Coordinator {
             .into_iter()
             .filter_map(|(name, node)| Some((node.clone(), self.assign(&name, &node)?)))
             .collect();
-        if !self.store.commit() {
+        if let Err(e) = self.store.commit() {
             // Not stored, so not sent: the assignments time out and are
-            // placed again.
+            // placed again. (Inside the daemon's batch, the batch fails
+            // and the core reloads what the store holds.)
+            log::error!("{e}");
             return;
         }
         for (node, command) in commands {
@@ -337,7 +343,7 @@ impl Coordinator {
 
     pub(super) fn rebalance(&mut self, now: Instant) {
         let s = self.config.scheduler.clone();
-        if s.rebalance_threshold <= 0.0 || !self.pending.is_empty() {
+        if s.rebalance_threshold <= 0.0 || !self.pending.is_empty() || self.store_fault.is_some() {
             return;
         }
         if self

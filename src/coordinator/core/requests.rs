@@ -114,8 +114,15 @@ impl Coordinator {
 
     pub fn chat(&mut self, name: &str, messages: Vec<ChatMessage>, reply: Responder, now: Now) {
         self.now = now;
+        if let Some(fault) = &self.store_fault {
+            // Its answer could not be stored: do not make a Pi generate it.
+            let message = format!("the store cannot write ({fault}); try again shortly");
+            self.answer(reply, Err(CoreError::Store(message)));
+            return;
+        }
         let Some(a) = self.agents.get_mut(name) else {
-            let _ = reply.send(Err(CoreError::NotFound(format!("no agent named {name}"))));
+            let error = CoreError::NotFound(format!("no agent named {name}"));
+            self.answer(reply, Err(error));
             return;
         };
         // Assigned, moving, or pending but not yet tried: it runs shortly, so
@@ -132,10 +139,11 @@ impl Coordinator {
                 .clone()
                 .unwrap_or_else(|| "it is being placed".into());
             let message = format!("agent {name} is not running ({}): {why}", a.state.as_str());
-            let _ = reply.send(Err(CoreError::NotRunning {
+            let error = CoreError::NotRunning {
                 message,
                 retry_after_secs: Some(self.config.queue.retry_after_secs),
-            }));
+            };
+            self.answer(reply, Err(error));
             return;
         }
         a.chats.push_back(ChatWaiter { messages, reply });

@@ -223,6 +223,29 @@ impl Sim {
         self.c.on_reply(node, &encode(&reply), self.now);
     }
 
+    /// Answers the oldest unanswered turn on `node` with `content`, inside
+    /// a store batch as the daemon does; the batch's outcome.
+    fn answer_turn_in_batch(&mut self, node: &str, content: &str) -> Result<(), StoreError> {
+        let turn = self.nodes.get_mut(node).unwrap().turns.remove(0);
+        let CommandBody::Turn(request) = &turn.body else {
+            unreachable!()
+        };
+        let result = TurnResult {
+            agent: request.agent.clone(),
+            ok: true,
+            model: None,
+            message: Some(ChatMessage::new(Role::Assistant, content)),
+            usage: None,
+            error: None,
+            job: request.job.clone(),
+        };
+        self.c.begin_batch();
+        self.reply(node, &turn.id, ReplyBody::TurnResult(result));
+        let outcome = self.c.end_batch();
+        self.deliver();
+        outcome
+    }
+
     /// Answers the oldest unanswered turn on `node` with a failure.
     fn fail_turn(&mut self, node: &str, code: TurnErrorCode) {
         let turn = self.nodes.get_mut(node).unwrap().turns.remove(0);
@@ -590,6 +613,104 @@ fn a_drain_whose_flags_cannot_be_saved_is_refused_and_moves_nothing() {
     assert_eq!(sim.running_on("a"), 3);
     assert_eq!(sim.commands_to("a", CommandKind::Drain), 0);
     assert!(!sim.c.node("a", sim.now).unwrap().cordoned);
+}
+
+/// Every write the core makes to history, jobs and counters fails.
+const DISK_FULL: &str = "
+    CREATE TRIGGER full1 BEFORE INSERT ON messages BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END;
+    CREATE TRIGGER full2 BEFORE UPDATE ON meta BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END;
+    CREATE TRIGGER full3 BEFORE INSERT ON jobs BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END;
+    CREATE TRIGGER full4 BEFORE INSERT ON meta BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END;";
+const ROOM_AGAIN: &str =
+    "DROP TRIGGER full1; DROP TRIGGER full2; DROP TRIGGER full3; DROP TRIGGER full4;";
+
+fn stored_messages(sim: &Sim) -> i64 {
+    let conn = rusqlite::Connection::open(sim._dir.path().join("store.db")).unwrap();
+    conn.query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
+        .unwrap()
+}
+
+#[test]
+fn a_chat_whose_answer_cannot_be_stored_is_not_answered_and_the_core_recovers_by_itself() {
+    let mut sim = one_running_on_a();
+    let chat = |sim: &mut Sim| {
+        let (tx, rx) = oneshot::channel();
+        sim.c
+            .chat("x", vec![ChatMessage::new(Role::User, "hi")], tx, sim.now);
+        sim.deliver();
+        rx
+    };
+    let mut first = chat(&mut sim);
+    assert_eq!(sim.commands_to("a", CommandKind::Turn), 1);
+    sabotage(&sim, DISK_FULL);
+    sim.answer_turn_in_batch("a", "hello").unwrap();
+    let error = first.try_recv().expect("answered").unwrap_err();
+    assert!(
+        matches!(&error, CoreError::Store(m) if m.contains("disk is full")),
+        "{error:?}"
+    );
+    assert_eq!(stored_messages(&sim), 0);
+    assert!(sim.c.store_fault().is_some());
+    // While the store cannot write, chats are refused before a Pi works.
+    let mut refused = chat(&mut sim);
+    assert!(matches!(refused.try_recv(), Ok(Err(CoreError::Store(_)))));
+    assert_eq!(sim.commands_to("a", CommandKind::Turn), 1);
+    assert!(!sim.c.probe_store(sim.now));
+    // Room again: the next probe notices, and chats are stored and answered.
+    sabotage(&sim, ROOM_AGAIN);
+    assert!(sim.c.probe_store(sim.now));
+    let mut again = chat(&mut sim);
+    sim.answer_turn_in_batch("a", "hello again").unwrap();
+    assert_eq!(
+        again.try_recv().unwrap().unwrap().message.content,
+        "hello again"
+    );
+    assert_eq!(stored_messages(&sim), 2);
+}
+
+#[test]
+fn a_job_whose_completion_cannot_be_stored_stays_running_and_completes_once_after_recovery() {
+    let mut sim = one_running_on_a();
+    let id = sim
+        .c
+        .submit_job("x", "work".into(), 0, sim.now)
+        .unwrap()
+        .job_id;
+    sim.deliver();
+    sabotage(&sim, DISK_FULL);
+    sim.answer_turn_in_batch("a", "done").unwrap();
+    let job = sim.c.job(&id).unwrap();
+    assert_eq!(
+        (job.status, job.attempts),
+        (JobState::Running, 1),
+        "{job:?}"
+    );
+    sim.run_for(Duration::from_secs(2));
+    assert_eq!(
+        sim.commands_to("a", CommandKind::Turn),
+        1,
+        "not run again meanwhile"
+    );
+    // Once the store takes writes, the same turn is asked for again (the
+    // node answers from its memory) and the job completes on attempt 1.
+    sabotage(&sim, ROOM_AGAIN);
+    assert!(sim.c.probe_store(sim.now));
+    sim.deliver();
+    let resent: Vec<&Command> = sim
+        .sent
+        .iter()
+        .filter(|(n, c)| n == "a" && c.body.kind() == CommandKind::Turn)
+        .map(|(_, c)| c)
+        .collect();
+    assert_eq!(resent.len(), 2);
+    assert_eq!(resent[0].id, resent[1].id, "the same turn, not a new run");
+    sim.answer_turn_in_batch("a", "done").unwrap();
+    let job = sim.c.job(&id).unwrap();
+    assert_eq!(
+        (job.status, job.attempts),
+        (JobState::Completed, 1),
+        "{job:?}"
+    );
 }
 
 #[test]

@@ -62,9 +62,7 @@ impl Coordinator {
             Err(error) => {
                 log::warn!("turn for {name} not sent: {error}");
                 match kind {
-                    TurnKind::Chat(reply) => {
-                        let _ = reply.send(Err(error));
-                    }
+                    TurnKind::Chat(reply) => self.answer(reply, Err(error)),
                     // The store may be readable again shortly: the job
                     // waits (not counted as an attempt) and is tried again
                     // at the next reconciliation.
@@ -276,6 +274,9 @@ impl Coordinator {
         };
         let mut record = turn.new_messages.clone();
         record.push(message.clone());
+        // Inside the daemon's batch a failed append fails the batch, and
+        // the answer below is then replaced by a store error: no chat is
+        // answered unless its turn is stored.
         if let Err(e) = self
             .store
             .append_history(&turn.agent, &record, self.now.wall_ms)
@@ -284,12 +285,13 @@ impl Coordinator {
         }
         match turn.kind {
             TurnKind::Chat(reply) => {
-                let _ = reply.send(Ok(ChatAnswer {
+                let answer = ChatAnswer {
                     agent: turn.agent.clone(),
                     node: turn.node.clone(),
                     message: ChatMessage::new(Role::Assistant, message.content),
                     usage,
-                }));
+                };
+                self.answer(reply, Ok(answer));
             }
             TurnKind::Job(job) => {
                 if let Some(j) = self.jobs.get_mut(&job) {
@@ -335,7 +337,7 @@ impl Coordinator {
                     },
                     retry_after_secs: retry.then_some(self.config.queue.retry_after_secs),
                 };
-                let _ = reply.send(Err(error));
+                self.answer(reply, Err(error));
             }
             TurnKind::Job(job) => {
                 let max = self.config.queue.max_attempts;
@@ -381,6 +383,19 @@ impl Coordinator {
 
     pub(super) fn take_turn(&mut self, id: &str) -> Option<TurnInFlight> {
         let turn = self.turns.remove(id)?;
+        if let (Some(job), true) = (turn.job(), self.store.in_batch()) {
+            // Should the batch not commit, the job still runs there.
+            self.taken_in_batch.push((
+                id.to_owned(),
+                TurnInFlight {
+                    agent: turn.agent.clone(),
+                    node: turn.node.clone(),
+                    kind: TurnKind::Job(job.clone()),
+                    new_messages: turn.new_messages.clone(),
+                    deadline: turn.deadline,
+                },
+            ));
+        }
         if let Some(a) = self.agents.get_mut(&turn.agent) {
             if a.turn.as_deref() == Some(id) {
                 a.turn = None;
@@ -412,11 +427,13 @@ impl Coordinator {
         let Some(a) = self.agents.get_mut(name) else {
             return;
         };
-        for waiter in a.chats.drain(..) {
-            let _ = waiter.reply.send(Err(CoreError::NotRunning {
+        let waiters: Vec<ChatWaiter> = a.chats.drain(..).collect();
+        for waiter in waiters {
+            let error = CoreError::NotRunning {
                 message: format!("agent {name}: {why}"),
                 retry_after_secs: None,
-            }));
+            };
+            self.answer(waiter.reply, Err(error));
         }
     }
 

@@ -147,6 +147,11 @@ pub struct SimState {
     generations: AtomicU64,
     rejected_busy: AtomicU64,
     failed: AtomicU64,
+    /// Generations whose client went away before the end.
+    cancelled: AtomicU64,
+    /// Generations running now: number → system prompt (who asked).
+    running: Mutex<BTreeMap<u64, String>>,
+    next_id: AtomicU64,
     last_chat: Mutex<Value>,
 }
 
@@ -178,6 +183,9 @@ impl Sim {
             generations: AtomicU64::new(0),
             rejected_busy: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            running: Mutex::new(BTreeMap::new()),
+            next_id: AtomicU64::new(0),
             last_chat: Mutex::new(Value::Null),
         }))
     }
@@ -379,12 +387,41 @@ impl Drop for InFlight {
     }
 }
 
-/// What a generation produces, and its Ollama-style statistics.
+/// What a generation produces, and its Ollama-style statistics. Listed in
+/// `/_sim/stats` `running` (by its system prompt) while it lives; dropped
+/// before `done`, it counts as cancelled (the client went away).
 struct Generation {
     model: String,
     tokens: Vec<String>,
     prompt_tokens: u64,
-    _in_flight: InFlight,
+    id: u64,
+    done: bool,
+    in_flight: InFlight,
+}
+
+impl Generation {
+    fn new(guard: InFlight, model: String, reply: &str, prompt_tokens: u64, who: &str) -> Self {
+        let id = guard.0 .0.next_id.fetch_add(1, Ordering::Relaxed);
+        lock(&guard.0 .0.running).insert(id, who.to_owned());
+        Generation {
+            model,
+            tokens: tokenize(reply),
+            prompt_tokens,
+            id,
+            done: false,
+            in_flight: guard,
+        }
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        let s = &self.in_flight.0 .0;
+        lock(&s.running).remove(&self.id);
+        if !self.done {
+            s.cancelled.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Sim {
@@ -465,6 +502,8 @@ fn respond(sim: Sim, gen: Generation, stream: bool, chunk: fn(&str, &str) -> Val
                 tokio::time::sleep(delay).await;
                 let done = json!({"model": gen.model, "created_at": created, "done": true, "done_reason": "stop"});
                 let body = with(with(done, chunk(&gen.model, &text)), gen.stats(&sim));
+                let mut gen = gen;
+                gen.done = true;
                 drop(gen);
                 Ok::<_, Infallible>(Bytes::from(body.to_string()))
             })))
@@ -474,7 +513,7 @@ fn respond(sim: Sim, gen: Generation, stream: bool, chunk: fn(&str, &str) -> Val
     let stream = futures_util::stream::unfold((sim, Some(gen), 0usize), move |(sim, gen, i)| {
         let created = created.clone();
         async move {
-            let gen = gen?;
+            let mut gen = gen?;
             let delay = if i == 0 {
                 sim.0.config.first_token
             } else {
@@ -497,6 +536,7 @@ fn respond(sim: Sim, gen: Generation, stream: bool, chunk: fn(&str, &str) -> Val
                     json!({"done": true, "done_reason": "stop"}),
                 );
                 let line = with(done, gen.stats(&sim));
+                gen.done = true;
                 Some((Ok(Bytes::from(format!("{line}\n"))), (sim, None, i + 1)))
             }
         }
@@ -554,12 +594,8 @@ async fn chat(State(sim): State<Sim>, OllamaJson(req): OllamaJson<ChatRequest>) 
         "roles": req.messages.iter().map(|m| m.role.clone()).collect::<Vec<_>>()
     });
     let prompt_tokens = req.messages.iter().map(|m| words(&m.content) + 4).sum();
-    let gen = Generation {
-        model,
-        tokens: tokenize(&reply),
-        prompt_tokens,
-        _in_flight: guard,
-    };
+    let who = system.as_deref().unwrap_or("");
+    let gen = Generation::new(guard, model, &reply, prompt_tokens, who);
     respond(
         sim,
         gen,
@@ -586,12 +622,9 @@ async fn generate(
     }
     let messages = 1 + usize::from(req.system.is_some());
     let reply = describe_input(&model, messages, req.system.as_deref(), Some(&req.prompt));
-    let gen = Generation {
-        model,
-        tokens: tokenize(&reply),
-        prompt_tokens: words(&req.prompt) + req.system.as_deref().map_or(0, words),
-        _in_flight: guard,
-    };
+    let prompt_tokens = words(&req.prompt) + req.system.as_deref().map_or(0, words);
+    let who = req.system.as_deref().unwrap_or("");
+    let gen = Generation::new(guard, model, &reply, prompt_tokens, who);
     respond(
         sim,
         gen,
@@ -625,6 +658,9 @@ async fn stats(State(sim): State<Sim>) -> Json<Value> {
         "generations": s.generations.load(Ordering::Relaxed),
         "rejected_busy": s.rejected_busy.load(Ordering::Relaxed),
         "failed": s.failed.load(Ordering::Relaxed),
+        "cancelled": s.cancelled.load(Ordering::Relaxed),
+        // The system prompts of the generations running now.
+        "running": lock(&s.running).values().cloned().collect::<Vec<_>>(),
         "last_chat": lock(&s.last_chat).clone(),
     }))
 }

@@ -8,10 +8,12 @@
 //! * `node-footprint`: memory and CPU of one node daemon, idle and loaded
 
 mod chat;
+mod copies;
 mod failover;
 pub mod fleet_sim;
 mod footprint;
 mod placement;
+pub mod proxy;
 mod stack;
 
 use std::time::{Duration, Instant};

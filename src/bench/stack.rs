@@ -173,9 +173,23 @@ impl Stack {
     /// `pifleet ollama-sim` answering at once (no first-token delay, 100,000
     /// tokens per second); its URL.
     pub fn simulator(&mut self, max_parallel: u32) -> Result<String, BenchError> {
-        let limit = max_parallel.to_string();
+        self.start_simulator("ollama-sim", 100_000.0, max_parallel)
+    }
+
+    /// Another simulator, `name`, at `tokens_per_sec` with no parallel limit.
+    pub fn simulator_as(&mut self, name: &str, tokens_per_sec: f64) -> Result<String, BenchError> {
+        self.start_simulator(name, tokens_per_sec, 0)
+    }
+
+    fn start_simulator(
+        &mut self,
+        name: &str,
+        tokens_per_sec: f64,
+        max_parallel: u32,
+    ) -> Result<String, BenchError> {
+        let (limit, rate) = (max_parallel.to_string(), tokens_per_sec.to_string());
         self.spawn(
-            "ollama-sim",
+            name,
             &[
                 "ollama-sim",
                 "--listen",
@@ -183,12 +197,12 @@ impl Stack {
                 "--first-token-ms",
                 "0",
                 "--tokens-per-sec",
-                "100000",
+                &rate,
                 "--max-parallel",
                 &limit,
             ],
         )?;
-        let url = self.wait_log("ollama-sim", "listening on ")?;
+        let url = self.wait_log(name, "listening on ")?;
         Ok(url.trim().to_owned())
     }
 

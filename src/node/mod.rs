@@ -711,9 +711,10 @@ async fn execute_turn(
     let OllamaCall {
         model,
         system,
-        mut timeout,
+        timeout: call_timeout,
         budget_ends,
     } = call;
+    let mut timeout = call_timeout;
     let Ok(_permit) = slots.acquire().await else {
         return TurnResult::failed(
             &request.agent,
@@ -733,6 +734,8 @@ async fn execute_turn(
         }
         timeout = timeout.min(ends - now);
     }
+    // Stopped by the turn's budget rather than by request_timeout?
+    let budget_limited = budget_ends.is_some_and(|ends| ends < Instant::now() + call_timeout);
     let mut messages = request.messages;
     if let Some(system) = system {
         if messages.first().map(|m| m.role) != Some(Role::System) {
@@ -758,6 +761,15 @@ async fn execute_turn(
         }
         Err(error) => {
             metrics.ollama_request(false, seconds);
+            let error = match error.code {
+                TurnErrorCode::Timeout if budget_limited => crate::protocol::TurnError {
+                    code: TurnErrorCode::Expired,
+                    reason: format!(
+                        "no answer in time: the turn's budget ran out after {seconds:.1}s while Ollama was still answering; the call was stopped"
+                    ),
+                },
+                _ => error,
+            };
             TurnResult {
                 agent: request.agent,
                 ok: false,

@@ -1,0 +1,122 @@
+//! Counting copies from what the nodes themselves hold, not from what the
+//! coordinator believes: every node's own agent list (its HTTP API) and the
+//! generations running on its Ollama (each node has its own simulator,
+//! whose `/_sim/stats` lists the system prompt of every generation running;
+//! the bench gives each agent its name as system prompt). A node that does
+//! not answer within the sampling interval (killed, frozen) counts as
+//! holding nothing for that sample: a frozen machine (node and its Ollama
+//! both stopped) runs nothing.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::sync::watch;
+
+use super::Api;
+
+/// One machine: a node's API and its Ollama simulator.
+pub struct Machine {
+    pub node: String,
+    pub api: Api,
+    pub sim: Api,
+}
+
+/// The worst seen over a run.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Copies {
+    /// Most agents hosted by two nodes in one sample.
+    pub hosted_twice: usize,
+    /// Most agents generating on two nodes in one sample.
+    pub generating_twice: usize,
+    pub samples: u64,
+    /// The longest time between two samples, in ms.
+    pub max_gap_ms: u64,
+    /// Agents hosted twice, by name, in the worst sample (for the report).
+    pub example: Vec<String>,
+}
+
+/// Samples `machines` every `every` until `stop` turns true.
+pub async fn watch(
+    machines: std::sync::Arc<Vec<Machine>>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> Copies {
+    let mut copies = Copies::default();
+    let mut last = Instant::now();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return copies,
+        }
+        let samples =
+            futures_util::future::join_all(machines.iter().map(|m| sample(m, every))).await;
+        let (mut hosted, mut generating) = (BTreeMap::new(), BTreeMap::new());
+        for (h, g) in samples {
+            for name in h {
+                *hosted.entry(name).or_insert(0usize) += 1;
+            }
+            for name in g {
+                *generating.entry(name).or_insert(0usize) += 1;
+            }
+        }
+        let twice = |m: &BTreeMap<String, usize>| -> Vec<String> {
+            m.iter()
+                .filter(|(_, &n)| n > 1)
+                .map(|(a, _)| a.clone())
+                .collect()
+        };
+        let (h, g) = (twice(&hosted), twice(&generating));
+        if h.len() > copies.hosted_twice {
+            copies.example = h.clone();
+        }
+        copies.hosted_twice = copies.hosted_twice.max(h.len());
+        copies.generating_twice = copies.generating_twice.max(g.len());
+        copies.samples += 1;
+        let now = Instant::now();
+        copies.max_gap_ms = copies.max_gap_ms.max((now - last).as_millis() as u64);
+        last = now;
+    }
+}
+
+/// What one machine hosts and generates now (empty if it does not answer).
+async fn sample(m: &Machine, limit: Duration) -> (Vec<String>, Vec<String>) {
+    let hosted = async {
+        let v: Value = m.api.get("/v1/agents").await.ok()?;
+        Some(names(&v["agents"], |a| a["name"].as_str()))
+    };
+    let generating = async {
+        let v: Value = m.sim.get("/_sim/stats").await.ok()?;
+        Some(names(&v["running"], Value::as_str))
+    };
+    let (h, g) = tokio::join!(
+        tokio::time::timeout(limit, hosted),
+        tokio::time::timeout(limit, generating)
+    );
+    (
+        h.ok().flatten().unwrap_or_default(),
+        g.ok().flatten().unwrap_or_default(),
+    )
+}
+
+fn names(list: &Value, name: impl Fn(&Value) -> Option<&str>) -> Vec<String> {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| name(v).map(str::to_owned))
+        .collect()
+}
+
+/// Every machine's own agent list, now (for the final count).
+pub async fn hosted(machines: &[Machine]) -> BTreeMap<String, Vec<String>> {
+    let mut by_agent: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for m in machines {
+        let (h, _) = sample(m, Duration::from_secs(2)).await;
+        for name in h {
+            by_agent.entry(name).or_default().push(m.node.clone());
+        }
+    }
+    by_agent
+}

@@ -6,6 +6,7 @@ mod util;
 mod cli;
 mod coordinator;
 mod failover;
+mod faults;
 mod monitoring;
 mod node;
 mod ollama_sim;

@@ -112,12 +112,23 @@ pub struct Coordinator {
     pub proc: Proc,
     pub config: PathBuf,
     pub dir: tempfile::TempDir,
+    /// Environment of the process (and of its restarts).
+    envs: Vec<(String, String)>,
 }
 
 impl Coordinator {
     /// Starts `pifleet coordinator` against `broker`; `extra` TOML is merged
     /// over a config that sets the broker port, the API address and the store.
     pub fn start(broker: &Mosquitto, extra: &str) -> Coordinator {
+        Self::start_with_env(broker, extra, &[])
+    }
+
+    /// [`Coordinator::start`] with `envs` set (a faked clock...).
+    pub fn start_with_env(broker: &Mosquitto, extra: &str, envs: &[(&str, &str)]) -> Coordinator {
+        let envs: Vec<(String, String)> = envs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("coordinator.toml");
         let base = format!(
@@ -127,7 +138,7 @@ impl Coordinator {
         );
         let text = merge_toml(&base, extra);
         std::fs::write(&config, &text).expect("write coordinator.toml");
-        let (proc, api) = Self::spawn(&config);
+        let (proc, api) = Self::spawn(&config, &envs);
         // Restarts bind the port this start was given.
         let fixed = format!(
             "[api]\nlisten = \"{}\"\n",
@@ -140,15 +151,17 @@ impl Coordinator {
             proc,
             config,
             dir,
+            envs,
         }
     }
 
     /// Starts the process; returns it and the API URL it reported.
-    fn spawn(config: &Path) -> (Proc, String) {
+    fn spawn(config: &Path, envs: &[(String, String)]) -> (Proc, String) {
+        let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let proc = Proc::spawn(
             "coordinator",
             &["coordinator", "--config", config.to_str().unwrap()],
-            &[],
+            &envs,
         );
         let line = proc.wait_for_line("coordinator ready: API http://", WAIT);
         let api = line
@@ -164,7 +177,7 @@ impl Coordinator {
     /// Starts it again on the same config and store (after a kill).
     pub fn restart(&mut self) {
         let _ = self.proc.wait_exit(WAIT);
-        let (proc, api) = Self::spawn(&self.config);
+        let (proc, api) = Self::spawn(&self.config, &self.envs);
         assert_eq!(api, self.api, "a restart keeps the API address");
         self.proc = proc;
     }

@@ -1,0 +1,297 @@
+//! Issue 14: true on a shelf of real Pis. Clocks that disagree (libfaketime),
+//! a store on a disk that fills up (a small tmpfs). Partitions, kills and
+//! freezes are played by `pifleet bench failover` (tests/failover.rs), the
+//! randomized schedule by tests/nemesis.rs.
+
+use std::time::{Duration, Instant};
+
+use pifleet::protocol::{EventKind, JobState};
+use serde_json::json;
+
+use crate::util::*;
+
+/// libfaketime, multi-threaded variant (Debian's `faketime` package).
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+/// The environment of a process whose wall clock reads `spec` (a
+/// libfaketime offset such as "+10m", or a file to read it from), while its
+/// monotonic clock stays true, as on a real machine whose RTC is wrong or
+/// whose clock NTP steps.
+fn fake_clock(spec: &str) -> Vec<(&'static str, String)> {
+    assert!(
+        std::path::Path::new(LIBFAKETIME).exists(),
+        "{LIBFAKETIME} is missing: apt-get install faketime (scripts/test.sh does)"
+    );
+    let mut env = vec![
+        ("LD_PRELOAD", LIBFAKETIME.to_owned()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_owned()),
+    ];
+    if spec.starts_with('/') {
+        env.push(("FAKETIME_TIMESTAMP_FILE", spec.to_owned()));
+        env.push(("FAKETIME_CACHE_DURATION", "1".to_owned()));
+    } else {
+        env.push(("FAKETIME", spec.to_owned()));
+    }
+    env
+}
+
+fn refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+fn now_ms() -> i64 {
+    pifleet::protocol::now_ms() as i64
+}
+
+/// Nodes whose clocks run 10 minutes ahead, an hour behind, and one
+/// stepped by a day while running, under a coordinator a day behind: every
+/// chat and job succeeds, and nothing moves.
+#[tokio::test(flavor = "multi_thread")]
+async fn clocks_ahead_behind_and_stepped_while_running_break_no_chat_job_or_placement() {
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&[]);
+    let behind_a_day = fake_clock("-1d");
+    let coordinator = Coordinator::start_with_env(&broker, "", &refs(&behind_a_day));
+    let step = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(step.path(), "+0\n").unwrap();
+    let clocks = [
+        ("ahead", fake_clock("+10m")),
+        ("behind", fake_clock("-1h")),
+        ("stepped", fake_clock(step.path().to_str().unwrap())),
+    ];
+    let _nodes: Vec<Node> = clocks
+        .iter()
+        .map(|(id, env)| {
+            Node::start_with_env(id, &broker, &sim.url, "agent_capacity = 2", "", &refs(env))
+        })
+        .collect();
+    coordinator.wait_nodes_online(3).await;
+    // The fakes took: each node's own `ts` is off by its offset.
+    for (id, offset_ms) in [("ahead", 600_000), ("behind", -3_600_000)] {
+        let ts = coordinator.node(id).await.capacity.ts as i64;
+        let off = ts - now_ms();
+        assert!((off - offset_ms).abs() < 30_000, "{id}: ts off by {off} ms");
+    }
+    let agents = ["c1", "c2", "c3", "c4", "c5", "c6"];
+    for name in agents {
+        coordinator.spawn_agent(name, "llama3.2").await;
+    }
+    coordinator.wait_running(agents.len()).await;
+    let placed = coordinator.placement().await;
+    assert_eq!(
+        placed.len(),
+        3,
+        "one agent or more on every node: {placed:?}"
+    );
+
+    let round = |label: &'static str| {
+        let coordinator = &coordinator;
+        async move {
+            let mut jobs = Vec::new();
+            for name in agents {
+                let (status, body) = coordinator
+                    .post(
+                        "/v1/chat",
+                        json!({"agent": name, "messages": [{"role": "user", "content": label}]}),
+                    )
+                    .await;
+                assert_eq!(status, 200, "{label}: chat with {name}: {body}");
+                jobs.push(
+                    coordinator
+                        .submit_job(name, json!({"message": label}))
+                        .await,
+                );
+            }
+            for id in jobs {
+                poll("the job to complete", WAIT, || async {
+                    let job = coordinator.job(&id).await;
+                    assert_ne!(job.status, JobState::Failed, "{label}: {job:?}");
+                    (job.status == JobState::Completed).then_some(())
+                })
+                .await;
+            }
+        }
+    };
+    round("before the step").await;
+    // The stepped node's clock jumps a day ahead, then two days back.
+    std::fs::write(step.path(), "+1d\n").unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    round("after a step forward").await;
+    std::fs::write(step.path(), "-1d\n").unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ts = coordinator.node("stepped").await.capacity.ts as i64;
+    assert!(now_ms() - ts > 80_000_000, "the step took: ts {ts}");
+    round("after a step back").await;
+
+    assert_eq!(coordinator.placement().await, placed, "nothing moved");
+    let moved: Vec<_> = coordinator
+        .events()
+        .await
+        .into_iter()
+        .filter(|e| {
+            !matches!(
+                e.kind,
+                EventKind::Created | EventKind::Placed | EventKind::Running | EventKind::NodeJoined
+            )
+        })
+        .collect();
+    assert!(moved.is_empty(), "{moved:#?}");
+}
+
+/// A store whose disk can fill up: a 3 MiB tmpfs mounted for the test.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount() -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mount a tmpfs (the tests run as root)");
+        SmallDisk { dir }
+    }
+
+    /// Fills the disk.
+    fn fill(&self) {
+        let filler = self.dir.path().join("filler");
+        let _ = std::fs::remove_file(&filler);
+        let chunk = vec![0u8; 64 << 10];
+        let mut file = std::fs::File::create(&filler).unwrap();
+        use std::io::Write;
+        while file.write_all(&chunk).is_ok() {}
+        let _ = file.sync_all();
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.dir.path().join("filler")).unwrap();
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// The store's disk fills up during chats and jobs: no chat is answered 200
+/// unless its turn is stored, chats get a clear 503 and `/ready` is 503
+/// while it is full; once space is freed the coordinator serves again by
+/// itself, every acknowledged chat is in the history exactly once and every
+/// accepted job completes exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_store_disk_answers_503_loses_no_acknowledged_chat_or_job_and_recovers_by_itself() {
+    let disk = SmallDisk::mount();
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&[]);
+    let store = disk.dir.path().join("coordinator.db");
+    let coordinator = Coordinator::start(
+        &broker,
+        &format!(
+            "history_limit = 1000\n[store]\npath = \"{}\"",
+            store.display()
+        ),
+    );
+    let _node = Node::start("disk", &broker, &sim.url, "agent_capacity = 1", "");
+    coordinator.wait_nodes_online(1).await;
+    coordinator.spawn_agent("scribe", "llama3.2").await;
+    coordinator.wait_running(1).await;
+
+    let mut acknowledged = Vec::new();
+    let mut jobs = Vec::new();
+    let mut refused = 0;
+    let chat = |i: usize| {
+        let coordinator = &coordinator;
+        async move {
+            let content = format!("note {i}");
+            let (status, body) = coordinator
+                .post(
+                    "/v1/chat",
+                    json!({"agent": "scribe", "messages": [{"role": "user", "content": content}]}),
+                )
+                .await;
+            (content, status, body)
+        }
+    };
+    for i in 0..5 {
+        let (content, status, body) = chat(i).await;
+        assert_eq!(status, 200, "{body}");
+        acknowledged.push(content);
+        jobs.push(
+            coordinator
+                .submit_job("scribe", json!({"message": format!("job {i}")}))
+                .await,
+        );
+    }
+    disk.fill();
+    let full_at = Instant::now();
+    for i in 5..25 {
+        let (content, status, body) = chat(i).await;
+        match status {
+            200 => acknowledged.push(content),
+            503 => {
+                refused += 1;
+                assert_eq!(body["code"], "store", "{body}");
+            }
+            other => panic!("chat {i} while the disk is full: {other} {body}"),
+        }
+        let (status, body) = coordinator
+            .post(
+                "/v1/agents/scribe/jobs",
+                json!({"message": format!("job {i}")}),
+            )
+            .await;
+        match status {
+            202 => jobs.push(body["job_id"].as_str().unwrap().to_owned()),
+            503 => assert_eq!(body["code"], "store", "{body}"),
+            other => panic!("job {i} while the disk is full: {other} {body}"),
+        }
+    }
+    assert!(
+        refused >= 15,
+        "only {refused} of 20 chats refused on a full disk"
+    );
+    let (status, body) = coordinator.get("/ready").await;
+    assert_eq!(status, 503, "/ready on a full disk: {body}");
+    assert!(body["error"].as_str().unwrap().contains("store"), "{body}");
+    assert!(full_at.elapsed() < Duration::from_secs(60));
+
+    disk.free();
+    poll("the coordinator to serve again by itself", WAIT, || async {
+        (coordinator.get("/ready").await.0 == 200).then_some(())
+    })
+    .await;
+    for i in 25..28 {
+        let (content, status, body) = chat(i).await;
+        assert_eq!(status, 200, "{body}");
+        acknowledged.push(content);
+    }
+    for id in &jobs {
+        poll("every accepted job to complete", WAIT, || async {
+            let job = coordinator.job(id).await;
+            assert_ne!(job.status, JobState::Failed, "{job:?}");
+            (job.status == JobState::Completed).then_some(job.attempts)
+        })
+        .await;
+    }
+    // Every acknowledged chat is in the history once, in order; nothing else.
+    let conn = rusqlite::Connection::open(&store).unwrap();
+    let mut stmt = conn
+        .prepare(
+            "SELECT content FROM messages WHERE agent = 'scribe' AND role = 'user' ORDER BY seq",
+        )
+        .unwrap();
+    let history: Vec<String> = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .filter(|c| c.starts_with("note "))
+        .collect();
+    assert_eq!(history, acknowledged);
+}

@@ -9,6 +9,8 @@
 #     scripts/test.sh             # everything (needs root, or sudo for apt)
 #     scripts/test.sh --no-e2e    # all but booting the machines (~3 min less)
 #     scripts/test.sh --quick     # Rust only: fmt, clippy, unit and integration tests
+#     scripts/test.sh --long      # everything, with the nemesis at 20 seeds of
+#                                 # 5 minutes each (~2 h more) instead of 5 of 1
 #
 # .ci/run calls exactly `scripts/test.sh`.
 set -euo pipefail
@@ -19,7 +21,12 @@ case "${1:-}" in
     "") ;;
     --no-e2e) mode=no-e2e ;;
     --quick) mode=quick ;;
-    *) echo "usage: $0 [--no-e2e | --quick]" >&2; exit 64 ;;
+    --long)
+        # tests/nemesis.rs reads these (docs/RELIABILITY.md).
+        export PIFLEET_NEMESIS_SEEDS=${PIFLEET_NEMESIS_SEEDS:-20}
+        export PIFLEET_NEMESIS_SECS=${PIFLEET_NEMESIS_SECS:-300}
+        ;;
+    *) echo "usage: $0 [--no-e2e | --quick | --long]" >&2; exit 64 ;;
 esac
 
 sudo=""
@@ -28,6 +35,8 @@ missing=()
 need() { dpkg -s "$1" >/dev/null 2>&1 || missing+=("$1"); }
 need mosquitto
 need mosquitto-clients
+# Clocks that disagree (tests/faults.rs, tests/nemesis.rs).
+need faketime
 # Monitoring tests: promtool and a Prometheus server, Jinja2 for Home
 # Assistant's templates.
 need prometheus

@@ -8,5 +8,6 @@ mod coordinator;
 mod failover;
 mod faults;
 mod monitoring;
+mod nemesis;
 mod node;
 mod ollama_sim;

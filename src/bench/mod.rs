@@ -8,7 +8,7 @@
 //! * `node-footprint`: memory and CPU of one node daemon, idle and loaded
 
 mod chat;
-mod copies;
+pub mod copies;
 mod failover;
 pub mod fleet_sim;
 mod footprint;

@@ -29,7 +29,7 @@ use crate::protocol::{
     normalize_model, AgentError, AgentSpec, ChatMessage, JobState, Role, TurnErrorCode,
 };
 
-/// `Retry-After` of a 503 caused by the store.
+/// `Retry-After` of a 503 caused by the store or the broker.
 const STORE_RETRY_AFTER_SECS: u64 = 5;
 
 /// What a handler asks the coordinator task to do: a call on its state,
@@ -86,6 +86,9 @@ impl From<CoreError> for ApiError {
                 ApiError::unavailable("store", message).retry_after(STORE_RETRY_AFTER_SECS)
             }
             CoreError::Stopping => ApiError::unavailable("stopping", message),
+            CoreError::NoBroker => {
+                ApiError::unavailable("no_broker", message).retry_after(STORE_RETRY_AFTER_SECS)
+            }
         }
     }
 }

@@ -150,6 +150,10 @@ pub enum CoreError {
     Store(String),
     #[error("the coordinator is stopping")]
     Stopping,
+    /// The coordinator is not connected to the broker: nothing can reach
+    /// the nodes now.
+    #[error("the coordinator is not connected to the MQTT broker; try again shortly")]
+    NoBroker,
 }
 
 impl From<StoreError> for CoreError {

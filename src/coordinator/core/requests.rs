@@ -114,6 +114,16 @@ impl Coordinator {
 
     pub fn chat(&mut self, name: &str, messages: Vec<ChatMessage>, reply: Responder, now: Now) {
         self.now = now;
+        if !self.agents.contains_key(name) {
+            let error = CoreError::NotFound(format!("no agent named {name}"));
+            self.answer(reply, Err(error));
+            return;
+        }
+        if !self.link_up {
+            // Its turn could not reach the node, nor its answer come back.
+            self.answer(reply, Err(CoreError::NoBroker));
+            return;
+        }
         if let Some(fault) = &self.store_fault {
             // Its answer could not be stored: do not make a Pi generate it.
             let message = format!("the store cannot write ({fault}); try again shortly");
@@ -121,8 +131,6 @@ impl Coordinator {
             return;
         }
         let Some(a) = self.agents.get_mut(name) else {
-            let error = CoreError::NotFound(format!("no agent named {name}"));
-            self.answer(reply, Err(error));
             return;
         };
         // Assigned, moving, or pending but not yet tried: it runs shortly, so

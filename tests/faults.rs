@@ -295,3 +295,109 @@ async fn a_full_store_disk_answers_503_loses_no_acknowledged_chat_or_job_and_rec
         .collect();
     assert_eq!(history, acknowledged);
 }
+
+/// The broker down for 30 s at default settings: the nodes fence (their
+/// lease runs out), chats meanwhile answer 503 `no_broker` with
+/// `Retry-After`, the chat in flight fails retryably or is answered, and
+/// afterwards every agent runs exactly once and no turn command from before
+/// the outage is delivered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_down_30_s_fences_the_nodes_refuses_chats_and_delivers_no_stale_turn() {
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&["--first-token-ms", "3000"]);
+    let coordinator = Coordinator::start(&broker, "");
+    let top = "agent_capacity = 2";
+    let nodes = [
+        Node::start("out-1", &broker, &sim.url, top, ""),
+        Node::start("out-2", &broker, &sim.url, top, ""),
+    ];
+    coordinator.wait_nodes_online(2).await;
+    for name in ["o1", "o2"] {
+        coordinator.spawn_agent(name, "llama3.2").await;
+    }
+    coordinator.wait_running(2).await;
+    let chat = |agent: &str, text: &str| {
+        let api = coordinator.api.clone();
+        let body = json!({"agent": agent, "messages": [{"role": "user", "content": text}]});
+        async move {
+            let response = reqwest::Client::new()
+                .post(format!("{api}/v1/chat"))
+                .json(&body)
+                .send()
+                .await
+                .expect("the coordinator answers");
+            let status = response.status().as_u16();
+            let retry_after = response.headers().get("retry-after").is_some();
+            let body: serde_json::Value = response.json().await.unwrap_or_default();
+            (status, retry_after, body)
+        }
+    };
+    let in_flight = tokio::spawn(chat("o1", "before the outage"));
+    wait_until_async("Ollama to be answering", WAIT, || async {
+        sim.stats().await["in_flight"].as_u64() >= Some(1)
+    })
+    .await;
+    let outage = std::thread::spawn(move || {
+        let mut broker = broker;
+        broker.restart_after(Duration::from_secs(30));
+        broker
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, retry_after, body) = chat("o2", "during the outage").await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("no_broker")),
+        "{body}"
+    );
+    assert!(retry_after, "a 503 without Retry-After: {body}");
+    assert_eq!(coordinator.get("/ready").await.0, 503);
+    let broker = tokio::task::spawn_blocking(move || outage.join().unwrap())
+        .await
+        .unwrap();
+    let commands = Client::connect(&broker, &["pifleet/nodes/+/cmd"]).await;
+    for node in &nodes {
+        assert!(
+            node.proc.output().iter().any(|l| l.contains("fenced:")),
+            "{} did not fence during a 30 s outage",
+            node.id
+        );
+    }
+    let (status, _, body) = in_flight.await.unwrap();
+    assert!(
+        status == 200 || (status == 503 && body["code"] == "fenced"),
+        "the chat in flight: {status} {body}"
+    );
+    coordinator.wait_nodes_online(2).await;
+    coordinator.wait_running(2).await;
+    poll("each agent hosted by exactly one node", WAIT, || async {
+        let mut hosted = Vec::new();
+        for node in &nodes {
+            let (status, body) = node.get("/v1/agents").await;
+            assert_eq!(status, 200, "{body}");
+            for a in body["agents"].as_array().unwrap() {
+                hosted.push(a["name"].as_str().unwrap().to_owned());
+            }
+        }
+        hosted.sort();
+        (hosted == ["o1", "o2"]).then_some(())
+    })
+    .await;
+    for name in ["o1", "o2"] {
+        let (status, _, body) = chat(name, "after the outage").await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let stale: Vec<_> = commands
+        .messages()
+        .into_iter()
+        .filter(|m| {
+            let turn = m.json();
+            let last = turn["messages"].as_array().and_then(|m| m.last()).cloned();
+            turn["type"] == "turn" && last.is_some_and(|l| l["content"] == "before the outage")
+        })
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "stale turns delivered: {:?}",
+        stale.iter().map(|m| m.text()).collect::<Vec<_>>()
+    );
+}

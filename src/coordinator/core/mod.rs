@@ -205,6 +205,8 @@ pub struct Coordinator {
     settled_at: Option<Instant>,
     /// Connected to the broker and subscribed.
     link_up: bool,
+    /// When the coordinator last lost the broker (while `!link_up`).
+    link_lost_at: Option<Instant>,
     /// When finished jobs were last pruned from the store.
     pruned_at: Option<Instant>,
     /// When `reconcile` last ran, to notice that we were stalled.
@@ -248,6 +250,7 @@ impl Coordinator {
             command_seq: 0,
             settled_at: None,
             link_up: false,
+            link_lost_at: None,
             pruned_at: None,
             reconciled_at: None,
             metrics,

@@ -10,6 +10,9 @@ impl Coordinator {
             // says nothing about them.
             self.fleet.heard_all(now);
         }
+        if let Some(lost) = self.link_lost_at.take() {
+            self.fail_fenced_turns(now.saturating_duration_since(lost));
+        }
         self.link_up = true;
         // The broker may have lost retained configs (restarted without
         // persistence): publish them again.
@@ -21,7 +24,40 @@ impl Coordinator {
     /// The coordinator lost the broker: node liveness waits until it is back.
     pub fn on_disconnected(&mut self, now: Now) {
         self.now = now;
+        if self.link_up {
+            self.link_lost_at = Some(now.at);
+        }
         self.link_up = false;
+    }
+
+    /// After an outage of `outage`: turns on nodes whose fence is shorter
+    /// have surely been stopped there (the nodes could not renew their
+    /// lease either); they fail now, retryable, rather than being sent
+    /// again to a node that no longer hosts their agent.
+    fn fail_fenced_turns(&mut self, outage: Duration) {
+        let default_fence = self.config.timeouts.node_lost_after;
+        let fenced: Vec<(String, String)> = self
+            .turns
+            .iter()
+            .filter(|(_, t)| {
+                let fence = self
+                    .fleet
+                    .get(&t.node)
+                    .and_then(|v| v.capacity.as_ref())
+                    .map(|c| Duration::from_millis(c.fence_ms))
+                    .filter(|f| !f.is_zero())
+                    .unwrap_or(default_fence);
+                outage >= fence
+            })
+            .map(|(id, t)| (id.clone(), t.node.clone()))
+            .collect();
+        for (id, node) in fenced {
+            let reason = format!(
+                "the coordinator was cut off from the broker for {:.0}s, longer than {node}'s fence: the turn was stopped there",
+                outage.as_secs_f64()
+            );
+            self.turn_failed(&id, TurnErrorCode::Fenced, reason, false);
+        }
     }
 
     pub fn on_status(&mut self, node: &str, payload: &[u8], retained: bool, now: Now) {

@@ -309,3 +309,64 @@ fn bench_refuses_bad_arguments_with_a_usage_error() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--capacity"));
 }
+
+/// `bench chat --coordinator` on a fleet it did not start: refused without
+/// `--yes`; with it, it chats only with agents it created, and deletes them.
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_chat_on_someone_elses_fleet_asks_first_and_leaves_it_as_it_was() {
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&[]);
+    let coordinator = Coordinator::start(&broker, "");
+    let _node = Node::start("theirs", &broker, &sim.url, "agent_capacity = 8", "");
+    coordinator.wait_nodes_online(1).await;
+    coordinator.spawn_agent("mine", "llama3.2").await;
+    coordinator.wait_running(1).await;
+    let run = |yes: bool| {
+        let mut args = vec!["bench", "chat", "--coordinator", coordinator.api.as_str()];
+        args.extend(["--agents", "3", "--concurrency", "2", "--seconds", "2"]);
+        if yes {
+            args.push("--yes");
+        }
+        Command::new(pifleet_bin()).args(&args).output().unwrap()
+    };
+    let refused = run(false);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--yes"));
+    assert_eq!(coordinator.agents().await.len(), 1, "nothing created");
+    let out = tokio::task::block_in_place(|| run(true));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (r["agents"].as_u64(), r["errors"].as_u64()),
+        (Some(3), Some(0)),
+        "{r}"
+    );
+    assert!(r["requests"].as_u64().unwrap() > 3, "{r}");
+    poll("only the fleet's own agent to be left", WAIT, || async {
+        let names: Vec<String> = coordinator
+            .agents()
+            .await
+            .into_iter()
+            .map(|a| a.name)
+            .collect();
+        (names == ["mine"]).then_some(())
+    })
+    .await;
+    let store = rusqlite::Connection::open(coordinator.dir.path().join("coordinator.db")).unwrap();
+    let untouched: i64 = store
+        .query_row(
+            "SELECT count(*) FROM messages WHERE agent = 'mine'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        untouched, 0,
+        "the bench chatted with an agent it did not create"
+    );
+}

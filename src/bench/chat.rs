@@ -13,7 +13,8 @@ use super::{progress, quantile, round3, Api, BenchError, Mqtt, Stack};
 
 #[derive(Debug, clap::Args)]
 pub struct ChatArgs {
-    /// Agents the chats are spread over (created as bench-1..N if missing).
+    /// Agents the chats are spread over: created for the run (bench-RUN-1..N),
+    /// deleted afterwards; no other agent is touched.
     #[arg(long, default_value_t = 1000, value_parser = at_least_1())]
     agents: usize,
     /// Clients chatting at once.
@@ -28,6 +29,10 @@ pub struct ChatArgs {
     /// Use this coordinator (and its fleet) instead of starting one.
     #[arg(long)]
     coordinator: Option<String>,
+    /// With --coordinator: yes, create, load and delete agents on that fleet
+    /// (its nodes' CPU goes to the benchmark meanwhile).
+    #[arg(long)]
+    yes: bool,
     /// API token of --coordinator (or PIFLEET_API_TOKEN).
     #[arg(long, env = "PIFLEET_API_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -45,6 +50,7 @@ pub struct ChatArgs {
 }
 
 /// Where the clients send their chats.
+#[derive(Clone)]
 enum Target {
     /// pifleet's `POST /v1/chat` with `{agent, messages}`, over these agents.
     Fleet(Vec<String>),
@@ -53,6 +59,15 @@ enum Target {
 }
 
 impl Target {
+    /// Whether a 200 answer carries an answer: a body that does not parse
+    /// as one is a failure, whatever its status.
+    fn answered(&self, body: &Value) -> bool {
+        match self {
+            Target::Fleet(_) => body["message"]["content"].is_string(),
+            Target::OpenAi(_) => body["choices"][0]["message"]["content"].is_string(),
+        }
+    }
+
     /// The path and body of chat number `i`.
     fn request(&self, i: usize) -> (&'static str, Value) {
         let messages = json!([{"role": "user", "content": "Hello! How are you?"}]);
@@ -130,6 +145,12 @@ pub async fn start_fleet(
 }
 
 pub async fn bench(args: &ChatArgs, stack: &mut Stack) -> Result<Value, BenchError> {
+    if let (Some(url), false, None) = (&args.coordinator, args.yes, &args.openai) {
+        return Err(BenchError::new(format!(
+            "bench chat --coordinator {url} creates {} agents on that fleet, loads its nodes for {}s and deletes the agents afterwards; add --yes to go ahead",
+            args.agents, args.seconds
+        )));
+    }
     let api = match (&args.openai, &args.coordinator) {
         (Some(url), _) => Api::new(url, args.token.clone(), args.concurrency),
         (None, Some(url)) => Api::new(url, args.token.clone(), args.concurrency),
@@ -147,15 +168,34 @@ pub async fn bench(args: &ChatArgs, stack: &mut Stack) -> Result<Value, BenchErr
         }
         None => Target::Fleet(agents(&api, args).await?),
     };
+    let result = load(args, &api, &target).await;
+    // A fleet this bench did not start keeps nothing of it.
+    if let (Some(_), Target::Fleet(names)) = (&args.coordinator, &target) {
+        progress(format!("deleting the {} agents of this run", names.len()));
+        for name in names {
+            api.expect(
+                reqwest::Method::DELETE,
+                &format!("/v1/agents/{name}"),
+                None,
+                200,
+            )
+            .await?;
+        }
+    }
+    result
+}
+
+/// The load itself: CONCURRENCY clients for SECONDS; the JSON figures.
+async fn load(args: &ChatArgs, api: &Api, target: &Target) -> Result<Value, BenchError> {
     progress(format!(
         "{} agents; {} clients chat for {}s",
         target.agents(),
         args.concurrency,
         args.seconds
     ));
-    let target = Arc::new(target);
+    let target = Arc::new(target.clone());
     let me = std::process::id();
-    let cpu_before = super::cpu_time(me);
+    let cpu_before = super::cpu_time(me)?;
     let start = Instant::now();
     let deadline = start + Duration::from_secs(args.seconds);
     let clients: Vec<_> = (0..args.concurrency)
@@ -176,7 +216,9 @@ pub async fn bench(args: &ChatArgs, stack: &mut Stack) -> Result<Value, BenchErr
         first_error = first_error.or(error);
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let cpu = super::cpu_time(me).saturating_sub(cpu_before).as_secs_f64();
+    let cpu = super::cpu_time(me)?
+        .saturating_sub(cpu_before)
+        .as_secs_f64();
     latencies.sort_by(f64::total_cmp);
     if let Some(e) = &first_error {
         progress(format!("{errors} errors; the first: {e}"));
@@ -197,37 +239,43 @@ pub async fn bench(args: &ChatArgs, stack: &mut Stack) -> Result<Value, BenchErr
     }))
 }
 
-/// The agents to chat with: those running, topped up with new `bench-N`.
+/// The agents of this run, created now as `bench-RUN-1..N` (RUN random):
+/// never an agent the bench did not create.
 async fn agents(api: &Api, args: &ChatArgs) -> Result<Vec<String>, BenchError> {
-    let running = |list: &Value| -> Vec<String> {
-        list["agents"]
+    let prefix = format!("bench-{:06x}", rand::random::<u32>() & 0xff_ffff);
+    progress(format!(
+        "creating {} agents {prefix}-1..{}",
+        args.agents, args.agents
+    ));
+    api.spawn(&prefix, args.agents, &args.model).await?;
+    let names: Vec<String> = (1..=args.agents).map(|i| format!("{prefix}-{i}")).collect();
+    let start = Instant::now();
+    loop {
+        let list = api
+            .expect(reqwest::Method::GET, "/v1/agents", None, 200)
+            .await?;
+        let running = list["agents"]
             .as_array()
             .into_iter()
             .flatten()
             .filter(|a| a["state"] == "running")
-            .filter_map(|a| a["name"].as_str().map(str::to_owned))
-            .collect()
-    };
-    let list = api
-        .expect(reqwest::Method::GET, "/v1/agents", None, 200)
-        .await?;
-    let mut names = running(&list);
-    if names.len() < args.agents {
-        let missing = args.agents - names.len();
-        progress(format!("creating {missing} agents bench-1..{missing}"));
-        api.spawn("bench", missing, &args.model).await?;
-        let want = args.agents;
-        api.wait_for("the agents to run", Duration::from_secs(120), |s| {
-            s.summary.agents_running >= want
-        })
-        .await?;
-        let list = api
-            .expect(reqwest::Method::GET, "/v1/agents", None, 200)
-            .await?;
-        names = running(&list);
+            .filter(|a| {
+                a["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with(&format!("{prefix}-")))
+            })
+            .count();
+        if running == names.len() {
+            return Ok(names);
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            return Err(BenchError::new(format!(
+                "only {running} of the {} agents run after 120 s",
+                names.len()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    names.truncate(args.agents);
-    Ok(names)
 }
 
 /// One client: chats back to back until `deadline`; latencies in ms, the
@@ -247,7 +295,9 @@ async fn client(
         i += clients;
         let start = Instant::now();
         match api.send(reqwest::Method::POST, path, Some(&body)).await {
-            Ok((200, _)) => latencies.push(start.elapsed().as_secs_f64() * 1000.0),
+            Ok((200, answer)) if target.answered(&answer) => {
+                latencies.push(start.elapsed().as_secs_f64() * 1000.0)
+            }
             Ok((status, answer)) => {
                 errors += 1;
                 first.get_or_insert_with(|| format!("{status} {answer}"));

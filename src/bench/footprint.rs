@@ -26,11 +26,11 @@ pub struct FootprintArgs {
 }
 
 /// Share of one core `pid` used over `window`.
-async fn cpu_pct(pid: u32, window: Duration) -> f64 {
-    let (before, start) = (cpu_time(pid), Instant::now());
+async fn cpu_pct(pid: u32, window: Duration) -> Result<f64, BenchError> {
+    let (before, start) = (cpu_time(pid)?, Instant::now());
     tokio::time::sleep(window).await;
-    let used = cpu_time(pid).saturating_sub(before);
-    used.as_secs_f64() / start.elapsed().as_secs_f64() * 100.0
+    let used = cpu_time(pid)?.saturating_sub(before);
+    Ok(used.as_secs_f64() / start.elapsed().as_secs_f64() * 100.0)
 }
 
 pub async fn bench(args: &FootprintArgs, stack: &mut Stack) -> Result<Value, BenchError> {
@@ -40,14 +40,14 @@ pub async fn bench(args: &FootprintArgs, stack: &mut Stack) -> Result<Value, Ben
     let node = stack.pid("bench-node-1")?;
     // Let the first probes and allocations settle.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (rss_idle, anon_idle) = (rss_bytes(node), rss_anon_bytes(node));
+    let (rss_idle, anon_idle) = (rss_bytes(node)?, rss_anon_bytes(node)?);
     let window = Duration::from_secs(args.seconds);
     progress(format!(
         "node idle: {:.1} MiB; measuring its CPU for {}s",
         rss_idle as f64 / 1048576.0,
         args.seconds
     ));
-    let cpu_idle = cpu_pct(node, window).await;
+    let cpu_idle = cpu_pct(node, window).await?;
 
     api.spawn("fp", args.agents, "llama3.2").await?;
     let want = args.agents;
@@ -57,15 +57,17 @@ pub async fn bench(args: &FootprintArgs, stack: &mut Stack) -> Result<Value, Ben
     .await?;
     // A heartbeat later, the full agent list has been announced too.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (rss_loaded, anon_loaded) = (rss_bytes(node), rss_anon_bytes(node));
+    let (rss_loaded, anon_loaded) = (rss_bytes(node)?, rss_anon_bytes(node)?);
     progress(format!(
         "{} agents: {:.1} MiB; measuring its CPU for {}s",
         args.agents,
         rss_loaded as f64 / 1048576.0,
         args.seconds
     ));
-    let cpu_loaded = cpu_pct(node, window).await;
-    let per_agent = rss_loaded.saturating_sub(rss_idle) / args.agents as u64;
+    let cpu_loaded = cpu_pct(node, window).await?;
+    // The node's own memory: total RSS also moves with pages of the
+    // executable and libraries touched for the first time.
+    let per_agent = anon_loaded.saturating_sub(anon_idle) / args.agents as u64;
     Ok(json!({
         "bench": "node-footprint",
         "build": if cfg!(debug_assertions) { "debug" } else { "release" },

@@ -224,43 +224,46 @@ pub fn listings<'a>(
 }
 
 /// Resident memory of process `pid`, in bytes (Linux).
-pub fn rss_bytes(pid: u32) -> u64 {
+pub fn rss_bytes(pid: u32) -> Result<u64, BenchError> {
     status_bytes(pid, "VmRSS:")
 }
 
 /// The part of it that is the process's own (heap, stacks), not pages of
 /// its executable and libraries (Linux).
-pub fn rss_anon_bytes(pid: u32) -> u64 {
+pub fn rss_anon_bytes(pid: u32) -> Result<u64, BenchError> {
     status_bytes(pid, "RssAnon:")
 }
 
-/// A `kB` field of `/proc/PID/status`, in bytes; 0 if unreadable.
-fn status_bytes(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(field))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib * 1024)
+/// A `kB` field of `/proc/PID/status`, in bytes. A figure that cannot be
+/// read is an error, never a 0 that would pass for a measurement.
+fn status_bytes(pid: u32, field: &str) -> Result<u64, BenchError> {
+    let path = format!("/proc/{pid}/status");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| BenchError::new(format!("cannot read {path}: {e}")))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .ok_or_else(|| BenchError::new(format!("{path} has no readable {field} field")))
 }
 
 /// CPU time (user + system) of process `pid` so far (Linux).
-pub fn cpu_time(pid: u32) -> Duration {
-    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            // Fields after the command name, which is in parentheses.
-            let rest = s.rsplit_once(')')?.1;
+pub fn cpu_time(pid: u32) -> Result<Duration, BenchError> {
+    let path = format!("/proc/{pid}/stat");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| BenchError::new(format!("cannot read {path}: {e}")))?;
+    // Fields after the command name, which is in parentheses.
+    let ticks = text
+        .rsplit_once(')')
+        .and_then(|(_, rest)| {
             let fields: Vec<&str> = rest.split_whitespace().collect();
             let utime: u64 = fields.get(11)?.parse().ok()?;
             let stime: u64 = fields.get(12)?.parse().ok()?;
             Some(utime + stime)
         })
-        .unwrap_or(0);
+        .ok_or_else(|| BenchError::new(format!("{path}: no utime and stime fields")))?;
     let hz = rustix::param::clock_ticks_per_second().max(1);
-    Duration::from_micros(ticks * 1_000_000 / hz)
+    Ok(Duration::from_micros(ticks * 1_000_000 / hz))
 }
 
 /// The `q` quantile (0 to 1) of sorted `values`.
@@ -291,14 +294,19 @@ mod tests {
     }
 
     #[test]
-    fn this_process_has_memory_and_cpu_time() {
+    fn this_process_has_memory_and_cpu_time_and_a_missing_one_is_an_error() {
         let me = std::process::id();
-        assert!(rss_bytes(me) > 1 << 20);
-        assert!(0 < rss_anon_bytes(me) && rss_anon_bytes(me) < rss_bytes(me));
+        let (rss, anon) = (rss_bytes(me).unwrap(), rss_anon_bytes(me).unwrap());
+        assert!(rss > 1 << 20);
+        assert!(0 < anon && anon < rss);
         let start = std::time::Instant::now();
         while start.elapsed() < Duration::from_millis(50) {
             std::hint::black_box(0u64);
         }
-        assert!(cpu_time(me) > Duration::ZERO);
+        assert!(cpu_time(me).unwrap() > Duration::ZERO);
+        // No such process: an error naming the file, not a 0.
+        let gone = u32::MAX - 1;
+        assert!(rss_bytes(gone).unwrap_err().to_string().contains("/proc/"));
+        assert!(cpu_time(gone).is_err());
     }
 }

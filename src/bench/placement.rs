@@ -39,7 +39,7 @@ pub async fn bench(args: &PlacementArgs, stack: &mut Stack) -> Result<Value, Ben
     let (url, coordinator) = stack.coordinator(&mqtt, "")?;
     progress(format!("coordinator {url} (pid {coordinator})"));
     let api = Api::new(&url, None, 4).polling_every(Duration::from_millis(100));
-    let rss_empty = rss_bytes(coordinator);
+    let rss_empty = rss_bytes(coordinator)?;
     // Thousands of nodes logging every assignment would drown the progress.
     let _quiet = QuietLog::warn();
     let mut fleet = FleetSim::start(&mqtt, "sim", args.nodes, args.capacity, "llama3.2");
@@ -50,14 +50,14 @@ pub async fn bench(args: &PlacementArgs, stack: &mut Stack) -> Result<Value, Ben
     })
     .await?;
     fleet.check()?;
-    let rss_nodes = rss_bytes(coordinator);
+    let rss_nodes = rss_bytes(coordinator)?;
     let agents = args.nodes * args.capacity as usize;
     progress(format!(
         "{} simulated nodes online, {} slots each; creating {agents} agents",
         args.nodes, args.capacity
     ));
 
-    let (cpu_coordinator, cpu_sim) = (cpu_time(coordinator), cpu_time(std::process::id()));
+    let (cpu_coordinator, cpu_sim) = (cpu_time(coordinator)?, cpu_time(std::process::id())?);
     let start = Instant::now();
     for (chunk, first) in (0..agents).step_by(MAX_PER_REQUEST).enumerate() {
         let count = MAX_PER_REQUEST.min(agents - first);
@@ -75,20 +75,28 @@ pub async fn bench(args: &PlacementArgs, stack: &mut Stack) -> Result<Value, Ben
         })
         .await?
         + created;
-    let cpu_coordinator = cpu_time(coordinator).saturating_sub(cpu_coordinator);
-    let cpu_sim = cpu_time(std::process::id()).saturating_sub(cpu_sim);
+    let cpu_coordinator = cpu_time(coordinator)?.saturating_sub(cpu_coordinator);
+    let cpu_sim = cpu_time(std::process::id())?.saturating_sub(cpu_sim);
     fleet.check()?;
     progress(format!(
         "all {agents} running after {:.2} s",
         running.as_secs_f64()
     ));
 
-    // A heartbeat round later, each node has reported its full list.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let rss_loaded = rss_bytes(coordinator);
-    let nodes: NodeList = api.get("/v1/nodes").await?;
-    let listed: AgentList = api.get("/v1/agents").await?;
-    let (overfill, hosted, duplicates) = check_hosting(&nodes, &listed);
+    // Until each node's own report lists what it hosts (a heartbeat round
+    // at most), or 30 s.
+    let reported = Instant::now();
+    let (overfill, hosted, duplicates) = loop {
+        let nodes: NodeList = api.get("/v1/nodes").await?;
+        let listed: AgentList = api.get("/v1/agents").await?;
+        let counts = check_hosting(&nodes, &listed);
+        let (_, hosted, duplicates) = counts;
+        if (hosted == agents && duplicates == 0) || reported.elapsed() > Duration::from_secs(30) {
+            break counts;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let rss_loaded = rss_bytes(coordinator)?;
     fleet.stop(Duration::from_secs(30)).await?;
     if hosted != agents || duplicates > 0 || overfill > 0 {
         return Err(BenchError::new(format!(

@@ -1,7 +1,8 @@
 //! The coordinator's HTTP API (docs/API.md, contract). Handlers validate input
 //! (422), enforce the body limit (413) and the bearer token (401), then ask
-//! the coordinator task by sending it an [`ApiCall`] (a closure run on its
-//! state, which sends its own answer back). The core answers in domain terms
+//! the coordinator task by sending it an [`ApiRequest`] (typed data: what
+//! to do and where its answer goes; the answer leaves once the request's
+//! store batch commits). The core answers in domain terms
 //! ([`CoreError`]); the `From<CoreError> for ApiError` impl here is the only
 //! place HTTP statuses are chosen. Errors are JSON `{"error", "code"}`.
 
@@ -22,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use super::core::{Coordinator, CoreError, Now};
+use super::core::{Answer, ApiRequest, CoreError};
 use super::metrics::CoordinatorMetrics;
 use crate::http::{no_route, wrong_method, ApiError, PathParam, QueryParams};
 use crate::protocol::{
@@ -31,10 +32,6 @@ use crate::protocol::{
 
 /// `Retry-After` of a 503 caused by the store or the broker.
 const STORE_RETRY_AFTER_SECS: u64 = 5;
-
-/// What a handler asks the coordinator task to do: a call on its state,
-/// run there between other inputs, that sends its own answer back.
-pub type ApiCall = Box<dyn FnOnce(&mut Coordinator) + Send>;
 
 /// The HTTP face of a domain error: the one place statuses are chosen.
 impl From<CoreError> for ApiError {
@@ -95,7 +92,7 @@ impl From<CoreError> for ApiError {
 
 #[derive(Clone)]
 pub struct ApiState {
-    pub requests: mpsc::Sender<ApiCall>,
+    pub requests: mpsc::Sender<ApiRequest>,
     pub ready: Arc<AtomicBool>,
     /// False while the store cannot write.
     pub store_ok: Arc<AtomicBool>,
@@ -113,40 +110,26 @@ fn respond<T: Serialize>(status: StatusCode, answer: Result<T, CoreError>) -> Re
 }
 
 impl ApiState {
-    /// Runs `f` on the coordinator task and answers its result with
-    /// `status` (or its error).
+    /// Sends the request `make` builds to the coordinator task and answers
+    /// its result with `status` (or its error).
     async fn call<T: Serialize + Send + 'static>(
         &self,
         status: StatusCode,
-        f: impl FnOnce(&mut Coordinator, Now) -> Result<T, CoreError> + Send + 'static,
+        make: impl FnOnce(Answer<T>) -> ApiRequest,
     ) -> Response {
-        respond(status, self.ask(f).await)
+        respond(status, self.ask(make).await)
     }
 
-    /// Runs `f` on the coordinator task and returns its result.
+    /// Sends the request `make` builds; its result.
     async fn ask<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Coordinator, Now) -> Result<T, CoreError> + Send + 'static,
+        make: impl FnOnce(Answer<T>) -> ApiRequest,
     ) -> Result<T, CoreError> {
         let (tx, rx) = oneshot::channel();
-        // The time is read when the call runs on the coordinator task.
-        // The answer leaves once the call's batch commits.
-        let call: ApiCall = Box::new(move |c| {
-            let result = f(c, Now::system());
-            c.answer(tx, result);
-        });
-        if self.requests.send(call).await.is_err() {
+        if self.requests.send(make(tx)).await.is_err() {
             return Err(CoreError::Stopping);
         }
         rx.await.unwrap_or(Err(CoreError::Stopping))
-    }
-
-    /// Like [`ApiState::call`] for a view that cannot fail.
-    async fn view<T: Serialize + Send + 'static>(
-        &self,
-        f: impl FnOnce(&Coordinator, Now) -> T + Send + 'static,
-    ) -> Response {
-        self.call(StatusCode::OK, move |c, now| Ok(f(c, now))).await
     }
 
     /// A chat: answered when its turn completes, or 504 after `limit`.
@@ -154,9 +137,13 @@ impl ApiState {
     /// code the client gets).
     async fn chat(&self, agent: String, messages: Vec<ChatMessage>, limit: Duration) -> Response {
         let started = std::time::Instant::now();
-        let (tx, rx) = oneshot::channel();
-        let call: ApiCall = Box::new(move |c| c.chat(&agent, messages, tx, Now::system()));
-        let answer = if self.requests.send(call).await.is_err() {
+        let (reply, rx) = oneshot::channel();
+        let request = ApiRequest::Chat {
+            agent,
+            messages,
+            reply,
+        };
+        let answer = if self.requests.send(request).await.is_err() {
             Err(ApiError::from(CoreError::Stopping))
         } else {
             match tokio::time::timeout(limit, rx).await {
@@ -494,10 +481,7 @@ async fn ready(State(s): State<ApiState>) -> Result<Json<Value>, ApiError> {
 /// whole registry is encoded.
 async fn metrics(State(s): State<ApiState>, headers: HeaderMap) -> Response {
     // Observed on the coordinator task, so scrapes see states in order.
-    let observed = s.ask(|c, now| {
-        c.metrics.observe(&c.status(0, now));
-        Ok(())
-    });
+    let observed = s.ask(|reply| ApiRequest::Observe { reply });
     if let Err(e) = observed.await {
         return ApiError::from(e).into_response();
     }
@@ -522,15 +506,17 @@ async fn count_requests(State(s): State<ApiState>, request: Request, next: Next)
 
 async fn status(State(s): State<ApiState>, QueryParams(q): QueryParams<ListQuery>) -> Response {
     let events = q.limit.unwrap_or(10).min(1000);
-    s.view(move |c, now| c.status(events, now)).await
+    s.call(StatusCode::OK, |reply| ApiRequest::Status { events, reply })
+        .await
 }
 
 async fn nodes(State(s): State<ApiState>) -> Response {
-    s.view(|c, now| c.nodes(now)).await
+    s.call(StatusCode::OK, |reply| ApiRequest::Nodes { reply })
+        .await
 }
 
 async fn node(State(s): State<ApiState>, PathParam(node): PathParam<String>) -> Response {
-    s.call(StatusCode::OK, move |c, now| c.node(&node, now))
+    s.call(StatusCode::OK, |reply| ApiRequest::Node { node, reply })
         .await
 }
 
@@ -554,28 +540,32 @@ async fn drain(
     }
     let deadline = body.deadline_secs.map(Duration::from_secs);
     let max_parallel = body.max_parallel;
-    s.call(StatusCode::OK, move |c, now| {
-        c.drain(&node, max_parallel, deadline, now)
+    s.call(StatusCode::OK, |reply| ApiRequest::Drain {
+        node,
+        max_parallel,
+        deadline,
+        reply,
     })
     .await
 }
 
 async fn uncordon(State(s): State<ApiState>, PathParam(node): PathParam<String>) -> Response {
-    s.call(StatusCode::OK, move |c, now| c.uncordon(&node, now))
+    s.call(StatusCode::OK, |reply| ApiRequest::Uncordon { node, reply })
         .await
 }
 
 async fn forget_node(State(s): State<ApiState>, PathParam(node): PathParam<String>) -> Response {
-    s.call(StatusCode::OK, move |c, now| c.forget_node(&node, now))
+    s.call(StatusCode::OK, |reply| ApiRequest::ForgetNode { node, reply })
         .await
 }
 
 async fn agents(State(s): State<ApiState>) -> Response {
-    s.view(|c, now| c.agent_list(now)).await
+    s.call(StatusCode::OK, |reply| ApiRequest::Agents { reply })
+        .await
 }
 
 async fn agent(State(s): State<ApiState>, PathParam(name): PathParam<String>) -> Response {
-    s.call(StatusCode::OK, move |c, now| c.agent(&name, now))
+    s.call(StatusCode::OK, |reply| ApiRequest::Agent { name, reply })
         .await
 }
 
@@ -597,10 +587,10 @@ async fn create_agent(
             Err(e) => return e.into_response(),
         };
         return s
-            .call(StatusCode::OK, move |c, now| {
-                let mut answer = c.create_agents(specs, now)?;
-                answer.errors.splice(0..0, rejected);
-                Ok(answer)
+            .call(StatusCode::OK, |reply| ApiRequest::CreateAgents {
+                specs,
+                rejected,
+                reply,
             })
             .await;
     }
@@ -608,12 +598,12 @@ async fn create_agent(
         Ok(spec) => spec,
         Err(e) => return e.into_response(),
     };
-    s.call(StatusCode::CREATED, move |c, now| c.create_agent(spec, now))
+    s.call(StatusCode::CREATED, |reply| ApiRequest::CreateAgent { spec, reply })
         .await
 }
 
 async fn delete_agent(State(s): State<ApiState>, PathParam(name): PathParam<String>) -> Response {
-    s.call(StatusCode::OK, move |c, now| c.delete_agent(&name, now))
+    s.call(StatusCode::OK, |reply| ApiRequest::DeleteAgent { name, reply })
         .await
 }
 
@@ -649,8 +639,11 @@ async fn submit_job(
         ))
         .into_response();
     }
-    s.call(StatusCode::ACCEPTED, move |c, now| {
-        c.submit_job(&agent, body.message, body.priority, now)
+    s.call(StatusCode::ACCEPTED, |reply| ApiRequest::SubmitJob {
+        agent,
+        message: body.message,
+        priority: body.priority,
+        reply,
     })
     .await
 }
@@ -684,19 +677,24 @@ async fn list_jobs(State(s): State<ApiState>, agent: Option<String>, q: ListQuer
         },
     };
     let limit = q.limit.unwrap_or(100).min(10_000);
-    s.call(StatusCode::OK, move |c, _| {
-        c.list_jobs(agent.as_deref(), state, limit)
+    s.call(StatusCode::OK, |reply| ApiRequest::Jobs {
+        agent,
+        state,
+        limit,
+        reply,
     })
     .await
 }
 
 async fn job(State(s): State<ApiState>, PathParam(id): PathParam<String>) -> Response {
-    s.call(StatusCode::OK, move |c, _| c.job(&id)).await
+    s.call(StatusCode::OK, |reply| ApiRequest::Job { id, reply })
+        .await
 }
 
 async fn events(State(s): State<ApiState>, QueryParams(q): QueryParams<ListQuery>) -> Response {
     let limit = q.limit.unwrap_or(100).min(1000);
-    s.view(move |c, _| c.events(limit)).await
+    s.call(StatusCode::OK, |reply| ApiRequest::Events { limit, reply })
+        .await
 }
 
 #[cfg(test)]

@@ -7,8 +7,9 @@
 //!
 //! * link events: retained `status` and `capacity` messages build the fleet
 //!   view, `reply` messages confirm assignments and carry turn results;
-//! * API calls, each with a oneshot for its answer (a chat's answer is
-//!   sent when its turn completes);
+//! * API requests ([`core::ApiRequest`], typed data), each with a oneshot
+//!   for its answer, which leaves once the request's store batch commits (a
+//!   chat's when its turn completes);
 //! * a tick every 250 ms: reconciliation, timeouts, the fleet summary.
 //!
 //! On SIGTERM it answers waiting chats, publishes `offline` on
@@ -36,7 +37,7 @@ use crate::config::coordinator::CoordinatorConfig;
 use crate::mqtt::{Link, LinkError, LinkEvent, Publisher, Will};
 use crate::protocol::{NodeTopic, STATUS_OFFLINE, STATUS_ONLINE};
 use crate::systemd::{self, Liveness};
-use api::ApiCall;
+use core::ApiRequest;
 use core::Now;
 
 const TICK: Duration = Duration::from_millis(250);
@@ -89,7 +90,7 @@ pub async fn run(
     let ready = Arc::new(AtomicBool::new(false));
     let store_ok = Arc::new(AtomicBool::new(true));
     let mut failed = None;
-    let (tx, mut requests) = mpsc::channel::<ApiCall>(1024);
+    let (tx, mut requests) = mpsc::channel::<ApiRequest>(1024);
     let background = CancellationToken::new();
     let state = api::ApiState {
         requests: tx,
@@ -156,7 +157,7 @@ pub async fn run(
                     }
                 }
             }
-            Input::Api(call) => call(&mut coordinator),
+            Input::Api(request) => coordinator.handle(request, Now::system()),
             Input::PlacementDue => coordinator.place_pending(Now::system()),
             Input::Tick => {
                 let now = Now::system();
@@ -181,8 +182,8 @@ pub async fn run(
     // Stop taking requests, answer what is queued, then leave the broker.
     background.cancel();
     requests.close();
-    while let Ok(call) = requests.try_recv() {
-        call(&mut coordinator);
+    while let Ok(request) = requests.try_recv() {
+        coordinator.handle(request, Now::system());
     }
     let _ = server.await;
     send_outbox(&mut coordinator, &link.publisher);
@@ -273,7 +274,7 @@ fn on_link(
 /// What the main loop woke up for.
 enum Input {
     Link(LinkEvent),
-    Api(ApiCall),
+    Api(ApiRequest),
     PlacementDue,
     Tick,
 }

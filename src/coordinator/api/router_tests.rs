@@ -8,7 +8,7 @@ use tower::ServiceExt;
 
 use super::*;
 use crate::config::CoordinatorConfig;
-use crate::coordinator::core::Now;
+use crate::coordinator::core::{Coordinator, Now};
 use crate::coordinator::store::Store;
 use crate::protocol::{AgentState, AgentView, AgentsCreated};
 
@@ -27,10 +27,13 @@ fn api_with(
     let store = Store::open(&config.store_path, config.history_limit).unwrap();
     let metrics = Arc::new(CoordinatorMetrics::new());
     let mut core = Coordinator::load(config, store, Now::system(), metrics.clone()).unwrap();
-    let (tx, mut calls) = mpsc::channel::<ApiCall>(16);
+    let (tx, mut requests) = mpsc::channel::<ApiRequest>(16);
+    // As the daemon's loop does: each request in a store batch of its own.
     tokio::spawn(async move {
-        while let Some(call) = calls.recv().await {
-            call(&mut core);
+        while let Some(request) = requests.recv().await {
+            core.begin_batch();
+            core.handle(request, Now::system());
+            core.end_batch().unwrap();
         }
     });
     let state = ApiState {

@@ -43,6 +43,7 @@ use crate::protocol::{
     NodeList, NodeTopic, NodeView, Reply, ReplyBody, Role, Topics, TurnErrorCode, TurnRequest,
     TurnResult, Usage,
 };
+pub use command::ApiRequest;
 use durability::HeldAnswer;
 
 /// How long a node that refused an agent is skipped for it.
@@ -64,6 +65,7 @@ const STALLED_AFTER: Duration = Duration::from_secs(5);
 
 mod agent;
 mod announce;
+mod command;
 mod durability;
 mod placement;
 mod reconcile;

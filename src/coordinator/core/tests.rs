@@ -714,6 +714,30 @@ fn a_job_whose_completion_cannot_be_stored_stays_running_and_completes_once_afte
 }
 
 #[test]
+fn api_requests_are_data_logged_replayed_and_answered_only_after_their_batch_commits() {
+    let mut sim = Sim::new(|_| {});
+    let spec = AgentSpec {
+        name: "rec".into(),
+        model: "llama3.2:latest".into(),
+        system: None,
+        labels: BTreeMap::new(),
+    };
+    let (reply, mut created) = oneshot::channel();
+    let request = ApiRequest::CreateAgent { spec, reply };
+    assert!(format!("{request:?}").starts_with("CreateAgent(AgentSpec { name: \"rec\""));
+    sim.c.begin_batch();
+    sim.c.handle(request, sim.now);
+    assert!(created.try_recv().is_err(), "no answer before the commit");
+    sim.c.end_batch().unwrap();
+    assert_eq!(created.try_recv().unwrap().unwrap().name, "rec");
+    // The same request replayed: refused as a duplicate, as a client would see.
+    let (reply, mut again) = oneshot::channel();
+    let spec = sim.c.agents["rec"].spec.clone();
+    sim.c.handle(ApiRequest::CreateAgent { spec, reply }, sim.now);
+    assert!(matches!(again.try_recv().unwrap(), Err(CoreError::Conflict { .. })));
+}
+
+#[test]
 fn jobs_pop_highest_priority_first_then_in_submission_order() {
     let mut heap = BinaryHeap::new();
     for (priority, seq) in [(1, 1), (5, 2), (1, 3), (9, 4), (5, 5)] {

@@ -23,6 +23,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
+#[cfg(test)]
+use super::core::StoreFault;
 use super::core::{Answer, ApiRequest, CoreError};
 use super::metrics::CoordinatorMetrics;
 use crate::http::{no_route, wrong_method, ApiError, PathParam, QueryParams};
@@ -555,8 +557,11 @@ async fn uncordon(State(s): State<ApiState>, PathParam(node): PathParam<String>)
 }
 
 async fn forget_node(State(s): State<ApiState>, PathParam(node): PathParam<String>) -> Response {
-    s.call(StatusCode::OK, |reply| ApiRequest::ForgetNode { node, reply })
-        .await
+    s.call(StatusCode::OK, |reply| ApiRequest::ForgetNode {
+        node,
+        reply,
+    })
+    .await
 }
 
 async fn agents(State(s): State<ApiState>) -> Response {
@@ -598,13 +603,19 @@ async fn create_agent(
         Ok(spec) => spec,
         Err(e) => return e.into_response(),
     };
-    s.call(StatusCode::CREATED, |reply| ApiRequest::CreateAgent { spec, reply })
-        .await
+    s.call(StatusCode::CREATED, |reply| ApiRequest::CreateAgent {
+        spec,
+        reply,
+    })
+    .await
 }
 
 async fn delete_agent(State(s): State<ApiState>, PathParam(name): PathParam<String>) -> Response {
-    s.call(StatusCode::OK, |reply| ApiRequest::DeleteAgent { name, reply })
-        .await
+    s.call(StatusCode::OK, |reply| ApiRequest::DeleteAgent {
+        name,
+        reply,
+    })
+    .await
 }
 
 async fn chat(State(s): State<ApiState>, body: Result<JsonBody<ChatBody>, ApiError>) -> Response {
@@ -713,7 +724,7 @@ mod tests {
         };
         for (error, status, code) in [
             (CoreError::NotFound("m".into()), 404, "not_found"),
-            (CoreError::Store("m".into()), 503, "store"),
+            (CoreError::Store(StoreFault::new("m")), 503, "store"),
             (CoreError::TooLarge("m".into()), 413, "too_large"),
             (CoreError::Stopping, 503, "stopping"),
             (turn(TurnErrorCode::Timeout), 504, "timeout"),

@@ -11,21 +11,45 @@ use super::*;
 /// One API request and where its answer goes.
 pub enum ApiRequest {
     /// Set the Prometheus gauges from the current status (a scrape).
-    Observe { reply: Answer<()> },
-    Status { events: usize, reply: Answer<FleetStatus> },
-    Nodes { reply: Answer<NodeList> },
-    Node { node: String, reply: Answer<NodeView> },
+    Observe {
+        reply: Answer<()>,
+    },
+    Status {
+        events: usize,
+        reply: Answer<FleetStatus>,
+    },
+    Nodes {
+        reply: Answer<NodeList>,
+    },
+    Node {
+        node: String,
+        reply: Answer<NodeView>,
+    },
     Drain {
         node: String,
         max_parallel: Option<usize>,
         deadline: Option<Duration>,
         reply: Answer<NodeView>,
     },
-    Uncordon { node: String, reply: Answer<NodeView> },
-    ForgetNode { node: String, reply: Answer<NodeForgotten> },
-    Agents { reply: Answer<AgentList> },
-    Agent { name: String, reply: Answer<AgentView> },
-    CreateAgent { spec: AgentSpec, reply: Answer<AgentView> },
+    Uncordon {
+        node: String,
+        reply: Answer<NodeView>,
+    },
+    ForgetNode {
+        node: String,
+        reply: Answer<NodeForgotten>,
+    },
+    Agents {
+        reply: Answer<AgentList>,
+    },
+    Agent {
+        name: String,
+        reply: Answer<AgentView>,
+    },
+    CreateAgent {
+        spec: AgentSpec,
+        reply: Answer<AgentView>,
+    },
     /// Many agents; `rejected` are the ones the API refused already, to be
     /// reported with the others.
     CreateAgents {
@@ -33,7 +57,10 @@ pub enum ApiRequest {
         rejected: Vec<AgentError>,
         reply: Answer<AgentsCreated>,
     },
-    DeleteAgent { name: String, reply: Answer<AgentDeleted> },
+    DeleteAgent {
+        name: String,
+        reply: Answer<AgentDeleted>,
+    },
     /// Answered when the turn completes (or fails).
     Chat {
         agent: String,
@@ -52,8 +79,14 @@ pub enum ApiRequest {
         limit: usize,
         reply: Answer<JobList>,
     },
-    Job { id: String, reply: Answer<JobView> },
-    Events { limit: usize, reply: Answer<EventList> },
+    Job {
+        id: String,
+        reply: Answer<JobView>,
+    },
+    Events {
+        limit: usize,
+        reply: Answer<EventList>,
+    },
 }
 
 impl std::fmt::Debug for ApiRequest {
@@ -78,7 +111,9 @@ impl std::fmt::Debug for ApiRequest {
             Agents { .. } => write!(f, "Agents"),
             Agent { name, .. } => write!(f, "Agent({name})"),
             CreateAgent { spec, .. } => write!(f, "CreateAgent({spec:?})"),
-            CreateAgents { specs, rejected, .. } => write!(
+            CreateAgents {
+                specs, rejected, ..
+            } => write!(
                 f,
                 "CreateAgents {{ {} specs, {} rejected }}",
                 specs.len(),

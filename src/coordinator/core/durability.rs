@@ -56,7 +56,7 @@ impl Coordinator {
         self.answers.push(Box::new(move |fault| {
             let _ = to.send(match fault {
                 None => result,
-                Some(fault) => Err(CoreError::Store(fault.to_owned())),
+                Some(fault) => Err(CoreError::Store(StoreFault::new(fault))),
             });
         }));
     }
@@ -111,7 +111,7 @@ impl Coordinator {
     /// rather than running them twice.
     fn reload(&mut self, why: &str) -> Result<(), StoreError> {
         let fail = |reply: Responder| {
-            let _ = reply.send(Err(CoreError::Store(why.to_owned())));
+            let _ = reply.send(Err(CoreError::Store(StoreFault::new(why))));
         };
         for a in self.agents.values_mut() {
             for waiter in a.chats.drain(..) {

@@ -149,7 +149,7 @@ pub enum CoreError {
     },
     /// The store could not be read or written; nothing was done.
     #[error("{0}")]
-    Store(String),
+    Store(#[source] StoreFault),
     #[error("the coordinator is stopping")]
     Stopping,
     /// The coordinator is not connected to the broker: nothing can reach
@@ -160,9 +160,58 @@ pub enum CoreError {
 
 impl From<StoreError> for CoreError {
     fn from(e: StoreError) -> Self {
-        CoreError::Store(e.to_string())
+        CoreError::Store(StoreFault::caused(e.to_string(), e))
     }
 }
+
+/// Why the store failed: a sentence for the client, and the SQLite error
+/// behind it when there is one (`Error::source`, for logs).
+#[derive(Debug, Clone)]
+pub struct StoreFault {
+    message: String,
+    source: Option<Arc<StoreError>>,
+}
+
+impl StoreFault {
+    /// A fault known only by its description (a batch that did not commit).
+    pub fn new(message: impl Into<String>) -> StoreFault {
+        StoreFault {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// `message`, caused by `source`.
+    pub fn caused(message: impl Into<String>, source: StoreError) -> StoreFault {
+        StoreFault {
+            message: message.into(),
+            source: Some(Arc::new(source)),
+        }
+    }
+}
+
+impl std::fmt::Display for StoreFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for StoreFault {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// Faults are equal when they say the same (for tests and deduplication).
+impl PartialEq for StoreFault {
+    fn eq(&self, other: &Self) -> bool {
+        self.message == other.message
+    }
+}
+
+impl Eq for StoreFault {}
 
 /// Where the answer to a request that waits (a chat) is sent.
 pub type Answer<T> = oneshot::Sender<Result<T, CoreError>>;

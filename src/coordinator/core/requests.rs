@@ -127,7 +127,7 @@ impl Coordinator {
         if let Some(fault) = &self.store_fault {
             // Its answer could not be stored: do not make a Pi generate it.
             let message = format!("the store cannot write ({fault}); try again shortly");
-            self.answer(reply, Err(CoreError::Store(message)));
+            self.answer(reply, Err(CoreError::Store(StoreFault::new(message))));
             return;
         }
         let Some(a) = self.agents.get_mut(name) else {

@@ -537,10 +537,13 @@ fn a_chat_whose_history_cannot_be_read_fails_and_sends_no_turn() {
         .chat("x", vec![ChatMessage::new(Role::User, "hi")], tx, sim.now);
     sim.deliver();
     let error = rx.try_recv().expect("answered at once").unwrap_err();
-    let CoreError::Store(message) = &error else {
+    let CoreError::Store(fault) = &error else {
         panic!("expected a store error, got {error:?}");
     };
-    assert!(message.contains("history of agent x"), "{message}");
+    assert!(fault.to_string().contains("history of agent x"), "{fault}");
+    // The SQLite error behind it is kept, for the log.
+    let source = std::error::Error::source(fault).expect("a source");
+    assert!(source.to_string().contains("no such table"), "{source}");
     assert_eq!(sim.commands_to("a", CommandKind::Turn), 0);
     // Once the store is readable again, chats go through.
     sabotage(&sim, "ALTER TABLE messages_lost RENAME TO messages");
@@ -586,7 +589,7 @@ fn a_delete_whose_state_cannot_be_saved_sends_nothing() {
     );
     let error = sim.c.delete_agent("x", sim.now).unwrap_err();
     assert!(
-        matches!(&error, CoreError::Store(m) if m.contains("disk is read-only")),
+        matches!(&error, CoreError::Store(m) if m.to_string().contains("disk is read-only")),
         "{error:?}"
     );
     sim.deliver();
@@ -646,7 +649,7 @@ fn a_chat_whose_answer_cannot_be_stored_is_not_answered_and_the_core_recovers_by
     sim.answer_turn_in_batch("a", "hello").unwrap();
     let error = first.try_recv().expect("answered").unwrap_err();
     assert!(
-        matches!(&error, CoreError::Store(m) if m.contains("disk is full")),
+        matches!(&error, CoreError::Store(m) if m.to_string().contains("disk is full")),
         "{error:?}"
     );
     assert_eq!(stored_messages(&sim), 0);
@@ -733,8 +736,12 @@ fn api_requests_are_data_logged_replayed_and_answered_only_after_their_batch_com
     // The same request replayed: refused as a duplicate, as a client would see.
     let (reply, mut again) = oneshot::channel();
     let spec = sim.c.agents["rec"].spec.clone();
-    sim.c.handle(ApiRequest::CreateAgent { spec, reply }, sim.now);
-    assert!(matches!(again.try_recv().unwrap(), Err(CoreError::Conflict { .. })));
+    sim.c
+        .handle(ApiRequest::CreateAgent { spec, reply }, sim.now);
+    assert!(matches!(
+        again.try_recv().unwrap(),
+        Err(CoreError::Conflict { .. })
+    ));
 }
 
 #[test]

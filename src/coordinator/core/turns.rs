@@ -113,7 +113,10 @@ impl Coordinator {
         // Without its history the agent would answer as if the
         // conversation had not happened: better no answer than that.
         let history = self.store.history(name).map_err(|e| {
-            CoreError::Store(format!("cannot read the history of agent {name}: {e}"))
+            CoreError::Store(StoreFault::caused(
+                format!("cannot read the history of agent {name}: {e}"),
+                e,
+            ))
         })?;
         let system = self.agents.get(name).and_then(|a| a.spec.system.clone());
         let mut messages = history;

@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod ollama;
 pub mod probe;
 mod start;
+mod turn;
 
 pub use start::{run, run_simulated};
 
@@ -48,8 +49,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::NodeConfig;
 use crate::mqtt::{LinkError, LinkEvent, Publisher};
 use crate::protocol::{
-    decode_command, encode, mono_ms, now_ms, Capacity, ChatMessage, NodeTopic, Reply, ReplyBody,
-    Role, Topics, TurnErrorCode, TurnResult, STATUS_OFFLINE, STATUS_ONLINE,
+    decode_command, encode, mono_ms, now_ms, Capacity, NodeTopic, Reply, ReplyBody, Topics,
+    TurnErrorCode, TurnResult, STATUS_OFFLINE, STATUS_ONLINE,
 };
 use crate::systemd::{self, Liveness};
 use agents::{AgentTable, At, Effect, Turn};
@@ -57,6 +58,7 @@ use answered::AnsweredTurns;
 use lease::Lease;
 use ollama::OllamaClient;
 use probe::ProbeReport;
+use turn::{execute_turn, OllamaCall};
 
 /// Set by `pifleet up` to its own process id: a node whose parent is no
 /// longer that process stops gracefully (checked every second).
@@ -420,7 +422,17 @@ impl Node {
         self.check_fence();
         let done = match done {
             Ok((task, done)) => {
-                self.running.remove(&task);
+                if self.running.remove(&task).is_none() {
+                    // Fenced (or the grace ran out) after it finished but
+                    // before we saw it: it was answered as failed already,
+                    // and a fenced turn answers nothing more.
+                    log::info!(
+                        "turn {} for {} finished after its fence; its answer is dropped",
+                        done.id,
+                        done.agent
+                    );
+                    return;
+                }
                 done
             }
             Err(e) => {
@@ -685,100 +697,6 @@ impl Node {
         self.lease.sent(&payload, self.last_capacity);
         if let Err(e) = self.publisher.publish(topic, payload, true) {
             log::error!("cannot publish capacity: {e}");
-        }
-    }
-}
-
-/// How to run one turn's Ollama call.
-struct OllamaCall {
-    model: String,
-    system: Option<String>,
-    /// `ollama.request_timeout`.
-    timeout: Duration,
-    /// When nobody waits for the answer any more (the turn's budget).
-    budget_ends: Option<Instant>,
-}
-
-/// Runs one turn: waits for an Ollama slot, then asks Ollama, for no longer
-/// than the turn's budget.
-async fn execute_turn(
-    slots: &Semaphore,
-    ollama: &OllamaClient,
-    metrics: &metrics::NodeMetrics,
-    call: OllamaCall,
-    request: crate::protocol::TurnRequest,
-) -> TurnResult {
-    let OllamaCall {
-        model,
-        system,
-        timeout: call_timeout,
-        budget_ends,
-    } = call;
-    let mut timeout = call_timeout;
-    let Ok(_permit) = slots.acquire().await else {
-        return TurnResult::failed(
-            &request.agent,
-            request.job,
-            TurnErrorCode::ShuttingDown,
-            "node stopping".into(),
-        );
-    };
-    if let Some(ends) = budget_ends {
-        let now = Instant::now();
-        if ends <= now {
-            let reason = format!(
-                "the turn waited for an Ollama slot {} ms past its budget",
-                (now - ends).as_millis()
-            );
-            return TurnResult::failed(&request.agent, request.job, TurnErrorCode::Expired, reason);
-        }
-        timeout = timeout.min(ends - now);
-    }
-    // Stopped by the turn's budget rather than by request_timeout?
-    let budget_limited = budget_ends.is_some_and(|ends| ends < Instant::now() + call_timeout);
-    let mut messages = request.messages;
-    if let Some(system) = system {
-        if messages.first().map(|m| m.role) != Some(Role::System) {
-            messages.insert(0, ChatMessage::new(Role::System, system));
-        }
-    }
-    let started = std::time::Instant::now();
-    let outcome = ollama.chat(&model, messages, timeout).await;
-    let seconds = started.elapsed().as_secs_f64();
-    match outcome {
-        Ok((message, usage)) => {
-            metrics.ollama_request(true, seconds);
-            metrics.tokens_generated.inc_by(usage.eval_count);
-            TurnResult {
-                agent: request.agent,
-                ok: true,
-                model: Some(model),
-                message: Some(message),
-                usage: Some(usage),
-                error: None,
-                job: request.job,
-            }
-        }
-        Err(error) => {
-            metrics.ollama_request(false, seconds);
-            let error = match error.code {
-                TurnErrorCode::Timeout if budget_limited => crate::protocol::TurnError {
-                    code: TurnErrorCode::Expired,
-                    reason: format!(
-                        "no answer in time: the turn's budget ran out after {seconds:.1}s while Ollama was still answering; the call was stopped"
-                    ),
-                },
-                _ => error,
-            };
-            TurnResult {
-                agent: request.agent,
-                ok: false,
-                model: Some(model),
-                message: None,
-                usage: None,
-                error: Some(error),
-                job: request.job,
-            }
         }
     }
 }

@@ -173,7 +173,6 @@ pub enum LinkError {
 pub struct Link {
     pub publisher: Publisher,
     pub events: mpsc::Receiver<LinkEvent>,
-    /// When the broker last sent anything (a PUBACK, a PINGRESP, a message).
     closing: CancellationToken,
     poller: JoinHandle<()>,
     sender: JoinHandle<()>,

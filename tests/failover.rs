@@ -197,8 +197,11 @@ fn assert_one_copy_and_no_lost_chat(mode: &str, r: &Value) {
     );
     assert_eq!(r["chats_failed"], 0, "{mode}: {r}");
     assert!(r["chats_ok"].as_u64().unwrap() > 0, "{mode}: {r}");
+    // Every 15 ms when the machine is quiet; up to 200 ms (the sample's
+    // timeout) while a machine is frozen; the whole suite on 2 cores delays
+    // some more.
     assert!(
-        r["max_sample_gap_ms"].as_u64().unwrap() <= 40,
+        r["max_sample_gap_ms"].as_u64().unwrap() <= 500,
         "{mode}: {r}"
     );
     let detect = r["seconds_to_detect"].as_f64().unwrap();

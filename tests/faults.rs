@@ -10,20 +10,27 @@ use serde_json::json;
 
 use crate::util::*;
 
-/// libfaketime, multi-threaded variant (Debian's `faketime` package).
-const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+/// libfaketime, multi-threaded variant, where Debian's `faketime` package
+/// puts it on this architecture.
+pub fn libfaketime() -> String {
+    format!(
+        "/usr/lib/{}-linux-gnu/faketime/libfaketimeMT.so.1",
+        std::env::consts::ARCH
+    )
+}
 
 /// The environment of a process whose wall clock reads `spec` (a
 /// libfaketime offset such as "+10m", or a file to read it from), while its
 /// monotonic clock stays true, as on a real machine whose RTC is wrong or
 /// whose clock NTP steps.
 fn fake_clock(spec: &str) -> Vec<(&'static str, String)> {
+    let lib = libfaketime();
     assert!(
-        std::path::Path::new(LIBFAKETIME).exists(),
-        "{LIBFAKETIME} is missing: apt-get install faketime (scripts/test.sh does)"
+        std::path::Path::new(&lib).exists(),
+        "{lib} is missing: apt-get install faketime (scripts/test.sh does)"
     );
     let mut env = vec![
-        ("LD_PRELOAD", LIBFAKETIME.to_owned()),
+        ("LD_PRELOAD", lib),
         ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_owned()),
     ];
     if spec.starts_with('/') {
@@ -204,7 +211,8 @@ async fn a_full_store_disk_answers_503_loses_no_acknowledged_chat_or_job_and_rec
     coordinator.wait_running(1).await;
 
     let mut acknowledged = Vec::new();
-    let mut jobs = Vec::new();
+    // Accepted jobs: (id, message).
+    let mut jobs: Vec<(String, String)> = Vec::new();
     let mut refused = 0;
     let chat = |i: usize| {
         let coordinator = &coordinator;
@@ -223,11 +231,11 @@ async fn a_full_store_disk_answers_503_loses_no_acknowledged_chat_or_job_and_rec
         let (content, status, body) = chat(i).await;
         assert_eq!(status, 200, "{body}");
         acknowledged.push(content);
-        jobs.push(
-            coordinator
-                .submit_job("scribe", json!({"message": format!("job {i}")}))
-                .await,
-        );
+        let message = format!("job {i}");
+        let id = coordinator
+            .submit_job("scribe", json!({"message": message}))
+            .await;
+        jobs.push((id, message));
     }
     disk.fill();
     let full_at = Instant::now();
@@ -248,7 +256,10 @@ async fn a_full_store_disk_answers_503_loses_no_acknowledged_chat_or_job_and_rec
             )
             .await;
         match status {
-            202 => jobs.push(body["job_id"].as_str().unwrap().to_owned()),
+            202 => jobs.push((
+                body["job_id"].as_str().unwrap().to_owned(),
+                format!("job {i}"),
+            )),
             503 => assert_eq!(body["code"], "store", "{body}"),
             other => panic!("job {i} while the disk is full: {other} {body}"),
         }
@@ -272,7 +283,7 @@ async fn a_full_store_disk_answers_503_loses_no_acknowledged_chat_or_job_and_rec
         assert_eq!(status, 200, "{body}");
         acknowledged.push(content);
     }
-    for id in &jobs {
+    for (id, _) in &jobs {
         poll("every accepted job to complete", WAIT, || async {
             let job = coordinator.job(id).await;
             assert_ne!(job.status, JobState::Failed, "{job:?}");
@@ -287,13 +298,21 @@ async fn a_full_store_disk_answers_503_loses_no_acknowledged_chat_or_job_and_rec
             "SELECT content FROM messages WHERE agent = 'scribe' AND role = 'user' ORDER BY seq",
         )
         .unwrap();
-    let history: Vec<String> = stmt
+    let all: Vec<String> = stmt
         .query_map([], |r| r.get::<_, String>(0))
         .unwrap()
         .map(Result::unwrap)
-        .filter(|c| c.starts_with("note "))
         .collect();
-    assert_eq!(history, acknowledged);
+    let history: Vec<&String> = all.iter().filter(|c| c.starts_with("note ")).collect();
+    assert_eq!(history, acknowledged.iter().collect::<Vec<_>>());
+    // ...and every accepted job's turn exactly once.
+    for (id, message) in &jobs {
+        let stored = all.iter().filter(|c| *c == message).count();
+        assert_eq!(
+            stored, 1,
+            "job {id} ({message}) is in the history {stored} times"
+        );
+    }
 }
 
 /// The broker down for 30 s at default settings: the nodes fence (their
@@ -399,5 +418,42 @@ async fn a_broker_down_30_s_fences_the_nodes_refuses_chats_and_delivers_no_stale
         stale.is_empty(),
         "stale turns delivered: {:?}",
         stale.iter().map(|m| m.text()).collect::<Vec<_>>()
+    );
+}
+
+/// A node stops the running turn of an agent it releases (a delete here; a
+/// drain past its deadline releases busy agents the same way) before it
+/// acknowledges: its Ollama call is cancelled at once, so a job being run
+/// there cannot start elsewhere while it still generates.
+#[tokio::test(flavor = "multi_thread")]
+async fn releasing_an_agent_stops_its_running_generation_at_once() {
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&["--first-token-ms", "20000"]);
+    let coordinator = Coordinator::start(&broker, "");
+    let _node = Node::start("rel", &broker, &sim.url, "agent_capacity = 1", "");
+    coordinator.wait_nodes_online(1).await;
+    coordinator.spawn_agent("busy", "llama3.2").await;
+    coordinator.wait_running(1).await;
+    coordinator
+        .submit_job("busy", json!({"message": "a long one"}))
+        .await;
+    wait_until_async("Ollama to be generating", WAIT, || async {
+        sim.stats().await["running"]
+            .as_array()
+            .is_some_and(|r| !r.is_empty())
+    })
+    .await;
+    let released = Instant::now();
+    let (status, body) = coordinator.delete("/v1/agents/busy").await;
+    assert_eq!(status, 200, "{body}");
+    wait_until_async("the generation to be stopped", WAIT, || async {
+        let stats = sim.stats().await;
+        stats["running"] == json!([]) && stats["cancelled"] == 1
+    })
+    .await;
+    assert!(
+        released.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        released.elapsed()
     );
 }

@@ -2,10 +2,12 @@
 //! coordinator believes: every node's own agent list (its HTTP API) and the
 //! generations running on its Ollama (each node has its own simulator,
 //! whose `/_sim/stats` lists the system prompt of every generation running;
-//! the bench gives each agent its name as system prompt). A node that does
-//! not answer within the sampling interval (killed, frozen) counts as
-//! holding nothing for that sample: a frozen machine (node and its Ollama
-//! both stopped) runs nothing.
+//! the bench gives each agent its name as system prompt). A machine that
+//! does not answer within [`SAMPLE_TIMEOUT`] (killed, frozen) counts as
+//! holding nothing for that sample: a killed node holds nothing, and a
+//! frozen machine (node and Ollama both stopped) runs nothing and fences
+//! before it answers again. Such samples are counted (`unanswered`), and
+//! while a machine is frozen the samples come every `SAMPLE_TIMEOUT`.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -14,6 +16,10 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use super::Api;
+
+/// How long a sample waits for each machine: long enough for a busy (or
+/// just thawed) node to answer, so that it is not taken for an empty one.
+pub const SAMPLE_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// One machine: a node's API and its Ollama simulator.
 pub struct Machine {
@@ -34,6 +40,8 @@ pub struct Copies {
     pub max_gap_ms: u64,
     /// Agents hosted twice, by name, in the worst sample (for the report).
     pub example: Vec<String>,
+    /// Machine-samples without an answer (the machine down or frozen).
+    pub unanswered: u64,
 }
 
 /// Samples `machines` every `every` until `stop` turns true.
@@ -52,9 +60,11 @@ pub async fn watch(
             _ = stop.wait_for(|s| *s) => return copies,
         }
         let samples =
-            futures_util::future::join_all(machines.iter().map(|m| sample(m, every))).await;
+            futures_util::future::join_all(machines.iter().map(|m| sample(m, SAMPLE_TIMEOUT)))
+                .await;
         let (mut hosted, mut generating) = (BTreeMap::new(), BTreeMap::new());
-        for (h, g) in samples {
+        for (answered, h, g) in samples {
+            copies.unanswered += u64::from(!answered);
             for name in h {
                 *hosted.entry(name).or_insert(0usize) += 1;
             }
@@ -81,8 +91,9 @@ pub async fn watch(
     }
 }
 
-/// What one machine hosts and generates now (empty if it does not answer).
-async fn sample(m: &Machine, limit: Duration) -> (Vec<String>, Vec<String>) {
+/// Whether one machine answered, and what it hosts and generates now
+/// (empty if it did not answer).
+async fn sample(m: &Machine, limit: Duration) -> (bool, Vec<String>, Vec<String>) {
     let hosted = async {
         let v: Value = m.api.get("/v1/agents").await.ok()?;
         Some(names(&v["agents"], |a| a["name"].as_str()))
@@ -95,9 +106,11 @@ async fn sample(m: &Machine, limit: Duration) -> (Vec<String>, Vec<String>) {
         tokio::time::timeout(limit, hosted),
         tokio::time::timeout(limit, generating)
     );
+    let (h, g) = (h.ok().flatten(), g.ok().flatten());
     (
-        h.ok().flatten().unwrap_or_default(),
-        g.ok().flatten().unwrap_or_default(),
+        h.is_some() && g.is_some(),
+        h.unwrap_or_default(),
+        g.unwrap_or_default(),
     )
 }
 
@@ -113,7 +126,7 @@ fn names(list: &Value, name: impl Fn(&Value) -> Option<&str>) -> Vec<String> {
 pub async fn hosted(machines: &[Machine]) -> BTreeMap<String, Vec<String>> {
     let mut by_agent: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for m in machines {
-        let (h, _) = sample(m, Duration::from_secs(2)).await;
+        let (_, h, _) = sample(m, Duration::from_secs(2)).await;
         for name in h {
             by_agent.entry(name).or_default().push(m.node.clone());
         }

@@ -196,6 +196,7 @@ pub async fn bench(args: &FailoverArgs, stack: &mut Stack) -> Result<Value, Benc
         "duplicates": copies.hosted_twice.max(copies.generating_twice),
         "not_hosted_once_at_end": not_once,
         "samples": copies.samples,
+        "unanswered_samples": copies.unanswered,
         "max_sample_gap_ms": copies.max_gap_ms,
         "chats_ok": chats.ok.load(Ordering::Relaxed),
         "chats_retryable": chats.retryable.load(Ordering::Relaxed),
@@ -266,15 +267,14 @@ async fn chat_loop(
     api: Arc<Api>,
     agent: String,
     chats: Arc<Chats>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let body = json!({"agent": agent, "messages": [{"role": "user", "content": "count to ten"}]});
     while !*stop.borrow() {
-        let call = api.send(reqwest::Method::POST, "/v1/chat", Some(&body));
-        let outcome = tokio::select! {
-            outcome = call => outcome,
-            _ = stop.wait_for(|s| *s) => return,
-        };
+        // A chat under way when the bench stops is waited for and counted.
+        let outcome = api
+            .send(reqwest::Method::POST, "/v1/chat", Some(&body))
+            .await;
         let counter = match outcome {
             Ok((200, answer)) if answer["message"]["content"].is_string() => &chats.ok,
             Ok((429 | 503, _)) => {

@@ -49,9 +49,12 @@ path = "/var/lib/pifleet/coordinator.db"
 node_lost_after_secs = 9
 # ...or this long after its last will ('offline') unless it speaks again.
 offline_grace_secs = 1
-# Seconds to wait after a node is lost before placing its agents elsewhere.
-# 0 moves them at once; set it above the nodes' fence_secs to be sure an
-# agent never runs twice, at the price of that much downtime.
+# Seconds to wait after a node is lost before placing its agents elsewhere,
+# on top of the node's own fence (which is always waited for after a
+# silence). A node lost by its last will moves after offline_grace_secs
+# alone: set offline_grace_secs above the nodes' fence_secs to be sure no
+# agent runs twice even then, at the price of slower failover
+# (docs/RELIABILITY.md).
 fence_secs = 0
 # An assignment not acknowledged in time is placed elsewhere.
 assign_ack_secs = 10

@@ -27,7 +27,7 @@ pub const DEFAULT_NODE_CONFIG: &str = r#"# pifleet node daemon configuration (/e
 agent_capacity = 4
 
 # Seconds between capacity announcements (load, temperature, agents). Each
-# is acknowledged by the broker, which keeps the node's lease (fence_secs).
+# that the broker echoes back to the node renews its lease (fence_secs).
 heartbeat_secs = 2
 
 # The coordinator places no agent here while the SoC is this hot or hotter.
@@ -36,11 +36,12 @@ max_temperature_c = 80.0
 # On SIGTERM: seconds to let chat turns in flight finish before giving up.
 shutdown_grace_secs = 30
 
-# The node's lease on its agents: after this many seconds without hearing
-# the broker (cut off, or the process or machine frozen) it stops them all,
-# so that an agent never runs on two nodes once the coordinator moved it.
-# Keep it below the coordinator's node_lost_after_secs (9) and at least
-# 3 x heartbeat_secs.
+# The node's lease on its agents: this many seconds after the newest
+# heartbeat the broker echoed back was sent (cut off, or the process or
+# machine frozen) it stops them all and aborts their running turns. The
+# coordinator moves a silent node's agents only after that (it learns this
+# value from the heartbeats), so an agent never runs on two nodes. At least
+# 3 x heartbeat_secs (docs/RELIABILITY.md).
 fence_secs = 7
 
 # Labels that agents can require for placement.

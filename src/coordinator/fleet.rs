@@ -244,7 +244,7 @@ impl Fleet {
     ) -> Vec<Change> {
         let mut changes = Vec::new();
         for view in self.nodes.values_mut() {
-            view.lost_by_will = matches!(view.liveness, Liveness::Suspect { .. });
+            let by_will = matches!(view.liveness, Liveness::Suspect { .. });
             let reason = match view.liveness {
                 Liveness::Suspect { since } if now.duration_since(since) >= offline_grace => {
                     "its status turned offline (last will or clean stop)".to_owned()
@@ -261,6 +261,7 @@ impl Fleet {
                 _ => continue,
             };
             view.liveness = Liveness::Lost { since: now };
+            view.lost_by_will = by_will;
             changes.push(Change::Lost {
                 node: view.id.clone(),
                 reason,

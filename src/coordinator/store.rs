@@ -232,8 +232,8 @@ impl Store {
 
     /// Starts a transaction around a batch of writes (a placement pass, or
     /// the link messages handled in one go). Batches nest: only the
-    /// outermost [`Store::commit`] commits. Errors are logged: the writes
-    /// then happen one by one.
+    /// outermost [`Store::commit`] commits. If the transaction cannot begin,
+    /// the batch fails at its commit.
     pub fn begin(&self) {
         let depth = self.batch_depth.get();
         self.batch_depth.set(depth + 1);
@@ -242,10 +242,12 @@ impl Store {
         }
         self.fault.replace(None);
         if let Err(e) = self.conn.execute_batch("BEGIN") {
-            log::warn!(
+            // Writes would commit one by one: the batch fails instead.
+            let fault = format!(
                 "store {}: cannot begin a transaction: {e}",
                 self.path.display()
             );
+            self.fault.replace(Some(fault));
         }
     }
 

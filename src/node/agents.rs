@@ -180,6 +180,11 @@ impl AgentTable {
         self.agents.is_empty()
     }
 
+    /// Whether agent `name` is hosted here.
+    pub fn hosts(&self, name: &str) -> bool {
+        self.agents.contains_key(name)
+    }
+
     pub fn names(&self) -> Vec<String> {
         self.agents.keys().cloned().collect()
     }
@@ -443,7 +448,8 @@ impl AgentTable {
     }
 
     /// Removes an agent; its queued turns fail with `code`. A turn already
-    /// running finishes and is answered, see [`AgentTable::turn_finished`].
+    /// running is the node's to stop: it aborts the turns of agents it no
+    /// longer hosts (see `Node::stop_orphaned_turns`).
     fn remove(&mut self, name: &str, code: TurnErrorCode) -> Vec<Effect> {
         let Some(agent) = self.agents.remove(name) else {
             return vec![];

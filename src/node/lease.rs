@@ -109,7 +109,7 @@ mod tests {
     }
 
     #[test]
-    fn the_lease_runs_from_when_the_echoed_heartbeat_was_sent_not_when_it_came_back() {
+    fn the_lease_ends_fence_secs_after_the_echoed_heartbeat_was_sent() {
         let t0 = Instant::now();
         let mut lease = Lease::new(FENCE);
         lease.sent(b"hb1", t0);

@@ -145,6 +145,9 @@ impl Node {
         let mut grace_ends: Option<Instant> = None;
         loop {
             self.liveness.beat();
+            // Whatever wakes the loop (a query too), a lease that ran out
+            // is acted on first.
+            self.check_fence();
             self.update_gauges();
             if self.stopping && self.turns.is_empty() && self.table.turns_in_flight() == 0 {
                 log::info!("all turns in flight are answered");
@@ -313,7 +316,34 @@ impl Node {
         if self.table.generation() > generation && generation > 0 {
             log::info!("coordinator generation is now {}", self.table.generation());
         }
+        self.stop_orphaned_turns();
         self.apply(effects);
+    }
+
+    /// Running turns of agents no longer hosted (released: a drain past its
+    /// deadline, a delete) are stopped, Ollama call and all, before the
+    /// release is acknowledged: the coordinator may run the agent, and a
+    /// job it was running, elsewhere as soon as it has the ack.
+    fn stop_orphaned_turns(&mut self) {
+        let orphans: Vec<tokio::task::Id> = self
+            .running
+            .iter()
+            .filter(|(_, t)| !self.table.hosts(&t.agent))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in orphans {
+            let Some(turn) = self.running.remove(&id) else {
+                continue;
+            };
+            turn.abort.abort();
+            let reason = format!(
+                "agent {} was released from node {} while the turn ran: it was stopped",
+                turn.agent, self.config.node_id
+            );
+            log::info!("turn {}: {reason}", turn.id);
+            let result = TurnResult::failed(&turn.agent, turn.job, TurnErrorCode::Released, reason);
+            self.reply(turn.id, turn.generation, ReplyBody::TurnResult(result));
+        }
     }
 
     fn apply(&mut self, effects: Vec<Effect>) {

@@ -30,15 +30,19 @@ impl Coordinator {
         self.link_up = false;
     }
 
-    /// After an outage of `outage`: turns on nodes whose fence is shorter
-    /// have surely been stopped there (the nodes could not renew their
-    /// lease either); they fail now, retryable, rather than being sent
-    /// again to a node that no longer hosts their agent.
+    /// After an outage of `outage`: chat turns on nodes whose fence is
+    /// shorter have most likely been stopped there (the node could not
+    /// renew its lease, unless only our own link was down); they fail now,
+    /// retryable, rather than go out long after the caller asked. Job turns
+    /// are sent again under their own id (`resend_turns`): a node that
+    /// still runs one ignores it, one that finished answers it again, one
+    /// that fenced says so, and none runs it twice.
     fn fail_fenced_turns(&mut self, outage: Duration) {
         let default_fence = self.config.timeouts.node_lost_after;
         let fenced: Vec<(String, String)> = self
             .turns
             .iter()
+            .filter(|(_, t)| t.job().is_none())
             .filter(|(_, t)| {
                 let fence = self
                     .fleet

@@ -7,7 +7,9 @@ impl Coordinator {
         let Some(a) = self.agents.get_mut(name) else {
             return;
         };
-        if a.state != AgentState::Running || a.turn.is_some() {
+        if a.state != AgentState::Running || a.turn.is_some() || !self.link_up {
+            // Without the broker a turn command would only wait in the
+            // queue and go out late; the periodic pass dispatches again.
             return;
         }
         let Some(node) = a.node.clone() else { return };

@@ -145,16 +145,16 @@ async fn clocks_ahead_behind_and_stepped_while_running_break_no_chat_job_or_plac
     assert!(moved.is_empty(), "{moved:#?}");
 }
 
-/// A store whose disk can fill up: a 3 MiB tmpfs mounted for the test.
-struct SmallDisk {
-    dir: tempfile::TempDir,
+/// A disk that can fill up: a small tmpfs mounted for the test.
+pub struct SmallDisk {
+    pub dir: tempfile::TempDir,
 }
 
 impl SmallDisk {
-    fn mount() -> SmallDisk {
+    pub fn mount(mib: u32) -> SmallDisk {
         let dir = tempfile::tempdir().unwrap();
         let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
             .arg(dir.path())
             .status()
             .expect("run mount");
@@ -163,7 +163,7 @@ impl SmallDisk {
     }
 
     /// Fills the disk.
-    fn fill(&self) {
+    pub fn fill(&self) {
         let filler = self.dir.path().join("filler");
         let _ = std::fs::remove_file(&filler);
         let chunk = vec![0u8; 64 << 10];
@@ -173,7 +173,7 @@ impl SmallDisk {
         let _ = file.sync_all();
     }
 
-    fn free(&self) {
+    pub fn free(&self) {
         std::fs::remove_file(self.dir.path().join("filler")).unwrap();
     }
 }
@@ -194,7 +194,7 @@ impl Drop for SmallDisk {
 /// accepted job completes exactly once.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_store_disk_answers_503_loses_no_acknowledged_chat_or_job_and_recovers_by_itself() {
-    let disk = SmallDisk::mount();
+    let disk = SmallDisk::mount(3);
     let broker = Mosquitto::start();
     let sim = Sim::start(&[]);
     let store = disk.dir.path().join("coordinator.db");

@@ -2,9 +2,10 @@
 //! three real nodes (each with its own Ollama simulator and its broker link
 //! through a proxy), a real coordinator and a real Mosquitto, under
 //! continuous chats and jobs: `kill -9` and restart of a node, a freeze
-//! (SIGSTOP of node and Ollama), a partition (blackholed link), a broker
-//! restart, a node's clock stepped by hours either way (libfaketime), while
-//! each node's clock is already off by a random offset.
+//! (SIGSTOP of node and Ollama), a partition (blackholed link), a slow link
+//! (every chunk delayed), a broker restart, a node's clock stepped by hours
+//! either way (libfaketime), the coordinator's store disk full (a tmpfs),
+//! while each node's clock is already off by a random offset.
 //!
 //! Then the history checker: what the nodes themselves held and ran,
 //! sampled every 15 ms (their own agent lists, their Ollama's running
@@ -76,8 +77,10 @@ enum Fault {
     Kill,
     Freeze,
     Partition,
+    SlowLink,
     BrokerRestart,
     ClockStep,
+    DiskFull,
 }
 
 /// What the clients saw.
@@ -100,7 +103,15 @@ async fn run_seed(seed: u64, seconds: u64) {
     };
     let mut rng = StdRng::seed_from_u64(seed);
     let mut broker = Mosquitto::start();
-    let coordinator = Coordinator::start(&broker, "history_limit = 10000");
+    let disk = crate::faults::SmallDisk::mount(32);
+    let store = disk.dir.path().join("coordinator.db");
+    let coordinator = Coordinator::start(
+        &broker,
+        &format!(
+            "history_limit = 10000\n[store]\npath = \"{}\"",
+            store.display()
+        ),
+    );
     let mut boxes = Vec::new();
     for i in 1..=NODES {
         let clock = tempfile::NamedTempFile::new().unwrap();
@@ -165,11 +176,13 @@ async fn run_seed(seed: u64, seconds: u64) {
     let mut faults = Vec::new();
     while start.elapsed() < Duration::from_secs(seconds) {
         tokio::time::sleep(Duration::from_millis(rng.random_range(500..3000))).await;
-        let fault = match rng.random_range(0..5) {
+        let fault = match rng.random_range(0..7) {
             0 => Fault::Kill,
             1 => Fault::Freeze,
             2 => Fault::Partition,
-            3 => Fault::BrokerRestart,
+            3 => Fault::SlowLink,
+            4 => Fault::BrokerRestart,
+            5 => Fault::DiskFull,
             _ => Fault::ClockStep,
         };
         let i = rng.random_range(0..NODES);
@@ -201,6 +214,17 @@ async fn run_seed(seed: u64, seconds: u64) {
                 b.proxy.set_cut(true);
                 tokio::time::sleep(hold).await;
                 b.proxy.set_cut(false);
+            }
+            Fault::SlowLink => {
+                b.proxy
+                    .set_delay(Duration::from_millis(rng.random_range(100..1500)));
+                tokio::time::sleep(hold).await;
+                b.proxy.set_delay(Duration::ZERO);
+            }
+            Fault::DiskFull => {
+                disk.fill();
+                tokio::time::sleep(hold).await;
+                disk.free();
             }
             Fault::BrokerRestart => {
                 let down = Duration::from_millis(rng.random_range(200..2000));
@@ -257,7 +281,7 @@ async fn run_seed(seed: u64, seconds: u64) {
             fail(format!("job {id} did not complete: {job:?}\n  {schedule}"));
         }
     }
-    let store = rusqlite::Connection::open(coordinator.dir.path().join("coordinator.db")).unwrap();
+    let store = rusqlite::Connection::open(&store).unwrap();
     let mut answered_chats = 0;
     for name in &agents {
         let mut stmt = store

@@ -282,7 +282,7 @@ impl NodeConfig {
             c.report_at(
                 at,
                 format!(
-                    "fence_secs ({}) must be at least 3 x heartbeat_secs ({}): the node hears the broker once per heartbeat",
+                    "fence_secs ({}) must be at least 3 x heartbeat_secs ({}): each heartbeat the broker echoes back renews the lease",
                     fence_after.as_secs(),
                     heartbeat.as_secs()
                 ),

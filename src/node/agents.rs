@@ -462,7 +462,7 @@ impl AgentTable {
                 let reason = match code {
                     TurnErrorCode::Fenced => {
                         format!(
-                            "node {node} heard no broker for fence_secs and stopped agent {name}"
+                            "node {node} fenced (no heartbeat echoed by the broker for fence_secs) and stopped agent {name}"
                         )
                     }
                     _ => format!("agent {name} was released from node {node} before the turn ran"),

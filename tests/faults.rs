@@ -318,8 +318,10 @@ async fn a_full_store_disk_answers_503_loses_no_acknowledged_chat_or_job_and_rec
 /// The broker down for 30 s at default settings: the nodes fence (their
 /// lease runs out), chats meanwhile answer 503 `no_broker` with
 /// `Retry-After`, the chat in flight fails retryably or is answered, and
-/// afterwards every agent runs exactly once and no turn command from before
-/// the outage is delivered.
+/// afterwards every agent runs exactly once and the chat's turn command
+/// from before the outage is not delivered (the test's client subscribes
+/// as soon as the broker is back, racing the coordinator's reconnection;
+/// the coordinator's backoff makes it usually second).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_down_30_s_fences_the_nodes_refuses_chats_and_delivers_no_stale_turn() {
     let broker = Mosquitto::start();

@@ -174,6 +174,8 @@ async fn run_seed(seed: u64, seconds: u64) {
     // The schedule.
     let start = Instant::now();
     let mut faults = Vec::new();
+    // When each machine could not answer the sampler: (node, from, to).
+    let mut down: Vec<(String, Instant, Instant)> = Vec::new();
     while start.elapsed() < Duration::from_secs(seconds) {
         tokio::time::sleep(Duration::from_millis(rng.random_range(500..3000))).await;
         let fault = match rng.random_range(0..7) {
@@ -195,20 +197,24 @@ async fn run_seed(seed: u64, seconds: u64) {
         let b = &mut boxes[i];
         match fault {
             Fault::Kill => {
+                let from = Instant::now();
                 if let Some(node) = b.node.take() {
                     node.proc.signal("KILL");
                     drop(node);
                 }
                 tokio::time::sleep(hold / 4).await;
                 b.start_node(&broker);
+                down.push((b.id.clone(), from, Instant::now()));
             }
             Fault::Freeze => {
+                let from = Instant::now();
                 let node = b.node.as_ref().unwrap();
                 node.proc.signal("STOP");
                 b.sim.proc.signal("STOP");
                 tokio::time::sleep(hold).await;
                 b.sim.proc.signal("CONT");
                 node.proc.signal("CONT");
+                down.push((b.id.clone(), from, Instant::now()));
             }
             Fault::Partition => {
                 b.proxy.set_cut(true);
@@ -260,6 +266,25 @@ async fn run_seed(seed: u64, seconds: u64) {
         fail(format!(
             "copies at one sample: hosted twice {}, generating twice {} (e.g. {:?})\n  {schedule}",
             copies.hosted_twice, copies.generating_twice, copies.example
+        ));
+    }
+    // A machine that did not answer counts as holding nothing: only right
+    // for one that was down or frozen. Others may miss a few samples on a
+    // loaded machine (200 ms each), not more.
+    let slack = Duration::from_secs(2);
+    let unexplained = copies
+        .unanswered_at
+        .iter()
+        .filter(|(node, at)| {
+            !down
+                .iter()
+                .any(|(n, from, to)| n == node && *from <= *at && *at <= *to + slack)
+        })
+        .count();
+    if unexplained as u64 * 100 > copies.samples * NODES as u64 {
+        fail(format!(
+            "{unexplained} samples missed a machine that was neither down nor frozen (of {} samples of {NODES} machines): copies there went unseen",
+            copies.samples
         ));
     }
     // Samples wait up to 200 ms for a frozen machine; more is a stall.
@@ -336,11 +361,12 @@ async fn run_seed(seed: u64, seconds: u64) {
         *outcomes.entry(format!("{status} {code}")).or_default() += 1;
     }
     eprintln!(
-        "nemesis seed {seed}: {} faults, {answered_chats} chats answered, {} jobs completed, {} samples (max gap {} ms); chat outcomes {outcomes:?}\n  {schedule}",
+        "nemesis seed {seed}: {} faults, {answered_chats} chats answered, {} jobs completed, {} samples (max gap {} ms, {} machine-samples unanswered, {unexplained} of them outside a kill or freeze); chat outcomes {outcomes:?}\n  {schedule}",
         faults.len(),
         record.jobs.len(),
         copies.samples,
-        copies.max_gap_ms
+        copies.max_gap_ms,
+        copies.unanswered
     );
 }
 

@@ -42,6 +42,9 @@ pub struct Copies {
     pub example: Vec<String>,
     /// Machine-samples without an answer (the machine down or frozen).
     pub unanswered: u64,
+    /// Which machine did not answer, when (the first 100,000): a caller
+    /// that knows when machines were down can check the others answered.
+    pub unanswered_at: Vec<(String, Instant)>,
 }
 
 /// Samples `machines` every `every` until `stop` turns true.
@@ -63,8 +66,14 @@ pub async fn watch(
             futures_util::future::join_all(machines.iter().map(|m| sample(m, SAMPLE_TIMEOUT)))
                 .await;
         let (mut hosted, mut generating) = (BTreeMap::new(), BTreeMap::new());
-        for (answered, h, g) in samples {
-            copies.unanswered += u64::from(!answered);
+        let at = Instant::now();
+        for (m, (answered, h, g)) in machines.iter().zip(samples) {
+            if !answered {
+                copies.unanswered += 1;
+                if copies.unanswered_at.len() < 100_000 {
+                    copies.unanswered_at.push((m.node.clone(), at));
+                }
+            }
             for name in h {
                 *hosted.entry(name).or_insert(0usize) += 1;
             }

@@ -292,6 +292,24 @@ impl Store {
         self.set_counter("write_probe", n.wrapping_add(1) % 1_000_000)
     }
 
+    /// Refuses a write inside a batch that already failed: it would be
+    /// rolled back with the batch, or, if the batch has no transaction any
+    /// more (BEGIN failed, or SQLite rolled it back), saved on its own while
+    /// the batch's caller is told that nothing was done.
+    fn writable(&self, action: &'static str) -> Result<()> {
+        if self.batch_depth.get() == 0 || self.fault.borrow().is_none() {
+            return Ok(());
+        }
+        Err(StoreError {
+            path: self.path.display().to_string(),
+            action,
+            source: rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+                Some("an earlier write of this batch failed".into()),
+            ),
+        })
+    }
+
     /// Runs `writes` all or nothing, inside a batch or on its own (a
     /// savepoint nests in an open transaction, or is one).
     fn atomically<T>(
@@ -299,6 +317,7 @@ impl Store {
         action: &'static str,
         writes: impl FnOnce(&Connection) -> Result<T>,
     ) -> Result<T> {
+        self.writable(action)?;
         self.conn
             .execute_batch("SAVEPOINT atomically")
             .map_err(self.err(action))?;
@@ -365,6 +384,7 @@ impl Store {
     }
 
     fn set_counter(&self, key: &str, value: u64) -> Result<()> {
+        self.writable("write a counter")?;
         self.conn
             .prepare_cached(
                 "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2",
@@ -428,6 +448,7 @@ impl Store {
 
     /// Inserts a new pending agent; false when the name exists.
     pub fn insert_agent(&self, spec: &AgentSpec, created_ms: u64) -> Result<bool> {
+        self.writable("insert an agent")?;
         let labels = serde_json::to_string(&spec.labels).unwrap_or_else(|_| "{}".into());
         self.conn
             .execute(
@@ -475,6 +496,7 @@ impl Store {
         node: Option<&str>,
         placement: u64,
     ) -> Result<()> {
+        self.writable("update an agent")?;
         self.conn
             .prepare_cached(
                 "UPDATE agents SET state = ?2, node = ?3, placement = ?4 WHERE name = ?1",
@@ -568,6 +590,7 @@ impl Store {
     }
 
     fn write_job(&self, job: &JobRow, verb: &str) -> Result<()> {
+        self.writable("write a job")?;
         let usage = job
             .usage
             .as_ref()
@@ -653,6 +676,7 @@ impl Store {
     /// Deletes completed and failed jobs last updated before `before_ms`;
     /// returns how many.
     pub fn prune_finished_jobs(&self, before_ms: u64) -> Result<usize> {
+        self.writable("prune finished jobs")?;
         self.conn
             .prepare_cached(
                 "DELETE FROM jobs WHERE state IN ('completed', 'failed') AND updated_ms < ?1",
@@ -703,6 +727,7 @@ impl Store {
     }
 
     pub fn delete_node_flags(&self, node: &str) -> Result<()> {
+        self.writable("delete node flags")?;
         self.conn
             .execute("DELETE FROM nodes WHERE node = ?1", [node])
             .map(|_| ())
@@ -710,6 +735,7 @@ impl Store {
     }
 
     pub fn set_node_flags(&self, node: &str, flags: &NodeFlags) -> Result<()> {
+        self.writable("write node flags")?;
         self.conn
             .execute(
                 "REPLACE INTO nodes (node, cordoned, draining, drain_deadline_ms, drain_max_parallel) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -827,7 +853,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_write_fails_its_whole_batch_even_writes_that_succeeded_after_it() {
+    fn a_failed_write_fails_its_whole_batch_and_refuses_the_writes_after_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.db");
         let s = Store::open(&path, 10_000).unwrap();
@@ -844,7 +870,8 @@ mod tests {
         s.conn
             .pragma_update(None, "max_page_count", 1_000_000)
             .unwrap();
-        s.insert_agent(&spec("after"), 0).unwrap();
+        let refused = s.insert_agent(&spec("after"), 0).unwrap_err();
+        assert!(refused.to_string().contains("earlier write"), "{refused}");
         let fault = s.commit().unwrap_err();
         assert!(fault.contains("append history"), "{fault} ({full})");
         let other = Store::open(&path, 3).unwrap();

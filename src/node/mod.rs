@@ -178,9 +178,14 @@ impl Node {
                     }
                 },
                 Some(report) = probes.recv() => self.on_probe(report),
-                Some(query) = queries.recv() => match query {
-                    api::Query::Agents(reply) => { let _ = reply.send(self.table.views()); }
-                },
+                Some(query) = queries.recv() => {
+                    // A lease that ran out (a thaw) is acted on before
+                    // anything is reported.
+                    self.check_fence();
+                    match query {
+                        api::Query::Agents(reply) => { let _ = reply.send(self.table.views()); }
+                    }
+                }
                 Some(done) = self.turns.join_next_with_id(), if !self.turns.is_empty() => self.on_turn_done(done),
                 _ = sleep_until(publish_at) => self.publish_capacity(),
                 _ = sleep_until(fence_at) => self.check_fence(),
@@ -457,7 +462,7 @@ impl Node {
                     // before we saw it: it was answered as failed already,
                     // and a fenced turn answers nothing more.
                     log::info!(
-                        "turn {} for {} finished after its fence; its answer is dropped",
+                        "turn {} for {} finished after it was stopped (fenced or released); its answer is dropped",
                         done.id,
                         done.agent
                     );

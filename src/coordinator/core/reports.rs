@@ -28,6 +28,27 @@ impl Coordinator {
             self.link_lost_at = Some(now.at);
         }
         self.link_up = false;
+        // Chats waiting for their agent's turn cannot be sent now: they
+        // fail at once, retryable, rather than go out late or time out.
+        let waiting: Vec<ChatWaiter> = self
+            .agents
+            .values_mut()
+            .flat_map(|a| a.chats.drain(..))
+            .collect();
+        for waiter in waiting {
+            self.answer(waiter.reply, Err(CoreError::NoBroker));
+        }
+    }
+
+    /// How long after `node` was last heard it has surely stopped its
+    /// agents: its announced `fence_ms`, else `node_lost_after`.
+    pub(super) fn node_fence(&self, node: &str) -> Duration {
+        self.fleet
+            .get(node)
+            .and_then(|v| v.capacity.as_ref())
+            .map(|c| Duration::from_millis(c.fence_ms))
+            .filter(|f| !f.is_zero())
+            .unwrap_or(self.config.timeouts.node_lost_after)
     }
 
     /// After an outage of `outage`: chat turns on nodes whose fence is
@@ -38,21 +59,10 @@ impl Coordinator {
     /// still runs one ignores it, one that finished answers it again, one
     /// that fenced says so, and none runs it twice.
     fn fail_fenced_turns(&mut self, outage: Duration) {
-        let default_fence = self.config.timeouts.node_lost_after;
         let fenced: Vec<(String, String)> = self
             .turns
             .iter()
-            .filter(|(_, t)| t.job().is_none())
-            .filter(|(_, t)| {
-                let fence = self
-                    .fleet
-                    .get(&t.node)
-                    .and_then(|v| v.capacity.as_ref())
-                    .map(|c| Duration::from_millis(c.fence_ms))
-                    .filter(|f| !f.is_zero())
-                    .unwrap_or(default_fence);
-                outage >= fence
-            })
+            .filter(|(_, t)| t.job().is_none() && outage >= self.node_fence(&t.node))
             .map(|(id, t)| (id.clone(), t.node.clone()))
             .collect();
         for (id, node) in fenced {

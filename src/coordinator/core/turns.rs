@@ -80,11 +80,8 @@ impl Coordinator {
             }
         };
         let deadline = self.now.at + timeout;
-        self.publish_until(
-            self.topics.node(node, NodeTopic::Command),
-            payload,
-            deadline,
-        );
+        let expires = self.command_expiry(&kind, node, deadline);
+        self.publish_until(self.topics.node(node, NodeTopic::Command), payload, expires);
         if let Some(a) = self.agents.get_mut(name) {
             a.turn = Some(id.clone());
         }
@@ -98,6 +95,17 @@ impl Coordinator {
                 deadline,
             },
         );
+    }
+
+    /// Until when a turn command may still go out. A chat's, no later than
+    /// the node's fence from now: if the broker is away longer, the node has
+    /// stopped its agents and the chat fails as fenced once we are back
+    /// (`fail_fenced_turns`), so its command must not arrive after that.
+    fn command_expiry(&self, kind: &TurnKind, node: &str, deadline: Instant) -> Instant {
+        match kind {
+            TurnKind::Chat(_) => deadline.min(self.now.at + self.node_fence(node)),
+            TurnKind::Job(_) => deadline,
+        }
     }
 
     /// The encoded turn command `id`: the agent's system prompt, its stored
@@ -188,7 +196,7 @@ impl Coordinator {
                 Ok(payload) => resent.push((
                     self.topics.node(&t.node, NodeTopic::Command),
                     payload,
-                    t.deadline,
+                    self.command_expiry(&t.kind, &t.node, t.deadline),
                 )),
                 Err(e) => log::error!("cannot send turn {id} to {} again: {e}", t.node),
             }

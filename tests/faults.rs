@@ -459,3 +459,57 @@ async fn releasing_an_agent_stops_its_running_generation_at_once() {
         released.elapsed()
     );
 }
+
+/// A broker restart of 2 s at default settings (heartbeat 2 s, lease 7 s,
+/// keep-alive 15 s, node_lost_after 9 s) moves no agent.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_restart_of_2_s_at_defaults_moves_nothing() {
+    let mut broker = Mosquitto::start();
+    let sim = Sim::start(&[]);
+    let coordinator = Coordinator::start(
+        &broker,
+        "[mqtt]\nkeep_alive_secs = 15\n[timeouts]\nnode_lost_after_secs = 9",
+    );
+    let top = "agent_capacity = 2\nheartbeat_secs = 2";
+    let defaults = "[mqtt]\nkeep_alive_secs = 15";
+    let _nodes = [
+        Node::start("rs-1", &broker, &sim.url, top, defaults),
+        Node::start("rs-2", &broker, &sim.url, top, defaults),
+    ];
+    coordinator.wait_nodes_online(2).await;
+    for name in ["r1", "r2", "r3"] {
+        coordinator.spawn_agent(name, "llama3.2").await;
+    }
+    coordinator.wait_running(3).await;
+    let before = coordinator.placement().await;
+    let events_before = coordinator.events().await.len();
+    tokio::task::block_in_place(|| broker.restart_after(Duration::from_secs(2)));
+    coordinator.wait_nodes_online(2).await;
+    // Longer than the nodes' lease and the coordinator's node_lost_after.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    for name in ["r1", "r2", "r3"] {
+        let (status, body) = coordinator
+            .post(
+                "/v1/chat",
+                json!({"agent": name, "messages": [{"role": "user", "content": "still there?"}]}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(coordinator.placement().await, before);
+    let events = coordinator.events().await;
+    let moved: Vec<_> = events[events_before..]
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.kind,
+                EventKind::NodeLost
+                    | EventKind::Placed
+                    | EventKind::Moving
+                    | EventKind::Released
+                    | EventKind::Vanished
+            )
+        })
+        .collect();
+    assert!(moved.is_empty(), "a 2 s broker restart moved agents: {moved:#?}");
+}

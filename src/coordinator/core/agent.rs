@@ -25,28 +25,6 @@ pub(super) struct ChatWaiter {
     pub(super) reply: Responder,
 }
 
-/// A queued job in an agent's heap: higher priority first, then FIFO.
-#[derive(Debug, PartialEq, Eq)]
-pub(super) struct QueuedJob {
-    pub(super) priority: i64,
-    pub(super) seq: u64,
-    pub(super) id: String,
-}
-
-impl Ord for QueuedJob {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.priority
-            .cmp(&other.priority)
-            .then_with(|| other.seq.cmp(&self.seq))
-    }
-}
-
-impl PartialOrd for QueuedJob {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
 pub struct Agent {
     pub spec: AgentSpec,
     pub created_ms: u64,
@@ -72,7 +50,6 @@ pub struct Agent {
     pub(super) waiting_since: Option<Instant>,
     pub(super) turn: Option<String>,
     pub(super) chats: VecDeque<ChatWaiter>,
-    pub(super) jobs: BinaryHeap<QueuedJob>,
 }
 
 impl Agent {
@@ -93,7 +70,6 @@ impl Agent {
             waiting_since: Some(now),
             turn: None,
             chats: VecDeque::new(),
-            jobs: BinaryHeap::new(),
         }
     }
 

@@ -158,8 +158,7 @@ impl Coordinator {
         // Running in the store with no turn kept: back to the queue.
         let orphans: Vec<String> = self
             .jobs
-            .values()
-            .filter(|j| j.state == JobState::Running)
+            .running()
             .filter(|j| !self.turns.values().any(|t| t.job() == Some(&j.id)))
             .map(|j| j.id.clone())
             .collect();
@@ -180,20 +179,7 @@ impl Coordinator {
     /// A job the store calls running, without a turn in flight: queued
     /// again in memory (stored as such with its next attempt).
     fn requeue_loaded_job(&mut self, id: &str) {
-        let Some(job) = self.jobs.get_mut(id) else {
-            return;
-        };
-        job.state = JobState::Queued;
-        job.node = None;
-        if let Some(a) = self.agents.get_mut(&job.agent) {
-            if !a.jobs.iter().any(|q| q.id == id) {
-                a.jobs.push(QueuedJob {
-                    priority: job.priority,
-                    seq: job.seq,
-                    id: id.to_owned(),
-                });
-            }
-        }
+        self.jobs.requeue(id, self.now.wall_ms);
     }
 
     /// Loads agents and open jobs from the store into empty maps. At start
@@ -235,16 +221,7 @@ impl Coordinator {
                 job.node = None;
                 self.store.update_job(&job)?;
             }
-            if let Some(agent) = self.agents.get_mut(&job.agent) {
-                if job.state == JobState::Queued {
-                    agent.jobs.push(QueuedJob {
-                        priority: job.priority,
-                        seq: job.seq,
-                        id: job.id.clone(),
-                    });
-                }
-            }
-            self.jobs.insert(job.id.clone(), job);
+            self.jobs.insert(job);
         }
         Ok(())
     }

@@ -67,6 +67,7 @@ mod agent;
 mod announce;
 mod command;
 mod durability;
+mod jobs;
 mod placement;
 mod reconcile;
 mod reports;
@@ -78,7 +79,8 @@ mod views;
 mod tests;
 
 pub use agent::Agent;
-use agent::{ChatWaiter, QueuedJob, TurnInFlight, TurnKind};
+use agent::{ChatWaiter, TurnInFlight, TurnKind};
+use jobs::Jobs;
 
 /// The time an input is handled at: monotonic for timeouts, wall-clock
 /// (Unix ms) for what is stored, shown and sent to nodes. The daemon passes
@@ -242,8 +244,8 @@ pub struct Coordinator {
     placement_at: Option<Instant>,
     last_rebalance: Option<Instant>,
     flags: BTreeMap<String, NodeFlags>,
-    /// Open jobs (queued or running).
-    jobs: HashMap<String, JobRow>,
+    /// Open jobs (queued or running) and the agents' queues of them.
+    jobs: Jobs,
     turns: HashMap<String, TurnInFlight>,
     events: VecDeque<Event>,
     /// (node, agent) releases sent for agents a node should not host.
@@ -292,7 +294,7 @@ impl Coordinator {
             placement_at: None,
             last_rebalance: None,
             flags: store.node_flags()?,
-            jobs: HashMap::new(),
+            jobs: Jobs::default(),
             turns: HashMap::new(),
             events: VecDeque::new(),
             strays: HashMap::new(),

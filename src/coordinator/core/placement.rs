@@ -90,8 +90,8 @@ impl Coordinator {
                     "agent {name} was stopped"
                 ))));
             }
-            for job in a.jobs.drain() {
-                self.jobs.remove(&job.id);
+            for id in self.jobs.take_queue(name) {
+                self.jobs.remove(&id);
             }
         }
         self.event(
@@ -367,7 +367,8 @@ impl Coordinator {
             let calm = a
                 .last_moved
                 .is_none_or(|t| now.duration_since(t) >= REBALANCE_COOLDOWN);
-            if a.state == AgentState::Running && a.turn.is_none() && a.jobs.is_empty() && calm {
+            let idle = a.turn.is_none() && self.jobs.queued_for(name) == 0;
+            if a.state == AgentState::Running && idle && calm {
                 if let Some(node) = &a.node {
                     movable.entry(node.clone()).or_default().push(MovableAgent {
                         name,

@@ -47,7 +47,7 @@ impl Coordinator {
             .agents
             .iter()
             .filter(|(_, a)| a.state == AgentState::Running && a.turn.is_none())
-            .filter(|(_, a)| !a.jobs.is_empty() || !a.chats.is_empty())
+            .filter(|(name, a)| self.jobs.queued_for(name) > 0 || !a.chats.is_empty())
             .map(|(name, _)| name.clone())
             .collect();
         for name in idle_with_work {
@@ -130,9 +130,6 @@ impl Coordinator {
     }
 
     pub(super) fn queue_depth(&self) -> usize {
-        self.jobs
-            .values()
-            .filter(|j| j.state == JobState::Queued)
-            .count()
+        self.jobs.count(JobState::Queued)
     }
 }

@@ -85,12 +85,7 @@ impl Coordinator {
                     a.deadline = Some(self.now.at + self.config.timeouts.assign_ack);
                 }
                 self.fail_chats(name, "the agent is being stopped");
-                let jobs: Vec<String> = self
-                    .agents
-                    .get_mut(name)
-                    .map(|a| a.jobs.drain().map(|j| j.id).collect())
-                    .unwrap_or_default();
-                for id in jobs {
+                for id in self.jobs.take_queue(name) {
                     self.finish_job(&id, None, Some("the agent was stopped".into()));
                 }
                 self.release(&node, name, placement);
@@ -167,11 +162,8 @@ impl Coordinator {
     ) -> Result<JobSubmitted, CoreError> {
         self.now = now;
         let limits = self.config.queue.clone();
-        let queued_total = self
-            .jobs
-            .values()
-            .filter(|j| j.state == JobState::Queued)
-            .count();
+        let queued_total = self.jobs.count(JobState::Queued);
+        let waiting = self.jobs.queued_for(name);
         let Some(a) = self.agents.get(name) else {
             return Err(CoreError::NotFound(format!("no agent named {name}")));
         };
@@ -181,12 +173,9 @@ impl Coordinator {
                 message: format!("agent {name} is being stopped"),
             });
         }
-        if a.jobs.len() >= limits.max_jobs_per_agent || queued_total >= limits.max_jobs {
-            let which = if a.jobs.len() >= limits.max_jobs_per_agent {
-                format!(
-                    "agent {name} has {} jobs waiting (queue.max_jobs_per_agent)",
-                    a.jobs.len()
-                )
+        if waiting >= limits.max_jobs_per_agent || queued_total >= limits.max_jobs {
+            let which = if waiting >= limits.max_jobs_per_agent {
+                format!("agent {name} has {waiting} jobs waiting (queue.max_jobs_per_agent)")
             } else {
                 format!("{queued_total} jobs are waiting in the fleet (queue.max_jobs)")
             };
@@ -214,14 +203,7 @@ impl Coordinator {
         };
         self.store.insert_job(&mut job)?;
         let id = job.id.clone();
-        if let Some(a) = self.agents.get_mut(name) {
-            a.jobs.push(QueuedJob {
-                priority,
-                seq: job.seq,
-                id: id.clone(),
-            });
-        }
-        self.jobs.insert(id.clone(), job);
+        self.jobs.insert(job);
         self.metrics.jobs_submitted.inc();
         self.dispatch(name);
         Ok(JobSubmitted {

@@ -30,20 +30,16 @@ impl Coordinator {
             );
             return;
         }
-        let Some(queued) = a.jobs.pop() else { return };
-        let Some(job) = self.jobs.get_mut(&queued.id) else {
+        let Some(job) = self.jobs.start_next(name, &node, self.now.wall_ms) else {
             return;
         };
-        job.state = JobState::Running;
-        job.attempts += 1;
-        job.node = Some(node.clone());
-        job.updated_ms = self.now.wall_ms;
         let message = vec![ChatMessage::new(Role::User, job.message.clone())];
+        let id = job.id.clone();
         if let Err(e) = self.store.update_job(job) {
             log::error!("{e}");
         }
         let timeout = self.config.timeouts.job;
-        self.start_turn(name, &node, message, TurnKind::Job(queued.id), timeout);
+        self.start_turn(name, &node, message, TurnKind::Job(id), timeout);
     }
 
     pub(super) fn start_turn(
@@ -72,7 +68,7 @@ impl Coordinator {
                         if let Some(j) = self.jobs.get_mut(&job) {
                             j.attempts = j.attempts.saturating_sub(1);
                         }
-                        self.requeue_job(name, &job, error.to_string());
+                        self.requeue_job(&job, error.to_string());
                     }
                     TurnKind::Job(job) => self.finish_job(&job, None, Some(error.to_string())),
                 }
@@ -362,7 +358,7 @@ impl Coordinator {
                 }
                 if code.retryable() && j.attempts < max {
                     log::info!("job {job} failed on {} ({reason}); queued again", turn.node);
-                    self.requeue_job(&turn.agent, &job, reason);
+                    self.requeue_job(&job, reason);
                 } else {
                     self.finish_job(&job, None, Some(format!("{}: {reason}", code.as_str())));
                 }
@@ -373,24 +369,13 @@ impl Coordinator {
 
     /// Puts a job back in its agent's queue, keeping `reason` as its last
     /// error.
-    fn requeue_job(&mut self, agent: &str, job: &str, reason: String) {
-        let Some(j) = self.jobs.get_mut(job) else {
+    fn requeue_job(&mut self, job: &str, reason: String) {
+        let Some(j) = self.jobs.requeue(job, self.now.wall_ms) else {
             return;
         };
-        j.state = JobState::Queued;
-        j.node = None;
         j.error = Some(reason);
-        j.updated_ms = self.now.wall_ms;
-        let queued = QueuedJob {
-            priority: j.priority,
-            seq: j.seq,
-            id: job.to_owned(),
-        };
         if let Err(e) = self.store.update_job(j) {
             log::error!("{e}");
-        }
-        if let Some(a) = self.agents.get_mut(agent) {
-            a.jobs.push(queued);
         }
     }
 

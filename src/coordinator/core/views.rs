@@ -29,11 +29,7 @@ impl Coordinator {
                 running as f64 * 100.0 / capacity as f64
             },
             queue_depth: self.queue_depth(),
-            jobs_running: self
-                .jobs
-                .values()
-                .filter(|j| j.state == JobState::Running)
-                .count(),
+            jobs_running: self.jobs.count(JobState::Running),
             generation: self.generation,
             ts: None,
         }
@@ -122,7 +118,7 @@ impl Coordinator {
             } else {
                 None
             },
-            queued_jobs: a.jobs.len(),
+            queued_jobs: self.jobs.queued_for(name),
             busy: a.turn.is_some(),
             created_ms: a.created_ms,
             state_secs: now.at.saturating_duration_since(a.since).as_secs(),

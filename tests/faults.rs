@@ -511,5 +511,8 @@ async fn a_broker_restart_of_2_s_at_defaults_moves_nothing() {
             )
         })
         .collect();
-    assert!(moved.is_empty(), "a 2 s broker restart moved agents: {moved:#?}");
+    assert!(
+        moved.is_empty(),
+        "a 2 s broker restart moved agents: {moved:#?}"
+    );
 }

@@ -44,6 +44,7 @@ pub struct Copies {
     pub unanswered: u64,
     /// Which machine did not answer, when (the first 100,000): a caller
     /// that knows when machines were down can check the others answered.
+    #[serde(skip)]
     pub unanswered_at: Vec<(String, Instant)>,
 }
 

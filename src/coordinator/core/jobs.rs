@@ -165,6 +165,17 @@ mod tests {
     }
 
     #[test]
+    fn jobs_start_highest_priority_first_then_in_submission_order() {
+        let mut jobs = Jobs::default();
+        for (priority, seq) in [(1, 1), (5, 2), (1, 3), (9, 4), (5, 5)] {
+            jobs.insert(job(&format!("{priority}-{seq}"), "a", priority, seq));
+        }
+        let order: Vec<String> =
+            std::iter::from_fn(|| jobs.start_next("a", "pi-1", 0).map(|j| j.id.clone())).collect();
+        assert_eq!(order, ["9-4", "5-2", "5-5", "1-1", "1-3"]);
+    }
+
+    #[test]
     fn a_job_is_in_its_agents_queue_exactly_while_it_is_queued() {
         let mut jobs = Jobs::default();
         jobs.insert(job("low", "a", 0, 1));
@@ -172,7 +183,10 @@ mod tests {
         jobs.insert(job("other", "b", 9, 3));
         assert_eq!(jobs.queued_for("a"), 2);
         let next = jobs.start_next("a", "pi-1", 7).unwrap();
-        assert_eq!((next.id.as_str(), next.state, next.attempts), ("high", JobState::Running, 1));
+        assert_eq!(
+            (next.id.as_str(), next.state, next.attempts),
+            ("high", JobState::Running, 1)
+        );
         assert_eq!(jobs.queued_for("a"), 1);
         // Back in the queue once, however often it is requeued.
         jobs.requeue("high", 8).unwrap();
@@ -185,6 +199,10 @@ mod tests {
         assert_eq!(jobs.start_next("a", "pi-1", 10).unwrap().id, "low");
         assert!(jobs.start_next("a", "pi-1", 11).is_none());
         assert_eq!(jobs.take_queue("b"), ["other"]);
-        assert_eq!(jobs.count(JobState::Queued), 1, "taken off its queue, still open");
+        assert_eq!(
+            jobs.count(JobState::Queued),
+            1,
+            "taken off its queue, still open"
+        );
     }
 }

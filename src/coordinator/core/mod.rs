@@ -23,8 +23,7 @@
 //! precede the commands they justify. Errors are domain errors
 //! ([`CoreError`]); `api.rs` maps them to HTTP.
 
-use std::cmp::Ordering;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

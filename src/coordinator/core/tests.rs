@@ -743,17 +743,3 @@ fn api_requests_are_data_logged_replayed_and_answered_only_after_their_batch_com
         Err(CoreError::Conflict { .. })
     ));
 }
-
-#[test]
-fn jobs_pop_highest_priority_first_then_in_submission_order() {
-    let mut heap = BinaryHeap::new();
-    for (priority, seq) in [(1, 1), (5, 2), (1, 3), (9, 4), (5, 5)] {
-        heap.push(QueuedJob {
-            priority,
-            seq,
-            id: format!("{priority}-{seq}"),
-        });
-    }
-    let order: Vec<String> = std::iter::from_fn(|| heap.pop().map(|j| j.id)).collect();
-    assert_eq!(order, ["9-4", "5-2", "5-5", "1-1", "1-3"]);
-}

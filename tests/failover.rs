@@ -4,7 +4,6 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use pifleet::protocol::EventKind;
 use serde_json::Value;
 
 use crate::util::*;
@@ -132,17 +131,7 @@ async fn a_node_on_a_slow_lossy_link_is_never_declared_lost_at_default_settings(
             "{silent}: {log:#?}"
         );
     }
-    let lost: Vec<_> = coordinator
-        .events()
-        .await
-        .into_iter()
-        .filter(|e| {
-            !matches!(
-                e.kind,
-                EventKind::Created | EventKind::Placed | EventKind::Running | EventKind::NodeJoined
-            )
-        })
-        .collect();
+    let lost = coordinator.disruptions().await;
     assert!(lost.is_empty(), "{lost:?}");
 }
 

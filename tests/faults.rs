@@ -131,17 +131,7 @@ async fn clocks_ahead_behind_and_stepped_while_running_break_no_chat_job_or_plac
     round("after a step back").await;
 
     assert_eq!(coordinator.placement().await, placed, "nothing moved");
-    let moved: Vec<_> = coordinator
-        .events()
-        .await
-        .into_iter()
-        .filter(|e| {
-            !matches!(
-                e.kind,
-                EventKind::Created | EventKind::Placed | EventKind::Running | EventKind::NodeJoined
-            )
-        })
-        .collect();
+    let moved = coordinator.disruptions().await;
     assert!(moved.is_empty(), "{moved:#?}");
 }
 

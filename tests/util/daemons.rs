@@ -293,6 +293,17 @@ impl Coordinator {
         .await;
     }
 
+    /// Events other than agents being created, placed and running and nodes
+    /// joining: what a fleet that nothing disturbed does not log.
+    pub async fn disruptions(&self) -> Vec<pifleet::protocol::Event> {
+        use pifleet::protocol::EventKind::*;
+        self.events()
+            .await
+            .into_iter()
+            .filter(|e| !matches!(e.kind, Created | Placed | Running | NodeJoined))
+            .collect()
+    }
+
     pub async fn events(&self) -> Vec<pifleet::protocol::Event> {
         let (status, body) = self.get("/v1/events?limit=1000").await;
         assert_eq!(status, 200, "GET /v1/events: {body}");

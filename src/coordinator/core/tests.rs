@@ -223,6 +223,17 @@ impl Sim {
         self.c.on_reply(node, &encode(&reply), self.now);
     }
 
+    /// Submits a job "work" to `agent` and delivers its turn; its id.
+    fn submit(&mut self, agent: &str) -> String {
+        let id = self
+            .c
+            .submit_job(agent, "work".into(), 0, self.now)
+            .unwrap()
+            .job_id;
+        self.deliver();
+        id
+    }
+
     /// Answers the oldest unanswered turn on `node` with `content`, inside
     /// a store batch as the daemon does; the batch's outcome.
     fn answer_turn_in_batch(&mut self, node: &str, content: &str) -> Result<(), StoreError> {
@@ -462,12 +473,7 @@ fn an_agent_its_node_stops_listing_is_placed_again_whatever_the_node_clock_says(
 #[test]
 fn a_job_turn_whose_answer_the_node_forgot_runs_again_at_once_as_the_same_attempt() {
     let mut sim = one_running_on_a();
-    let id = sim
-        .c
-        .submit_job("x", "work".into(), 0, sim.now)
-        .unwrap()
-        .job_id;
-    sim.deliver();
+    let id = sim.submit("x");
     let turns = |sim: &Sim| sim.commands_to("a", CommandKind::Turn);
     assert_eq!(turns(&sim), 1);
     sim.fail_turn("a", TurnErrorCode::Forgotten);
@@ -674,12 +680,7 @@ fn a_chat_whose_answer_cannot_be_stored_is_not_answered_and_the_core_recovers_by
 #[test]
 fn a_job_whose_completion_cannot_be_stored_stays_running_and_completes_once_after_recovery() {
     let mut sim = one_running_on_a();
-    let id = sim
-        .c
-        .submit_job("x", "work".into(), 0, sim.now)
-        .unwrap()
-        .job_id;
-    sim.deliver();
+    let id = sim.submit("x");
     sabotage(&sim, DISK_FULL);
     sim.answer_turn_in_batch("a", "done").unwrap();
     let job = sim.c.job(&id).unwrap();

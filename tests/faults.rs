@@ -282,17 +282,7 @@ async fn a_full_store_disk_answers_503_loses_no_acknowledged_chat_or_job_and_rec
         .await;
     }
     // Every acknowledged chat is in the history once, in order; nothing else.
-    let conn = rusqlite::Connection::open(&store).unwrap();
-    let mut stmt = conn
-        .prepare(
-            "SELECT content FROM messages WHERE agent = 'scribe' AND role = 'user' ORDER BY seq",
-        )
-        .unwrap();
-    let all: Vec<String> = stmt
-        .query_map([], |r| r.get::<_, String>(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let all = Coordinator::stored_user_messages(&store, "scribe");
     let history: Vec<&String> = all.iter().filter(|c| c.starts_with("note ")).collect();
     assert_eq!(history, acknowledged.iter().collect::<Vec<_>>());
     // ...and every accepted job's turn exactly once.

@@ -306,17 +306,9 @@ async fn run_seed(seed: u64, seconds: u64) {
             fail(format!("job {id} did not complete: {job:?}\n  {schedule}"));
         }
     }
-    let store = rusqlite::Connection::open(&store).unwrap();
     let mut answered_chats = 0;
     for name in &agents {
-        let mut stmt = store
-            .prepare("SELECT content FROM messages WHERE agent = ?1 AND role = 'user' ORDER BY seq")
-            .unwrap();
-        let history: Vec<String> = stmt
-            .query_map([name], |r| r.get::<_, String>(0))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
+        let history = Coordinator::stored_user_messages(&store, name);
         let chats = record.chats.get(name).cloned().unwrap_or_default();
         for (content, status, code) in &chats {
             let stored = history.iter().filter(|h| *h == content).count();

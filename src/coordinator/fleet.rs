@@ -290,13 +290,20 @@ impl Fleet {
         if view.lost_by_will {
             return Some(since);
         }
-        let fence = view
-            .capacity
-            .as_ref()
+        let fence = self.fence(node, default_fence);
+        Some(since.max(view.last_heard + fence + FENCE_MARGIN))
+    }
+
+    /// How long after it was last heard `node` has surely stopped its
+    /// agents: its announced `fence_ms`, else `default_fence` (a node not
+    /// heard yet, or one too old to announce it).
+    pub fn fence(&self, node: &str, default_fence: Duration) -> Duration {
+        self.nodes
+            .get(node)
+            .and_then(|v| v.capacity.as_ref())
             .map(|c| Duration::from_millis(c.fence_ms))
             .filter(|f| !f.is_zero())
-            .unwrap_or(default_fence);
-        Some(since.max(view.last_heard + fence + FENCE_MARGIN))
+            .unwrap_or(default_fence)
     }
 }
 

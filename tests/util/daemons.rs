@@ -304,6 +304,19 @@ impl Coordinator {
             .collect()
     }
 
+    /// The user messages of `agent`'s history, oldest first, read from the
+    /// store at `store` (the coordinator's own record, not its API).
+    pub fn stored_user_messages(store: &Path, agent: &str) -> Vec<String> {
+        let conn = rusqlite::Connection::open(store).expect("open the store");
+        let mut stmt = conn
+            .prepare("SELECT content FROM messages WHERE agent = ?1 AND role = 'user' ORDER BY seq")
+            .expect("query the history");
+        stmt.query_map([agent], |r| r.get::<_, String>(0))
+            .expect("read the history")
+            .map(|m| m.expect("a message"))
+            .collect()
+    }
+
     pub async fn events(&self) -> Vec<pifleet::protocol::Event> {
         let (status, body) = self.get("/v1/events?limit=1000").await;
         assert_eq!(status, 200, "GET /v1/events: {body}");

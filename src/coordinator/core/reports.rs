@@ -43,12 +43,7 @@ impl Coordinator {
     /// How long after `node` was last heard it has surely stopped its
     /// agents: its announced `fence_ms`, else `node_lost_after`.
     pub(super) fn node_fence(&self, node: &str) -> Duration {
-        self.fleet
-            .get(node)
-            .and_then(|v| v.capacity.as_ref())
-            .map(|c| Duration::from_millis(c.fence_ms))
-            .filter(|f| !f.is_zero())
-            .unwrap_or(self.config.timeouts.node_lost_after)
+        self.fleet.fence(node, self.config.timeouts.node_lost_after)
     }
 
     /// After an outage of `outage`: chat turns on nodes whose fence is

@@ -114,6 +114,10 @@ pub enum ClientCommand {
         /// nodes (a retryable 503); 0 fails at once.
         #[arg(long, default_value_t = 30)]
         wait: u64,
+        /// Print the answer once it is complete instead of as it is
+        /// generated (`--json` always does).
+        #[arg(long)]
+        no_stream: bool,
     },
     /// Move every agent off a node and place nothing new there.
     Drain {
@@ -200,6 +204,23 @@ impl Api {
         path: &str,
         body: Option<Value>,
     ) -> Result<Result<Value, Refusal>, Failure> {
+        Ok(match self.send(method, path, body).await? {
+            Ok(response) => {
+                let text = response.text().await.unwrap_or_default();
+                Ok(serde_json::from_str(&text).unwrap_or_else(|_| json!({"error": text})))
+            }
+            Err(refusal) => Err(refusal),
+        })
+    }
+
+    /// Sends one request: the response if it succeeded (its body not read
+    /// yet), the refusal if not.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Result<reqwest::Response, Refusal>, Failure> {
         let url = format!("{}{path}", self.base.trim_end_matches('/'));
         let mut request = self.http.request(method, &url);
         if let Some(token) = &self.token {
@@ -222,11 +243,11 @@ impl Api {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse().ok());
+        if status.is_success() {
+            return Ok(Ok(response));
+        }
         let text = response.text().await.unwrap_or_default();
         let value: Value = serde_json::from_str(&text).unwrap_or_else(|_| json!({"error": text}));
-        if status.is_success() {
-            return Ok(Ok(value));
-        }
         let error = value["error"].as_str().unwrap_or("request failed");
         let code = value["code"].as_str().unwrap_or("").to_owned();
         Ok(Err(Refusal {
@@ -238,15 +259,19 @@ impl Api {
     }
 
     /// A chat, asked again while the agent is between nodes, for up to
-    /// `wait`.
-    async fn chat(&self, body: Value, wait: std::time::Duration) -> Result<Value, Failure> {
+    /// `wait`: the response, its body (the answer, or its stream) unread.
+    async fn chat(
+        &self,
+        body: Value,
+        wait: std::time::Duration,
+    ) -> Result<reqwest::Response, Failure> {
         let give_up = std::time::Instant::now() + wait;
         loop {
             let refusal = match self
-                .request(Method::POST, "/v1/chat", Some(body.clone()))
+                .send(Method::POST, "/v1/chat", Some(body.clone()))
                 .await?
             {
-                Ok(answer) => return Ok(answer),
+                Ok(response) => return Ok(response),
                 Err(refusal) => refusal,
             };
             let pause =
@@ -414,15 +439,36 @@ async fn execute(api: &Api, as_json: bool, command: ClientCommand) -> Result<(),
             agent,
             message,
             wait,
+            no_stream,
             ..
         } => {
-            let body = json!({"agent": agent, "messages": [{"role": "user", "content": message}]});
-            let answer = api.chat(body, std::time::Duration::from_secs(wait)).await?;
-            let view: ChatAnswer = typed(&answer)?;
+            let streamed = !(no_stream || as_json);
+            let body = json!({
+                "agent": agent,
+                "messages": [{"role": "user", "content": message}],
+                "stream": streamed
+            });
+            let response = api.chat(body, std::time::Duration::from_secs(wait)).await?;
+            let (answer, view) = if streamed {
+                super::chat_stream::print_events(response).await?
+            } else {
+                let text = response.text().await.map_err(|e| Failure {
+                    code: 1,
+                    message: format!("the answer broke off: {}", root_cause(&e)),
+                })?;
+                let answer: Value = serde_json::from_str(&text).map_err(|e| Failure {
+                    code: 1,
+                    message: format!("the coordinator's answer is not JSON: {e}"),
+                })?;
+                let view: ChatAnswer = typed(&answer)?;
+                (answer, view)
+            };
             if as_json {
                 print_json(&answer);
             } else {
-                println!("{}", view.message.content);
+                if !streamed {
+                    println!("{}", view.message.content);
+                }
                 eprintln!(
                     "({} on {}: {} tokens in {:.2}s)",
                     agent,

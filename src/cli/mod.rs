@@ -3,6 +3,7 @@
 //! a message on stderr and an exit code: 64 (EX_USAGE) for a bad
 //! configuration or argument, 1 for anything else.
 
+mod chat_stream;
 mod client;
 mod config_cmd;
 

@@ -65,6 +65,9 @@ url = "http://127.0.0.1:11434"
 # Ollama calls at once for the whole node (like OLLAMA_NUM_PARALLEL).
 max_parallel = 1
 request_timeout_secs = 120
+# A streamed answer's tokens are sent together when they come within this
+# many milliseconds of the last chunk sent (the first one goes at once).
+stream_window_ms = 50
 
 [api]
 listen = "127.0.0.1:9480"
@@ -101,6 +104,7 @@ struct RawOllama {
     url: Option<Spanned<String>>,
     max_parallel: Option<Spanned<i64>>,
     request_timeout_secs: Option<Spanned<i64>>,
+    stream_window_ms: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -137,6 +141,8 @@ pub struct OllamaConfig {
     pub url: Url,
     pub max_parallel: u32,
     pub request_timeout: Duration,
+    /// Tokens of a streamed answer are coalesced over this window.
+    pub stream_window: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -181,6 +187,7 @@ impl NodeConfig {
                 url: ollama_url("http://127.0.0.1:11434".into()).expect("default URL is valid"),
                 max_parallel: 1,
                 request_timeout: Duration::from_secs(120),
+                stream_window: Duration::from_millis(50),
             },
             api: ApiConfig {
                 listen: "127.0.0.1:9480".parse().expect("default address is valid"),
@@ -308,6 +315,12 @@ impl NodeConfig {
                 &raw.ollama.request_timeout_secs,
                 defaults.ollama.request_timeout,
                 secs_in(1, 86_400),
+            ),
+            stream_window: c.value(
+                "ollama.stream_window_ms",
+                &raw.ollama.stream_window_ms,
+                defaults.ollama.stream_window,
+                |v| int_in::<u64>(0, 5_000)(v).map(Duration::from_millis),
             ),
         };
         let api = ApiConfig {

@@ -133,41 +133,6 @@ impl ApiState {
         }
         rx.await.unwrap_or(Err(CoreError::Stopping))
     }
-
-    /// A chat: answered when its turn completes, or 504 after `limit`.
-    /// Every chat is timed here, whatever its outcome (`ok` or the error
-    /// code the client gets).
-    async fn chat(&self, agent: String, messages: Vec<ChatMessage>, limit: Duration) -> Response {
-        let started = std::time::Instant::now();
-        let (reply, rx) = oneshot::channel();
-        let request = ApiRequest::Chat {
-            agent,
-            messages,
-            reply,
-        };
-        let answer = if self.requests.send(request).await.is_err() {
-            Err(ApiError::from(CoreError::Stopping))
-        } else {
-            match tokio::time::timeout(limit, rx).await {
-                Ok(Ok(answer)) => answer.map_err(ApiError::from),
-                Ok(Err(_)) => Err(ApiError::from(CoreError::Stopping)),
-                Err(_) => {
-                    let message = format!("no answer within {}s", limit.as_secs());
-                    Err(ApiError::new(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "timeout",
-                        message,
-                    ))
-                }
-            }
-        };
-        let outcome = answer.as_ref().map_or_else(|e| e.code, |_| "ok");
-        self.metrics.chat(outcome, started.elapsed().as_secs_f64());
-        match answer {
-            Ok(body) => (StatusCode::OK, Json(body)).into_response(),
-            Err(e) => e.into_response(),
-        }
-    }
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -186,6 +151,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/jobs/{id}", get(job))
         .route("/events", get(events))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .merge(openai::routes(state.clone()))
         .method_not_allowed_fallback(wrong_method);
     Router::new()
         .route(
@@ -195,6 +161,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .nest("/v1", v1)
+        .merge(ollama::routes(state.clone()))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,
@@ -210,26 +177,35 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn require_token(State(s): State<ApiState>, request: Request, next: Next) -> Response {
-    if let Some(token) = &s.token {
-        let given = request
-            .headers()
+impl ApiState {
+    /// The API token, if one is set, must come as `Authorization: Bearer`.
+    fn check_token(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let Some(token) = &self.token else {
+            return Ok(());
+        };
+        let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        if !given.is_some_and(|g| same_secret(g.trim().as_bytes(), token.as_bytes())) {
-            let mut response = ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "this API needs \"Authorization: Bearer <token>\" (set PIFLEET_TOKEN for the CLI)",
-            )
-            .into_response();
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
-            return response;
+        if given.is_some_and(|g| same_secret(g.trim().as_bytes(), token.as_bytes())) {
+            return Ok(());
         }
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this API needs \"Authorization: Bearer <token>\" (set PIFLEET_TOKEN for the CLI)",
+        ))
+    }
+}
+
+async fn require_token(State(s): State<ApiState>, request: Request, next: Next) -> Response {
+    if let Err(e) = s.check_token(request.headers()) {
+        let mut response = e.into_response();
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        return response;
     }
     next.run(request).await
 }
@@ -414,6 +390,9 @@ struct RawMessage {
 struct ChatBody {
     agent: String,
     messages: Vec<RawMessage>,
+    /// Server-sent events as the answer is generated.
+    #[serde(default)]
+    stream: bool,
 }
 
 fn validate_messages(raw: Vec<RawMessage>) -> Result<Vec<ChatMessage>, ApiError> {
@@ -621,14 +600,20 @@ async fn delete_agent(State(s): State<ApiState>, PathParam(name): PathParam<Stri
 async fn chat(State(s): State<ApiState>, body: Result<JsonBody<ChatBody>, ApiError>) -> Response {
     let checked = body.and_then(|JsonBody(b)| {
         validate_agent_name(&b.agent)?;
-        Ok((b.agent, validate_messages(b.messages)?))
+        Ok((b.agent, validate_messages(b.messages)?, b.stream))
     });
-    let (agent, messages) = match checked {
+    let (agent, messages, streamed) = match checked {
         Ok(v) => v,
         Err(e) => return e.into_response(),
     };
-    let limit = s.chat_timeout;
-    s.chat(agent, messages, limit).await
+    let chat = s.start_chat(agent, messages, true, streamed).await;
+    if streamed {
+        return stream::respond(chat, stream::NativeSse, IntoResponse::into_response).await;
+    }
+    match chat.answer().await {
+        Ok(answer) => (StatusCode::OK, Json(answer)).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn submit_job(
@@ -707,6 +692,11 @@ async fn events(State(s): State<ApiState>, QueryParams(q): QueryParams<ListQuery
     s.call(StatusCode::OK, |reply| ApiRequest::Events { limit, reply })
         .await
 }
+
+mod compat;
+mod ollama;
+mod openai;
+mod stream;
 
 #[cfg(test)]
 mod router_tests;

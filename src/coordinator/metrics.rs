@@ -227,6 +227,7 @@ pub struct CoordinatorMetrics {
     moves: Family<Labels, Counter>,
     pub failovers: Counter,
     pub nodes_lost: Counter,
+    pub turns_cancelled: Counter,
     scheduling_seconds: Histogram,
     chat_seconds: Family<Labels, Histogram>,
     job_seconds: Family<Labels, Histogram>,
@@ -253,6 +254,7 @@ impl CoordinatorMetrics {
             moves: Family::default(),
             failovers: Counter::default(),
             nodes_lost: Counter::default(),
+            turns_cancelled: Counter::default(),
             scheduling_seconds: latency_histogram(),
             chat_seconds: Family::new_with_constructor(latency_histogram),
             job_seconds: Family::new_with_constructor(latency_histogram),
@@ -321,6 +323,11 @@ impl CoordinatorMetrics {
             m.failovers.clone(),
         );
         r.register("nodes_lost", "Nodes declared lost", m.nodes_lost.clone());
+        r.register(
+            "turns_cancelled",
+            "Chat turns cancelled on their node because the caller went away",
+            m.turns_cancelled.clone(),
+        );
         r.register_with_unit(
             "scheduling_duration",
             "From an agent needing a node (created, or its node lost or drained) to running",

@@ -79,6 +79,9 @@ pub enum Effect {
     Queued,
     /// The command was dropped; the reason is for the log.
     Ignored { id: String, reason: String },
+    /// Stop the running turn `turn` of `agent` and its Ollama call: its
+    /// caller went away. The node then calls [`AgentTable::turn_finished`].
+    CancelRunning { agent: String, turn: String },
 }
 
 /// One hosted agent.
@@ -299,6 +302,33 @@ impl AgentTable {
                     request,
                 };
                 vec![self.accept_turn(turn, now.mono_ms)]
+            }
+            CommandBody::Cancel { agent, turn } => vec![self.cancel(id, &agent, turn)],
+        }
+    }
+
+    /// Cancels turn `turn` of agent `name`: a queued one fails at once as
+    /// `cancelled`, a running one is the node's to stop.
+    fn cancel(&mut self, id: String, name: &str, turn: String) -> Effect {
+        let Some(agent) = self.agents.get_mut(name) else {
+            let reason = format!("cancel of turn {turn}: agent {name} is not hosted here");
+            return Effect::Ignored { id, reason };
+        };
+        if agent.running.as_deref() == Some(turn.as_str()) {
+            return Effect::CancelRunning {
+                agent: name.to_owned(),
+                turn,
+            };
+        }
+        match agent.queue.iter().position(|t| t.id == turn) {
+            Some(i) => {
+                let queued = agent.queue.remove(i).expect("position is in the queue");
+                let reason = format!("turn {turn} of {name} was cancelled before it ran");
+                failed(queued, TurnErrorCode::Cancelled, reason)
+            }
+            None => {
+                let reason = format!("cancel of turn {turn}: not running or queued for {name}");
+                Effect::Ignored { id, reason }
             }
         }
     }
@@ -617,6 +647,7 @@ mod tests {
                 system: None,
                 timeout_ms: None,
                 job: None,
+                stream: false,
             }),
         )
     }
@@ -824,6 +855,36 @@ mod tests {
             "the slot is free again"
         );
         assert!(t.turn_finished("alice", "t1", 0).is_empty());
+    }
+
+    #[test]
+    fn a_cancelled_turn_fails_if_queued_and_is_stopped_by_the_node_if_running() {
+        let mut t = AgentTable::new("pi-1", 1);
+        t.apply(assign("a", "alice", 1), At::default());
+        t.apply(turn("t1", "alice"), At::default());
+        t.apply(turn("t2", "alice"), At::default());
+        let cancel = |id: &str, turn: &str| {
+            let body = CommandBody::Cancel {
+                agent: "alice".into(),
+                turn: turn.into(),
+            };
+            command(id, 1, body)
+        };
+        let effects = t.apply(cancel("c2", "t2"), At::default());
+        assert!(matches!(
+            &effects[..],
+            [Effect::TurnFailed { turn, result }]
+                if turn.id == "t2" && result.error.as_ref().unwrap().code == TurnErrorCode::Cancelled
+        ));
+        let effects = t.apply(cancel("c1", "t1"), At::default());
+        assert!(matches!(
+            &effects[..],
+            [Effect::CancelRunning { agent, turn }] if agent == "alice" && turn == "t1"
+        ));
+        // Nothing is left to start once the running one ends.
+        assert!(t.turn_finished("alice", "t1", 0).is_empty());
+        let effects = t.apply(cancel("c3", "t1"), At::default());
+        assert!(matches!(&effects[..], [Effect::Ignored { .. }]));
     }
 
     #[test]

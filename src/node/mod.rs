@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod ollama;
 pub mod probe;
 mod start;
+mod stream;
 mod turn;
 
 pub use start::{run, run_simulated};
@@ -351,6 +352,30 @@ impl Node {
         }
     }
 
+    /// Stops the running turn `turn` (its caller went away): the task and
+    /// its Ollama call end now, freeing the Ollama slot for the next turn.
+    fn cancel_running(&mut self, agent: &str, turn: &str) {
+        let task = self
+            .running
+            .iter()
+            .find(|(_, t)| t.id == turn)
+            .map(|(task, _)| *task);
+        if let Some(running) = task.and_then(|task| self.running.remove(&task)) {
+            running.abort.abort();
+            log::info!("turn {turn} for {agent}: cancelled, its Ollama call stopped");
+            self.metrics.command("cancel", "applied");
+            let reason = format!("turn {turn} of {agent} was cancelled while it ran");
+            let result = TurnResult::failed(agent, running.job, TurnErrorCode::Cancelled, reason);
+            self.reply(
+                running.id,
+                running.generation,
+                ReplyBody::TurnResult(result),
+            );
+        }
+        let next = self.table.turn_finished(agent, turn, mono_ms());
+        self.apply(next);
+    }
+
     fn apply(&mut self, effects: Vec<Effect>) {
         for effect in effects {
             match effect {
@@ -404,6 +429,7 @@ impl Node {
                     log::info!("ignored command {id}: {reason}");
                     self.metrics.command("any", "ignored");
                 }
+                Effect::CancelRunning { agent, turn } => self.cancel_running(&agent, &turn),
             }
         }
     }
@@ -426,12 +452,31 @@ impl Node {
         // The turn's budget, counted on this node's clock from arrival.
         let budget_ends = turn_deadline
             .map(|d| Instant::now() + Duration::from_millis(d.saturating_sub(mono_ms())));
+        let sink = request.stream.then(|| stream::ChunkSink {
+            publisher: self.publisher.clone(),
+            topic: self.topics.node(&self.config.node_id, NodeTopic::Reply),
+            envelope: Reply {
+                id: id.clone(),
+                node: self.config.node_id.clone(),
+                session: self.session.clone(),
+                generation,
+                body: ReplyBody::TurnChunk(crate::protocol::TurnChunk {
+                    agent: agent.clone(),
+                    seq: 0,
+                    content: String::new(),
+                }),
+            },
+            agent: agent.clone(),
+            window: self.config.ollama.stream_window,
+            sent: 0,
+        });
         let handle = self.turns.spawn(async move {
             let call = OllamaCall {
                 model,
                 system,
                 timeout,
                 budget_ends,
+                sink,
             };
             let result = execute_turn(&slots, &ollama, &metrics, call, request).await;
             TurnDone {

@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use ollama_rs::error::OllamaError;
 use ollama_rs::generation::chat::request::ChatMessageRequest;
-use ollama_rs::generation::chat::{ChatMessage as OllamaMessage, MessageRole};
+use ollama_rs::generation::chat::{
+    ChatMessage as OllamaMessage, ChatMessageFinalResponseData, ChatMessageResponseStream,
+    MessageRole,
+};
 use ollama_rs::Ollama;
 use url::Url;
 
@@ -65,34 +68,47 @@ impl OllamaClient {
         );
         let response =
             match tokio::time::timeout(timeout, self.ollama.send_chat_messages(request)).await {
-                Err(_) => {
-                    return Err(TurnError {
-                        code: TurnErrorCode::Timeout,
-                        reason: format!(
-                            "Ollama at {} did not answer within request_timeout_secs ({}s)",
-                            self.url,
-                            timeout.as_secs()
-                        ),
-                    })
-                }
+                Err(_) => return Err(self.timed_out(timeout)),
                 Ok(Err(e)) => return Err(self.describe(e, model)),
                 Ok(Ok(response)) => response,
             };
-        let usage = response
-            .final_data
-            .map(|d| Usage {
-                prompt_eval_count: d.prompt_eval_count,
-                eval_count: d.eval_count,
-                total_duration: d.total_duration,
-                load_duration: d.load_duration,
-                prompt_eval_duration: d.prompt_eval_duration,
-                eval_duration: d.eval_duration,
-            })
-            .unwrap_or_default();
+        let usage = usage_of(response.final_data);
         Ok((
             ChatMessage::new(Role::Assistant, response.message.content),
             usage,
         ))
+    }
+
+    /// Starts one streaming chat call (ollama-rs' streaming chat): the
+    /// stream of Ollama's partial answers, the last one `done`. Connecting
+    /// is bounded by `timeout`; the caller bounds reading the stream.
+    pub async fn chat_stream(
+        &self,
+        model: &str,
+        messages: Vec<ChatMessage>,
+        timeout: Duration,
+    ) -> Result<ChatMessageResponseStream, TurnError> {
+        let request = ChatMessageRequest::new(
+            model.to_owned(),
+            messages.into_iter().map(to_ollama).collect(),
+        );
+        match tokio::time::timeout(timeout, self.ollama.send_chat_messages_stream(request)).await {
+            Err(_) => Err(self.timed_out(timeout)),
+            Ok(Err(e)) => Err(self.describe(e, model)),
+            Ok(Ok(stream)) => Ok(stream),
+        }
+    }
+
+    /// The error of a call that outlived `timeout`.
+    pub fn timed_out(&self, timeout: Duration) -> TurnError {
+        TurnError {
+            code: TurnErrorCode::Timeout,
+            reason: format!(
+                "Ollama at {} did not answer within request_timeout_secs ({}s)",
+                self.url,
+                timeout.as_secs()
+            ),
+        }
     }
 
     fn describe(&self, e: OllamaError, model: &str) -> TurnError {
@@ -156,6 +172,19 @@ fn classify_error_body(body: &str, model: &str) -> (TurnErrorCode, String) {
     } else {
         (TurnErrorCode::OllamaError, format!("Ollama: {message}"))
     }
+}
+
+/// Ollama's token counts and durations, as pifleet reports them.
+pub fn usage_of(data: Option<ChatMessageFinalResponseData>) -> Usage {
+    data.map(|d| Usage {
+        prompt_eval_count: d.prompt_eval_count,
+        eval_count: d.eval_count,
+        total_duration: d.total_duration,
+        load_duration: d.load_duration,
+        prompt_eval_duration: d.prompt_eval_duration,
+        eval_duration: d.eval_duration,
+    })
+    .unwrap_or_default()
 }
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {

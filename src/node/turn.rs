@@ -8,6 +8,7 @@ use tokio::sync::Semaphore;
 
 use super::metrics;
 use super::ollama::OllamaClient;
+use super::stream::{self, ChunkSink};
 use crate::protocol::{ChatMessage, Role, TurnErrorCode, TurnResult};
 
 /// How to run one turn's Ollama call.
@@ -18,6 +19,8 @@ pub(super) struct OllamaCall {
     pub timeout: Duration,
     /// When nobody waits for the answer any more (the turn's budget).
     pub budget_ends: Option<Instant>,
+    /// Where the answer goes as it is generated (a streamed turn).
+    pub sink: Option<ChunkSink>,
 }
 
 /// Runs one turn: waits for an Ollama slot, then asks Ollama, for no longer
@@ -34,6 +37,7 @@ pub(super) async fn execute_turn(
         system,
         timeout: call_timeout,
         budget_ends,
+        mut sink,
     } = call;
     let mut timeout = call_timeout;
     let Ok(_permit) = slots.acquire().await else {
@@ -64,7 +68,22 @@ pub(super) async fn execute_turn(
         }
     }
     let started = std::time::Instant::now();
-    let outcome = ollama.chat(&model, messages, timeout).await;
+    let outcome = match sink.as_mut() {
+        None => ollama.chat(&model, messages, timeout).await,
+        Some(sink) => {
+            let streamed = async {
+                let answer = ollama.chat_stream(&model, messages, timeout).await?;
+                stream::relay(ollama, answer, sink).await
+            };
+            match tokio::time::timeout(timeout, streamed).await {
+                Err(_) => Err(ollama.timed_out(timeout)),
+                Ok(outcome) => {
+                    outcome.map(|(text, usage)| (ChatMessage::new(Role::Assistant, text), usage))
+                }
+            }
+        }
+    };
+    let chunks = sink.map_or(0, |s| s.sent);
     let seconds = started.elapsed().as_secs_f64();
     match outcome {
         Ok((message, usage)) => {
@@ -78,6 +97,7 @@ pub(super) async fn execute_turn(
                 usage: Some(usage),
                 error: None,
                 job: request.job,
+                chunks,
             }
         }
         Err(error) => {
@@ -99,6 +119,7 @@ pub(super) async fn execute_turn(
                 usage: None,
                 error: Some(error),
                 job: request.job,
+                chunks,
             }
         }
     }

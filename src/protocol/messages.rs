@@ -158,6 +158,9 @@ pub enum CommandBody {
     Drain { draining: bool },
     /// Run one chat turn for a hosted agent.
     Turn(TurnRequest),
+    /// Stop turn `turn` (the id of its turn command) of `agent`, queued or
+    /// running, and its Ollama call: nobody waits for its answer any more.
+    Cancel { agent: String, turn: String },
 }
 
 impl CommandBody {
@@ -167,6 +170,7 @@ impl CommandBody {
             CommandBody::Release { .. } => CommandKind::Release,
             CommandBody::Drain { .. } => CommandKind::Drain,
             CommandBody::Turn(_) => CommandKind::Turn,
+            CommandBody::Cancel { .. } => CommandKind::Cancel,
         }
     }
 }
@@ -178,6 +182,7 @@ pub enum CommandKind {
     Release,
     Drain,
     Turn,
+    Cancel,
 }
 
 /// One chat turn: the whole conversation to send to Ollama. Nodes keep no
@@ -200,6 +205,10 @@ pub struct TurnRequest {
     /// The job this turn serves, if any (for logs and the coordinator).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<String>,
+    /// Publish the answer as it is generated, in [`TurnChunk`]s, before
+    /// the [`TurnResult`] (which still carries the whole answer).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
 }
 
 /// A node's answer to a command, on `{root}/nodes/{node}/reply`.
@@ -220,6 +229,19 @@ pub struct Reply {
 pub enum ReplyBody {
     Ack(Ack),
     TurnResult(TurnResult),
+    TurnChunk(TurnChunk),
+}
+
+/// A piece of a streamed turn's answer, as Ollama generated it (tokens
+/// coalesced over `ollama.stream_window_ms`). `seq` counts from 0 within the
+/// turn: QoS 1 may deliver a chunk twice, so the receiver keeps each `seq`
+/// once and in order. The pieces in order are a prefix of the final
+/// [`TurnResult`]'s message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TurnChunk {
+    pub agent: String,
+    pub seq: u32,
+    pub content: String,
 }
 
 /// Outcome of an assign, release or drain command.
@@ -261,6 +283,14 @@ pub struct TurnResult {
     pub error: Option<TurnError>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<String>,
+    /// How many [`TurnChunk`]s the node published before this result (a
+    /// streamed turn).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub chunks: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl TurnResult {
@@ -273,6 +303,7 @@ impl TurnResult {
             usage: None,
             error: Some(TurnError { code, reason }),
             job,
+            chunks: 0,
         }
     }
 }
@@ -321,6 +352,8 @@ pub enum TurnErrorCode {
     /// The turn arrived again; the node ran it but no longer holds its
     /// answer. Running it again is safe and the quickest way to an answer.
     Forgotten,
+    /// The coordinator cancelled the turn: its caller went away.
+    Cancelled,
 }
 
 impl TurnErrorCode {
@@ -337,6 +370,7 @@ impl TurnErrorCode {
             TurnErrorCode::ShuttingDown => "shutting_down",
             TurnErrorCode::Fenced => "fenced",
             TurnErrorCode::Forgotten => "forgotten",
+            TurnErrorCode::Cancelled => "cancelled",
         }
     }
 

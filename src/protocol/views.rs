@@ -183,6 +183,9 @@ pub struct JobSubmitted {
 pub struct ChatAnswer {
     pub agent: String,
     pub node: String,
+    /// The agent's Ollama model.
+    #[serde(default)]
+    pub model: String,
     pub message: ChatMessage,
     pub usage: Usage,
 }

@@ -21,7 +21,7 @@ impl AgentState {
 }
 
 pub(super) struct ChatWaiter {
-    pub(super) messages: Vec<ChatMessage>,
+    pub(super) call: ChatCall,
     pub(super) reply: Responder,
 }
 
@@ -86,8 +86,90 @@ impl Agent {
 }
 
 pub(super) enum TurnKind {
-    Chat(Responder),
+    Chat(ChatTurn),
     Job(String),
+}
+
+/// A chat's turn in flight: where its answer goes.
+pub(super) struct ChatTurn {
+    pub(super) reply: Responder,
+    /// The turn is stored in the agent's history once answered.
+    pub(super) memory: bool,
+    pub(super) relay: Option<Relay>,
+}
+
+impl ChatTurn {
+    /// Whether nobody waits for the answer any more (the HTTP client went
+    /// away or gave up).
+    pub(super) fn abandoned(&self) -> bool {
+        self.reply.is_closed() || self.relay.as_ref().is_some_and(|r| r.deltas.is_closed())
+    }
+}
+
+/// A streamed chat's chunks on their way to its client: each `seq` once,
+/// in order, whatever QoS 1 delivers twice or a reconnection reorders.
+pub(super) struct Relay {
+    pub(super) deltas: Deltas,
+    /// The next `seq` to pass on.
+    pub(super) next: u32,
+    /// Chunks that came before their predecessors.
+    pub(super) early: BTreeMap<u32, String>,
+    /// Bytes of the answer passed on so far.
+    pub(super) sent: usize,
+}
+
+/// Chunks held while an earlier one is missing; beyond this, the rest of
+/// the answer comes from the final result.
+const EARLY_CHUNKS_KEPT: usize = 1024;
+
+impl Relay {
+    pub(super) fn new(deltas: Deltas) -> Relay {
+        Relay {
+            deltas,
+            next: 0,
+            early: BTreeMap::new(),
+            sent: 0,
+        }
+    }
+
+    /// Chunk `seq`: passed on in order, a repeat dropped.
+    pub(super) fn chunk(&mut self, seq: u32, content: String) {
+        if seq < self.next {
+            return;
+        }
+        if seq > self.next {
+            if self.early.len() < EARLY_CHUNKS_KEPT {
+                self.early.insert(seq, content);
+            }
+            return;
+        }
+        self.pass(content);
+        while let Some(content) = self.early.remove(&self.next) {
+            self.pass(content);
+        }
+    }
+
+    fn pass(&mut self, content: String) {
+        self.next += 1;
+        self.sent += content.len();
+        if !content.is_empty() {
+            // A client gone is noticed by the periodic sweep.
+            let _ = self.deltas.send(content);
+        }
+    }
+
+    /// The turn's whole answer arrived: what chunks did not carry (lost on
+    /// the way, or never sent) goes now, so the client gets it all once.
+    pub(super) fn finish(mut self, answer: &str) {
+        match answer.get(self.sent..) {
+            Some(rest) => self.pass(rest.to_owned()),
+            None => log::warn!(
+                "a streamed answer's chunks ({} bytes) are not a prefix of its result ({} bytes)",
+                self.sent,
+                answer.len()
+            ),
+        }
+    }
 }
 
 pub(super) struct TurnInFlight {
@@ -107,5 +189,19 @@ impl TurnInFlight {
             TurnKind::Job(id) => Some(id),
             TurnKind::Chat(_) => None,
         }
+    }
+
+    /// Whether its answer is stored in the agent's history (job turns and
+    /// chats with memory).
+    pub(super) fn remembered(&self) -> bool {
+        match &self.kind {
+            TurnKind::Chat(chat) => chat.memory,
+            TurnKind::Job(_) => true,
+        }
+    }
+
+    /// Whether the answer is to be streamed.
+    pub(super) fn streamed(&self) -> bool {
+        matches!(&self.kind, TurnKind::Chat(chat) if chat.relay.is_some())
     }
 }

@@ -61,10 +61,11 @@ pub enum ApiRequest {
         name: String,
         reply: Answer<AgentDeleted>,
     },
-    /// Answered when the turn completes (or fails).
+    /// Answered when the turn completes (or fails); a streamed chat's
+    /// text goes to its `call.deltas` as it comes.
     Chat {
         agent: String,
-        messages: Vec<ChatMessage>,
+        call: ChatCall,
         reply: Responder,
     },
     SubmitJob {
@@ -120,9 +121,13 @@ impl std::fmt::Debug for ApiRequest {
                 rejected.len()
             ),
             DeleteAgent { name, .. } => write!(f, "DeleteAgent({name})"),
-            Chat {
-                agent, messages, ..
-            } => write!(f, "Chat {{ agent: {agent}, {} messages }}", messages.len()),
+            Chat { agent, call, .. } => write!(
+                f,
+                "Chat {{ agent: {agent}, {} messages, memory: {}, streamed: {} }}",
+                call.messages.len(),
+                call.memory,
+                call.deltas.is_some()
+            ),
             SubmitJob {
                 agent, priority, ..
             } => write!(f, "SubmitJob {{ agent: {agent}, priority: {priority} }}"),
@@ -208,11 +213,7 @@ impl Coordinator {
                 let deleted = self.delete_agent(&name, now);
                 self.answer(reply, deleted);
             }
-            Chat {
-                agent,
-                messages,
-                reply,
-            } => self.chat(&agent, messages, reply, now),
+            Chat { agent, call, reply } => self.chat(&agent, call, reply, now),
             SubmitJob {
                 agent,
                 message,

@@ -134,8 +134,8 @@ impl Coordinator {
         let mut kept = 0;
         for (id, turn) in turns {
             let job = match turn.kind {
-                TurnKind::Chat(reply) => {
-                    fail(reply);
+                TurnKind::Chat(chat) => {
+                    fail(chat.reply);
                     continue;
                 }
                 TurnKind::Job(ref job) => job.clone(),

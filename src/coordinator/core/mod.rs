@@ -39,8 +39,8 @@ use crate::protocol::{
     encode, now_ms, Ack, AgentDeleted, AgentError, AgentList, AgentSpec, AgentState, AgentView,
     AgentsCreated, Capacity, ChatAnswer, ChatMessage, Command, CommandBody, CommandKind, Event,
     EventKind, EventList, FleetStatus, FleetSummary, JobList, JobSubmitted, JobView, NodeForgotten,
-    NodeList, NodeTopic, NodeView, Reply, ReplyBody, Role, Topics, TurnErrorCode, TurnRequest,
-    TurnResult, Usage,
+    NodeList, NodeTopic, NodeView, Reply, ReplyBody, Role, Topics, TurnChunk, TurnErrorCode,
+    TurnRequest, TurnResult, Usage,
 };
 pub use command::ApiRequest;
 use durability::HeldAnswer;
@@ -78,7 +78,7 @@ mod views;
 mod tests;
 
 pub use agent::Agent;
-use agent::{ChatWaiter, TurnInFlight, TurnKind};
+use agent::{ChatTurn, ChatWaiter, Relay, TurnInFlight, TurnKind};
 use jobs::Jobs;
 
 /// The time an input is handled at: monotonic for timeouts, wall-clock
@@ -217,6 +217,32 @@ impl Eq for StoreFault {}
 /// Where the answer to a request that waits (a chat) is sent.
 pub type Answer<T> = oneshot::Sender<Result<T, CoreError>>;
 pub type Responder = Answer<ChatAnswer>;
+/// Where a streamed chat's text goes as it arrives (never blocks the core:
+/// an answer is bounded by the MQTT payload limit).
+pub type Deltas = tokio::sync::mpsc::UnboundedSender<String>;
+
+/// What a chat asks, besides its agent.
+pub struct ChatCall {
+    /// The new messages (with `memory`), or the whole conversation.
+    pub messages: Vec<ChatMessage>,
+    /// Send the agent's stored history before `messages`, and store the
+    /// turn once answered (`POST /v1/chat`). Without it the chat is
+    /// stateless, as OpenAI's and Ollama's APIs are.
+    pub memory: bool,
+    /// Streamed: the answer's text as the node generates it.
+    pub deltas: Option<Deltas>,
+}
+
+impl ChatCall {
+    /// A chat in the agent's conversation, answered whole.
+    pub fn remembered(messages: Vec<ChatMessage>) -> ChatCall {
+        ChatCall {
+            messages,
+            memory: true,
+            deltas: None,
+        }
+    }
+}
 
 pub struct Coordinator {
     pub config: CoordinatorConfig,
@@ -519,8 +545,8 @@ impl Coordinator {
         let ids: Vec<String> = self.turns.keys().cloned().collect();
         for id in ids {
             if let Some(turn) = self.turns.remove(&id) {
-                if let TurnKind::Chat(reply) = turn.kind {
-                    let _ = reply.send(Err(CoreError::Stopping));
+                if let TurnKind::Chat(chat) = turn.kind {
+                    let _ = chat.reply.send(Err(CoreError::Stopping));
                 }
             }
         }

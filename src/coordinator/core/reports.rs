@@ -294,6 +294,7 @@ impl Coordinator {
         match reply.body {
             ReplyBody::Ack(ack) => self.on_ack(node, ack),
             ReplyBody::TurnResult(result) => self.on_turn_result(node, &reply.id, result),
+            ReplyBody::TurnChunk(chunk) => self.on_turn_chunk(node, &reply.id, chunk),
         }
     }
 

@@ -107,7 +107,7 @@ impl Coordinator {
         })
     }
 
-    pub fn chat(&mut self, name: &str, messages: Vec<ChatMessage>, reply: Responder, now: Now) {
+    pub fn chat(&mut self, name: &str, call: ChatCall, reply: Responder, now: Now) {
         self.now = now;
         if !self.agents.contains_key(name) {
             let error = CoreError::NotFound(format!("no agent named {name}"));
@@ -149,7 +149,7 @@ impl Coordinator {
             self.answer(reply, Err(error));
             return;
         }
-        a.chats.push_back(ChatWaiter { messages, reply });
+        a.chats.push_back(ChatWaiter { call, reply });
         self.dispatch(name);
     }
 

@@ -21,6 +21,8 @@ struct SimNode {
     seq: u64,
     /// Turns received and not answered yet.
     turns: Vec<Command>,
+    /// Turns the coordinator cancelled, by command id.
+    cancelled: Vec<String>,
 }
 
 struct Sim {
@@ -198,6 +200,11 @@ impl Sim {
                 n.turns.push(command);
                 return;
             }
+            CommandBody::Cancel { turn, .. } => {
+                n.turns.retain(|t| t.id != *turn);
+                n.cancelled.push(turn.clone());
+                return;
+            }
         };
         let ack = Ack {
             command: kind,
@@ -249,6 +256,7 @@ impl Sim {
             usage: None,
             error: None,
             job: request.job.clone(),
+            chunks: 0,
         };
         self.c.begin_batch();
         self.reply(node, &turn.id, ReplyBody::TurnResult(result));
@@ -360,8 +368,12 @@ fn a_drain_waits_for_busy_agents_until_its_deadline_then_moves_them_all() {
     let mut chats = Vec::new();
     for name in ["x", "y"] {
         let (tx, rx) = oneshot::channel();
-        sim.c
-            .chat(name, vec![ChatMessage::new(Role::User, "hi")], tx, sim.now);
+        sim.c.chat(
+            name,
+            ChatCall::remembered(vec![ChatMessage::new(Role::User, "hi")]),
+            tx,
+            sim.now,
+        );
         chats.push(rx);
     }
     sim.deliver();
@@ -539,8 +551,12 @@ fn a_chat_whose_history_cannot_be_read_fails_and_sends_no_turn() {
     let mut sim = one_running_on_a();
     sabotage(&sim, "ALTER TABLE messages RENAME TO messages_lost");
     let (tx, mut rx) = oneshot::channel();
-    sim.c
-        .chat("x", vec![ChatMessage::new(Role::User, "hi")], tx, sim.now);
+    sim.c.chat(
+        "x",
+        ChatCall::remembered(vec![ChatMessage::new(Role::User, "hi")]),
+        tx,
+        sim.now,
+    );
     sim.deliver();
     let error = rx.try_recv().expect("answered at once").unwrap_err();
     let CoreError::Store(fault) = &error else {
@@ -554,8 +570,12 @@ fn a_chat_whose_history_cannot_be_read_fails_and_sends_no_turn() {
     // Once the store is readable again, chats go through.
     sabotage(&sim, "ALTER TABLE messages_lost RENAME TO messages");
     let (tx, _rx) = oneshot::channel();
-    sim.c
-        .chat("x", vec![ChatMessage::new(Role::User, "hi")], tx, sim.now);
+    sim.c.chat(
+        "x",
+        ChatCall::remembered(vec![ChatMessage::new(Role::User, "hi")]),
+        tx,
+        sim.now,
+    );
     sim.deliver();
     assert_eq!(sim.commands_to("a", CommandKind::Turn), 1);
 }
@@ -644,8 +664,12 @@ fn a_chat_whose_answer_cannot_be_stored_is_not_answered_and_the_core_recovers_by
     let mut sim = one_running_on_a();
     let chat = |sim: &mut Sim| {
         let (tx, rx) = oneshot::channel();
-        sim.c
-            .chat("x", vec![ChatMessage::new(Role::User, "hi")], tx, sim.now);
+        sim.c.chat(
+            "x",
+            ChatCall::remembered(vec![ChatMessage::new(Role::User, "hi")]),
+            tx,
+            sim.now,
+        );
         sim.deliver();
         rx
     };
@@ -744,3 +768,5 @@ fn api_requests_are_data_logged_replayed_and_answered_only_after_their_batch_com
         Err(CoreError::Conflict { .. })
     ));
 }
+
+mod streaming;

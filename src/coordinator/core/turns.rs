@@ -16,18 +16,17 @@ impl Coordinator {
         if !self.fleet.is_online(&node) {
             return; // it will be placed elsewhere, or its node comes back
         }
-        while let Some(waiter) = a.chats.pop_front() {
-            if waiter.reply.is_closed() {
+        while let Some(ChatWaiter { call, reply }) = a.chats.pop_front() {
+            let chat = ChatTurn {
+                reply,
+                memory: call.memory,
+                relay: call.deltas.map(Relay::new),
+            };
+            if chat.abandoned() {
                 continue;
             }
             let timeout = self.config.timeouts.chat;
-            self.start_turn(
-                name,
-                &node,
-                waiter.messages,
-                TurnKind::Chat(waiter.reply),
-                timeout,
-            );
+            self.start_turn(name, &node, call.messages, TurnKind::Chat(chat), timeout);
             return;
         }
         let Some(job) = self.jobs.start_next(name, &node, self.now.wall_ms) else {
@@ -50,17 +49,21 @@ impl Coordinator {
         kind: TurnKind,
         timeout: Duration,
     ) {
-        let job = match &kind {
-            TurnKind::Job(id) => Some(id.clone()),
-            TurnKind::Chat(_) => None,
-        };
         let id = self.next_id("t");
-        let payload = match self.turn_command(&id, name, node, &new_messages, job, timeout) {
+        let deadline = self.now.at + timeout;
+        let turn = TurnInFlight {
+            agent: name.to_owned(),
+            node: node.to_owned(),
+            kind,
+            new_messages,
+            deadline,
+        };
+        let payload = match self.turn_command(&id, &turn, timeout) {
             Ok(payload) => payload,
             Err(error) => {
                 log::warn!("turn for {name} not sent: {error}");
-                match kind {
-                    TurnKind::Chat(reply) => self.answer(reply, Err(error)),
+                match turn.kind {
+                    TurnKind::Chat(chat) => self.answer(chat.reply, Err(error)),
                     // The store may be readable again shortly: the job
                     // waits (not counted as an attempt) and is tried again
                     // at the next reconciliation.
@@ -75,22 +78,12 @@ impl Coordinator {
                 return;
             }
         };
-        let deadline = self.now.at + timeout;
-        let expires = self.command_expiry(&kind, node, deadline);
+        let expires = self.command_expiry(&turn.kind, node, deadline);
         self.publish_until(self.topics.node(node, NodeTopic::Command), payload, expires);
         if let Some(a) = self.agents.get_mut(name) {
             a.turn = Some(id.clone());
         }
-        self.turns.insert(
-            id,
-            TurnInFlight {
-                agent: name.to_owned(),
-                node: node.to_owned(),
-                kind,
-                new_messages,
-                deadline,
-            },
-        );
+        self.turns.insert(id, turn);
     }
 
     /// Until when a turn command may still go out. A chat's, no later than
@@ -104,32 +97,34 @@ impl Coordinator {
         }
     }
 
-    /// The encoded turn command `id`: the agent's system prompt, its stored
-    /// history and `new_messages`, within the payload limit (the oldest
-    /// history goes first); an error says why it cannot be sent.
+    /// The encoded command `id` for `turn`: the agent's system prompt, its
+    /// stored history (if the turn is remembered) and the turn's messages,
+    /// within the payload limit (the oldest history goes first); an error
+    /// says why it cannot be sent.
     pub(super) fn turn_command(
         &self,
         id: &str,
-        name: &str,
-        node: &str,
-        new_messages: &[ChatMessage],
-        job: Option<String>,
+        turn: &TurnInFlight,
         budget: Duration,
     ) -> Result<Vec<u8>, CoreError> {
-        // Without its history the agent would answer as if the
-        // conversation had not happened: better no answer than that.
-        let history = self.store.history(name).map_err(|e| {
-            CoreError::Store(StoreFault::caused(
-                format!("cannot read the history of agent {name}: {e}"),
-                e,
-            ))
-        })?;
+        let (name, new_messages) = (&turn.agent, &turn.new_messages);
+        let mut messages = if turn.remembered() {
+            // Without its history the agent would answer as if the
+            // conversation had not happened: better no answer than that.
+            self.store.history(name).map_err(|e| {
+                CoreError::Store(StoreFault::caused(
+                    format!("cannot read the history of agent {name}: {e}"),
+                    e,
+                ))
+            })?
+        } else {
+            Vec::new()
+        };
         let system = self.agents.get(name).and_then(|a| a.spec.system.clone());
-        let mut messages = history;
         messages.extend(new_messages.iter().cloned());
         let mut command = Command {
             id: id.to_owned(),
-            node: node.to_owned(),
+            node: turn.node.clone(),
             generation: self.generation,
             body: CommandBody::Turn(TurnRequest {
                 agent: name.to_owned(),
@@ -138,7 +133,8 @@ impl Coordinator {
                 // What is left of it, counted by the node on its own
                 // clock from arrival: no wall clock crosses machines.
                 timeout_ms: Some(budget.as_millis() as u64),
-                job,
+                job: turn.job().cloned(),
+                stream: turn.streamed(),
             }),
         };
         let max = self.config.mqtt.max_payload_bytes;
@@ -180,15 +176,11 @@ impl Coordinator {
         log::info!("{why}: sending {} turns in flight again", due.len());
         let mut resent = Vec::new();
         for (id, t) in due {
-            let job = match &t.kind {
-                TurnKind::Job(job) => Some(job.clone()),
-                TurnKind::Chat(_) => None,
-            };
             let budget = t.deadline.saturating_duration_since(self.now.at);
             if budget.is_zero() {
                 continue; // expire_turns fails it; a stale command helps nobody
             }
-            match self.turn_command(id, &t.agent, &t.node, &t.new_messages, job, budget) {
+            match self.turn_command(id, t, budget) {
                 Ok(payload) => resent.push((
                     self.topics.node(&t.node, NodeTopic::Command),
                     payload,
@@ -248,6 +240,50 @@ impl Coordinator {
         }
     }
 
+    /// A piece of a streamed answer: on to the chat's client, in order.
+    pub(super) fn on_turn_chunk(&mut self, node: &str, id: &str, chunk: TurnChunk) {
+        let Some(turn) = self.turns.get_mut(id).filter(|t| t.node == node) else {
+            log::debug!("ignored a chunk of turn {id} from {node}: not in flight");
+            return;
+        };
+        if let TurnKind::Chat(ChatTurn {
+            relay: Some(relay), ..
+        }) = &mut turn.kind
+        {
+            relay.chunk(chunk.seq, chunk.content);
+        }
+    }
+
+    /// Cancels the chats whose callers went away (an HTTP client that
+    /// disconnected): the node stops their Ollama calls, which frees the
+    /// Pi's CPU for the next turn.
+    pub(super) fn cancel_abandoned_turns(&mut self) {
+        let abandoned: Vec<String> = self
+            .turns
+            .iter()
+            .filter(|(_, t)| matches!(&t.kind, TurnKind::Chat(chat) if chat.abandoned()))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in abandoned {
+            let Some(turn) = self.take_turn(&id) else {
+                continue;
+            };
+            log::info!(
+                "turn {id} for {}: its caller went away; cancelled",
+                turn.agent
+            );
+            self.metrics.turns_cancelled.inc();
+            if self.link_up {
+                let body = CommandBody::Cancel {
+                    agent: turn.agent.clone(),
+                    turn: id,
+                };
+                self.send(&turn.node, body);
+            }
+            self.dispatch(&turn.agent);
+        }
+    }
+
     /// The node ran turn `id` but lost its answer on the way and forgot it:
     /// the same turn runs again under a new id, within what is left of its
     /// budget (nothing of it was stored, so nothing is doubled).
@@ -260,6 +296,16 @@ impl Coordinator {
         if !still_there {
             let reason = format!("{why}; its agent has left the node meanwhile");
             self.turn_failed(id, TurnErrorCode::Released, reason, false);
+            return;
+        }
+        let streamed_some = self.turns.get(id).is_some_and(
+            |t| matches!(&t.kind, TurnKind::Chat(ChatTurn { relay: Some(r), .. }) if r.next > 0),
+        );
+        if streamed_some {
+            // Its client has part of an answer: another run would not
+            // continue it.
+            let reason = format!("{why}; the answer was partly streamed");
+            self.turn_failed(id, TurnErrorCode::Forgotten, reason, false);
             return;
         }
         let Some(turn) = self.take_turn(id) else {
@@ -281,26 +327,33 @@ impl Coordinator {
         let Some(turn) = self.take_turn(id) else {
             return;
         };
-        let mut record = turn.new_messages.clone();
-        record.push(message.clone());
-        // Inside the daemon's batch a failed append fails the batch, and
-        // the answer below is then replaced by a store error: no chat is
-        // answered unless its turn is stored.
-        if let Err(e) = self
-            .store
-            .append_history(&turn.agent, &record, self.now.wall_ms)
-        {
-            log::error!("{e}");
+        if turn.remembered() {
+            let mut record = turn.new_messages.clone();
+            record.push(message.clone());
+            // Inside the daemon's batch a failed append fails the batch, and
+            // the answer below is then replaced by a store error: no chat is
+            // answered unless its turn is stored.
+            if let Err(e) = self
+                .store
+                .append_history(&turn.agent, &record, self.now.wall_ms)
+            {
+                log::error!("{e}");
+            }
         }
         match turn.kind {
-            TurnKind::Chat(reply) => {
+            TurnKind::Chat(chat) => {
+                if let Some(relay) = chat.relay {
+                    relay.finish(&message.content);
+                }
+                let model = self.agents.get(&turn.agent).map(|a| a.spec.model.clone());
                 let answer = ChatAnswer {
                     agent: turn.agent.clone(),
                     node: turn.node.clone(),
+                    model: model.unwrap_or_default(),
                     message: ChatMessage::new(Role::Assistant, message.content),
                     usage,
                 };
-                self.answer(reply, Ok(answer));
+                self.answer(chat.reply, Ok(answer));
             }
             TurnKind::Job(job) => {
                 if let Some(j) = self.jobs.get_mut(&job) {
@@ -325,7 +378,7 @@ impl Coordinator {
             return;
         };
         match turn.kind {
-            TurnKind::Chat(reply) => {
+            TurnKind::Chat(chat) => {
                 // Worth asking again shortly: Ollama was busy, or the agent
                 // is moving to another node.
                 let retry = matches!(
@@ -346,7 +399,7 @@ impl Coordinator {
                     },
                     retry_after_secs: retry.then_some(self.config.queue.retry_after_secs),
                 };
-                self.answer(reply, Err(error));
+                self.answer(chat.reply, Err(error));
             }
             TurnKind::Job(job) => {
                 let max = self.config.queue.max_attempts;
@@ -436,6 +489,7 @@ impl Coordinator {
     }
 
     pub(super) fn expire_turns(&mut self, now: Instant) {
+        self.cancel_abandoned_turns();
         let expired: Vec<(String, String)> = self
             .turns
             .iter()
@@ -452,7 +506,9 @@ impl Coordinator {
         }
         // Chats whose callers gave up.
         for a in self.agents.values_mut() {
-            a.chats.retain(|w| !w.reply.is_closed());
+            a.chats.retain(|w| {
+                !w.reply.is_closed() && !w.call.deltas.as_ref().is_some_and(|d| d.is_closed())
+            });
         }
     }
 }

@@ -11,3 +11,4 @@ mod monitoring;
 mod nemesis;
 mod node;
 mod ollama_sim;
+mod streaming;

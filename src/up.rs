@@ -43,6 +43,10 @@ pub struct UpOptions {
     /// Embedded MQTT broker port on 127.0.0.1.
     #[arg(long, default_value_t = 1883)]
     pub mqtt_port: u16,
+    /// Use this MQTT broker (HOST:PORT, anonymous access) instead of the
+    /// embedded one: dashboards already connected to it see the fleet.
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "mqtt_port")]
+    pub mqtt: Option<String>,
     /// Ollama to use; the built-in simulator runs when none answers here.
     #[arg(long, default_value = "http://127.0.0.1:11434")]
     pub ollama_url: String,
@@ -70,6 +74,11 @@ pub enum UpError {
     },
     #[error("the embedded MQTT broker did not start on 127.0.0.1:{0}")]
     Broker(u16),
+    #[error("--mqtt {broker}: cannot reach the MQTT broker ({source})")]
+    NoBroker {
+        broker: String,
+        source: std::io::Error,
+    },
     #[error("cannot start node {node}: {source}")]
     Spawn {
         node: String,
@@ -181,32 +190,110 @@ fn spawn_node(id: &str, config: &Path, log: &Path) -> Result<Child, UpError> {
         })
 }
 
-fn node_toml(id: &str, capacity: u32, mqtt_port: u16, ollama: &Url) -> String {
+fn node_toml(id: &str, capacity: u32, broker: &Broker, ollama: &Url) -> String {
+    let Broker { host, port, .. } = broker;
     format!(
         "node_id = \"{id}\"\nagent_capacity = {capacity}\nheartbeat_secs = 2\nshutdown_grace_secs = 10\n\
-         [mqtt]\nport = {mqtt_port}\nkeep_alive_secs = 10\n[ollama]\nurl = \"{ollama}\"\nmax_parallel = 2\n\
+         [mqtt]\nhost = \"{host}\"\nport = {port}\nkeep_alive_secs = 10\n[ollama]\nurl = \"{ollama}\"\nmax_parallel = 2\n\
          [api]\nlisten = \"127.0.0.1:0\"\n"
     )
+}
+
+/// The MQTT broker the fleet uses: the embedded one, or the user's.
+#[derive(Debug, Clone)]
+struct Broker {
+    host: String,
+    port: u16,
+    embedded: bool,
+}
+
+impl Broker {
+    /// `--mqtt HOST:PORT` (the port defaults to 1883), or the embedded
+    /// broker on `--mqtt-port`.
+    fn chosen(options: &UpOptions) -> Result<Broker, UpError> {
+        let Some(given) = &options.mqtt else {
+            return Ok(Broker {
+                host: "127.0.0.1".into(),
+                port: options.mqtt_port,
+                embedded: true,
+            });
+        };
+        let (host, port) = match given.rsplit_once(':') {
+            Some((host, port)) if !host.contains(':') || host.ends_with(']') => {
+                let port = port.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
+                    UpError::Invalid(format!("--mqtt {given}: {port:?} is not a port number"))
+                })?;
+                (host.trim_start_matches('[').trim_end_matches(']'), port)
+            }
+            _ => (given.as_str(), 1883),
+        };
+        if host.is_empty() || host.contains(char::is_whitespace) {
+            return Err(UpError::Invalid(format!(
+                "--mqtt {given}: expected HOST:PORT, such as 192.168.1.10:1883"
+            )));
+        }
+        Ok(Broker {
+            host: host.to_owned(),
+            port,
+            embedded: false,
+        })
+    }
+
+    /// The user's broker must accept connections now.
+    fn check_reachable(&self) -> Result<(), UpError> {
+        use std::net::ToSocketAddrs;
+        let named = format!("{}:{}", self.host, self.port);
+        let unreachable = |source| UpError::NoBroker {
+            broker: named.clone(),
+            source,
+        };
+        let addrs = (self.host.as_str(), self.port)
+            .to_socket_addrs()
+            .map_err(unreachable)?;
+        let mut last = std::io::Error::other("the name has no address");
+        for addr in addrs {
+            match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
+                Ok(_) => return Ok(()),
+                Err(e) => last = e,
+            }
+        }
+        Err(unreachable(last))
+    }
 }
 
 /// Runs the fleet until `shutdown`: checks, broker, Ollama (or the
 /// simulator), coordinator, nodes; then watches them and stops them all.
 pub async fn run(options: UpOptions, shutdown: CancellationToken) -> Result<(), UpError> {
-    let ollama = validate(&options)?;
+    let (ollama, broker) = validate(&options)?;
     let data = DataDir::prepare(options.data_dir.clone())?;
-    start_broker(options.mqtt_port).await?;
-    println!(
-        "pifleet up: embedded MQTT broker (rumqttd) on 127.0.0.1:{}",
-        options.mqtt_port
-    );
+    if broker.embedded {
+        start_broker(broker.port).await?;
+        println!(
+            "pifleet up: embedded MQTT broker (rumqttd) on 127.0.0.1:{}",
+            broker.port
+        );
+    } else {
+        println!(
+            "pifleet up: using the MQTT broker at {}:{}",
+            broker.host, broker.port
+        );
+    }
     let sim_shutdown = CancellationToken::new();
     let (ollama, simulated) = find_ollama(ollama, sim_shutdown.clone()).await?;
     let coordinator_shutdown = CancellationToken::new();
-    let coordinator = start_coordinator(&options, &data.path, coordinator_shutdown.clone());
-    let mut nodes = start_nodes(&options, &data.path, &ollama)?;
+    let coordinator =
+        start_coordinator(&options, &broker, &data.path, coordinator_shutdown.clone());
+    let mut nodes = start_nodes(&options, &broker, &data.path, &ollama)?;
     let api = format!("http://127.0.0.1:{}", options.api_port);
     let online = wait_for_nodes(&api, options.nodes, Duration::from_secs(30)).await;
-    print_ready(&options, online, &api, &ollama, simulated, &nodes, &data);
+    let ready = Ready {
+        online,
+        api: &api,
+        broker: &broker,
+        ollama: &ollama,
+        simulated,
+    };
+    print_ready(&options, &ready, &nodes, &data);
 
     match supervise(shutdown, coordinator, &mut nodes).await {
         Supervised::CoordinatorEnded => {
@@ -238,8 +325,8 @@ pub async fn run(options: UpOptions, shutdown: CancellationToken) -> Result<(), 
     Ok(())
 }
 
-/// Checks the options; returns the Ollama URL to try.
-fn validate(options: &UpOptions) -> Result<Url, UpError> {
+/// Checks the options; returns the Ollama URL to try and the broker.
+fn validate(options: &UpOptions) -> Result<(Url, Broker), UpError> {
     if !(1..=64).contains(&options.nodes) {
         return Err(UpError::Invalid(format!(
             "--nodes must be between 1 and 64 (got {})",
@@ -251,9 +338,18 @@ fn validate(options: &UpOptions) -> Result<Url, UpError> {
     }
     let ollama = ollama_url(options.ollama_url.clone())
         .map_err(|e| UpError::Invalid(format!("--ollama-url: {e}")))?;
-    check_port("MQTT", options.mqtt_port, "--mqtt-port")?;
+    let broker = Broker::chosen(options)?;
+    if broker.embedded {
+        check_port(
+            "MQTT",
+            broker.port,
+            "--mqtt-port (or use your broker: --mqtt HOST:PORT)",
+        )?;
+    } else {
+        broker.check_reachable()?;
+    }
     check_port("API", options.api_port, "--api-port")?;
-    Ok(ollama)
+    Ok((ollama, broker))
 }
 
 /// Where the coordinator's store and the node configs and logs live.
@@ -326,11 +422,13 @@ type CoordinatorTask = tokio::task::JoinHandle<Result<(), crate::coordinator::Co
 
 fn start_coordinator(
     options: &UpOptions,
+    broker: &Broker,
     data_dir: &Path,
     shutdown: CancellationToken,
 ) -> CoordinatorTask {
     let mut config = CoordinatorConfig::with_defaults(data_dir.join("coordinator.db"));
-    config.mqtt.port = options.mqtt_port;
+    config.mqtt.host = broker.host.clone();
+    config.mqtt.port = broker.port;
     config.api.listen = SocketAddr::from(([127, 0, 0, 1], options.api_port));
     config.timeouts.node_lost_after = Duration::from_secs(20);
     tokio::spawn(crate::coordinator::run(config, shutdown))
@@ -338,6 +436,7 @@ fn start_coordinator(
 
 fn start_nodes(
     options: &UpOptions,
+    broker: &Broker,
     data_dir: &Path,
     ollama: &Url,
 ) -> Result<Vec<NodeChild>, UpError> {
@@ -348,7 +447,7 @@ fn start_nodes(
         let id = format!("up-{i}");
         let config = nodes_dir.join(format!("{id}.toml"));
         let log = nodes_dir.join(format!("{id}.log"));
-        let text = node_toml(&id, options.capacity, options.mqtt_port, ollama);
+        let text = node_toml(&id, options.capacity, broker, ollama);
         NodeConfig::parse(&id, &text).map_err(|e| UpError::Invalid(e.to_string()))?;
         std::fs::write(&config, text).map_err(files_error(&config))?;
         let child = spawn_node(&id, &config, &log)?;
@@ -363,15 +462,23 @@ fn start_nodes(
     Ok(nodes)
 }
 
-fn print_ready(
-    options: &UpOptions,
+/// What `print_ready` reports.
+struct Ready<'a> {
     online: usize,
-    api: &str,
-    ollama: &Url,
+    api: &'a str,
+    broker: &'a Broker,
+    ollama: &'a Url,
     simulated: bool,
-    nodes: &[NodeChild],
-    data: &DataDir,
-) {
+}
+
+fn print_ready(options: &UpOptions, ready: &Ready, nodes: &[NodeChild], data: &DataDir) {
+    let Ready {
+        online,
+        api,
+        broker,
+        ollama,
+        simulated,
+    } = ready;
     println!(
         "pifleet up: fleet is ready ({online}/{} nodes online, {} agent slots each)",
         options.nodes, options.capacity
@@ -379,13 +486,14 @@ fn print_ready(
     println!(
         "  API          {api}   (pifleet status; set PIFLEET_COORDINATOR={api} if not the default)"
     );
+    let (host, port) = (&broker.host, broker.port);
     println!(
-        "  MQTT broker  127.0.0.1:{}   (mosquitto_sub -h 127.0.0.1 -p {} -t 'pifleet/#' -v)",
-        options.mqtt_port, options.mqtt_port
+        "  MQTT broker  {host}:{port}{}   (mosquitto_sub -h {host} -p {port} -t 'pifleet/#' -v)",
+        if broker.embedded { "" } else { " (yours)" }
     );
     println!(
         "  Ollama       {ollama}{}",
-        if simulated { "   (SIMULATOR)" } else { "" }
+        if *simulated { "   (SIMULATOR)" } else { "" }
     );
     for n in nodes {
         println!(

@@ -12,3 +12,4 @@ mod nemesis;
 mod node;
 mod ollama_sim;
 mod streaming;
+mod up;

@@ -35,6 +35,8 @@ missing=()
 need() { dpkg -s "$1" >/dev/null 2>&1 || missing+=("$1"); }
 need mosquitto
 need mosquitto-clients
+# Streaming endpoints are read with curl -N (tests/streaming.rs).
+need curl
 # Clocks that disagree (tests/faults.rs, tests/nemesis.rs).
 need faketime
 # Monitoring tests: promtool and a Prometheus server, Jinja2 for Home
@@ -85,6 +87,8 @@ export PATH="$venv/bin:$PATH"
 cargo build --locked --bin pifleet
 echo "==> tests/peers/ollama_clients.py: the ollama Python client and LiteLLM against ollama-sim"
 LITELLM_LOCAL_MODEL_COST_MAP=True "$cache/peers-venv/bin/python" tests/peers/ollama_clients.py target/debug/pifleet
+echo "==> tests/peers/fleet_clients.py: the openai and ollama Python clients and LiteLLM against the coordinator"
+LITELLM_LOCAL_MODEL_COST_MAP=True "$cache/peers-venv/bin/python" tests/peers/fleet_clients.py target/debug/pifleet
 tests/deploy/check.sh
 if [ "$mode" = full ]; then
     echo "==> tests/deploy/enroll.py: enroll four systemd-nspawn machines with ansible/pi-fleet.yaml"

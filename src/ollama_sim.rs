@@ -49,6 +49,10 @@ pub struct SimConfig {
     /// Generations at once beyond which it answers 503; 0 means no limit.
     pub max_parallel: u32,
     pub seed: Option<u64>,
+    /// Seconds a pull takes.
+    pub pull_secs: f64,
+    /// Models whose pull fails.
+    pub pull_fail: Vec<String>,
 }
 
 impl Default for SimConfig {
@@ -61,6 +65,8 @@ impl Default for SimConfig {
             failure_rate: 0.0,
             max_parallel: 0,
             seed: None,
+            pull_secs: 0.0,
+            pull_fail: Vec::new(),
         }
     }
 }
@@ -91,6 +97,12 @@ impl SimConfig {
         {
             return Err(SimError::Invalid(format!(
                 "--models: {bad:?} is not a model name such as \"llama3.2\""
+            )));
+        }
+        if !(0.0..=3600.0).contains(&self.pull_secs) {
+            return Err(SimError::Invalid(format!(
+                "--pull-secs must be between 0 and 3600 (got {})",
+                self.pull_secs
             )));
         }
         if !(0.0..=1.0).contains(&self.failure_rate) {
@@ -327,23 +339,60 @@ async fn show(State(sim): State<Sim>, OllamaJson(req): OllamaJson<ModelRequest>)
     .into_response()
 }
 
+/// Ollama's `/api/pull`: the manifest, then one layer's bytes in ten steps
+/// over `--pull-secs`, then `success`, and only then the model is listed.
+/// A model of `--pull-fail` fails after the manifest, as a model missing
+/// from the library does. A client that goes away stops the pull.
 async fn pull(State(sim): State<Sim>, OllamaJson(req): OllamaJson<ModelRequest>) -> Response {
+    const SIZE: u64 = 2_019_393_189;
+    const STEPS: u64 = 10;
     let name = normalize_model(&req.model);
-    let entry = model_entry(&name);
-    let digest = format!("sha256:{}", entry.digest);
-    lock(&sim.0.models).entry(name).or_insert(entry);
+    let fails = sim
+        .0
+        .config
+        .pull_fail
+        .iter()
+        .any(|m| normalize_model(m) == name);
+    let step = Duration::from_secs_f64(sim.0.config.pull_secs / STEPS as f64);
+    let failure = "pull model manifest: file does not exist";
     if req.stream == Some(false) {
+        tokio::time::sleep(step * STEPS as u32).await;
+        if fails {
+            return error(StatusCode::INTERNAL_SERVER_ERROR, failure);
+        }
+        lock(&sim.0.models)
+            .entry(name.clone())
+            .or_insert_with(|| model_entry(&name));
         return Json(json!({"status": "success"})).into_response();
     }
-    let lines = [
-        json!({"status": "pulling manifest"}),
-        json!({"status": format!("pulling {}", &digest[7..19]), "digest": digest, "total": 2_019_393_189u64, "completed": 2_019_393_189u64}),
-        json!({"status": "verifying sha256 digest"}),
-        json!({"status": "writing manifest"}),
-        json!({"status": "success"}),
-    ];
-    let body: String = lines.iter().map(|l| format!("{l}\n")).collect();
-    ndjson(Body::from(body))
+    let digest = format!("sha256:{}", model_entry(&name).digest);
+    // State: the step (0 manifest, 1..=STEPS bytes, then the last lines).
+    let lines = futures_util::stream::unfold(0u64, move |i| {
+        let (sim, name, digest) = (sim.clone(), name.clone(), digest.clone());
+        async move {
+            let line = match i {
+                0 => json!({"status": "pulling manifest"}),
+                _ if fails && i == 1 => json!({ "error": failure }),
+                _ if fails => return None,
+                i if i <= STEPS => {
+                    tokio::time::sleep(step).await;
+                    json!({"status": format!("pulling {}", &digest[7..19]), "digest": digest,
+                           "total": SIZE, "completed": SIZE * i / STEPS})
+                }
+                i if i == STEPS + 1 => json!({"status": "verifying sha256 digest"}),
+                i if i == STEPS + 2 => json!({"status": "writing manifest"}),
+                i if i == STEPS + 3 => {
+                    lock(&sim.0.models)
+                        .entry(name.clone())
+                        .or_insert_with(|| model_entry(&name));
+                    json!({"status": "success"})
+                }
+                _ => return None,
+            };
+            Some((Ok::<_, Infallible>(Bytes::from(format!("{line}\n"))), i + 1))
+        }
+    });
+    ndjson(Body::from_stream(lines))
 }
 
 fn ndjson(body: Body) -> Response {

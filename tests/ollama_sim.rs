@@ -249,3 +249,67 @@ async fn bodies_are_read_as_json_without_or_with_any_content_type() {
     let answer: Value = response.json().await.unwrap();
     assert_eq!(answer["error"], "missing request body");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pull_reports_progress_over_its_duration_and_a_failing_one_an_error() {
+    let sim = Sim::start(&[
+        "--models",
+        "llama3.2",
+        "--pull-secs",
+        "1",
+        "--pull-fail",
+        "phi3.5",
+    ]);
+    let listed = |model: &'static str| {
+        let url = format!("{}/api/tags", sim.url);
+        async move {
+            let (_, tags) = crate::util::http_get(&url).await;
+            tags["models"].to_string().contains(model)
+        }
+    };
+    let started = std::time::Instant::now();
+    let mut response = reqwest::Client::new()
+        .post(format!("{}/api/pull", sim.url))
+        .json(&json!({"model": "gemma2"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut lines = Vec::new();
+    let mut buffer = String::new();
+    while let Some(chunk) = response.chunk().await.unwrap() {
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find('\n') {
+            let line: Value = serde_json::from_str(&buffer[..end]).unwrap();
+            buffer.drain(..=end);
+            // Still pulling (the last lines follow at once): not listed.
+            if line["completed"].as_u64() < line["total"].as_u64() {
+                assert!(!listed("gemma2").await, "listed while pulling: {line}");
+            }
+            lines.push((started.elapsed(), line));
+        }
+    }
+    let progress: Vec<u64> = lines
+        .iter()
+        .filter_map(|(_, l)| l["completed"].as_u64())
+        .collect();
+    assert_eq!(progress.len(), 10, "{lines:?}");
+    assert!(progress.windows(2).all(|w| w[0] < w[1]), "{progress:?}");
+    let first = lines
+        .iter()
+        .find(|(_, l)| l["completed"].is_u64())
+        .unwrap()
+        .0;
+    assert!(
+        lines.last().unwrap().0 - first >= std::time::Duration::from_millis(700),
+        "progress came at once: {lines:?}"
+    );
+    assert_eq!(lines.last().unwrap().1["status"], "success");
+    assert!(listed("gemma2").await);
+
+    let (status, body) = post(&format!("{}/api/pull", sim.url), json!({"model": "phi3.5"})).await;
+    assert_eq!(status, 200);
+    let last: Value = serde_json::from_str(body.lines().last().unwrap()).unwrap();
+    assert_eq!(last["error"], "pull model manifest: file does not exist");
+    assert!(!listed("phi3.5").await);
+}

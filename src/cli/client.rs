@@ -150,7 +150,16 @@ pub enum ClientCommand {
         #[command(subcommand)]
         action: Option<JobsCommand>,
     },
+    /// Which node has which Ollama model, and pulls (list by default).
+    Models {
+        #[command(flatten)]
+        connection: Connection,
+        #[command(subcommand)]
+        action: Option<models::ModelsCommand>,
+    },
 }
+
+mod models;
 
 struct Api {
     base: String,
@@ -331,7 +340,8 @@ impl ClientCommand {
             | ClientCommand::Drain { connection, .. }
             | ClientCommand::Uncordon { connection, .. }
             | ClientCommand::Forget { connection, .. }
-            | ClientCommand::Jobs { connection, .. } => connection,
+            | ClientCommand::Jobs { connection, .. }
+            | ClientCommand::Models { connection, .. } => connection,
         }
     }
 }
@@ -504,6 +514,7 @@ async fn execute(api: &Api, as_json: bool, command: ClientCommand) -> Result<(),
             print_result(as_json, &result, || format!("forgot {node}"));
         }
         ClientCommand::Jobs { action, .. } => jobs(api, as_json, action).await?,
+        ClientCommand::Models { action, .. } => models::run(api, as_json, action).await?,
     }
     Ok(())
 }

@@ -108,6 +108,13 @@ pub struct SimArgs {
     /// Seed for the failure dice, for repeatable runs.
     #[arg(long)]
     seed: Option<u64>,
+    /// Seconds a model pull (`/api/pull`) takes, progress reported along.
+    #[arg(long, default_value_t = 0.0)]
+    pull_secs: f64,
+    /// Models whose pull fails (as a model missing from the library does),
+    /// comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pull_fail: Vec<String>,
 }
 
 /// A command failed: what to print and how to exit.
@@ -247,6 +254,8 @@ fn run_sim(args: SimArgs) -> Result<(), Failure> {
         failure_rate: args.failure_rate,
         max_parallel: args.max_parallel,
         seed: args.seed,
+        pull_secs: args.pull_secs,
+        pull_fail: args.pull_fail,
     };
     config
         .validate()

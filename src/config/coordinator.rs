@@ -85,6 +85,10 @@ rebalance_max_moves = 2
 # regardless.
 drain_max_parallel = 2
 drain_deadline_secs = 300
+# An agent whose model no eligible node has makes the least-loaded eligible
+# node with room pull it through Ollama (one pull per node at a time); the
+# agent runs once the pull is done. Off: it stays pending, saying why.
+auto_pull = false
 
 [home_assistant]
 # MQTT discovery: a device per node and one for the fleet appear in Home
@@ -162,6 +166,7 @@ struct RawScheduler {
     rebalance_max_moves: Option<Spanned<i64>>,
     drain_max_parallel: Option<Spanned<i64>>,
     drain_deadline_secs: Option<Spanned<i64>>,
+    auto_pull: Option<Spanned<bool>>,
 }
 
 /// Validated coordinator configuration.
@@ -217,6 +222,7 @@ pub struct SchedulerSettings {
     pub rebalance_max_moves: usize,
     pub drain_max_parallel: usize,
     pub drain_deadline: Duration,
+    pub auto_pull: bool,
 }
 
 impl CoordinatorConfig {
@@ -251,6 +257,7 @@ impl CoordinatorConfig {
                 rebalance_max_moves: 2,
                 drain_max_parallel: 2,
                 drain_deadline: Duration::from_secs(300),
+                auto_pull: false,
             },
             home_assistant: HomeAssistant {
                 discovery: true,
@@ -411,6 +418,12 @@ impl CoordinatorConfig {
                 &s.drain_deadline_secs,
                 d.scheduler.drain_deadline,
                 secs_in(0, 86_400),
+            ),
+            auto_pull: c.value(
+                "scheduler.auto_pull",
+                &s.auto_pull,
+                d.scheduler.auto_pull,
+                Ok,
             ),
         };
         let h = &raw.home_assistant;

@@ -68,6 +68,8 @@ request_timeout_secs = 120
 # A streamed answer's tokens are sent together when they come within this
 # many milliseconds of the last chunk sent (the first one goes at once).
 stream_window_ms = 50
+# Model pulls (asked by the coordinator) that run at once; more wait.
+max_pulls = 1
 
 [api]
 listen = "127.0.0.1:9480"
@@ -105,6 +107,7 @@ struct RawOllama {
     max_parallel: Option<Spanned<i64>>,
     request_timeout_secs: Option<Spanned<i64>>,
     stream_window_ms: Option<Spanned<i64>>,
+    max_pulls: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -143,6 +146,8 @@ pub struct OllamaConfig {
     pub request_timeout: Duration,
     /// Tokens of a streamed answer are coalesced over this window.
     pub stream_window: Duration,
+    /// Model pulls at once.
+    pub max_pulls: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -188,6 +193,7 @@ impl NodeConfig {
                 max_parallel: 1,
                 request_timeout: Duration::from_secs(120),
                 stream_window: Duration::from_millis(50),
+                max_pulls: 1,
             },
             api: ApiConfig {
                 listen: "127.0.0.1:9480".parse().expect("default address is valid"),
@@ -321,6 +327,12 @@ impl NodeConfig {
                 &raw.ollama.stream_window_ms,
                 defaults.ollama.stream_window,
                 |v| int_in::<u64>(0, 5_000)(v).map(Duration::from_millis),
+            ),
+            max_pulls: c.value(
+                "ollama.max_pulls",
+                &raw.ollama.max_pulls,
+                defaults.ollama.max_pulls,
+                int_in(1, 16),
             ),
         };
         let api = ApiConfig {

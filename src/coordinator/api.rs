@@ -150,6 +150,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/jobs", get(jobs))
         .route("/jobs/{id}", get(job))
         .route("/events", get(events))
+        .route("/pulls", get(pulls).post(pull))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .merge(openai::routes(state.clone()))
         .method_not_allowed_fallback(wrong_method);
@@ -417,6 +418,14 @@ fn validate_messages(raw: Vec<RawMessage>) -> Result<Vec<ChatMessage>, ApiError>
             Ok(ChatMessage::new(role, m.content))
         })
         .collect()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PullBody {
+    model: String,
+    #[serde(default)]
+    nodes: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -691,6 +700,33 @@ async fn events(State(s): State<ApiState>, QueryParams(q): QueryParams<ListQuery
     let limit = q.limit.unwrap_or(100).min(1000);
     s.call(StatusCode::OK, |reply| ApiRequest::Events { limit, reply })
         .await
+}
+
+async fn pulls(State(s): State<ApiState>) -> Response {
+    s.call(StatusCode::OK, |reply| ApiRequest::Pulls { reply })
+        .await
+}
+
+async fn pull(State(s): State<ApiState>, body: Result<JsonBody<PullBody>, ApiError>) -> Response {
+    let checked = body.and_then(|JsonBody(b)| {
+        if !crate::protocol::is_model_name(&b.model) {
+            return Err(invalid(format!(
+                "model {:?} is not a model name such as \"llama3.2\" or \"qwen2.5:0.5b\"",
+                b.model
+            )));
+        }
+        Ok((normalize_model(&b.model), b.nodes))
+    });
+    let (model, nodes) = match checked {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    s.call(StatusCode::ACCEPTED, |reply| ApiRequest::Pull {
+        model,
+        nodes,
+        reply,
+    })
+    .await
 }
 
 mod compat;

@@ -282,6 +282,23 @@ impl Scheduler {
         }
     }
 
+    /// The least-loaded node that could take `request` if it had its
+    /// model (room, labels, not blocked or avoided), skipping `busy` ones
+    /// (already pulling): where to pull the model (`auto_pull`).
+    pub fn pick_for_pull(
+        &self,
+        request: &Request<'_>,
+        busy: impl Fn(&str) -> bool,
+    ) -> Option<String> {
+        self.open
+            .iter()
+            .map(|key| &self.nodes[key.index])
+            .find(|n| {
+                request.avoid != Some(n.id.as_str()) && n.has_labels(request.labels) && !busy(&n.id)
+            })
+            .map(|n| n.id.clone())
+    }
+
     /// Gives back a slot on `node` (an agent left it).
     pub fn unreserve(&mut self, node: &str) {
         let Some(index) = self.index_of(node) else {
@@ -593,6 +610,33 @@ mod tests {
         );
         assert!(reason.contains("2 without model gemma2:latest"), "{reason}");
         assert!(reason.contains("1 full"), "{reason}");
+    }
+
+    #[test]
+    fn a_model_is_pulled_on_the_least_loaded_eligible_node_that_is_not_pulling() {
+        let mut hot = node("hot", 4, 0);
+        hot.blocked = Some(Blocked::TooHot {
+            temperature_c: 83.0,
+            max_c: 80.0,
+        });
+        let s = Scheduler::new(vec![
+            hot,
+            node("busy", 4, 3),
+            node("calm", 4, 1),
+            node("full", 4, 4),
+        ]);
+        let none = BTreeMap::new();
+        let req = Request {
+            model: "gemma2:latest",
+            labels: &none,
+            avoid: None,
+        };
+        assert_eq!(s.pick_for_pull(&req, |_| false).as_deref(), Some("calm"));
+        assert_eq!(
+            s.pick_for_pull(&req, |n| n == "calm").as_deref(),
+            Some("busy")
+        );
+        assert_eq!(s.pick_for_pull(&req, |_| true), None);
     }
 
     #[test]

@@ -82,6 +82,12 @@ pub enum Effect {
     /// Stop the running turn `turn` of `agent` and its Ollama call: its
     /// caller went away. The node then calls [`AgentTable::turn_finished`].
     CancelRunning { agent: String, turn: String },
+    /// Pull `model` through Ollama, answering command `id`.
+    Pull {
+        id: String,
+        generation: u64,
+        model: String,
+    },
 }
 
 /// One hosted agent.
@@ -304,6 +310,11 @@ impl AgentTable {
                 vec![self.accept_turn(turn, now.mono_ms)]
             }
             CommandBody::Cancel { agent, turn } => vec![self.cancel(id, &agent, turn)],
+            CommandBody::Pull { model } => vec![Effect::Pull {
+                id,
+                generation,
+                model,
+            }],
         }
     }
 

@@ -27,6 +27,7 @@ pub mod lease;
 pub mod metrics;
 pub mod ollama;
 pub mod probe;
+mod pull;
 mod start;
 mod stream;
 mod turn;
@@ -130,6 +131,7 @@ struct Node {
     stopping: bool,
     /// Answers of recent turns, for turn commands that arrive again.
     answered: AnsweredTurns,
+    pulls: pull::Pulls,
     /// The `pifleet up` process that started this node, if any.
     parent: Option<rustix::process::Pid>,
 }
@@ -188,6 +190,7 @@ impl Node {
                     }
                 }
                 Some(done) = self.turns.join_next_with_id(), if !self.turns.is_empty() => self.on_turn_done(done),
+                Some(done) = self.pulls.done.recv() => self.on_pull_done(done),
                 _ = sleep_until(publish_at) => self.publish_capacity(),
                 _ = sleep_until(fence_at) => self.check_fence(),
                 _ = tick.tick() => self.check_parent(&shutdown),
@@ -352,6 +355,27 @@ impl Node {
         }
     }
 
+    /// Where a task publishes replies to command `id` before it ends.
+    fn reply_sink(&self, id: &str, generation: u64) -> stream::ReplySink {
+        stream::ReplySink {
+            publisher: self.publisher.clone(),
+            topic: self.topics.node(&self.config.node_id, NodeTopic::Reply),
+            envelope: Reply {
+                id: id.to_owned(),
+                node: self.config.node_id.clone(),
+                session: self.session.clone(),
+                generation,
+                // Replaced by each reply.
+                body: ReplyBody::TurnResult(TurnResult::failed(
+                    "",
+                    None,
+                    TurnErrorCode::OllamaError,
+                    String::new(),
+                )),
+            },
+        }
+    }
+
     /// Stops the running turn `turn` (its caller went away): the task and
     /// its Ollama call end now, freeing the Ollama slot for the next turn.
     fn cancel_running(&mut self, agent: &str, turn: &str) {
@@ -430,6 +454,22 @@ impl Node {
                     self.metrics.command("any", "ignored");
                 }
                 Effect::CancelRunning { agent, turn } => self.cancel_running(&agent, &turn),
+                Effect::Pull {
+                    id,
+                    generation,
+                    model,
+                } => {
+                    let model = crate::protocol::normalize_model(&model);
+                    let replies = self.reply_sink(&id, generation);
+                    if self
+                        .pulls
+                        .start(model.clone(), self.ollama.clone(), replies)
+                    {
+                        self.metrics.command("pull", "applied");
+                    } else {
+                        log::info!("pull of {model}: already being pulled");
+                    }
+                }
             }
         }
     }
@@ -453,19 +493,7 @@ impl Node {
         let budget_ends = turn_deadline
             .map(|d| Instant::now() + Duration::from_millis(d.saturating_sub(mono_ms())));
         let sink = request.stream.then(|| stream::ChunkSink {
-            publisher: self.publisher.clone(),
-            topic: self.topics.node(&self.config.node_id, NodeTopic::Reply),
-            envelope: Reply {
-                id: id.clone(),
-                node: self.config.node_id.clone(),
-                session: self.session.clone(),
-                generation,
-                body: ReplyBody::TurnChunk(crate::protocol::TurnChunk {
-                    agent: agent.clone(),
-                    seq: 0,
-                    content: String::new(),
-                }),
-            },
+            replies: self.reply_sink(&id, generation),
             agent: agent.clone(),
             window: self.config.ollama.stream_window,
             sent: 0,
@@ -555,6 +583,17 @@ impl Node {
         );
         let next = self.table.turn_finished(&done.agent, &done.id, mono_ms());
         self.apply(next);
+    }
+
+    /// A pull ended: a pulled model is listed at once, so that the
+    /// coordinator can place the agents that wait for it.
+    fn on_pull_done(&mut self, done: pull::PullDone) {
+        self.pulls.finished(&done.model);
+        if done.ok && !self.probe.models.contains(&done.model) {
+            self.probe.models.push(done.model);
+            self.probe.models.sort();
+            self.dirty = true;
+        }
     }
 
     fn on_probe(&mut self, report: ProbeReport) {

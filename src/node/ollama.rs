@@ -10,6 +10,7 @@ use ollama_rs::generation::chat::{
     ChatMessage as OllamaMessage, ChatMessageFinalResponseData, ChatMessageResponseStream,
     MessageRole,
 };
+use ollama_rs::models::pull::PullModelStatusStream;
 use ollama_rs::Ollama;
 use url::Url;
 
@@ -97,6 +98,20 @@ impl OllamaClient {
             Ok(Err(e)) => Err(self.describe(e, model)),
             Ok(Ok(stream)) => Ok(stream),
         }
+    }
+
+    /// Starts pulling `model` (Ollama's `/api/pull`, streamed): its status
+    /// lines, the last one `success`; a sentence if it cannot start.
+    pub async fn pull_stream(&self, model: &str) -> Result<PullModelStatusStream, String> {
+        match self.ollama.pull_model_stream(model.to_owned(), false).await {
+            Ok(stream) => Ok(stream),
+            Err(e) => Err(self.describe(e, model).reason),
+        }
+    }
+
+    /// Why a pull's stream failed, in a sentence.
+    pub fn pull_error(&self, e: OllamaError, model: &str) -> String {
+        self.describe(e, model).reason
     }
 
     /// The error of a call that outlived `timeout`.

@@ -178,6 +178,7 @@ async fn drive(
         liveness: host.liveness,
         stopping: false,
         answered: AnsweredTurns::default(),
+        pulls: super::pull::Pulls::new(config.ollama.max_pulls),
         parent: host.parent,
         topics,
         config,

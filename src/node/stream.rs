@@ -15,13 +15,33 @@ use super::ollama::{usage_of, OllamaClient};
 use crate::mqtt::Publisher;
 use crate::protocol::{encode, Reply, ReplyBody, TurnChunk, TurnError, TurnErrorCode, Usage};
 
-/// Where a turn's chunks go: its reply topic, under its command's id.
-pub(super) struct ChunkSink {
+/// Replies a task publishes for one command before its final answer: the
+/// node's reply topic, under the command's id.
+#[derive(Clone)]
+pub(super) struct ReplySink {
     pub publisher: Publisher,
     pub topic: String,
     /// The reply envelope (`id`, `node`, `session`, `generation`); its body
-    /// is replaced by each chunk.
+    /// is replaced by each reply.
     pub envelope: Reply,
+}
+
+impl ReplySink {
+    pub(super) fn send(&self, body: ReplyBody) {
+        let mut reply = self.envelope.clone();
+        reply.body = body;
+        if let Err(e) = self
+            .publisher
+            .publish(self.topic.clone(), encode(&reply), false)
+        {
+            log::warn!("cannot publish a reply to command {}: {e}", reply.id);
+        }
+    }
+}
+
+/// Where a turn's chunks go.
+pub(super) struct ChunkSink {
+    pub replies: ReplySink,
     pub agent: String,
     pub window: Duration,
     /// Chunks published so far (the next `seq`).
@@ -29,22 +49,16 @@ pub(super) struct ChunkSink {
 }
 
 impl ChunkSink {
+    /// Publishes the next chunk. One lost on the way is not lost to the
+    /// client: the final result carries the whole answer, and the
+    /// coordinator sends what chunks did not carry.
     fn send(&mut self, content: String) {
-        let mut reply = self.envelope.clone();
-        reply.body = ReplyBody::TurnChunk(TurnChunk {
+        self.replies.send(ReplyBody::TurnChunk(TurnChunk {
             agent: self.agent.clone(),
             seq: self.sent,
             content,
-        });
+        }));
         self.sent += 1;
-        if let Err(e) = self
-            .publisher
-            .publish(self.topic.clone(), encode(&reply), false)
-        {
-            // The final result carries the whole answer: the coordinator
-            // sends its client what a lost chunk held then.
-            log::warn!("cannot publish a chunk of turn {}: {e}", reply.id);
-        }
     }
 }
 

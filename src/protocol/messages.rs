@@ -161,6 +161,10 @@ pub enum CommandBody {
     /// Stop turn `turn` (the id of its turn command) of `agent`, queued or
     /// running, and its Ollama call: nobody waits for its answer any more.
     Cancel { agent: String, turn: String },
+    /// Pull `model` through the node's Ollama (`/api/pull`). Progress comes
+    /// back as [`PullProgress`] replies; the node lists the model in its
+    /// capacity once it has it.
+    Pull { model: String },
 }
 
 impl CommandBody {
@@ -171,6 +175,7 @@ impl CommandBody {
             CommandBody::Drain { .. } => CommandKind::Drain,
             CommandBody::Turn(_) => CommandKind::Turn,
             CommandBody::Cancel { .. } => CommandKind::Cancel,
+            CommandBody::Pull { .. } => CommandKind::Pull,
         }
     }
 }
@@ -183,6 +188,7 @@ pub enum CommandKind {
     Drain,
     Turn,
     Cancel,
+    Pull,
 }
 
 /// One chat turn: the whole conversation to send to Ollama. Nodes keep no
@@ -230,6 +236,43 @@ pub enum ReplyBody {
     Ack(Ack),
     TurnResult(TurnResult),
     TurnChunk(TurnChunk),
+    PullProgress(PullProgress),
+}
+
+/// How a model pull goes (a reply to a `pull` command): sent when it
+/// starts, about once a second while bytes arrive, and when it ends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PullProgress {
+    pub model: String,
+    pub state: PullState,
+    /// Ollama's last status line ("pulling manifest", "pulling 8eeb52dfb3bb"...).
+    pub status: String,
+    /// Bytes of the layer being pulled, as Ollama counts them.
+    #[serde(default)]
+    pub completed: u64,
+    #[serde(default)]
+    pub total: u64,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PullState {
+    Pulling,
+    Done,
+    Failed,
+}
+
+impl PullState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullState::Pulling => "pulling",
+            PullState::Done => "done",
+            PullState::Failed => "failed",
+        }
+    }
 }
 
 /// A piece of a streamed turn's answer, as Ollama generated it (tokens

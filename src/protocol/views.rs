@@ -115,6 +115,30 @@ pub struct NodeList {
     pub nodes: Vec<NodeView>,
 }
 
+/// A model pull on one node (`GET /v1/pulls`): the latest of each node
+/// and model, kept an hour after it ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PullView {
+    pub node: String,
+    pub model: String,
+    pub state: crate::protocol::PullState,
+    /// Ollama's last status line.
+    pub status: String,
+    pub completed: u64,
+    pub total: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Why it was started (the API, or `auto_pull` for an agent).
+    pub reason: String,
+    /// Seconds since it started.
+    pub secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PullList {
+    pub pulls: Vec<PullView>,
+}
+
 /// `DELETE /v1/nodes/{node}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeForgotten {
@@ -214,6 +238,9 @@ pub enum EventKind {
     Drained,
     Uncordon,
     Forgotten,
+    PullStarted,
+    PullDone,
+    PullFailed,
     /// A kind this version does not know (from a newer coordinator).
     #[serde(other)]
     Other,
@@ -242,6 +269,9 @@ impl EventKind {
             EventKind::Drained => "drained",
             EventKind::Uncordon => "uncordon",
             EventKind::Forgotten => "forgotten",
+            EventKind::PullStarted => "pull_started",
+            EventKind::PullDone => "pull_done",
+            EventKind::PullFailed => "pull_failed",
             EventKind::Other => "other",
         }
     }

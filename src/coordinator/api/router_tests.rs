@@ -49,16 +49,7 @@ fn api_with(
 }
 
 async fn call(router: &Router, method: &str, path: &str, body: &str) -> (u16, Value) {
-    let request = HttpRequest::builder()
-        .method(method)
-        .uri(path)
-        .body(Body::from(body.to_owned()))
-        .unwrap();
-    let response = router.clone().oneshot(request).await.unwrap();
-    let status = response.status().as_u16();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    (status, json)
+    call_with(router, method, path, &[], body).await
 }
 
 /// Asserts an error answer: its status, its code, and words of its message.
@@ -313,6 +304,101 @@ async fn agents_are_created_in_bulk_by_count_or_list_with_per_agent_errors() {
     assert_eq!(
         (status, body["name"].as_str()),
         (201, Some("solo")),
+        "{body}"
+    );
+}
+
+async fn call_with(
+    router: &Router,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, Value) {
+    let mut request = HttpRequest::builder().method(method).uri(path);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = router
+        .clone()
+        .oneshot(request.body(Body::from(body.to_owned())).unwrap())
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn the_compatible_endpoints_answer_errors_in_their_own_shapes() {
+    let (api, _dir) = api(Some("0123456789abcdef"));
+    let chat = r#"{"model":"nobody","messages":[{"role":"user","content":"hi"}]}"#;
+    // OpenAI: {"error": {"message", "type", "code"}}, the token as Bearer.
+    let (status, body) = call(&api, "POST", "/v1/chat/completions", chat).await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["error"]["type"], "authentication_error", "{body}");
+    assert_eq!(body["error"]["code"], "unauthorized", "{body}");
+    let bearer = [("authorization", "Bearer 0123456789abcdef")];
+    let (status, body) = call_with(&api, "POST", "/v1/chat/completions", &bearer, chat).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "model_not_found", "{body}");
+    assert_eq!(body["error"]["param"], "model", "{body}");
+    let (status, body) = call_with(&api, "GET", "/v1/models", &bearer, "").await;
+    assert_eq!(
+        (status, body["object"].as_str()),
+        (200, Some("list")),
+        "{body}"
+    );
+    // A bad body or header: 400 naming what is wrong.
+    let (status, body) = call_with(
+        &api,
+        "POST",
+        "/v1/chat/completions",
+        &bearer,
+        r#"{"model":"a","messages":[{"role":"robot","content":"x"}]}"#,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("messages[0].role"),
+        "{body}"
+    );
+    let memory = [bearer[0], ("x-pifleet-memory", "perhaps")];
+    let (status, body) = call_with(&api, "POST", "/v1/chat/completions", &memory, chat).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("x-pifleet-memory"),
+        "{body}"
+    );
+    // Ollama: {"error": "..."}; `/` and `/api/version` need no token.
+    let (status, body) = call(&api, "GET", "/api/tags", "").await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("Bearer"), "{body}");
+    let (status, body) = call_with(&api, "POST", "/api/chat", &bearer, chat).await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("nobody"), "{body}");
+    assert_eq!(call(&api, "GET", "/api/version", "").await.0, 200);
+    // pifleet's own API keeps its shape.
+    let (status, body) = call_with(
+        &api,
+        "POST",
+        "/v1/pulls",
+        &bearer,
+        r#"{"model":"Not A Model"}"#,
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (422, Some("invalid")),
         "{body}"
     );
 }

@@ -88,6 +88,15 @@ pub enum ApiRequest {
         limit: usize,
         reply: Answer<EventList>,
     },
+    Pulls {
+        reply: Answer<crate::protocol::PullList>,
+    },
+    /// Pull `model` on `nodes` (every online node that lacks it if empty).
+    Pull {
+        model: String,
+        nodes: Vec<String>,
+        reply: Answer<crate::protocol::PullList>,
+    },
 }
 
 impl std::fmt::Debug for ApiRequest {
@@ -142,6 +151,8 @@ impl std::fmt::Debug for ApiRequest {
             ),
             Job { id, .. } => write!(f, "Job({id})"),
             Events { limit, .. } => write!(f, "Events {{ limit: {limit} }}"),
+            Pulls { .. } => write!(f, "Pulls"),
+            Pull { model, nodes, .. } => write!(f, "Pull {{ model: {model}, nodes: {nodes:?} }}"),
         }
     }
 }
@@ -239,6 +250,19 @@ impl Coordinator {
             Events { limit, reply } => {
                 let events = self.events(limit);
                 self.answer(reply, Ok(events));
+            }
+            Pulls { reply } => {
+                self.now = now;
+                let list = self.pull_list(None);
+                self.answer(reply, Ok(list));
+            }
+            Pull {
+                model,
+                nodes,
+                reply,
+            } => {
+                let list = self.pull_model(&model, nodes, now);
+                self.answer(reply, list);
             }
         }
     }

@@ -68,6 +68,7 @@ mod command;
 mod durability;
 mod jobs;
 mod placement;
+mod pulls;
 mod reconcile;
 mod reports;
 mod requests;
@@ -267,6 +268,8 @@ pub struct Coordinator {
     pending: BTreeSet<(u64, String)>,
     /// When the next placement pass is due, if one is wanted.
     placement_at: Option<Instant>,
+    /// The latest model pull of each (node, model).
+    pulls: BTreeMap<(String, String), pulls::Pull>,
     last_rebalance: Option<Instant>,
     flags: BTreeMap<String, NodeFlags>,
     /// Open jobs (queued or running) and the agents' queues of them.
@@ -317,6 +320,7 @@ impl Coordinator {
             by_node: HashMap::new(),
             pending: BTreeSet::new(),
             placement_at: None,
+            pulls: BTreeMap::new(),
             last_rebalance: None,
             flags: store.node_flags()?,
             jobs: Jobs::default(),

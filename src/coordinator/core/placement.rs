@@ -281,6 +281,7 @@ impl Coordinator {
         let mut full_reason: Option<String> = None;
         let mut placements = Vec::new();
         let mut unplaced_with_chats = Vec::new();
+        let mut want_model = Vec::new();
         for name in pending {
             let Some(a) = self.agents.get_mut(&name) else {
                 continue;
@@ -302,6 +303,11 @@ impl Coordinator {
                 Err(e) => {
                     if !scheduler.has_free_slot() {
                         full_reason = Some(e.reason.clone());
+                    } else if self.config.scheduler.auto_pull
+                        && scheduler.pick_for_pull(&request, |_| false).is_some()
+                    {
+                        // A node could take it, but for its model.
+                        want_model.push(name.clone());
                     }
                     a.pending_reason = Some(e.reason);
                     if !a.chats.is_empty() {
@@ -309,6 +315,9 @@ impl Coordinator {
                     }
                 }
             }
+        }
+        for name in want_model {
+            self.auto_pull(&scheduler, &name);
         }
         // Chats that waited for the agent to land: it cannot now, say why.
         for name in unplaced_with_chats {

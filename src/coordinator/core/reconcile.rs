@@ -29,6 +29,7 @@ impl Coordinator {
         self.expire_commands(now);
         self.expire_turns(now);
         self.prune_finished_jobs(now);
+        self.prune_pulls();
         // Forget releases of strays long enough ago to resend them if needed.
         self.strays
             .retain(|_, at| now.duration_since(*at) < RESEND_AFTER * 12);

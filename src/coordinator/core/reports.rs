@@ -295,6 +295,7 @@ impl Coordinator {
             ReplyBody::Ack(ack) => self.on_ack(node, ack),
             ReplyBody::TurnResult(result) => self.on_turn_result(node, &reply.id, result),
             ReplyBody::TurnChunk(chunk) => self.on_turn_chunk(node, &reply.id, chunk),
+            ReplyBody::PullProgress(progress) => self.on_pull_progress(node, progress),
         }
     }
 
@@ -396,6 +397,7 @@ impl Coordinator {
             let message = format!("node {node} was lost while answering ({reason})");
             self.turn_failed(&id, TurnErrorCode::ShuttingDown, message, false);
         }
+        self.fail_pulls_on(node, &format!("node {node} was lost ({reason})"));
         for name in &affected {
             if let Some(a) = self.agents.get(name) {
                 if matches!(a.state, AgentState::Releasing | AgentState::Stopping) {

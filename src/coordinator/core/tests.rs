@@ -205,6 +205,7 @@ impl Sim {
                 n.cancelled.push(turn.clone());
                 return;
             }
+            CommandBody::Pull { .. } => return,
         };
         let ack = Ack {
             command: kind,

@@ -7,6 +7,8 @@
 #
 #   scripts/bench-litellm.sh            # 1, 50 and 1,000 clients, 10 s each
 #   SECONDS_PER_RUN=30 RUNS=3 scripts/bench-litellm.sh
+#   STREAM=1 scripts/bench-litellm.sh   # streamed completions (bench chat --stream)
+#   STREAM=1 TOKENS_PER_SEC=20 SIZES=1000 scripts/bench-litellm.sh
 #
 # pifleet: 10 agents on 2 nodes for 1 client, 1,000 agents on 10 nodes for
 # 50 and 1,000 clients (docs/BENCHMARKS.md). LiteLLM: `ollama/llama3.2` on the
@@ -16,6 +18,10 @@ cd "$(dirname "$0")/.."
 secs=${SECONDS_PER_RUN:-10}
 runs=${RUNS:-3}
 sizes=${SIZES:-"1 50 1000"}
+# Streamed answers, and the simulators' pace (default: at once).
+stream=()
+[ -n "${STREAM:-}" ] && stream=(--stream)
+rate=${TOKENS_PER_SEC:-100000}
 cache=${XDG_CACHE_HOME:-$HOME/.cache}/pifleet
 venv=$cache/litellm-proxy-venv
 out=$(mktemp -d /tmp/pifleet-litellm.XXXXXX)
@@ -34,7 +40,7 @@ pifleet=target/release/pifleet
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 sim_port=$(free_port)
-$pifleet ollama-sim --listen "127.0.0.1:$sim_port" --first-token-ms 0 --tokens-per-sec 100000 --max-parallel 0 \
+$pifleet ollama-sim --listen "127.0.0.1:$sim_port" --first-token-ms 0 --tokens-per-sec "$rate" --max-parallel 0 \
   >"$out/sim.log" 2>&1 &
 pids+=($!)
 proxy_port=$(free_port)
@@ -60,10 +66,10 @@ for c in $sizes; do
   if [ "$c" = 1 ]; then fleet=(--agents 10 --nodes 2); else fleet=(--agents 1000 --nodes 10); fi
   for r in $(seq "$runs"); do
     echo "==> $c clients, run $r: pifleet" >&2
-    $pifleet bench chat "${fleet[@]}" --concurrency "$c" --seconds "$secs" \
+    $pifleet bench chat "${fleet[@]}" "${stream[@]}" --tokens-per-sec "$rate" --concurrency "$c" --seconds "$secs" \
       | sed "s/^{/{\"system\":\"pifleet\",/" | tee -a "$out/results.jsonl"
     echo "==> $c clients, run $r: LiteLLM proxy" >&2
-    $pifleet bench chat --openai "http://127.0.0.1:$proxy_port" --model llama3.2 \
+    $pifleet bench chat --openai "http://127.0.0.1:$proxy_port" --model llama3.2 "${stream[@]}" \
       --concurrency "$c" --seconds "$secs" \
       | sed "s/^{/{\"system\":\"litellm\",/" | tee -a "$out/results.jsonl"
   done
@@ -73,12 +79,14 @@ python3 - "$out/results.jsonl" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 print("\nmedians of %d runs" % max(1, len(rows) // (2 * len({r["concurrency"] for r in rows}))))
-print("%-8s %7s %9s %9s %9s %12s" % ("system", "clients", "rps", "p50 ms", "p99 ms", "worst errors"))
+print("%-8s %7s %9s %9s %9s %10s %10s %12s" % ("system", "clients", "rps", "p50 ms", "p99 ms", "ttft p50", "ttft p99", "worst errors"))
 for c in sorted({r["concurrency"] for r in rows}):
     for system in ("pifleet", "litellm"):
         rs = [r for r in rows if r["concurrency"] == c and r["system"] == system]
         if rs:
             m = lambda k: statistics.median(r[k] for r in rs)
             worst = max(r["errors"] for r in rs)
-            print("%-8s %7d %9.0f %9.1f %9.1f %12d" % (system, c, m("rps"), m("p50_ms"), m("p99_ms"), worst))
+            ttft = lambda k: "%10.1f" % m(k) if k in rs[0] else "%10s" % "-"
+            print("%-8s %7d %9.0f %9.1f %9.1f %s %s %12d" % (system, c, m("rps"), m("p50_ms"), m("p99_ms"),
+                                                          ttft("ttft_p50_ms"), ttft("ttft_p99_ms"), worst))
 PY

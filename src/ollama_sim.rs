@@ -558,17 +558,18 @@ fn respond(sim: Sim, gen: Generation, stream: bool, chunk: fn(&str, &str) -> Val
             })))
             .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response build failed"));
     }
-    // State: (sim, generation, next token index, finished)
+    // State: (sim, generation, next token index). Token i is due at
+    // first_token + i × interval from the start: timers are coarser than
+    // a fast pace's interval, so each waits for its own time, not a delay.
+    let start = tokio::time::Instant::now();
     let stream = futures_util::stream::unfold((sim, Some(gen), 0usize), move |(sim, gen, i)| {
         let created = created.clone();
         async move {
             let mut gen = gen?;
-            let delay = if i == 0 {
-                sim.0.config.first_token
-            } else {
-                sim.token_interval()
-            };
-            tokio::time::sleep(delay).await;
+            let due = start + sim.0.config.first_token + sim.token_interval() * i as u32;
+            if due > tokio::time::Instant::now() {
+                tokio::time::sleep_until(due).await;
+            }
             let base = json!({"model": gen.model, "created_at": created});
             if i < gen.tokens.len() {
                 let line = with(

@@ -175,6 +175,42 @@ fn bench_chat_runs_a_small_fleet_and_reports_every_chat() {
     assert!(r["client_cpu_pct"].as_f64().unwrap() > 0.0, "{r}");
 }
 
+#[test]
+fn bench_chat_stream_reports_first_token_gaps_and_cpu_per_token() {
+    let r = bench(&[
+        "chat",
+        "--stream",
+        "--agents",
+        "4",
+        "--concurrency",
+        "2",
+        "--seconds",
+        "2",
+        "--nodes",
+        "1",
+        "--tokens-per-sec",
+        "200",
+    ]);
+    assert_eq!(
+        (r["stream"].as_bool(), r["errors"].as_u64()),
+        (Some(true), Some(0)),
+        "{r}"
+    );
+    assert!(r["streams"].as_u64().unwrap() > 4, "{r}");
+    // 14 tokens each, counted from the streams' usage.
+    assert!(r["tokens"].as_u64().unwrap() >= 14 * 4, "{r}");
+    let ttft = r["ttft_p50_ms"].as_f64().unwrap();
+    // At 200 tokens a second a stream takes about 70 ms: its first text
+    // comes before its end, and its chunks with gaps between them.
+    assert!(0.0 < ttft && ttft < r["p50_ms"].as_f64().unwrap(), "{r}");
+    assert!(r["gap_p99_ms"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(
+        r["coordinator_cpu_us_per_token"].as_f64().unwrap() > 0.0,
+        "{r}"
+    );
+    assert!(r["nodes_cpu_us_per_token"].as_f64().unwrap() > 0.0, "{r}");
+}
+
 /// The failover bench's copies and chats, which every mode must keep clean.
 fn assert_one_copy_and_no_lost_chat(mode: &str, r: &Value) {
     assert_eq!(r["hosted_twice"], 0, "{mode}: {r}");

@@ -47,6 +47,14 @@ pub struct ChatArgs {
     /// same client (scripts/bench-litellm.sh).
     #[arg(long, conflicts_with_all = ["coordinator", "mqtt", "agents", "nodes"])]
     openai: Option<String>,
+    /// Stream the answers (OpenAI's `stream: true` on
+    /// `/v1/chat/completions`, for pifleet as for --openai): time to first
+    /// token, gaps between chunks, and CPU per streamed token.
+    #[arg(long)]
+    pub stream: bool,
+    /// Tokens a second of the simulator it starts (default: at once).
+    #[arg(long)]
+    tokens_per_sec: Option<f64>,
 }
 
 /// Where the clients send their chats.
@@ -128,8 +136,23 @@ pub async fn start_fleet(
     capacity: u32,
     coordinator_toml: &str,
 ) -> Result<(Api, u32, Mqtt), BenchError> {
+    start_fleet_at(stack, mqtt, nodes, capacity, coordinator_toml, None).await
+}
+
+/// [`start_fleet`] with the simulator at `tokens_per_sec` (None: at once).
+pub async fn start_fleet_at(
+    stack: &mut Stack,
+    mqtt: Option<&str>,
+    nodes: usize,
+    capacity: u32,
+    coordinator_toml: &str,
+    tokens_per_sec: Option<f64>,
+) -> Result<(Api, u32, Mqtt), BenchError> {
     let mqtt = broker(stack, mqtt)?;
-    let sim = stack.simulator(0)?;
+    let sim = match tokens_per_sec {
+        Some(rate) => stack.simulator_as("ollama-sim", rate)?,
+        None => stack.simulator(0)?,
+    };
     let (url, pid) = stack.coordinator(&mqtt, coordinator_toml)?;
     progress(format!("coordinator {url} (pid {pid})"));
     for i in 1..=nodes {
@@ -156,11 +179,18 @@ pub async fn bench(args: &ChatArgs, stack: &mut Stack) -> Result<Value, BenchErr
         (None, Some(url)) => Api::new(url, args.token.clone(), args.concurrency),
         (None, None) => {
             let capacity = args.agents.div_ceil(args.nodes) as u32;
-            let (api, _, _) =
-                start_fleet(stack, args.mqtt.as_deref(), args.nodes, capacity, "").await?;
+            let mqtt = args.mqtt.as_deref();
+            let rate = args.tokens_per_sec;
+            let (api, _, _) = start_fleet_at(stack, mqtt, args.nodes, capacity, "", rate).await?;
             Api::new(&api.base, None, args.concurrency)
         }
     };
+    // The daemons whose CPU a streamed token costs (those it started).
+    let daemons: Vec<(String, u32)> = ["coordinator".to_owned()]
+        .into_iter()
+        .chain((1..=args.nodes).map(|i| format!("bench-node-{i}")))
+        .filter_map(|name| Some((name.clone(), stack.pid(&name).ok()?)))
+        .collect();
     let target = match &args.openai {
         Some(url) => {
             progress(format!("{url}/chat/completions, model {}", args.model));
@@ -168,7 +198,15 @@ pub async fn bench(args: &ChatArgs, stack: &mut Stack) -> Result<Value, BenchErr
         }
         None => Target::Fleet(agents(&api, args).await?),
     };
-    let result = load(args, &api, &target).await;
+    let result = if args.stream {
+        let model = match &target {
+            Target::Fleet(names) => super::stream::Model::Agents(names.clone()),
+            Target::OpenAi(model) => super::stream::Model::One(model.clone()),
+        };
+        super::stream::load(args.concurrency, args.seconds, &api, model, &daemons).await
+    } else {
+        load(args, &api, &target).await
+    };
     // A fleet this bench did not start keeps nothing of it.
     if let (Some(_), Target::Fleet(names)) = (&args.coordinator, &target) {
         progress(format!("deleting the {} agents of this run", names.len()));

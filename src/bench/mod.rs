@@ -15,6 +15,7 @@ mod footprint;
 mod placement;
 pub mod proxy;
 mod stack;
+mod stream;
 
 use std::time::{Duration, Instant};
 
@@ -145,6 +146,22 @@ impl Api {
             .map_err(|e| BenchError::new(format!("{}{path}: {e}", self.base)))?;
         let status = response.status().as_u16();
         Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// A POST whose answer is read as it comes (a streamed chat).
+    pub async fn post_streamed(
+        &self,
+        path: &str,
+        body: &Value,
+    ) -> Result<reqwest::Response, BenchError> {
+        let mut request = self.client.post(format!("{}{path}", self.base)).json(body);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        request
+            .send()
+            .await
+            .map_err(|e| BenchError::new(format!("{}{path}: {e}", self.base)))
     }
 
     /// A call that must answer `want`; its body.

@@ -47,6 +47,11 @@ pub struct UpOptions {
     /// embedded one: dashboards already connected to it see the fleet.
     #[arg(long, value_name = "HOST:PORT", conflicts_with = "mqtt_port")]
     pub mqtt: Option<String>,
+    /// MQTT topic root of the demo fleet (default: `pifleet` on the
+    /// embedded broker, `pifleet-up` on yours, so that the demo never
+    /// mixes with a real fleet there).
+    #[arg(long)]
+    pub topic_root: Option<String>,
     /// Ollama to use; the built-in simulator runs when none answers here.
     #[arg(long, default_value = "http://127.0.0.1:11434")]
     pub ollama_url: String,
@@ -191,10 +196,15 @@ fn spawn_node(id: &str, config: &Path, log: &Path) -> Result<Child, UpError> {
 }
 
 fn node_toml(id: &str, capacity: u32, broker: &Broker, ollama: &Url) -> String {
-    let Broker { host, port, .. } = broker;
+    let Broker {
+        host,
+        port,
+        topic_root,
+        ..
+    } = broker;
     format!(
         "node_id = \"{id}\"\nagent_capacity = {capacity}\nheartbeat_secs = 2\nshutdown_grace_secs = 10\n\
-         [mqtt]\nhost = \"{host}\"\nport = {port}\nkeep_alive_secs = 10\n[ollama]\nurl = \"{ollama}\"\nmax_parallel = 2\n\
+         [mqtt]\nhost = \"{host}\"\nport = {port}\ntopic_root = \"{topic_root}\"\nkeep_alive_secs = 10\n[ollama]\nurl = \"{ollama}\"\nmax_parallel = 2\n\
          [api]\nlisten = \"127.0.0.1:0\"\n"
     )
 }
@@ -205,17 +215,25 @@ struct Broker {
     host: String,
     port: u16,
     embedded: bool,
+    topic_root: String,
 }
 
 impl Broker {
     /// `--mqtt HOST:PORT` (the port defaults to 1883), or the embedded
     /// broker on `--mqtt-port`.
     fn chosen(options: &UpOptions) -> Result<Broker, UpError> {
+        let root = |default: &str| {
+            let root = options.topic_root.clone().unwrap_or_else(|| default.into());
+            crate::protocol::validate_topic_root(&root)
+                .map(|_| root)
+                .map_err(|e| UpError::Invalid(format!("--topic-root: {e}")))
+        };
         let Some(given) = &options.mqtt else {
             return Ok(Broker {
                 host: "127.0.0.1".into(),
                 port: options.mqtt_port,
                 embedded: true,
+                topic_root: root("pifleet")?,
             });
         };
         let (host, port) = match given.rsplit_once(':') {
@@ -236,6 +254,7 @@ impl Broker {
             host: host.to_owned(),
             port,
             embedded: false,
+            topic_root: root("pifleet-up")?,
         })
     }
 
@@ -429,6 +448,7 @@ fn start_coordinator(
     let mut config = CoordinatorConfig::with_defaults(data_dir.join("coordinator.db"));
     config.mqtt.host = broker.host.clone();
     config.mqtt.port = broker.port;
+    config.mqtt.topic_root = broker.topic_root.clone();
     config.api.listen = SocketAddr::from(([127, 0, 0, 1], options.api_port));
     config.timeouts.node_lost_after = Duration::from_secs(20);
     tokio::spawn(crate::coordinator::run(config, shutdown))
@@ -486,9 +506,9 @@ fn print_ready(options: &UpOptions, ready: &Ready, nodes: &[NodeChild], data: &D
     println!(
         "  API          {api}   (pifleet status; set PIFLEET_COORDINATOR={api} if not the default)"
     );
-    let (host, port) = (&broker.host, broker.port);
+    let (host, port, root) = (&broker.host, broker.port, &broker.topic_root);
     println!(
-        "  MQTT broker  {host}:{port}{}   (mosquitto_sub -h {host} -p {port} -t 'pifleet/#' -v)",
+        "  MQTT broker  {host}:{port}{}   (mosquitto_sub -h {host} -p {port} -t '{root}/#' -v)",
         if broker.embedded { "" } else { " (yours)" }
     );
     println!(

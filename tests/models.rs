@@ -128,6 +128,22 @@ async fn a_failed_pull_shows_its_reason_on_the_agent() {
 #[tokio::test(flavor = "multi_thread")]
 async fn pifleet_models_pull_wait_follows_the_pull_to_its_end() {
     let (_broker, _sims, _nodes, coordinator) = fleet("", &[]).await;
+    // m1 pulled it before: the pull on m2 says nothing of m1's.
+    let (status, body) = coordinator
+        .post(
+            "/v1/pulls",
+            serde_json::json!({"model": MODEL, "nodes": ["m1"]}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    poll("m1's pull to end", WAIT, || async {
+        let pulls = pulls(&coordinator).await;
+        (pulls
+            .iter()
+            .any(|p| p["node"] == "m1" && p["state"] == "done"))
+        .then_some(())
+    })
+    .await;
     let out = Command::new(pifleet_bin())
         .args([
             "models",
@@ -150,6 +166,7 @@ async fn pifleet_models_pull_wait_follows_the_pull_to_its_end() {
     assert!(stdout.contains("pulling qwen2.5:0.5b on m2"), "{stdout}");
     assert!(stdout.contains("m2 pulling"), "no progress shown: {stdout}");
     assert!(stdout.contains("m2 pulled it"), "{stdout}");
+    assert!(!stdout.contains("m1"), "{stdout}");
     poll("m2 to list the model", WAIT, || async {
         coordinator
             .node("m2")

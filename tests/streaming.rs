@@ -115,16 +115,16 @@ async fn curl_sees_chunks_arrive_at_the_simulators_pace_on_each_streaming_endpoi
     }
 }
 
-/// One streamed OpenAI completion: its text, and whether it ended with
-/// `[DONE]`.
+/// One streamed OpenAI completion: its text, whether it ended with
+/// `[DONE]`, how many deltas carried text and the tokens its usage counts.
 async fn openai_stream(
     http: &reqwest::Client,
     api: &str,
     agent: &str,
     message: &str,
-) -> (String, bool) {
-    let body =
-        json!({"model": agent, "messages": [{"role": "user", "content": message}], "stream": true});
+) -> (String, bool, u64, u64) {
+    let body = json!({"model": agent, "messages": [{"role": "user", "content": message}],
+                      "stream": true, "stream_options": {"include_usage": true}});
     let response = http
         .post(format!("{api}/v1/chat/completions"))
         .json(&body)
@@ -134,7 +134,7 @@ async fn openai_stream(
     assert_eq!(response.status(), 200, "{message}");
     let raw = response.text().await.expect("the whole stream");
     let mut text = String::new();
-    let mut done = false;
+    let (mut done, mut deltas, mut tokens) = (false, 0, 0);
     for data in raw.split("\n\n").filter_map(|e| e.strip_prefix("data: ")) {
         if data == "[DONE]" {
             done = true;
@@ -143,10 +143,14 @@ async fn openai_stream(
         let chunk: Value = serde_json::from_str(data).expect("a JSON chunk");
         assert!(chunk.get("error").is_none(), "{message}: {chunk}");
         if let Some(piece) = chunk["choices"][0]["delta"]["content"].as_str() {
+            deltas += u64::from(!piece.is_empty());
             text.push_str(piece);
         }
+        tokens = chunk["usage"]["completion_tokens"]
+            .as_u64()
+            .unwrap_or(tokens);
     }
-    (text, done)
+    (text, done, deltas, tokens)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -165,17 +169,26 @@ async fn two_hundred_concurrent_streams_complete_each_whole_and_in_order() {
         let (http, api) = (http.clone(), coordinator.api.clone());
         tokio::spawn(async move {
             let (agent, message) = (format!("s{}", i % 20), format!("stream {i} of 200"));
-            let (text, done) = openai_stream(&http, &api, &agent, &message).await;
+            let (text, done, deltas, tokens) = openai_stream(&http, &api, &agent, &message).await;
             // Stateless: the agent's system prompt and this one message.
-            (expected(&agent, 2, &message), text, done)
+            (
+                expected(&agent, 2, &message),
+                text,
+                done && deltas == tokens,
+                deltas,
+            )
         })
     });
     let results = futures_util::future::join_all(streams).await;
     let mut wrong = Vec::new();
     for result in results {
-        let (want, text, done) = result.expect("stream task");
-        if text != want || !done {
-            wrong.push(format!("{text:?} (done: {done}), not {want:?}"));
+        // Each token is its own chunk and its own delta: one lost on the
+        // way (and filled in from the result) or doubled shows in the count.
+        let (want, text, whole, deltas) = result.expect("stream task");
+        if text != want || !whole {
+            wrong.push(format!(
+                "{text:?} in {deltas} deltas (ended, one per token: {whole}), not {want:?}"
+            ));
         }
     }
     assert!(
@@ -280,8 +293,9 @@ async fn a_node_killed_mid_stream_ends_the_stream_with_an_error_and_stores_no_pa
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pifleet_chat_prints_the_answer_streamed_or_whole() {
+    // 10 tokens a second: the answer takes about 1.5 s.
     let (_broker, _sim, _nodes, coordinator) = fleet(
-        &["--tokens-per-sec", "50", "--first-token-ms", "0"],
+        &["--tokens-per-sec", "10", "--first-token-ms", "0"],
         1,
         "",
         1,
@@ -290,16 +304,35 @@ async fn pifleet_chat_prints_the_answer_streamed_or_whole() {
     for extra in [None, Some("--no-stream")] {
         let mut args = vec!["chat", "--coordinator", &coordinator.api, "s0", "cli"];
         args.extend(extra);
-        let out = Command::new(pifleet_bin())
+        let started = Instant::now();
+        let mut chat = Command::new(pifleet_bin())
             .args(&args)
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
             .expect("run pifleet chat");
-        assert!(
-            out.status.success(),
-            "{extra:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
+        // When the first and the last byte of the answer came.
+        let (mut stdout, mut first) = (Vec::new(), None);
+        let mut pipe = chat.stdout.take().expect("stdout");
+        let mut byte = [0u8; 1];
+        while std::io::Read::read(&mut pipe, &mut byte).unwrap_or(0) == 1 {
+            first.get_or_insert_with(|| started.elapsed());
+            stdout.push(byte[0]);
+        }
+        let spread = started.elapsed() - first.unwrap_or_default();
+        assert!(chat.wait().unwrap().success(), "{extra:?}");
+        if extra.is_none() {
+            assert!(
+                spread >= Duration::from_millis(700),
+                "printed within {spread:?}"
+            );
+        } else {
+            assert!(
+                spread <= Duration::from_millis(500),
+                "--no-stream printed over {spread:?}"
+            );
+        }
+        let stdout = String::from_utf8_lossy(&stdout);
         // The second chat follows the first in the agent's history.
         let messages = if extra.is_none() { 2 } else { 4 };
         assert_eq!(

@@ -162,7 +162,7 @@ fn pifleet_up_on_the_users_broker_shows_the_fleet_to_clients_already_connected()
     // A dashboard already subscribed before the fleet exists.
     let dashboard = std::process::Command::new("mosquitto_sub")
         .args(["-h", "127.0.0.1", "-p", &broker.port.to_string()])
-        .args(["-t", "pifleet/nodes/+/capacity", "-C", "2", "-W", "30"])
+        .args(["-t", "pifleet-up/nodes/+/capacity", "-C", "2", "-W", "30"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();

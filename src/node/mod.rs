@@ -55,12 +55,11 @@ use crate::protocol::{
     TurnErrorCode, TurnResult, STATUS_OFFLINE, STATUS_ONLINE,
 };
 use crate::systemd::{self, Liveness};
-use agents::{AgentTable, At, Effect, Turn};
+use agents::{AgentTable, At, Effect};
 use answered::AnsweredTurns;
 use lease::Lease;
 use ollama::OllamaClient;
 use probe::ProbeReport;
-use turn::{execute_turn, OllamaCall};
 
 /// Set by `pifleet up` to its own process id: a node whose parent is no
 /// longer that process stops gracefully (checked every second).
@@ -329,77 +328,6 @@ impl Node {
         self.apply(effects);
     }
 
-    /// Running turns of agents no longer hosted (released: a drain past its
-    /// deadline, a delete) are stopped, Ollama call and all, before the
-    /// release is acknowledged: the coordinator may run the agent, and a
-    /// job it was running, elsewhere as soon as it has the ack.
-    fn stop_orphaned_turns(&mut self) {
-        let orphans: Vec<tokio::task::Id> = self
-            .running
-            .iter()
-            .filter(|(_, t)| !self.table.hosts(&t.agent))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in orphans {
-            let Some(turn) = self.running.remove(&id) else {
-                continue;
-            };
-            turn.abort.abort();
-            let reason = format!(
-                "agent {} was released from node {} while the turn ran: it was stopped",
-                turn.agent, self.config.node_id
-            );
-            log::info!("turn {}: {reason}", turn.id);
-            let result = TurnResult::failed(&turn.agent, turn.job, TurnErrorCode::Released, reason);
-            self.reply(turn.id, turn.generation, ReplyBody::TurnResult(result));
-        }
-    }
-
-    /// Where a task publishes replies to command `id` before it ends.
-    fn reply_sink(&self, id: &str, generation: u64) -> stream::ReplySink {
-        stream::ReplySink {
-            publisher: self.publisher.clone(),
-            topic: self.topics.node(&self.config.node_id, NodeTopic::Reply),
-            envelope: Reply {
-                id: id.to_owned(),
-                node: self.config.node_id.clone(),
-                session: self.session.clone(),
-                generation,
-                // Replaced by each reply.
-                body: ReplyBody::TurnResult(TurnResult::failed(
-                    "",
-                    None,
-                    TurnErrorCode::OllamaError,
-                    String::new(),
-                )),
-            },
-        }
-    }
-
-    /// Stops the running turn `turn` (its caller went away): the task and
-    /// its Ollama call end now, freeing the Ollama slot for the next turn.
-    fn cancel_running(&mut self, agent: &str, turn: &str) {
-        let task = self
-            .running
-            .iter()
-            .find(|(_, t)| t.id == turn)
-            .map(|(task, _)| *task);
-        if let Some(running) = task.and_then(|task| self.running.remove(&task)) {
-            running.abort.abort();
-            log::info!("turn {turn} for {agent}: cancelled, its Ollama call stopped");
-            self.metrics.command("cancel", "applied");
-            let reason = format!("turn {turn} of {agent} was cancelled while it ran");
-            let result = TurnResult::failed(agent, running.job, TurnErrorCode::Cancelled, reason);
-            self.reply(
-                running.id,
-                running.generation,
-                ReplyBody::TurnResult(result),
-            );
-        }
-        let next = self.table.turn_finished(agent, turn, mono_ms());
-        self.apply(next);
-    }
-
     fn apply(&mut self, effects: Vec<Effect>) {
         for effect in effects {
             match effect {
@@ -472,117 +400,6 @@ impl Node {
                 }
             }
         }
-    }
-
-    fn start_turn(&mut self, turn: Turn, model: String, system: Option<String>) {
-        let Turn {
-            id,
-            generation,
-            request,
-            deadline_mono_ms: turn_deadline,
-        } = turn;
-        let agent = request.agent.clone();
-        let job = request.job.clone();
-        let slots = self.slots.clone();
-        let ollama = self.ollama.clone();
-        let metrics = self.metrics.clone();
-        let timeout = self.config.ollama.request_timeout;
-        let task_agent = agent.clone();
-        let task_id = id.clone();
-        // The turn's budget, counted on this node's clock from arrival.
-        let budget_ends = turn_deadline
-            .map(|d| Instant::now() + Duration::from_millis(d.saturating_sub(mono_ms())));
-        let sink = request.stream.then(|| stream::ChunkSink {
-            replies: self.reply_sink(&id, generation),
-            agent: agent.clone(),
-            window: self.config.ollama.stream_window,
-            sent: 0,
-        });
-        let handle = self.turns.spawn(async move {
-            let call = OllamaCall {
-                model,
-                system,
-                timeout,
-                budget_ends,
-                sink,
-            };
-            let result = execute_turn(&slots, &ollama, &metrics, call, request).await;
-            TurnDone {
-                id: task_id,
-                generation,
-                agent: task_agent,
-                result,
-            }
-        });
-        self.running.insert(
-            handle.id(),
-            RunningTurn {
-                id,
-                generation,
-                agent,
-                job,
-                abort: handle,
-            },
-        );
-    }
-
-    fn on_turn_done(&mut self, done: Result<(tokio::task::Id, TurnDone), tokio::task::JoinError>) {
-        self.check_fence();
-        let done = match done {
-            Ok((task, done)) => {
-                if self.running.remove(&task).is_none() {
-                    // Fenced (or the grace ran out) after it finished but
-                    // before we saw it: it was answered as failed already,
-                    // and a fenced turn answers nothing more.
-                    log::info!(
-                        "turn {} for {} finished after it was stopped (fenced or released); its answer is dropped",
-                        done.id,
-                        done.agent
-                    );
-                    return;
-                }
-                done
-            }
-            Err(e) => {
-                let Some(turn) = self.running.remove(&e.id()) else {
-                    return;
-                };
-                log::error!("turn {} for {} ended abnormally: {e}", turn.id, turn.agent);
-                let reason = format!("the node's turn task failed: {e}");
-                TurnDone {
-                    result: TurnResult::failed(
-                        &turn.agent,
-                        turn.job,
-                        TurnErrorCode::OllamaError,
-                        reason,
-                    ),
-                    id: turn.id,
-                    generation: turn.generation,
-                    agent: turn.agent,
-                }
-            }
-        };
-        match &done.result.error {
-            None => log::info!(
-                "turn {} for {} answered ({} tokens)",
-                done.id,
-                done.agent,
-                done.result.usage.as_ref().map_or(0, |u| u.eval_count)
-            ),
-            Some(error) => log::warn!(
-                "turn {} for {} failed: {}",
-                done.id,
-                done.agent,
-                error.reason
-            ),
-        }
-        self.reply(
-            done.id.clone(),
-            done.generation,
-            ReplyBody::TurnResult(done.result),
-        );
-        let next = self.table.turn_finished(&done.agent, &done.id, mono_ms());
-        self.apply(next);
     }
 
     /// A pull ended: a pulled model is listed at once, so that the

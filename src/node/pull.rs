@@ -2,8 +2,11 @@
 //! `/api/pull` streamed through ollama-rs, at most `ollama.max_pulls` at
 //! once (the rest wait for a slot), one per model. Progress goes back as
 //! [`PullProgress`] replies: when a pull starts, about once a second while
-//! bytes arrive, and when it ends. The node lists a pulled model in its
-//! capacity at once (the next probe confirms it).
+//! bytes arrive, at least every [`PROGRESS_AT_LEAST`] while it waits or
+//! Ollama is quiet (the coordinator takes a silent pull for a lost one),
+//! and when it ends. An Ollama that says nothing for [`OLLAMA_SILENT`]
+//! fails the pull. The node lists a pulled model in its capacity at once
+//! (the next probe confirms it).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -18,6 +21,10 @@ use crate::protocol::{PullProgress, PullState, ReplyBody};
 
 /// Progress replies while bytes arrive are this far apart at least.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// ...and at most this far apart, whatever happens.
+const PROGRESS_AT_LEAST: Duration = Duration::from_secs(10);
+/// A pull whose Ollama says nothing for this long has failed.
+const OLLAMA_SILENT: Duration = Duration::from_secs(300);
 
 /// A pull that ended.
 pub(super) struct PullDone {
@@ -79,9 +86,14 @@ async fn pull(ollama: &OllamaClient, model: &str, replies: &ReplySink, slots: &S
     let send = |p: &PullProgress| replies.send(ReplyBody::PullProgress(p.clone()));
     let mut now = progress(model, PullState::Pulling, "waiting for a pull slot");
     send(&now);
-    let Ok(_slot) = slots.acquire().await else {
-        return false;
+    let slot = loop {
+        match tokio::time::timeout(PROGRESS_AT_LEAST, slots.acquire()).await {
+            Ok(Ok(slot)) => break slot,
+            Ok(Err(_)) => return false,
+            Err(_) => send(&now), // still waiting: say so
+        }
     };
+    let _slot = slot;
     let fail = |mut now: PullProgress, error: String| {
         log::warn!("pull of {model} failed: {error}");
         now.state = PullState::Failed;
@@ -95,7 +107,22 @@ async fn pull(ollama: &OllamaClient, model: &str, replies: &ReplySink, slots: &S
         Err(e) => return fail(now, e),
     };
     let mut sent = Instant::now();
-    while let Some(item) = stream.next().await {
+    let mut heard = Instant::now();
+    loop {
+        let item = match tokio::time::timeout(PROGRESS_AT_LEAST, stream.next()).await {
+            Err(_) if heard.elapsed() >= OLLAMA_SILENT => {
+                let error = format!("Ollama said nothing for {}s", OLLAMA_SILENT.as_secs());
+                return fail(now, error);
+            }
+            Err(_) => {
+                sent = Instant::now();
+                send(&now);
+                continue;
+            }
+            Ok(None) => break,
+            Ok(Some(item)) => item,
+        };
+        heard = Instant::now();
         let status = match item {
             Ok(status) => status,
             Err(e) => return fail(now, ollama.pull_error(e, model)),

@@ -122,6 +122,19 @@ async fn follow(api: &Api, as_json: bool, started: &PullList) -> Result<(), Fail
     loop {
         let now: PullList = typed(&api.call(Method::GET, "/v1/pulls", None).await?)?;
         let current: Vec<PullView> = now.pulls.into_iter().filter(|p| mine(p)).collect();
+        if let Some(gone) = started.pulls.iter().find(|s| {
+            !current
+                .iter()
+                .any(|p| p.node == s.node && p.model == s.model)
+        }) {
+            return Err(Failure {
+                code: 1,
+                message: format!(
+                    "the coordinator no longer lists the pull of {} on {} (restarted?); see pifleet models",
+                    gone.model, gone.node
+                ),
+            });
+        }
         for p in &current {
             let line = describe(p);
             if !as_json && shown.get(&p.node) != Some(&line) {

@@ -41,7 +41,12 @@ pub(super) fn routes(state: ApiState) -> Router<ApiState> {
 }
 
 fn error(e: ApiError) -> Response {
-    let response = (e.status, Json(json!({ "error": e.message }))).into_response();
+    // Ollama answers a malformed request with 400.
+    let status = match e.status {
+        axum::http::StatusCode::UNPROCESSABLE_ENTITY => axum::http::StatusCode::BAD_REQUEST,
+        other => other,
+    };
+    let response = (status, Json(json!({ "error": e.message }))).into_response();
     compat::with_retry_after(response, e.retry_after)
 }
 
@@ -58,7 +63,7 @@ struct ChatRequest {
     messages: Vec<compat::LooseMessage>,
     #[serde(default)]
     stream: Option<bool>,
-    // options, format, keep_alive: the agent's.
+    // options, format, keep_alive: ignored (Ollama's defaults apply).
 }
 
 async fn chat(

@@ -200,6 +200,8 @@ pub(super) async fn respond<E: Encoder>(
         [
             (header::CONTENT_TYPE, E::CONTENT_TYPE),
             (header::CACHE_CONTROL, "no-cache"),
+            // A reverse proxy (nginx) passes each piece on at once.
+            (header::HeaderName::from_static("x-accel-buffering"), "no"),
         ],
         Body::from_stream(body),
     )

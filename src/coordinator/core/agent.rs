@@ -132,6 +132,12 @@ impl Relay {
         }
     }
 
+    /// Whether any chunk arrived (passed on, or held): a run of the turn
+    /// again would not continue what the client has.
+    pub(super) fn started(&self) -> bool {
+        self.next > 0 || !self.early.is_empty()
+    }
+
     /// Chunk `seq`: passed on in order, a repeat dropped.
     pub(super) fn chunk(&mut self, seq: u32, content: String) {
         if seq < self.next {

@@ -253,7 +253,7 @@ impl Coordinator {
             }
             Pulls { reply } => {
                 self.now = now;
-                let list = self.pull_list(None);
+                let list = self.pull_list();
                 self.answer(reply, Ok(list));
             }
             Pull {

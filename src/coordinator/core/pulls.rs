@@ -4,13 +4,26 @@
 //! reports progress; once the node lists the model in its capacity, the
 //! next placement pass places the agents that waited for it. One pull at a
 //! time per node is started by `auto_pull`; a failed one is shown on the
-//! agents that wait and tried again after [`PULL_RETRY_AFTER`].
+//! agents that wait and tried again on that node after [`PULL_RETRY_AFTER`],
+//! doubled with each failure in a row (up to an hour): a model name that no
+//! registry has does not cost a download attempt a minute forever.
+//!
+//! A node reports a pull at least every 10 s while it runs; one not heard
+//! of for [`PULL_SILENT_AFTER`] (its command or its progress lost, the node
+//! restarted) counts as failed.
 
 use super::*;
 use crate::protocol::{normalize_model, PullList, PullProgress, PullState, PullView};
 
-/// A failed pull is not tried again on its node for this long.
+/// A failed pull is not tried again on its node for this long (doubled
+/// with each failure in a row, up to [`PULL_RETRY_MAX`]).
 pub(super) const PULL_RETRY_AFTER: Duration = Duration::from_secs(60);
+const PULL_RETRY_MAX: Duration = Duration::from_secs(3600);
+/// A pull not heard of for this long has failed.
+const PULL_SILENT_AFTER: Duration = Duration::from_secs(60);
+/// A pulled model counts as under way until the node lists it, for at
+/// most this long (its capacity message follows the last progress).
+const LISTED_WITHIN: Duration = Duration::from_secs(30);
 /// Ended pulls are listed this long.
 const PULLS_KEPT: Duration = Duration::from_secs(3600);
 
@@ -23,10 +36,23 @@ pub(super) struct Pull {
     error: Option<String>,
     reason: String,
     started: Instant,
+    /// When the node last reported it.
+    heard: Instant,
     ended: Option<Instant>,
+    /// Failures in a row of this model on this node, this one included.
+    failures: u32,
 }
 
 impl Pull {
+    /// A failure recent enough that the pull is not tried again yet.
+    fn failed_lately(&self, now: Instant) -> bool {
+        let backoff = PULL_RETRY_AFTER
+            .saturating_mul(1 << self.failures.saturating_sub(1).min(6))
+            .min(PULL_RETRY_MAX);
+        self.state == PullState::Failed
+            && self.ended.is_some_and(|t| now.duration_since(t) < backoff)
+    }
+
     fn describe(&self) -> String {
         match self.total {
             0 => self.status.clone(),
@@ -89,15 +115,17 @@ impl Coordinator {
                 self.start_pull(node, &model, "asked through the API".into());
             }
         }
-        Ok(self.pull_list(Some(&model)))
+        let mut list = self.pull_list();
+        list.pulls
+            .retain(|p| p.model == model && targets.contains(&p.node));
+        Ok(list)
     }
 
-    /// `GET /v1/pulls`, or the pulls of one model.
-    pub fn pull_list(&self, model: Option<&str>) -> PullList {
+    /// `GET /v1/pulls`.
+    pub fn pull_list(&self) -> PullList {
         let pulls = self
             .pulls
             .iter()
-            .filter(|((_, m), _)| model.is_none_or(|want| m == want))
             .map(|((node, model), p)| PullView {
                 node: node.clone(),
                 model: model.clone(),
@@ -128,8 +156,11 @@ impl Coordinator {
             },
         );
         let message = format!("{node} pulls {model} ({reason})");
+        let key = (node.to_owned(), model.to_owned());
+        let failures = self.pulls.get(&key).map_or(0, |p| p.failures);
+        let now = self.now.at;
         self.pulls.insert(
-            (node.to_owned(), model.to_owned()),
+            key,
             Pull {
                 state: PullState::Pulling,
                 status: "asked".into(),
@@ -137,8 +168,10 @@ impl Coordinator {
                 total: 0,
                 error: None,
                 reason,
-                started: self.now.at,
+                started: now,
+                heard: now,
                 ended: None,
+                failures,
             },
         );
         self.event(EventKind::PullStarted, None, Some(node), message);
@@ -156,11 +189,14 @@ impl Coordinator {
             error: None,
             reason: "started before this coordinator".into(),
             started: now,
+            heard: now,
             ended: None,
+            failures: 0,
         });
         if pull.state != PullState::Pulling {
             return; // a late or repeated report of an ended pull
         }
+        pull.heard = now;
         pull.state = progress.state;
         pull.status = progress.status;
         pull.completed = progress.completed;
@@ -171,11 +207,13 @@ impl Coordinator {
             PullState::Pulling => {}
             PullState::Done => {
                 pull.ended = Some(now);
+                pull.failures = 0;
                 let message = format!("{node} pulled {model}");
                 self.event(EventKind::PullDone, None, Some(&node), message);
             }
             PullState::Failed => {
                 pull.ended = Some(now);
+                pull.failures += 1;
                 let error = pull.error.clone().unwrap_or_default();
                 let message = format!("{node} could not pull {model}: {error}");
                 self.event(EventKind::PullFailed, None, Some(&node), message);
@@ -191,14 +229,47 @@ impl Coordinator {
                 pull.state = PullState::Failed;
                 pull.error = Some(why.to_owned());
                 pull.ended = Some(now);
+                pull.failures += 1;
             }
         }
     }
 
+    /// Pulls not heard of for [`PULL_SILENT_AFTER`] have failed; ended
+    /// ones are forgotten after [`PULLS_KEPT`].
     pub(super) fn prune_pulls(&mut self) {
         let now = self.now.at;
+        let silent: Vec<(String, String)> = self
+            .pulls
+            .iter()
+            .filter(|(_, p)| {
+                p.state == PullState::Pulling && now.duration_since(p.heard) >= PULL_SILENT_AFTER
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for (node, model) in silent {
+            let why = format!(
+                "no word of it from {node} for {}s (its command or progress was lost, or the node restarted)",
+                PULL_SILENT_AFTER.as_secs()
+            );
+            if let Some(p) = self.pulls.get_mut(&(node.clone(), model.clone())) {
+                p.state = PullState::Failed;
+                p.error = Some(why.clone());
+                p.ended = Some(now);
+                p.failures += 1;
+            }
+            let message = format!("{node} could not pull {model}: {why}");
+            self.event(EventKind::PullFailed, None, Some(&node), message);
+        }
         self.pulls
             .retain(|_, p| p.ended.is_none_or(|t| now.duration_since(t) < PULLS_KEPT));
+    }
+
+    /// Whether `node` lists `model` in its capacity.
+    fn lists(&self, node: &str, model: &str) -> bool {
+        self.fleet
+            .get(node)
+            .and_then(|n| n.capacity.as_ref())
+            .is_some_and(|c| c.models.iter().any(|m| m == model))
     }
 
     /// `auto_pull` for pending agent `name`, which no node can take for
@@ -211,15 +282,19 @@ impl Coordinator {
             return;
         };
         let model = a.spec.model.clone();
-        let failed_lately = |p: &Pull| {
-            p.state == PullState::Failed
-                && p.ended
-                    .is_some_and(|t| now.duration_since(t) < PULL_RETRY_AFTER)
-        };
+        let failed_lately = |p: &Pull| p.failed_lately(now);
+        // Pulling, or pulled and not listed by its node yet.
         let under_way = self
             .pulls
             .iter()
-            .find(|((_, m), p)| *m == model && p.state == PullState::Pulling)
+            .filter(|((_, m), _)| *m == model)
+            .find(|((node, m), p)| {
+                p.state == PullState::Pulling
+                    || (p.state == PullState::Done
+                        && p.ended
+                            .is_some_and(|t| now.duration_since(t) < LISTED_WITHIN)
+                        && !self.lists(node, m))
+            })
             .map(|((node, _), p)| (node.clone(), p.describe()));
         let chosen = match &under_way {
             Some(_) => None,
@@ -251,9 +326,9 @@ impl Coordinator {
                 .max_by_key(|(_, p)| p.ended)
                 .map(|((node, _), p)| {
                     format!(
-                        "the pull of {model} on {node} failed: {}; tried again within {}s",
+                        "the pull of {model} on {node} failed: {}; tried again later ({} failures in a row)",
                         p.error.as_deref().unwrap_or("no reason given"),
-                        PULL_RETRY_AFTER.as_secs()
+                        p.failures
                     )
                 });
             match failure {

@@ -770,4 +770,5 @@ fn api_requests_are_data_logged_replayed_and_answered_only_after_their_batch_com
     ));
 }
 
+mod pulls;
 mod streaming;

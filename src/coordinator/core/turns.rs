@@ -299,7 +299,7 @@ impl Coordinator {
             return;
         }
         let streamed_some = self.turns.get(id).is_some_and(
-            |t| matches!(&t.kind, TurnKind::Chat(ChatTurn { relay: Some(r), .. }) if r.next > 0),
+            |t| matches!(&t.kind, TurnKind::Chat(ChatTurn { relay: Some(r), .. }) if r.started()),
         );
         if streamed_some {
             // Its client has part of an answer: another run would not

@@ -156,6 +156,11 @@ def main():
                                     api_key="unused", messages=hello, stream=True)
         text = "".join(c.choices[0].delta.content or "" for c in stream)
         results.append(check("litellm openai/ (stream)", text == want, text[:60]))
+        # ...and its Ollama provider, at the Ollama-compatible endpoints.
+        stream = litellm.completion(model="ollama_chat/alice", api_base=api,
+                                    messages=hello, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in stream)
+        results.append(check("litellm ollama_chat/ (stream)", text == want, text[:60]))
     finally:
         up.terminate()
         up.wait(timeout=30)

@@ -44,7 +44,7 @@ need faketime
 need prometheus
 need python3-jinja2
 if [ "$mode" != quick ]; then
-    for pkg in systemd-container debootstrap qemu-user file openssh-client python3-venv; do need "$pkg"; done
+    for pkg in systemd-container debootstrap qemu-user file openssh-client python3-venv lintian; do need "$pkg"; done
 fi
 if [ ${#missing[@]} -gt 0 ]; then
     echo "==> installing ${missing[*]}"

@@ -169,6 +169,18 @@ struct RawScheduler {
     auto_pull: Option<Spanned<bool>>,
 }
 
+/// An API token: at least 16 characters, none of them blank or a control
+/// character (it travels in an HTTP header).
+fn api_token(token: String) -> Result<Option<String>, String> {
+    if token.chars().count() < 16 {
+        Err("must be at least 16 characters".into())
+    } else if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Err("must not contain spaces or control characters".into())
+    } else {
+        Ok(Some(token))
+    }
+}
+
 /// Validated coordinator configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CoordinatorConfig {
@@ -271,10 +283,21 @@ impl CoordinatorConfig {
         let text = super::read(path)?;
         let mut config = CoordinatorConfig::parse(&path.display().to_string(), &text)?;
         config.mqtt.apply_env();
-        if let Ok(token) = std::env::var("PIFLEET_API_TOKEN") {
-            config.api.token = Some(token);
-        }
+        config.token_from_env(std::env::var("PIFLEET_API_TOKEN").ok())?;
         Ok(config)
+    }
+
+    /// `PIFLEET_API_TOKEN`, if set, replaces `api.token`, checked as the
+    /// file's is.
+    pub fn token_from_env(&mut self, token: Option<String>) -> Result<(), LoadError> {
+        if let Some(token) = token {
+            let token = api_token(token).map_err(|message| LoadError::Env {
+                var: "PIFLEET_API_TOKEN",
+                message,
+            })?;
+            self.api.token = token;
+        }
+        Ok(())
     }
 
     pub fn parse(name: &str, text: &str) -> Result<CoordinatorConfig, ConfigError> {
@@ -294,13 +317,7 @@ impl CoordinatorConfig {
         let mqtt = MqttConfig::validate(&raw.mqtt, &mut c);
         let api = CoordinatorApi {
             listen: c.value("api.listen", &raw.api.listen, d.api.listen, socket_addr),
-            token: c.value("api.token", &raw.api.token, None, |t: String| {
-                if t.len() < 16 {
-                    Err("must be at least 16 characters".into())
-                } else {
-                    Ok(Some(t))
-                }
-            }),
+            token: c.value("api.token", &raw.api.token, None, api_token),
             max_body_bytes: c.value(
                 "api.max_body_bytes",
                 &raw.api.max_body_bytes,
@@ -465,6 +482,27 @@ mod tests {
             config,
             CoordinatorConfig::with_defaults(PathBuf::from("/var/lib/pifleet/coordinator.db"))
         );
+    }
+
+    #[test]
+    fn a_token_from_the_environment_is_checked_as_one_in_the_file() {
+        let mut config = CoordinatorConfig::parse("c", "").unwrap();
+        let err = config.token_from_env(Some("short".into())).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "environment variable PIFLEET_API_TOKEN: must be at least 16 characters"
+        );
+        let err = config
+            .token_from_env(Some("0123456789abcdef \n".into()))
+            .unwrap_err();
+        assert!(err.to_string().contains("spaces or control"), "{err}");
+        assert_eq!(config.api.token, None, "a refused token is not used");
+        config
+            .token_from_env(Some("0123456789abcdef".into()))
+            .unwrap();
+        assert_eq!(config.api.token.as_deref(), Some("0123456789abcdef"));
+        config.token_from_env(None).unwrap();
+        assert_eq!(config.api.token.as_deref(), Some("0123456789abcdef"));
     }
 
     #[test]

@@ -60,6 +60,9 @@ pub enum LoadError {
     },
     #[error("{0}")]
     Invalid(#[from] ConfigError),
+    /// An environment variable that overrides the file is not valid.
+    #[error("environment variable {var}: {message}")]
+    Env { var: &'static str, message: String },
 }
 
 /// Where a config comes from, for messages and span to position mapping.

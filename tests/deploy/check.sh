@@ -55,6 +55,7 @@ echo "$info" | grep -q "^ Version: $version$" || fail "$deb is not Version: $ver
 contents=$(dpkg-deb --contents "$deb" | awk '{print $NF}')
 for path in ./usr/bin/pifleet ./lib/systemd/system/pifleet-node.service \
     ./lib/systemd/system/pifleet-coordinator.service \
+    ./usr/share/doc/pifleet/copyright ./usr/share/doc/pifleet/changelog.gz \
     ./usr/share/doc/pifleet/examples/node.toml ./usr/share/doc/pifleet/examples/coordinator.toml; do
     echo "$contents" | grep -qx "$path" || fail "$deb lacks $path"
 done
@@ -64,4 +65,10 @@ for kind in node coordinator; do
     target/debug/pifleet config check "$bindir/$kind.toml" >/dev/null || fail "the packaged $kind.toml does not pass pifleet config check"
 done
 echo "    $deb: the binary, both units and the example configs"
+# Debian's own checks: no error (warnings are shown).
+findings=$(lintian --fail-on error --tag-display-limit 0 "$deb" 2>&1) \
+    || { echo "$findings" >&2; fail "lintian reports errors on $deb"; }
+echo "$findings" | grep -v 'root privileges' >&2 || true
+dpkg-deb -e "$deb" "$bindir/DEBIAN" && [ -s "$bindir/DEBIAN/md5sums" ] || fail "$deb has no md5sums"
+echo "    lintian: no error on $deb"
 echo "==> deployment checks passed"

@@ -233,12 +233,15 @@ def agents_by_node(base):
 RECAP = re.compile(r"^(\S+)\s*: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
 
-def playbook(inventory, *extra, label):
+def playbook(inventory, *extra, label, must_fail=False):
     log(f"ansible-playbook {' '.join(extra) or '(full run)'}: {label}")
     proc = run([ANSIBLE_PLAYBOOK, "-i", str(inventory), str(REPO / "ansible/pi-fleet.yaml"), *extra],
                check_rc=False, timeout=900, env={**os.environ, "ANSIBLE_FORCE_COLOR": "0",
                                                  "ANSIBLE_NOCOLOR": "1", "ANSIBLE_HOST_KEY_CHECKING": "False"})
     (inventory.parent / f"{label}.log").write_text(proc.stdout + proc.stderr)
+    if must_fail:
+        check(proc.returncode != 0, f"ansible-playbook ({label}) should have failed:\n{proc.stdout[-3000:]}")
+        return None, proc.stdout
     if proc.returncode != 0:
         raise Failure(f"ansible-playbook ({label}) exited {proc.returncode}:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}")
     recap = {host: {"ok": int(ok), "changed": int(changed), "failed": int(failed), "unreachable": int(unreachable)}
@@ -351,6 +354,21 @@ def run_checks(workdir, machines, sims, key):
         check(f"\nagent_capacity = {PIS[name]}\n" in conf and conf.strip().endswith("600"),
               f"{name}'s configuration renders its capacity; its secrets file is 0600:\n{conf}")
     log("units active, journals hold the daemons' lines, models pulled")
+
+    # The units' limits and weights, and the store's directory opened.
+    shown = machines[COORDINATOR].ssh(
+        "systemctl show -p LimitNOFILE -p ReadWritePaths pifleet-coordinator").stdout
+    check("LimitNOFILE=65536" in shown and "ReadWritePaths=/var/lib/pifleet" in shown,
+          f"the coordinator's unit: 65,536 descriptors, its store's directory writable:\n{shown}")
+    shown = machines["pi-a"].ssh("systemctl show -p CPUWeight -p OOMScoreAdjust pifleet-node").stdout
+    check("CPUWeight=1000" in shown and "OOMScoreAdjust=-500" in shown,
+          f"the node's unit ranks it above Ollama:\n{shown}")
+    # An API reachable beyond loopback without a token is refused by name.
+    _, out = playbook(inv, "--limit", COORDINATOR, "--extra-vars", "pifleet_coordinator_api_listen=0.0.0.0:9470",
+                      label="open-api-without-token", must_fail=True)
+    check("is reachable beyond this host: set" in out and "pifleet_coordinator_api_token" in out,
+          f"the refusal names the setting:\n{out[-3000:]}")
+    log("units: descriptors, store path, node above Ollama; an open API without a token refused")
 
     online = wait_for("both nodes online in pifleet status", lambda: (
         lambda st: all(n["state"] == "online" for n in st["nodes"] if n["node"] in PIS)

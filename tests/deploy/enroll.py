@@ -426,6 +426,20 @@ def run_checks(workdir, machines, sims, key):
     check(not changed, f"enrolling {hostname} again reports changed=0, not {changed}:\n{out[-4000:]}")
     log("second runs: changed=0")
 
+    # 5. --check --diff on the enrolled fleet: no change, no failure; tags
+    # run their part only.
+    recap, out = playbook(inv, "--check", "--diff", label="check-mode")
+    bad = {h: r for h, r in recap.items() if r["changed"] or r["failed"]}
+    check(not bad and all(recap.get(h, {}).get("ok", 0) > 0 for h in [COORDINATOR, *PIS]),
+          f"--check --diff reports no change and no failure, not {bad}:\n{out[-4000:]}")
+    recap, out = playbook(inv, "--tags", "node,models", "--limit", "pi-a", label="tags-node")
+    check(recap.get("pi-a", {}).get("ok", 0) > 10 and not recap["pi-a"]["changed"],
+          f"--tags node,models goes through the node's tasks and changes nothing: {recap}")
+    check("Install Debian's Mosquitto broker" not in out and "Pull the models" in out
+          and "Install the pifleet package" in out,
+          f"--tags node,models runs the node's tasks with their package and the model pulls only:\n{out[-4000:]}")
+    log("--check --diff: no change, no failure; --tags node,models runs its part")
+
     # 5. systemctl stop: the node says offline and its agents run elsewhere.
     dashboard = ("dashboard", (credentials / "mqtt-dashboard").read_text().strip())
     machines["pi-a"].ssh("systemctl stop pifleet-node")

@@ -14,7 +14,9 @@ fail() { echo "FAILED: $*" >&2; exit 1; }
 echo "==> yamllint, ansible-lint (production profile), ansible-playbook --syntax-check"
 yamllint --strict ansible inventory.example.yaml monitoring
 ansible-lint --profile production ansible inventory.example.yaml
-ansible-playbook -i inventory.example.yaml ansible/pi-fleet.yaml --syntax-check
+for book in pi-fleet remove-node; do
+    ansible-playbook -i inventory.example.yaml "ansible/$book.yaml" --syntax-check
+done
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
 grep -qx "pifleet_package_version: $version" ansible/roles/pifleet_package/defaults/main.yaml ||
     fail "pifleet_package_version in ansible/roles/pifleet_package/defaults/main.yaml is not Cargo.toml's $version"

@@ -233,9 +233,9 @@ def agents_by_node(base):
 RECAP = re.compile(r"^(\S+)\s*: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
 
-def playbook(inventory, *extra, label, must_fail=False):
-    log(f"ansible-playbook {' '.join(extra) or '(full run)'}: {label}")
-    proc = run([ANSIBLE_PLAYBOOK, "-i", str(inventory), str(REPO / "ansible/pi-fleet.yaml"), *extra],
+def playbook(inventory, *extra, label, must_fail=False, book="pi-fleet.yaml"):
+    log(f"ansible-playbook {book} {' '.join(extra) or '(full run)'}: {label}")
+    proc = run([ANSIBLE_PLAYBOOK, "-i", str(inventory), str(REPO / "ansible" / book), *extra],
                check_rc=False, timeout=900, env={**os.environ, "ANSIBLE_FORCE_COLOR": "0",
                                                  "ANSIBLE_NOCOLOR": "1", "ANSIBLE_HOST_KEY_CHECKING": "False"})
     (inventory.parent / f"{label}.log").write_text(proc.stdout + proc.stderr)
@@ -472,6 +472,29 @@ def run_checks(workdir, machines, sims, key):
                                   "/lib/systemd/system/pifleet-coordinator.service 2>&1", check_rc=False)
     check(verify.returncode == 0 and not verify.stdout.strip(),
           f"systemd-analyze verify on an enrolled Pi: {verify.stdout}")
+
+    # 8. Removing a Pi for good: drained, purged, its broker user gone,
+    #    forgotten. One agent is stopped first so that the rest fit on the
+    #    other nodes.
+    placed = agents_by_node(base)
+    total = sum(placed.values())
+    on_b = [a["name"] for a in json.loads(cli(base, "agents", "--json").stdout)["agents"] if a["node"] == "pi-b"]
+    cli(base, "stop", on_b[0])
+    wait_for("one agent fewer", lambda: sum(agents_by_node(base).values()) == total - 1)
+    password_b = (credentials / "mqtt-node-pi-b").read_text().strip()
+    recap, out = playbook(inv, "--extra-vars", "node=pi-b drain_deadline_secs=60", label="remove-node",
+                          book="remove-node.yaml")
+    check(not any(r["failed"] for r in recap.values()), f"remove-node.yaml ran cleanly: {recap}")
+    after = wait_for("pi-b's agents running on the other nodes", lambda: (
+        lambda p: "pi-b" not in p and sum(p.values()) == total - 1 and p)(agents_by_node(base)), timeout=30)
+    check("pi-b" not in nodes(base), f"the coordinator no longer lists pi-b: {sorted(nodes(base))}")
+    purged = machines["pi-b"].ssh("dpkg-query -W -f='${db:Status-Abbrev}' pifleet; ls /etc/pifleet",
+                                  check_rc=False).stdout
+    check("ii" not in purged and "node.toml" not in purged, f"pifleet is purged on pi-b: {purged!r}")
+    refused = mqtt("mosquitto_pub", mqtt_port, "pi-b", password_b, "-t", "pifleet/e2e", "-m", "x")
+    check(refused.returncode != 0 and "not authorised" in refused.stderr.lower(),
+          f"pi-b's broker user is gone: rc {refused.returncode} {refused.stderr!r}")
+    log(f"remove-node.yaml: pi-b drained ({after}), purged, its broker user refused, forgotten")
 
 
 def check_broker(port, credentials, dashboard):

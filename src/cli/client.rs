@@ -184,7 +184,13 @@ impl Refusal {
             && self.retry_after.is_some()
             && matches!(
                 self.code.as_str(),
-                "released" | "shutting_down" | "agent_not_assigned" | "fenced" | "ollama_busy"
+                "released"
+                    | "shutting_down"
+                    | "agent_not_assigned"
+                    | "fenced"
+                    | "ollama_busy"
+                    | "stopping"
+                    | "no_broker"
             )
     }
 }
@@ -278,10 +284,21 @@ impl Api {
         loop {
             let refusal = match self
                 .send(Method::POST, "/v1/chat", Some(body.clone()))
-                .await?
+                .await
             {
-                Ok(response) => return Ok(response),
-                Err(refusal) => refusal,
+                Ok(Ok(response)) => return Ok(response),
+                Ok(Err(refusal)) => refusal,
+                // Not reachable: a coordinator restarting (an upgrade)
+                // is back within seconds.
+                Err(failure) => {
+                    let pause = std::time::Duration::from_secs(1);
+                    if std::time::Instant::now() + pause > give_up {
+                        return Err(failure);
+                    }
+                    eprintln!("pifleet: {}; asking again in 1s", failure.message.lines().next().unwrap_or(""));
+                    tokio::time::sleep(pause).await;
+                    continue;
+                }
             };
             let pause =
                 std::time::Duration::from_secs(refusal.retry_after.unwrap_or(1).clamp(1, 5));

@@ -34,6 +34,8 @@ use crate::protocol::{
 
 /// `Retry-After` of a 503 caused by the store or the broker.
 const STORE_RETRY_AFTER_SECS: u64 = 5;
+/// `Retry-After` of a 503 from a coordinator that is stopping.
+const STOPPING_RETRY_AFTER_SECS: u64 = 2;
 
 /// The HTTP face of a domain error: the one place statuses are chosen.
 impl From<CoreError> for ApiError {
@@ -84,7 +86,10 @@ impl From<CoreError> for ApiError {
             CoreError::Store(_) => {
                 ApiError::unavailable("store", message).retry_after(STORE_RETRY_AFTER_SECS)
             }
-            CoreError::Stopping => ApiError::unavailable("stopping", message),
+            // systemd starts it again (an upgrade, a restart): ask again.
+            CoreError::Stopping => {
+                ApiError::unavailable("stopping", message).retry_after(STOPPING_RETRY_AFTER_SECS)
+            }
             CoreError::NoBroker => {
                 ApiError::unavailable("no_broker", message).retry_after(STORE_RETRY_AFTER_SECS)
             }

@@ -33,6 +33,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -439,6 +440,7 @@ def run_checks(workdir, machines, sims, key):
           and "Install the pifleet package" in out,
           f"--tags node,models runs the node's tasks with their package and the model pulls only:\n{out[-4000:]}")
     log("--check --diff: no change, no failure; --tags node,models runs its part")
+    check_upgrade(inv, machines, base, name, hostname, capacity)
 
     # 5. systemctl stop: the node says offline and its agents run elsewhere.
     dashboard = ("dashboard", (credentials / "mqtt-dashboard").read_text().strip())
@@ -495,6 +497,70 @@ def run_checks(workdir, machines, sims, key):
     check(refused.returncode != 0 and "not authorised" in refused.stderr.lower(),
           f"pi-b's broker user is gone: rc {refused.returncode} {refused.stderr!r}")
     log(f"remove-node.yaml: pi-b drained ({after}), purged, its broker user refused, forgotten")
+
+
+def check_upgrade(inv, machines, base, placeholder, hostname, capacity):
+    """ansible/upgrade.yaml: refuses while the coordinator knows a node the
+    inventory lacks; with it, rolls a rebuilt package (same version, new
+    content) over the Pis one at a time, each node restarted once, while
+    chats go on without one failing."""
+    _, out = playbook(inv, label="upgrade-refused", book="upgrade.yaml", must_fail=True)
+    check(f"knows nodes the inventory lacks: {hostname}" in out, f"the refusal names {hostname}:\n{out[-3000:]}")
+    # The Pi enrolled through the placeholder, in the inventory now.
+    data = json.loads(inv.read_text())
+    nodes_group = data["all"]["children"]["nodes"]["hosts"]
+    nodes_group[hostname] = {**nodes_group[placeholder], "ansible_host": "127.0.0.1", "agent_capacity": capacity}
+    full = inv.parent / "inventory-full.yaml"
+    full.write_text(json.dumps(data, indent=2))
+    # A rebuild: same version, new content.
+    run(["scripts/package-deb.sh", "amd64", str(PIFLEET)], cwd=REPO,
+        env={**os.environ, "PIFLEET_DEB_MAINTAINER": "pifleet rebuild <pifleet@example.org>"})
+    new_sum = hashlib.sha256(DEB.read_bytes()).hexdigest()
+    hosts = {"pi-a": "pi-a", "pi-b": "pi-b", hostname: placeholder}
+    ready = lambda host, node: machines[host].ssh(  # noqa: E731
+        f"journalctl -u pifleet-node --no-pager -o cat | grep -c 'node {node} ready'", check_rc=False).stdout.strip()
+    before = {node: int(ready(host, node) or 0) for node, host in hosts.items()}
+    # Room for any one node's agents on the others (9 slots, the largest
+    # node 4): two of the six agents stop for the upgrade, so that a drain
+    # never waits for its deadline and leaves an agent without a node.
+    agents = sorted(a["name"] for a in api(base, "/v1/agents")["agents"])
+    resting, agents = agents[:2], agents[2:]
+    for agent in resting:
+        cli(base, "stop", agent)
+    wait_for("two agents fewer", lambda: len(api(base, "/v1/agents")["agents"]) == len(agents))
+    failures, chats, stop = [], [0], [False]
+
+    def chat_on():
+        while not stop[0]:
+            for agent in agents:
+                try:
+                    cli(base, "chat", "--no-stream", "--wait", "30", agent, "still there?", timeout=90)
+                except Failure as e:
+                    failures.append(f"{agent}: {e}")
+                chats[0] += 1
+
+    chatter = threading.Thread(target=chat_on, daemon=True)
+    chatter.start()
+    try:
+        recap, out = playbook(full, label="upgrade", book="upgrade.yaml")
+    finally:
+        stop[0] = True
+        chatter.join(timeout=120)
+    check(not any(r["failed"] for r in recap.values()), f"upgrade.yaml ran cleanly: {recap}")
+    after = {node: int(ready(host, node) or 0) for node, host in hosts.items()}
+    check(all(after[n] == before[n] + 1 for n in hosts), f"each node restarted once: {before} -> {after}")
+    for host in [*hosts.values(), COORDINATOR]:
+        installed = machines[host].ssh("cat /var/cache/pifleet/installed.sha256").stdout.strip()
+        check(installed == new_sum, f"{host} runs the rebuilt package: {installed} != {new_sum}")
+    check(chats[0] > 0 and not failures, f"{chats[0]} chats during the upgrade, failed: {failures}")
+    listed = nodes(base)
+    check(all(listed[n]["state"] == "online" and not listed[n]["cordoned"] for n in hosts),
+          f"every node online and uncordoned after the upgrade: {listed}")
+    for agent in resting:
+        cli(base, "spawn", agent, "--model", "llama3.2")
+    wait_for("all six agents running again", lambda: sum(agents_by_node(base).values()) == len(agents) + 2)
+    log(f"upgrade.yaml: refused without {hostname}; then one Pi at a time, each restarted once, "
+        f"{chats[0]} chats meanwhile, none failed")
 
 
 def check_broker(port, credentials, dashboard):

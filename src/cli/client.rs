@@ -295,7 +295,10 @@ impl Api {
                     if std::time::Instant::now() + pause > give_up {
                         return Err(failure);
                     }
-                    eprintln!("pifleet: {}; asking again in 1s", failure.message.lines().next().unwrap_or(""));
+                    eprintln!(
+                        "pifleet: {}; asking again in 1s",
+                        failure.message.lines().next().unwrap_or("")
+                    );
                     tokio::time::sleep(pause).await;
                     continue;
                 }

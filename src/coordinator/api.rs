@@ -408,17 +408,12 @@ fn validate_messages(raw: Vec<RawMessage>) -> Result<Vec<ChatMessage>, ApiError>
     raw.into_iter()
         .enumerate()
         .map(|(i, m)| {
-            let role = match m.role.as_str() {
-                "system" => Role::System,
-                "user" => Role::User,
-                "assistant" => Role::Assistant,
-                "tool" => Role::Tool,
-                other => {
-                    return Err(invalid(format!(
-                        "messages[{i}].role {other:?} is not one of system, user, assistant, tool"
-                    )))
-                }
-            };
+            let role = Role::parse(&m.role).ok_or_else(|| {
+                invalid(format!(
+                    "messages[{i}].role {:?} is not one of system, user, assistant, tool",
+                    m.role
+                ))
+            })?;
             validate_text(&format!("messages[{i}].content"), &m.content, false)?;
             Ok(ChatMessage::new(role, m.content))
         })

@@ -93,6 +93,17 @@ pub enum Role {
 }
 
 impl Role {
+    /// The role named `name` (`system`, `user`, `assistant`, `tool`).
+    pub fn parse(name: &str) -> Option<Role> {
+        match name {
+            "system" => Some(Role::System),
+            "user" => Some(Role::User),
+            "assistant" => Some(Role::Assistant),
+            "tool" => Some(Role::Tool),
+            _ => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Role::System => "system",

@@ -47,7 +47,10 @@ deb=$(scripts/build-arm64.sh | tail -n1)
 dir=${PROFILE:-release}
 [ "$dir" = dev ] && dir=debug
 binary=target/aarch64-unknown-linux-gnu/$dir/pifleet
-file "$binary" | tee /dev/stderr | grep -q 'ELF 64-bit LSB .*ARM aarch64' || fail "$binary is not an aarch64 ELF"
+# (Not `tee /dev/stderr`: reopening stderr truncates a log it is redirected to.)
+kind=$(file "$binary")
+echo "$kind" >&2
+echo "$kind" | grep -q 'ELF 64-bit LSB .*ARM aarch64' || fail "$binary is not an aarch64 ELF"
 got=$(qemu-aarch64 -L /usr/aarch64-linux-gnu "$binary" --version) || fail "qemu-aarch64 $binary --version failed"
 [ "$got" = "pifleet $version" ] || fail "qemu-aarch64 $binary --version printed '$got', not 'pifleet $version'"
 echo "    qemu-aarch64 $binary --version: $got"

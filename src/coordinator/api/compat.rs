@@ -46,17 +46,14 @@ pub(super) fn messages(raw: Vec<LooseMessage>) -> Result<Vec<ChatMessage>, ApiEr
     raw.into_iter()
         .enumerate()
         .map(|(i, m)| {
-            let role = match m.role.as_str() {
-                "system" | "developer" => Role::System,
-                "user" => Role::User,
-                "assistant" => Role::Assistant,
-                "tool" => Role::Tool,
-                other => {
-                    return Err(invalid(format!(
-                        "messages[{i}].role {other:?} is not one of system, developer, user, assistant, tool"
-                    )))
-                }
-            };
+            // OpenAI's newer name for a system message.
+            let name = if m.role == "developer" { "system" } else { &m.role };
+            let role = Role::parse(name).ok_or_else(|| {
+                invalid(format!(
+                    "messages[{i}].role {:?} is not one of system, developer, user, assistant, tool",
+                    m.role
+                ))
+            })?;
             let content = match m.content {
                 None => String::new(),
                 Some(Content::Text(text)) => text,

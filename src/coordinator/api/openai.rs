@@ -103,13 +103,7 @@ async fn completions(
             Err(e) => error(compat::not_found_is_model(e)),
         };
     }
-    let encoder = Chunks {
-        id,
-        created,
-        model: agent,
-        include_usage: options.include_usage,
-        first: true,
-    };
+    let encoder = Chunks::new(&id, created, &agent, options.include_usage);
     stream::respond(chat, encoder, |e| error(compat::not_found_is_model(e))).await
 }
 
@@ -141,37 +135,48 @@ fn completion(id: &str, created: u64, model: &str, answer: &ChatAnswer) -> Value
 /// as it comes, `finish_reason` last, then the usage (when asked for) and
 /// `[DONE]`. An error after the first chunk is an `{"error": …}` event.
 struct Chunks {
-    id: String,
-    created: u64,
-    model: String,
+    /// Every chunk's fields before its `choices`, written once: a chunk
+    /// per token is the hot path of a stream.
+    head: String,
     include_usage: bool,
     first: bool,
 }
 
 impl Chunks {
-    fn chunk(&self, choices: Value, usage: Option<Value>) -> String {
-        let mut chunk = json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        });
-        if self.include_usage {
-            chunk["usage"] = usage.unwrap_or(Value::Null);
+    fn new(id: &str, created: u64, model: &str, include_usage: bool) -> Chunks {
+        let head = format!(
+            r#"{{"id":{},"object":"chat.completion.chunk","created":{created},"model":{},"choices":"#,
+            Value::from(id),
+            Value::from(model)
+        );
+        Chunks {
+            head,
+            include_usage,
+            first: true,
         }
-        stream::sse(None, &chunk.to_string())
+    }
+
+    /// One event: the head, `choices` (JSON), and `usage` when asked for.
+    fn chunk(&self, choices: &str, usage: Option<Value>) -> String {
+        let usage = match (self.include_usage, usage) {
+            (false, _) => String::new(),
+            (true, None) => r#","usage":null"#.to_owned(),
+            (true, Some(usage)) => format!(r#","usage":{usage}"#),
+        };
+        format!("data: {}{choices}{usage}}}\n\n", self.head)
     }
 
     fn delta(&mut self, content: &str, finish: Option<&str>) -> String {
+        let content = Value::from(content);
         let delta = match std::mem::take(&mut self.first) {
-            true => json!({"role": "assistant", "content": content}),
-            false if finish.is_some() => json!({}),
-            false => json!({"content": content}),
+            true => format!(r#"{{"role":"assistant","content":{content}}}"#),
+            false if finish.is_some() => "{}".to_owned(),
+            false => format!(r#"{{"content":{content}}}"#),
         };
-        let choice =
-            json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]);
-        self.chunk(choice, None)
+        let finish = Value::from(finish);
+        let choices =
+            format!(r#"[{{"index":0,"delta":{delta},"logprobs":null,"finish_reason":{finish}}}]"#);
+        self.chunk(&choices, None)
     }
 }
 
@@ -184,7 +189,7 @@ impl Encoder for Chunks {
             Piece::Done(answer) => {
                 let mut events = self.delta("", Some("stop"));
                 if self.include_usage {
-                    events.push_str(&self.chunk(json!([]), Some(usage(&answer.usage))));
+                    events.push_str(&self.chunk("[]", Some(usage(&answer.usage))));
                 }
                 events + &stream::sse(None, "[DONE]")
             }
@@ -224,5 +229,61 @@ async fn model(State(s): State<ApiState>, PathParam(model): PathParam<String>) -
     match s.ask(|reply| ApiRequest::Agent { name, reply }).await {
         Ok(agent) => Json(model_object(&agent)).into_response(),
         Err(e) => error(compat::not_found_is_model(e.into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The events of a stream, as JSON (the `[DONE]` line aside).
+    fn events(text: &str) -> Vec<Value> {
+        text.split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .map(|d| serde_json::from_str(d).expect("a JSON event"))
+            .collect()
+    }
+
+    #[test]
+    fn chunks_are_openais_with_the_role_first_and_the_usage_last() {
+        let mut c = Chunks::new("chatcmpl-1", 7, "al\"ice", true);
+        let mut text = String::new();
+        for piece in ["Hel", "lo \"you\"\n"] {
+            text.push_str(&c.delta(piece, None));
+        }
+        text.push_str(&c.delta("", Some("stop")));
+        text.push_str(&c.chunk("[]", Some(json!({"completion_tokens": 2}))));
+        let e = events(&text);
+        assert_eq!(e.len(), 4);
+        for event in &e {
+            assert_eq!(event["object"], "chat.completion.chunk");
+            assert_eq!(
+                (event["id"].as_str(), event["created"].as_u64()),
+                (Some("chatcmpl-1"), Some(7))
+            );
+            assert_eq!(event["model"], "al\"ice");
+        }
+        assert_eq!(
+            e[0]["choices"][0]["delta"],
+            json!({"role": "assistant", "content": "Hel"})
+        );
+        assert_eq!(
+            e[1]["choices"][0]["delta"],
+            json!({"content": "lo \"you\"\n"})
+        );
+        assert_eq!(e[1]["usage"], Value::Null);
+        assert_eq!(e[2]["choices"][0]["finish_reason"], "stop");
+        assert_eq!(e[2]["choices"][0]["delta"], json!({}));
+        assert_eq!(
+            (
+                e[3]["choices"].clone(),
+                e[3]["usage"]["completion_tokens"].clone()
+            ),
+            (json!([]), json!(2))
+        );
+        // Without include_usage, no usage field at all.
+        let plain = Chunks::new("i", 1, "m", false).delta("x", None);
+        assert!(events(&plain)[0].get("usage").is_none(), "{plain}");
     }
 }

@@ -14,7 +14,7 @@ fail() { echo "FAILED: $*" >&2; exit 1; }
 echo "==> yamllint, ansible-lint (production profile), ansible-playbook --syntax-check"
 yamllint --strict ansible inventory.example.yaml monitoring
 ansible-lint --profile production ansible inventory.example.yaml
-for book in pi-fleet remove-node; do
+for book in pi-fleet remove-node upgrade; do
     ansible-playbook -i inventory.example.yaml "ansible/$book.yaml" --syntax-check
 done
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)

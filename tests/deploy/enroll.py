@@ -359,7 +359,7 @@ def run_checks(workdir, machines, sims, key):
     # The units' limits and weights, and the store's directory opened.
     shown = machines[COORDINATOR].ssh(
         "systemctl show -p LimitNOFILE -p ReadWritePaths pifleet-coordinator").stdout
-    check("LimitNOFILE=65536" in shown and "ReadWritePaths=/var/lib/pifleet" in shown,
+    check("LimitNOFILE=65536" in shown and ("ReadWritePaths=-/var/lib/pifleet" in shown or "ReadWritePaths=/var/lib/pifleet" in shown),
           f"the coordinator's unit: 65,536 descriptors, its store's directory writable:\n{shown}")
     shown = machines["pi-a"].ssh("systemctl show -p CPUWeight -p OOMScoreAdjust pifleet-node").stdout
     check("CPUWeight=1000" in shown and "OOMScoreAdjust=-500" in shown,
@@ -492,7 +492,8 @@ def run_checks(workdir, machines, sims, key):
     check("pi-b" not in nodes(base), f"the coordinator no longer lists pi-b: {sorted(nodes(base))}")
     purged = machines["pi-b"].ssh("dpkg-query -W -f='${db:Status-Abbrev}' pifleet; ls /etc/pifleet",
                                   check_rc=False).stdout
-    check("ii" not in purged and "node.toml" not in purged, f"pifleet is purged on pi-b: {purged!r}")
+    check("ii" not in purged and "rc" not in purged and "node.toml" not in purged,
+          f"pifleet is purged (not just removed) on pi-b: {purged!r}")
     refused = mqtt("mosquitto_pub", mqtt_port, "pi-b", password_b, "-t", "pifleet/e2e", "-m", "x")
     check(refused.returncode != 0 and "not authorised" in refused.stderr.lower(),
           f"pi-b's broker user is gone: rc {refused.returncode} {refused.stderr!r}")
@@ -552,6 +553,8 @@ def check_upgrade(inv, machines, base, placeholder, hostname, capacity):
     for host in [*hosts.values(), COORDINATOR]:
         installed = machines[host].ssh("cat /var/cache/pifleet/installed.sha256").stdout.strip()
         check(installed == new_sum, f"{host} runs the rebuilt package: {installed} != {new_sum}")
+        maintainer = machines[host].ssh("dpkg-query -W -f='${Maintainer}' pifleet").stdout
+        check("pifleet rebuild" in maintainer, f"dpkg on {host} has the rebuild installed: {maintainer!r}")
     check(chats[0] > 0 and not failures, f"{chats[0]} chats during the upgrade, failed: {failures}")
     listed = nodes(base)
     check(all(listed[n]["state"] == "online" and not listed[n]["cordoned"] for n in hosts),

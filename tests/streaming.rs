@@ -198,18 +198,11 @@ async fn two_hundred_concurrent_streams_complete_each_whole_and_in_order() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_client_that_leaves_after_its_first_chunk_stops_the_generation_within_1_s() {
-    // 4 tokens a second: the answer would take 3 s more.
-    let (_broker, sim, _nodes, coordinator) = fleet(
-        &["--tokens-per-sec", "4", "--first-token-ms", "0"],
-        1,
-        "",
-        1,
-    )
-    .await;
+/// A streamed chat with agent s0 on `/v1/chat`, read up to its first
+/// chunk (a `delta` event): the response, and what was read.
+async fn first_delta(coordinator: &Coordinator, message: &str) -> (reqwest::Response, String) {
     let body =
-        json!({"agent": "s0", "messages": [{"role": "user", "content": "leave"}], "stream": true});
+        json!({"agent": "s0", "messages": [{"role": "user", "content": message}], "stream": true});
     let mut response = reqwest::Client::new()
         .post(format!("{}/v1/chat", coordinator.api))
         .json(&body)
@@ -222,7 +215,22 @@ async fn a_client_that_leaves_after_its_first_chunk_stops_the_generation_within_
         .await
         .expect("read")
         .expect("a first chunk");
-    assert!(String::from_utf8_lossy(&first).contains("event: delta"));
+    let seen = String::from_utf8_lossy(&first).into_owned();
+    assert!(seen.contains("event: delta"), "{seen}");
+    (response, seen)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_leaves_after_its_first_chunk_stops_the_generation_within_1_s() {
+    // 4 tokens a second: the answer would take 3 s more.
+    let (_broker, sim, _nodes, coordinator) = fleet(
+        &["--tokens-per-sec", "4", "--first-token-ms", "0"],
+        1,
+        "",
+        1,
+    )
+    .await;
+    let (response, _) = first_delta(&coordinator, "leave").await;
     assert_eq!(sim.stats().await["cancelled"], 0);
     drop(response);
     let left = Instant::now();
@@ -254,17 +262,7 @@ async fn a_node_killed_mid_stream_ends_the_stream_with_an_error_and_stores_no_pa
         1,
     )
     .await;
-    let body =
-        json!({"agent": "s0", "messages": [{"role": "user", "content": "doomed"}], "stream": true});
-    let mut response = reqwest::Client::new()
-        .post(format!("{}/v1/chat", coordinator.api))
-        .json(&body)
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(response.status(), 200);
-    let mut seen = String::from_utf8_lossy(&response.chunk().await.unwrap().unwrap()).into_owned();
-    assert!(seen.contains("event: delta"), "{seen}");
+    let (mut response, mut seen) = first_delta(&coordinator, "doomed").await;
     nodes[0].proc.signal("KILL");
     let killed = Instant::now();
     // The stream ends (never hangs), its last event an error.

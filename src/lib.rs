@@ -11,8 +11,12 @@
 //!   Prometheus and systemd
 //! * [`cli`] — the `pifleet` command line
 //! * [`bench`] — `pifleet bench`: benchmarks that start their own fleet
+//!
+//! [`up`], [`ollama_sim`] and [`bench`] are the developer build's (cargo
+//! feature `dev`, on by default); the Pi package leaves them out.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "dev")]
 pub mod bench;
 pub mod cli;
 pub mod config;
@@ -21,8 +25,10 @@ pub mod http;
 pub mod metrics;
 pub mod mqtt;
 pub mod node;
+#[cfg(feature = "dev")]
 pub mod ollama_sim;
 pub mod protocol;
 pub mod systemd;
 pub mod timing;
+#[cfg(feature = "dev")]
 pub mod up;

@@ -162,11 +162,8 @@ impl Publisher {
 /// Cannot set up the link.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
-    #[error("cannot read mqtt.ca_file {path}: {source}")]
-    CaFile {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("mqtt.tls_ca_file {0}")]
+    CaFile(String),
 }
 
 /// A running connection: its publisher, its events and its tasks.
@@ -205,11 +202,8 @@ impl Link {
                 will.retain,
             ));
         }
-        if let Some(ca_file) = &config.ca_file {
-            let ca = std::fs::read(ca_file).map_err(|source| LinkError::CaFile {
-                path: ca_file.display().to_string(),
-                source,
-            })?;
+        if let Some(ca_file) = &config.tls_ca_file {
+            let ca = read_ca_file(ca_file).map_err(LinkError::CaFile)?;
             options.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
                 ca,
                 alpn: None,
@@ -227,7 +221,10 @@ impl Link {
         let (tx, rx) = mpsc::channel(QUEUE_BOUND);
         let (connected_tx, connected) = tokio::sync::watch::channel(false);
         let closing = CancellationToken::new();
-        let address = config.address();
+        let address = match &config.tls_ca_file {
+            Some(ca) => format!("{} (TLS, verified with {})", config.address(), ca.display()),
+            None => config.address(),
+        };
         let poller = tokio::spawn(poll(
             eventloop,
             event_tx,
@@ -422,8 +419,32 @@ async fn poll(
     }
 }
 
+/// Reads the CA certificates (PEM) a TLS broker is verified with; each
+/// must be one rustls accepts as a trust anchor. The error names the file.
+pub fn read_ca_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let shown = path.display();
+    let pem = std::fs::read(path).map_err(|e| format!("{shown:?}: cannot read it: {e}"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| format!("{shown:?}: not PEM certificates: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("{shown:?}: a certificate in it is not usable as a CA: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err(format!(
+            "{shown:?} holds no certificate (\"-----BEGIN CERTIFICATE-----\")"
+        ));
+    }
+    Ok(pem)
+}
+
 fn describe(e: &ConnectionError) -> String {
     match e {
+        ConnectionError::Tls(tls) => format!(
+            "TLS failed: {tls} (is the broker's certificate signed by a CA in mqtt.tls_ca_file, for this host name or address?)"
+        ),
         ConnectionError::ConnectionRefused(code) => {
             format!("the broker refused the connection ({code:?}); check mqtt.username and mqtt.password")
         }

@@ -13,4 +13,5 @@ mod nemesis;
 mod node;
 mod ollama_sim;
 mod streaming;
+mod tls;
 mod up;

@@ -23,6 +23,10 @@ pub struct FootprintArgs {
     /// Use this broker (HOST:PORT) instead of starting Mosquitto.
     #[arg(long)]
     mqtt: Option<String>,
+    /// Run the node from this program (e.g. the Pi package's binary, built
+    /// without the benchmarks) instead of this one.
+    #[arg(long)]
+    node_binary: Option<std::path::PathBuf>,
 }
 
 /// Share of one core `pid` used over `window`.
@@ -36,6 +40,15 @@ async fn cpu_pct(pid: u32, window: Duration) -> Result<f64, BenchError> {
 pub async fn bench(args: &FootprintArgs, stack: &mut Stack) -> Result<Value, BenchError> {
     let capacity = u32::try_from(args.agents)
         .map_err(|_| BenchError::new(format!("--agents {} is too many", args.agents)))?;
+    if let Some(binary) = &args.node_binary {
+        if !binary.is_file() {
+            return Err(BenchError::new(format!(
+                "--node-binary {}: no such file",
+                binary.display()
+            )));
+        }
+        stack.node_binary = Some(binary.clone());
+    }
     let (api, _, _) = start_fleet(stack, args.mqtt.as_deref(), 1, capacity, "").await?;
     let node = stack.pid("bench-node-1")?;
     // Let the first probes and allocations settle.
@@ -67,10 +80,20 @@ pub async fn bench(args: &FootprintArgs, stack: &mut Stack) -> Result<Value, Ben
     let cpu_loaded = cpu_pct(node, window).await?;
     // The node's own memory: total RSS also moves with pages of the
     // executable and libraries touched for the first time.
+    let node_binary = match &args.node_binary {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| BenchError::new(format!("cannot find this program: {e}")))?,
+    };
+    let binary_bytes = std::fs::metadata(&node_binary)
+        .map_err(|e| BenchError::new(format!("{}: {e}", node_binary.display())))?
+        .len();
     let per_agent = anon_loaded.saturating_sub(anon_idle) / args.agents as u64;
     Ok(json!({
         "bench": "node-footprint",
         "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "node_binary": node_binary.display().to_string(),
+        "node_binary_bytes": binary_bytes,
         "heartbeat_secs": crate::config::NodeConfig::with_defaults("x", 1).heartbeat.as_secs(),
         "agents": args.agents,
         "rss_idle_bytes": rss_idle,

@@ -18,6 +18,9 @@ pub struct Stack {
     pub dir: PathBuf,
     children: Vec<(String, Child)>,
     keep: bool,
+    /// The program nodes run from (None: this one), e.g. the Pi package's
+    /// binary, built without the benchmarks.
+    pub node_binary: Option<PathBuf>,
 }
 
 /// A broker address.
@@ -62,6 +65,7 @@ impl Stack {
             dir,
             children: Vec::new(),
             keep: false,
+            node_binary: None,
         })
     }
 
@@ -120,6 +124,11 @@ impl Stack {
     pub fn spawn(&mut self, name: &str, args: &[&str]) -> Result<u32, BenchError> {
         let exe = std::env::current_exe()
             .map_err(|e| BenchError::new(format!("cannot find this program: {e}")))?;
+        self.spawn_from(&exe, name, args)
+    }
+
+    /// Starts `EXE ARGS`, logging to `NAME.log`.
+    fn spawn_from(&mut self, exe: &Path, name: &str, args: &[&str]) -> Result<u32, BenchError> {
         let log = std::fs::File::create(self.dir.join(format!("{name}.log")))
             .map_err(|e| BenchError::new(format!("cannot create the log of {name}: {e}")))?;
         let err = log
@@ -242,7 +251,10 @@ impl Stack {
             ),
         )?;
         let config = config.display().to_string();
-        let pid = self.spawn(id, &["node", "--config", &config])?;
+        let pid = match self.node_binary.clone() {
+            Some(exe) => self.spawn_from(&exe, id, &["node", "--config", &config])?,
+            None => self.spawn(id, &["node", "--config", &config])?,
+        };
         self.wait_log(id, &format!("node {id} ready"))?;
         Ok(pid)
     }

@@ -236,6 +236,29 @@ impl Api {
         path: &str,
         body: Option<Value>,
     ) -> Result<Result<reqwest::Response, Refusal>, Failure> {
+        self.try_send(method, path, body)
+            .await
+            .map_err(|e| self.unreachable(&e))
+    }
+
+    fn unreachable(&self, e: &reqwest::Error) -> Failure {
+        Failure {
+            code: 1,
+            message: format!(
+                "cannot reach the coordinator at {}: {}\n(is `pifleet up` or `pifleet coordinator` running? set --coordinator or PIFLEET_COORDINATOR)",
+                self.base,
+                root_cause(e)
+            ),
+        }
+    }
+
+    /// [`Api::send`], with the transport's own error.
+    async fn try_send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Result<reqwest::Response, Refusal>, reqwest::Error> {
         let url = format!("{}{path}", self.base.trim_end_matches('/'));
         let mut request = self.http.request(method, &url);
         if let Some(token) = &self.token {
@@ -244,14 +267,7 @@ impl Api {
         if let Some(body) = body {
             request = request.json(&body);
         }
-        let response = request.send().await.map_err(|e| Failure {
-            code: 1,
-            message: format!(
-                "cannot reach the coordinator at {}: {}\n(is `pifleet up` or `pifleet coordinator` running? set --coordinator or PIFLEET_COORDINATOR)",
-                self.base,
-                root_cause(&e)
-            ),
-        })?;
+        let response = request.send().await?;
         let status = response.status();
         let retry_after = response
             .headers()
@@ -283,16 +299,19 @@ impl Api {
         let give_up = std::time::Instant::now() + wait;
         loop {
             let refusal = match self
-                .send(Method::POST, "/v1/chat", Some(body.clone()))
+                .try_send(Method::POST, "/v1/chat", Some(body.clone()))
                 .await
             {
                 Ok(Ok(response)) => return Ok(response),
                 Ok(Err(refusal)) => refusal,
-                // Not reachable: a coordinator restarting (an upgrade)
-                // is back within seconds.
-                Err(failure) => {
+                // No connection: a coordinator restarting (an upgrade) is
+                // back within seconds, and the chat was not sent. A
+                // connection that broke after the chat was sent is not
+                // asked again: the turn may have run.
+                Err(e) => {
+                    let failure = self.unreachable(&e);
                     let pause = std::time::Duration::from_secs(1);
-                    if std::time::Instant::now() + pause > give_up {
+                    if !e.is_connect() || std::time::Instant::now() + pause > give_up {
                         return Err(failure);
                     }
                     eprintln!(

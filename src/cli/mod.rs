@@ -6,19 +6,18 @@
 mod chat_stream;
 mod client;
 mod config_cmd;
+#[cfg(feature = "dev")]
+mod dev;
 
 pub use client::{ClientCommand, Connection, JobsCommand};
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{CoordinatorConfig, LoadError, NodeConfig};
-use crate::ollama_sim::{SimConfig, DEFAULT_MODELS};
 
 /// Exit code for a bad configuration or argument (sysexits EX_USAGE).
 pub const EXIT_USAGE: u8 = 64;
@@ -37,6 +36,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a whole fleet on this machine: embedded broker, coordinator, N nodes.
+    #[cfg(feature = "dev")]
     Up(crate::up::UpOptions),
     /// Run the node daemon: announce this machine over MQTT and host agents.
     Node {
@@ -58,8 +58,10 @@ pub enum Command {
         action: ConfigCommand,
     },
     /// Run an Ollama-compatible simulator (for tests, demos and benchmarks).
-    OllamaSim(SimArgs),
+    #[cfg(feature = "dev")]
+    OllamaSim(dev::SimArgs),
     /// Benchmarks: start a fleet here (or use yours) and print one JSON line.
+    #[cfg(feature = "dev")]
     Bench {
         #[command(subcommand)]
         command: crate::bench::BenchCommand,
@@ -83,38 +85,6 @@ pub enum ConfigCommand {
 pub enum ConfigKind {
     Node,
     Coordinator,
-}
-
-#[derive(Debug, clap::Args)]
-pub struct SimArgs {
-    /// Address to listen on; port 0 picks a free port (printed on stdout).
-    #[arg(long, default_value = "127.0.0.1:11434")]
-    listen: SocketAddr,
-    /// Models it has, comma separated (a name without a tag means :latest).
-    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_MODELS.map(String::from))]
-    models: Vec<String>,
-    /// Generation speed.
-    #[arg(long, default_value_t = 100.0)]
-    tokens_per_sec: f64,
-    /// Latency before the first token, in milliseconds.
-    #[arg(long, default_value_t = 50)]
-    first_token_ms: u64,
-    /// Probability (0 to 1) that a generation fails with HTTP 500.
-    #[arg(long, default_value_t = 0.0)]
-    failure_rate: f64,
-    /// Generations at once beyond which it answers 503 "server busy"; 0 = no limit.
-    #[arg(long, default_value_t = 0)]
-    max_parallel: u32,
-    /// Seed for the failure dice, for repeatable runs.
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Seconds a model pull (`/api/pull`) takes, progress reported along.
-    #[arg(long, default_value_t = 0.0)]
-    pull_secs: f64,
-    /// Models whose pull fails (as a model missing from the library does),
-    /// comma separated.
-    #[arg(long, value_delimiter = ',')]
-    pull_fail: Vec<String>,
 }
 
 /// A command failed: what to print and how to exit.
@@ -158,13 +128,16 @@ impl From<LoadError> for Failure {
 /// Runs a parsed command line and returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
     let outcome = match cli.command {
+        #[cfg(feature = "dev")]
         Command::Up(options) => run_daemon(|shutdown| crate::up::run(options, shutdown)),
         Command::Node { config } => run_node(config),
         Command::Coordinator { config } => run_coordinator(config),
         Command::Config { action } => config_cmd::run(action),
-        Command::OllamaSim(args) => run_sim(args),
+        #[cfg(feature = "dev")]
+        Command::OllamaSim(args) => dev::run_sim(args),
         Command::Client(command) => client::run(command),
-        Command::Bench { command } => run_bench(command),
+        #[cfg(feature = "dev")]
+        Command::Bench { command } => dev::run_bench(command),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -180,7 +153,7 @@ pub fn run(cli: Cli) -> ExitCode {
 /// Runs a daemon to completion on a tokio runtime with two workers (plenty
 /// on a Pi, where Ollama does the heavy lifting), with SIGTERM and SIGINT as
 /// its shutdown trigger.
-fn run_daemon<F, E>(daemon: impl FnOnce(CancellationToken) -> F) -> Result<(), Failure>
+pub(crate) fn run_daemon<F, E>(daemon: impl FnOnce(CancellationToken) -> F) -> Result<(), Failure>
 where
     F: std::future::Future<Output = Result<(), E>>,
     E: Into<Failure>,
@@ -207,33 +180,7 @@ macro_rules! runtime_failure {
     )*};
 }
 
-/// A benchmark on a runtime with a worker per core: the load generator must
-/// not be what limits the figures.
-fn run_bench(command: crate::bench::BenchCommand) -> Result<(), Failure> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Failure::runtime(&e))?
-        .block_on(crate::bench::run(command))
-        .map_err(|e| Failure::runtime(&e))
-}
-
-runtime_failure!(
-    crate::node::NodeError,
-    crate::coordinator::CoordinatorError,
-    crate::ollama_sim::SimError
-);
-
-impl From<crate::up::UpError> for Failure {
-    fn from(e: crate::up::UpError) -> Self {
-        match e {
-            crate::up::UpError::Invalid(_) | crate::up::UpError::PortInUse { .. } => {
-                Failure::usage(e.to_string())
-            }
-            other => Failure::runtime(&other),
-        }
-    }
-}
+runtime_failure!(crate::node::NodeError, crate::coordinator::CoordinatorError);
 
 fn run_node(path: PathBuf) -> Result<(), Failure> {
     let config = NodeConfig::load(&path)?;
@@ -243,22 +190,4 @@ fn run_node(path: PathBuf) -> Result<(), Failure> {
 fn run_coordinator(path: PathBuf) -> Result<(), Failure> {
     let config = CoordinatorConfig::load(&path)?;
     run_daemon(|shutdown| crate::coordinator::run(config, shutdown))
-}
-
-fn run_sim(args: SimArgs) -> Result<(), Failure> {
-    let config = SimConfig {
-        listen: args.listen,
-        models: args.models,
-        tokens_per_sec: args.tokens_per_sec,
-        first_token: Duration::from_millis(args.first_token_ms),
-        failure_rate: args.failure_rate,
-        max_parallel: args.max_parallel,
-        seed: args.seed,
-        pull_secs: args.pull_secs,
-        pull_fail: args.pull_fail,
-    };
-    config
-        .validate()
-        .map_err(|e| Failure::usage(e.to_string()))?;
-    run_daemon(|shutdown| crate::ollama_sim::run(config, shutdown))
 }

@@ -26,7 +26,7 @@ host = "127.0.0.1"
 port = 1883
 # username = "coordinator"
 # password = "..."            # or set PIFLEET_MQTT_PASSWORD
-# ca_file = "/etc/pifleet/ca.pem"   # enables TLS
+# tls_ca_file = "/etc/pifleet/mqtt-ca.pem"   # TLS, the broker verified against this CA (PEM)
 keep_alive_secs = 15
 topic_root = "pifleet"
 max_payload_bytes = 1048576
@@ -282,7 +282,13 @@ impl CoordinatorConfig {
     pub fn load(path: &Path) -> Result<CoordinatorConfig, LoadError> {
         let text = super::read(path)?;
         let mut config = CoordinatorConfig::parse(&path.display().to_string(), &text)?;
-        config.mqtt.apply_env();
+        config.mqtt.apply_env()?;
+        if let Some(token) = super::credential("api_token")? {
+            config.api.token = api_token(token).map_err(|message| LoadError::Credential {
+                path: "api_token".into(),
+                message,
+            })?;
+        }
         config.token_from_env(std::env::var("PIFLEET_API_TOKEN").ok())?;
         Ok(config)
     }

@@ -63,6 +63,41 @@ pub enum LoadError {
     /// An environment variable that overrides the file is not valid.
     #[error("environment variable {var}: {message}")]
     Env { var: &'static str, message: String },
+    /// A systemd credential (`LoadCredential=`) that cannot be read.
+    #[error("systemd credential {path}: {message}")]
+    Credential { path: PathBuf, message: String },
+}
+
+/// The systemd credential `name` (`LoadCredential=name:...` in the unit),
+/// when the unit passes one: its text without the final line break.
+pub fn credential(name: &str) -> Result<Option<String>, LoadError> {
+    credential_in(
+        std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+        name,
+    )
+}
+
+fn credential_in(dir: Option<PathBuf>, name: &str) -> Result<Option<String>, LoadError> {
+    let Some(path) = dir.map(|d| d.join(name)) else {
+        return Ok(None);
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let value = text.strip_suffix('\n').unwrap_or(&text).to_owned();
+            if value.is_empty() {
+                return Err(LoadError::Credential {
+                    path,
+                    message: "is empty".into(),
+                });
+            }
+            Ok(Some(value))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(LoadError::Credential {
+            path,
+            message: e.to_string(),
+        }),
+    }
 }
 
 /// Where a config comes from, for messages and span to position mapping.
@@ -211,7 +246,7 @@ pub struct RawMqtt {
     port: Option<Spanned<i64>>,
     username: Option<Spanned<String>>,
     password: Option<Spanned<String>>,
-    ca_file: Option<Spanned<String>>,
+    tls_ca_file: Option<Spanned<String>>,
     keep_alive_secs: Option<Spanned<i64>>,
     topic_root: Option<Spanned<String>>,
     max_payload_bytes: Option<Spanned<i64>>,
@@ -224,8 +259,8 @@ pub struct MqttConfig {
     pub port: u16,
     pub username: Option<String>,
     pub password: Option<String>,
-    /// CA certificate (PEM) to verify the broker; TLS is on when set.
-    pub ca_file: Option<PathBuf>,
+    /// CA certificates (PEM) to verify the broker with; TLS is on when set.
+    pub tls_ca_file: Option<PathBuf>,
     pub keep_alive: Duration,
     pub topic_root: String,
     /// Largest payload sent or accepted, both directions.
@@ -239,7 +274,7 @@ impl Default for MqttConfig {
             port: 1883,
             username: None,
             password: None,
-            ca_file: None,
+            tls_ca_file: None,
             keep_alive: Duration::from_secs(15),
             topic_root: "pifleet".into(),
             max_payload_bytes: crate::protocol::DEFAULT_MAX_PAYLOAD_BYTES,
@@ -260,13 +295,8 @@ impl MqttConfig {
         let port = c.value("mqtt.port", &raw.port, d.port, int_in(1, 65535));
         let username = c.value("mqtt.username", &raw.username, None, |u| Ok(Some(u)));
         let password = c.value("mqtt.password", &raw.password, None, |p| Ok(Some(p)));
-        let ca_file = c.value("mqtt.ca_file", &raw.ca_file, None, |p: String| {
-            let path = PathBuf::from(&p);
-            if path.is_file() {
-                Ok(Some(path))
-            } else {
-                Err(format!("{p:?} is not a readable file"))
-            }
+        let tls_ca_file = c.value("mqtt.tls_ca_file", &raw.tls_ca_file, None, |p: String| {
+            crate::mqtt::read_ca_file(Path::new(&p)).map(|_| Some(PathBuf::from(p)))
         });
         let keep_alive = c.value(
             "mqtt.keep_alive_secs",
@@ -291,22 +321,27 @@ impl MqttConfig {
             port,
             username,
             password,
-            ca_file,
+            tls_ca_file,
             keep_alive,
             topic_root,
             max_payload_bytes,
         }
     }
 
-    /// Applies `PIFLEET_MQTT_USERNAME` and `PIFLEET_MQTT_PASSWORD`, which
-    /// win over the file so secrets can stay out of it.
-    pub fn apply_env(&mut self) {
+    /// Applies the systemd credential `mqtt_password`, then
+    /// `PIFLEET_MQTT_USERNAME` and `PIFLEET_MQTT_PASSWORD`: each wins over
+    /// what comes before it, so that secrets can stay out of the file.
+    pub fn apply_env(&mut self) -> Result<(), LoadError> {
+        if let Some(password) = credential("mqtt_password")? {
+            self.password = Some(password);
+        }
         if let Ok(user) = std::env::var("PIFLEET_MQTT_USERNAME") {
             self.username = Some(user);
         }
         if let Ok(password) = std::env::var("PIFLEET_MQTT_PASSWORD") {
             self.password = Some(password);
         }
+        Ok(())
     }
 
     /// `host:port` for messages.
@@ -318,6 +353,25 @@ impl MqttConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_credential_is_read_without_its_line_break_and_an_empty_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("mqtt_password"), "s3cret\n").unwrap();
+        std::fs::write(dir.path().join("api_token"), "").unwrap();
+        let at = || Some(dir.path().to_owned());
+        assert_eq!(
+            credential_in(at(), "mqtt_password").unwrap().as_deref(),
+            Some("s3cret")
+        );
+        assert_eq!(credential_in(at(), "absent").unwrap(), None);
+        assert_eq!(credential_in(None, "mqtt_password").unwrap(), None);
+        let empty = credential_in(at(), "api_token").unwrap_err().to_string();
+        assert!(
+            empty.contains("api_token") && empty.contains("is empty"),
+            "{empty}"
+        );
+    }
 
     #[test]
     fn positions_are_one_based_lines_and_character_columns() {

@@ -54,7 +54,7 @@ host = "127.0.0.1"
 port = 1883
 # username = "pi-1"
 # password = "..."            # or set PIFLEET_MQTT_PASSWORD
-# ca_file = "/etc/pifleet/ca.pem"   # enables TLS
+# tls_ca_file = "/etc/pifleet/mqtt-ca.pem"   # TLS, the broker verified against this CA (PEM)
 keep_alive_secs = 15
 topic_root = "pifleet"
 # Largest MQTT payload sent or accepted (bytes).
@@ -206,7 +206,7 @@ impl NodeConfig {
     pub fn load(path: &Path) -> Result<NodeConfig, LoadError> {
         let text = super::read(path)?;
         let mut config = NodeConfig::parse(&path.display().to_string(), &text)?;
-        config.mqtt.apply_env();
+        config.mqtt.apply_env()?;
         Ok(config)
     }
 

@@ -25,17 +25,46 @@ fn mosquitto_binary() -> PathBuf {
 /// A Mosquitto broker of this test, killed when dropped.
 pub struct Mosquitto {
     pub port: u16,
+    /// With TLS only (no plain listener): the CA its certificate is signed by.
+    pub ca: Option<PathBuf>,
     dir: tempfile::TempDir,
     child: Child,
 }
 
 impl Mosquitto {
     pub fn start() -> Mosquitto {
+        Self::start_in(tempfile::tempdir().expect("temp dir"), None)
+    }
+
+    /// A broker with one listener, TLS, whose certificate (for 127.0.0.1)
+    /// a fresh CA signed: `ca` is that CA's certificate.
+    pub fn start_tls() -> Mosquitto {
         let dir = tempfile::tempdir().expect("temp dir");
+        let ca = super::tls::make_ca(dir.path(), "broker-ca");
+        let tls = super::tls::server_cert(dir.path(), &ca, "127.0.0.1");
+        Self::start_in(dir, Some((ca, tls)))
+    }
+
+    fn start_in(dir: tempfile::TempDir, tls: Option<(super::tls::Ca, String)>) -> Mosquitto {
+        let listener_extra = tls
+            .as_ref()
+            .map(|(_, conf)| conf.clone())
+            .unwrap_or_default();
         for _ in 0..10 {
             let port = free_port();
+            std::fs::write(
+                dir.path().join("mosquitto.conf"),
+                format!("listener {port} 127.0.0.1\n{listener_extra}allow_anonymous true\npersistence false\nset_tcp_nodelay true\nlog_dest stderr\n"),
+            )
+            .expect("write mosquitto.conf");
             if let Some(child) = Self::spawn(dir.path(), port) {
-                return Mosquitto { port, dir, child };
+                let ca = tls.map(|(ca, _)| ca.cert);
+                return Mosquitto {
+                    port,
+                    ca,
+                    dir,
+                    child,
+                };
             }
         }
         panic!("could not start mosquitto on a free port");
@@ -43,11 +72,6 @@ impl Mosquitto {
 
     fn spawn(dir: &Path, port: u16) -> Option<Child> {
         let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\nlog_dest stderr\n"),
-        )
-        .expect("write mosquitto.conf");
         let mut child = Command::new(mosquitto_binary())
             .arg("-c")
             .arg(&conf)

@@ -3,7 +3,7 @@
 //! an MQTT client that records everything it sees, and waits that end on a
 //! condition rather than after a fixed sleep. One file per concern:
 //! `broker.rs`, `procs.rs`, `daemons.rs` (simulator, node, coordinator),
-//! `mqtt.rs`, `lossy.rs` (a slow, lossy link), `monitoring.rs` (mosquitto_sub, promtool, Prometheus); the waits and HTTP helpers are here.
+//! `mqtt.rs`, `lossy.rs` (a slow, lossy link), `tls.rs` (a CA and certificates by openssl), `monitoring.rs` (mosquitto_sub, promtool, Prometheus); the waits and HTTP helpers are here.
 
 #![allow(dead_code)]
 
@@ -18,6 +18,7 @@ mod lossy;
 mod monitoring;
 mod mqtt;
 mod procs;
+pub mod tls;
 
 // Each user of the harness (the tests, the benches) takes what it needs.
 #[allow(unused_imports)]

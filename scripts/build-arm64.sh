@@ -3,8 +3,13 @@
 # own cross toolchain, for hosts without Docker (where `cross` cannot run),
 # and packages it as target/deb/pifleet_<version>_arm64.deb.
 #
-#     scripts/build-arm64.sh            # release build (what goes on a Pi)
+#     scripts/build-arm64.sh            # the Pi package's build (what goes on a Pi)
 #     PROFILE=dev scripts/build-arm64.sh
+#     FEATURES=dev scripts/build-arm64.sh   # with pifleet up, ollama-sim and bench
+#
+# The Pi package is built with cargo profile `pi` (release, optimised for
+# size) and without the developer build's feature `dev`: the node, the
+# coordinator and the client only (docs/BENCHMARKS.md, "Node footprint").
 #
 # Installs what it needs with apt (arm64 as a foreign architecture, Debian's
 # rustc with the arm64 standard library, the aarch64 gcc for the bundled
@@ -19,7 +24,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 target=aarch64-unknown-linux-gnu
-profile=${PROFILE:-release}
+profile=${PROFILE:-pi}
+features=()
+[ -n "${FEATURES:-}" ] && features=(--features "$FEATURES")
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 
@@ -45,7 +52,8 @@ env RUSTC=/usr/bin/rustc \
     CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc \
     AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar \
     CARGO_TARGET_DIR="$cross_target_dir" \
-    cargo build --locked --profile "$profile" --target "$target" --bin pifleet
+    cargo build --locked --profile "$profile" --target "$target" --bin pifleet \
+        --no-default-features "${features[@]}"
 
 dir=$profile
 [ "$profile" = dev ] && dir=debug

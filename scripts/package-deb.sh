@@ -10,7 +10,9 @@
 # md5sums; its maintainer scripts use deb-systemd-invoke and
 # deb-systemd-helper. `apt install ./pifleet_*.deb` installs it;
 # `lintian` reports no error on it (tests/deploy/check.sh).
-# PIFLEET_DEB_MAINTAINER="Name <mail>" sets the Maintainer field.
+# PIFLEET_DEB_MAINTAINER="Name <mail>" sets the Maintainer field;
+# PIFLEET_DEB_VERSION the package's version (default: Cargo.toml's), e.g.
+# 0.1.0+local.2 for a build of your own that upgrade.yaml should roll out.
 # The example configurations come from this checkout's `pifleet config
 # default` (built for the host), so they always match the code.
 set -euo pipefail
@@ -24,7 +26,9 @@ arch=$1
 binary=$2
 [ -x "$binary" ] || { echo "$0: $binary is not an executable file" >&2; exit 66; }
 
-version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
+version=${PIFLEET_DEB_VERSION:-$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)}
+echo "$version" | grep -Eq '^[0-9][A-Za-z0-9.+~]*$' ||
+    { echo "$0: PIFLEET_DEB_VERSION '$version' is not a Debian upstream version (digits first; letters, digits, . + ~)" >&2; exit 64; }
 description=$(sed -n 's/^description = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Checks of what goes onto the Pis, short of booting them (tests/deploy/enroll.py
 # does that): the Ansible code linted, the systemd units verified and rated
-# by systemd itself, the ARM64 build and its .deb inspected.
+# by systemd itself, the ARM64 build and its .deb inspected, the amd64
+# package built as the Pi's is (without the developer commands), linted and
+# its node's memory measured.
 #
 #     tests/deploy/check.sh      # uses sudo for one private mount unless run as root
 #
@@ -42,9 +44,9 @@ for unit in systemd/pifleet-node.service systemd/pifleet-coordinator.service; do
     awk -v s="$score" 'BEGIN { exit !(s <= 2.5) }' || fail "$unit is rated $score, above 2.5"
 done
 
-echo "==> scripts/build-arm64.sh (PROFILE=${PROFILE:-release})"
+echo "==> scripts/build-arm64.sh (PROFILE=${PROFILE:-pi})"
 deb=$(scripts/build-arm64.sh | tail -n1)
-dir=${PROFILE:-release}
+dir=${PROFILE:-pi}
 [ "$dir" = dev ] && dir=debug
 binary=target/aarch64-unknown-linux-gnu/$dir/pifleet
 # (Not `tee /dev/stderr`: reopening stderr truncates a log it is redirected to.)
@@ -71,9 +73,33 @@ for kind in node coordinator; do
 done
 echo "    $deb: the binary, both units and the example configs"
 # Debian's own checks: no error (warnings are shown).
-findings=$(lintian --fail-on error --tag-display-limit 0 "$deb" 2>&1) \
-    || { echo "$findings" >&2; fail "lintian reports errors on $deb"; }
-echo "$findings" | grep -v 'root privileges' >&2 || true
-dpkg-deb -e "$deb" "$bindir/DEBIAN" && [ -s "$bindir/DEBIAN/md5sums" ] || fail "$deb has no md5sums"
-echo "    lintian: no error on $deb"
+lint() {
+    local findings
+    findings=$(lintian --fail-on error --tag-display-limit 0 "$1" 2>&1) \
+        || { echo "$findings" >&2; fail "lintian reports errors on $1"; }
+    echo "$findings" | grep -v 'root privileges' >&2 || true
+    rm -rf "$bindir/DEBIAN"
+    dpkg-deb -e "$1" "$bindir/DEBIAN" && [ -s "$bindir/DEBIAN/md5sums" ] || fail "$1 has no md5sums"
+    echo "    lintian: no error on $1"
+}
+lint "$deb"
+
+# The Pi package's binary, built for this machine as for a Pi (profile pi,
+# no default features): tests/deploy/enroll.py installs its package.
+echo "==> the amd64 package: the Pi package's build, without the developer commands"
+cargo build --locked --profile pi --no-default-features --bin pifleet --target-dir target/lean
+lean=target/lean/pi/pifleet
+for dev in up ollama-sim bench; do
+    if "$lean" "$dev" --help >/dev/null 2>&1; then fail "$lean has the developer command '$dev'"; fi
+done
+"$lean" node --help >/dev/null && "$lean" coordinator --help >/dev/null && "$lean" status --help >/dev/null ||
+    fail "$lean lacks the node, the coordinator or the client"
+lint "$(scripts/package-deb.sh amd64 "$lean" | tail -n1)"
+# Its node's idle RSS, as `pifleet bench node-footprint` measures it: at
+# least 2 MB below the 10 MB target (docs/BENCHMARKS.md).
+figures=$(target/debug/pifleet bench node-footprint --node-binary "$lean" --agents 100 --seconds 1) ||
+    fail "pifleet bench node-footprint --node-binary $lean failed"
+rss=$(echo "$figures" | python3 -c 'import json, sys; print(json.load(sys.stdin)["rss_idle_bytes"])')
+echo "    $lean: $(stat -c %s "$lean") bytes; its node idle: $rss bytes RSS"
+[ "$rss" -le 8000000 ] || fail "the package's node uses $rss bytes idle, above 8,000,000 (10 MB target less 2 MB)"
 echo "==> deployment checks passed"

@@ -4,24 +4,29 @@
 Four "machines" are Debian roots made by debootstrap (cached between runs)
 and booted with their own systemd under systemd-nspawn on the host network,
 each with sshd on its own loopback port: a coordinator host and three Pis.
-Each Pi's Ollama is a `pifleet ollama-sim` on the host (Ollama cannot be
-downloaded here), so the ollama role runs with ollama_install=false and only
-pulls models.
+The playbooks log in as `pi`, who uses sudo, as on Raspberry Pi OS. Each
+Pi's Ollama is installed by the ollama role from a local release archive
+(checksum pinned) of Ollama's layout whose `bin/ollama serve` starts
+`pifleet ollama-sim` (Ollama cannot be downloaded here).
 
 The playbook installs Mosquitto with users and ACLs, the coordinator and two
 nodes of different agent_capacity; then the checks a user would make:
 units active, the daemons' own lines in the journal, both nodes in
 `pifleet status`, agents placed in proportion to capacity, a chat answered.
-The seed's `--limit new-pi-node --extra-vars "pi_hostname=... pi_ip=...
-agent_capacity=..."` enrolls the third Pi; a second run changes nothing;
+An Ollama archive with the wrong sha256 installs nothing; the seed's
+`--limit new-pi-node --extra-vars "pi_hostname=... pi_ip=...
+agent_capacity=..."` enrolls the third Pi; a second run and --check change
+nothing; upgrade.yaml rolls a new version one Pi at a time under chats;
 `systemctl stop pifleet-node` moves a Pi's agents and `start` brings it back;
-the broker refuses anonymous clients and keeps each user in its lane.
+the broker refuses anonymous clients and keeps each user in its lane;
+remove-node.yaml retires a Pi.
 
 Needs root, systemd-nspawn, debootstrap, Ansible and mosquitto-clients
-(scripts/test.sh installs them), target/debug/pifleet and the amd64 .deb
-(scripts/package-deb.sh amd64 target/debug/pifleet).
+(scripts/test.sh installs them), target/debug/pifleet, the Pi package's
+amd64 build target/lean/pi/pifleet and its .deb (tests/deploy/check.sh
+builds both).
 
-    sudo tests/deploy/enroll.py            # about three minutes with a cached root
+    sudo tests/deploy/enroll.py            # about six minutes with a cached root
 """
 
 import hashlib
@@ -43,11 +48,15 @@ REPO = Path(__file__).resolve().parents[2]
 PIFLEET = Path(os.environ.get("PIFLEET_BIN", REPO / "target/debug/pifleet"))
 VERSION = re.search(r'^version = "(.*)"$', (REPO / "Cargo.toml").read_text(), re.M).group(1)
 DEB = Path(os.environ.get("PIFLEET_DEB", REPO / f"target/deb/pifleet_{VERSION}_amd64.deb"))
+# The binary that DEB packages (the Pi package's build), for a new version of it.
+DEB_BINARY = Path(os.environ.get("PIFLEET_DEB_BINARY", REPO / "target/lean/pi/pifleet"))
 CACHE = Path(os.environ.get("PIFLEET_E2E_CACHE", Path.home() / ".cache/pifleet-e2e"))
 SUITE = "bookworm"
 MIRROR = os.environ.get("PIFLEET_E2E_MIRROR", "http://deb.debian.org/debian")
 PACKAGES = "systemd,systemd-sysv,dbus,openssh-server,python3,python3-apt,sudo,ca-certificates"
 ANSIBLE_PLAYBOOK = shutil.which("ansible-playbook") or "ansible-playbook"
+# Who the playbooks log in as: not root.
+ANSIBLE_USER = "pi"
 
 # The fleet: inventory name -> agent_capacity (None: the coordinator host).
 # new-pi-node is the seed's placeholder, enrolled later as aria128.
@@ -137,6 +146,18 @@ class Machine:
         ssh_dir = self.root / "root/.ssh"
         ssh_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         (ssh_dir / "authorized_keys").write_text(Path(f"{key}.pub").read_text())
+        # The playbooks log in as `pi`, who uses sudo without a password, as
+        # on Raspberry Pi OS (its /etc/sudoers.d/010_pi-nopasswd); the test's
+        # own probes log in as root.
+        run(["chroot", str(self.root), "useradd", "--create-home", "--shell", "/bin/bash",
+             "--groups", "sudo", ANSIBLE_USER])
+        sudoers = self.root / "etc/sudoers.d/010_pi-nopasswd"
+        sudoers.write_text(f"{ANSIBLE_USER} ALL=(ALL) NOPASSWD: ALL\n")
+        sudoers.chmod(0o440)
+        run(["chroot", str(self.root), "install", "-d", "-m", "700", "-o", ANSIBLE_USER, "-g", ANSIBLE_USER,
+             f"/home/{ANSIBLE_USER}/.ssh"])
+        run(["chroot", str(self.root), "install", "-m", "600", "-o", ANSIBLE_USER, "-g", ANSIBLE_USER,
+             "/root/.ssh/authorized_keys", f"/home/{ANSIBLE_USER}/.ssh/authorized_keys"])
         self.console = open(self.dir / "console.log", "w")
         self.proc = subprocess.Popen(
             ["systemd-nspawn", "-D", str(self.root), "-M", name, "--register=no", "--keep-unit",
@@ -176,27 +197,39 @@ class Machine:
 # --- the fleet's own tools ---------------------------------------------------
 
 
-class OllamaSim:
-    """One Pi's Ollama: `pifleet ollama-sim` on a port of its choosing."""
+OLLAMA_STAND_IN = """#!/bin/sh
+# Ollama's bin/ollama in pifleet's end-to-end test: `serve` starts the simulator.
+here=$(dirname "$(readlink -f "$0")")
+case "$1" in
+    serve) exec "$here/../lib/ollama/pifleet" ollama-sim --listen "${OLLAMA_HOST:-127.0.0.1:11434}" \\
+        --models tinyllama --first-token-ms 0 --tokens-per-sec 5000 ;;
+    -v|--version) echo "ollama version is 0.0.0-e2e" ;;
+    *) echo "ollama (pifleet e2e stand-in): only serve" >&2; exit 2 ;;
+esac
+"""
 
-    def __init__(self):
-        self.proc = subprocess.Popen(
-            [str(PIFLEET), "ollama-sim", "--listen", "127.0.0.1:0", "--models", "tinyllama",
-             "--first-token-ms", "0", "--tokens-per-sec", "5000"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        line = self.proc.stdout.readline()
-        match = re.search(r"listening on (http://\S+)", line)
-        check(match, f"ollama-sim did not say where it listens: {line!r}")
-        self.url = match.group(1)
 
-    def models(self):
-        with urllib.request.urlopen(self.url + "/api/tags", timeout=5) as r:
-            check(r.status == 200, f"GET {self.url}/api/tags answered {r.status}")
-            return sorted(m["name"] for m in json.load(r)["models"])
+def ollama_archive(workdir):
+    """An archive of Ollama's release layout (bin/ollama, lib/ollama/) whose
+    `bin/ollama serve` starts `pifleet ollama-sim` on OLLAMA_HOST: the role
+    installs it as it installs Ollama. Its path and sha256."""
+    tree = workdir / "ollama-archive"
+    (tree / "bin").mkdir(parents=True)
+    (tree / "lib/ollama").mkdir(parents=True)
+    (tree / "bin/ollama").write_text(OLLAMA_STAND_IN)
+    (tree / "bin/ollama").chmod(0o755)
+    # Without its debug information: a few MB to copy to each Pi, not 100s.
+    run(["objcopy", "--strip-debug", str(PIFLEET), str(tree / "lib/ollama/pifleet")])
+    archive = workdir / "ollama-linux-amd64.tgz"
+    run(["tar", "-C", str(tree), "-czf", str(archive), "bin", "lib"])
+    return archive, hashlib.sha256(archive.read_bytes()).hexdigest()
 
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait()
+
+def ollama_models(url):
+    """The models the Ollama at `url` has."""
+    with urllib.request.urlopen(url + "/api/tags", timeout=5) as r:
+        check(r.status == 200, f"GET {url}/api/tags answered {r.status}")
+        return sorted(m["name"] for m in json.load(r)["models"])
 
 
 def api(base, path):
@@ -258,9 +291,10 @@ def mqtt(tool, port, user, password, *args, timeout=10):
     return run(cmd + list(args), check_rc=False, timeout=timeout)
 
 
-def retained(port, user, password, topic):
-    """Retained messages under `topic` as the given user sees them."""
-    sub = mqtt("mosquitto_sub", port, user, password, "-t", topic, "-v", "--retained-only", "-W", "2")
+def retained(port, user, password, topic, *tls):
+    """Retained messages under `topic` as the given user sees them (`tls`:
+    mosquitto_sub's TLS options)."""
+    sub = mqtt("mosquitto_sub", port, user, password, *tls, "-t", topic, "-v", "--retained-only", "-W", "2")
     # 27: the -W timeout, after the retained messages (if any) arrived.
     check(sub.returncode in (0, 27), f"mosquitto_sub as {user} on {topic}: rc {sub.returncode} {sub.stderr.strip()}")
     return [line for line in sub.stdout.splitlines() if line.strip()]
@@ -273,29 +307,25 @@ def enroll(workdir):
     key = workdir / "id_ed25519"
     run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)])
     image = root_image()
-    machines, sims = {}, {}
+    machines = {}
     try:
         for name in [COORDINATOR, *PIS, NEW_PI[0]]:
             machines[name] = Machine(name, image, workdir / "machines", key)
-        for name in [*PIS, NEW_PI[0]]:
-            sims[name] = OllamaSim()
         for machine in machines.values():
             machine.wait_booted()
         log("four machines booted with systemd")
-        run_checks(workdir, machines, sims, key)
+        run_checks(workdir, machines, key)
     finally:
         for machine in machines.values():
             machine.stop()
-        for sim in sims.values():
-            sim.stop()
 
 
-def inventory(workdir, machines, sims, key, mqtt_port, api_port):
+def inventory(workdir, machines, key, mqtt_port, api_port, archive):
     def host(name, **hostvars):
         return {"ansible_host": "127.0.0.1", "ansible_port": machines[name].ssh_port, **hostvars}
 
     def pi(name, **hostvars):
-        return host(name, ollama_url=sims[name].url, pifleet_node_api_listen=f"127.0.0.1:{free_port()}",
+        return host(name, ollama_url=f"http://127.0.0.1:{free_port()}", pifleet_node_api_listen=f"127.0.0.1:{free_port()}",
                     pifleet_node_heartbeat_secs=2, **hostvars)
 
     nodes_group = {name: pi(name, agent_capacity=cap, pifleet_node_labels={"board": "pi5" if cap > 2 else "pi4"})
@@ -309,14 +339,17 @@ def inventory(workdir, machines, sims, key, mqtt_port, api_port):
     nodes_group[NEW_PI[0]] = pi(NEW_PI[0], ansible_host="{{ pi_ip | default('') }}")
     data = {"all": {
         "vars": {
-            "ansible_user": "root",
+            "ansible_user": ANSIBLE_USER,
             "ansible_ssh_private_key_file": str(key),
             "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
             "ansible_python_interpreter": "/usr/bin/python3",
             "pifleet_deb": str(DEB),
             "pifleet_mqtt_port": mqtt_port,
             "mosquitto_listen_address": "127.0.0.1",
-            "ollama_install": False,
+            # Ollama as the role installs it: from a local archive, checked.
+            "ollama_version": "0.0.0-e2e",
+            "ollama_archive": str(archive[0]),
+            "ollama_sha256": {"amd64": archive[1]},
         },
         "children": {
             "coordinator": {"hosts": {COORDINATOR: host(
@@ -331,10 +364,12 @@ def inventory(workdir, machines, sims, key, mqtt_port, api_port):
     return path
 
 
-def run_checks(workdir, machines, sims, key):
+def run_checks(workdir, machines, key):
     mqtt_port, api_port = free_port(), free_port()
     base = f"http://127.0.0.1:{api_port}"
-    inv = inventory(workdir, machines, sims, key, mqtt_port, api_port)
+    archive = ollama_archive(workdir)
+    inv = inventory(workdir, machines, key, mqtt_port, api_port, archive)
+    hostvars = json.loads(inv.read_text())["all"]["children"]["nodes"]["hosts"]
     credentials = inv.parent / "credentials"
 
     # 1. One run enrolls the broker, the coordinator and two nodes.
@@ -350,10 +385,20 @@ def run_checks(workdir, machines, sims, key):
         journal = machine.ssh("journalctl -u pifleet-node --no-pager -o cat").stdout
         check(f"node {name} ready: online" in journal,
               f"the journal of {name} holds the daemon's own lines:\n{journal[-2000:]}")
-        check("llama3.2:latest" in sims[name].models(), f"the ollama role pulled llama3.2 on {name}")
-        conf = machine.ssh("cat /etc/pifleet/node.toml; stat -c %a /etc/pifleet/node.env").stdout
-        check(f"\nagent_capacity = {PIS[name]}\n" in conf and conf.strip().endswith("600"),
-              f"{name}'s configuration renders its capacity; its secrets file is 0600:\n{conf}")
+        check("llama3.2:latest" in ollama_models(hostvars[name]["ollama_url"]),
+              f"the ollama role installed Ollama and pulled llama3.2 on {name}")
+        ollama = machine.ssh("systemctl is-active ollama; readlink /usr/local/bin/ollama; "
+                             "systemctl show -p User --value ollama").stdout.split()
+        check(ollama == ["active", "/opt/ollama/0.0.0-e2e-amd64/bin/ollama", "ollama"],
+              f"Ollama runs from the pinned archive as its own user on {name}: {ollama}")
+        conf = machine.ssh("cat /etc/pifleet/node.toml; stat -c '%a %U' /etc/pifleet/credentials/pifleet-node-mqtt_password; "
+                           "ls /etc/pifleet/node.env; cat /etc/systemd/system/pifleet-node.service.d/credentials.conf",
+                           check_rc=False).stdout
+        check(f"\nagent_capacity = {PIS[name]}\n" in conf and "600 root\n" in conf and "node.env" not in conf
+              and "LoadCredential=mqtt_password:/etc/pifleet/credentials/pifleet-node-mqtt_password" in conf
+              and "password =" not in conf,
+              f"{name}'s configuration renders its capacity; its broker password is a systemd credential "
+              f"in a root-only file (not in the config, not in the environment):\n{conf}")
     log("units active, journals hold the daemons' lines, models pulled")
 
     # The units' limits and weights, and the store's directory opened.
@@ -402,8 +447,21 @@ def run_checks(workdir, machines, sims, key):
     check(answer.strip(), "a chat turn is answered")
     log(f"spawn --count 3 placed 1:2, then --count 3 more {placed}; chat answered")
 
-    # 3. The seed's command enrolls one more Pi.
+    # 3. The seed's command enrolls one more Pi; first with an Ollama
+    #    archive whose sha256 is not the pinned one, which installs nothing.
     name, hostname, capacity = NEW_PI
+    wrong = "0" * 64
+    _, out = playbook(inv, "--limit", name, "--extra-vars",
+                      f"pi_hostname={hostname} pi_ip=127.0.0.1 agent_capacity={capacity}",
+                      "--extra-vars", json.dumps({"ollama_sha256": {"amd64": wrong}}),
+                      label="wrong-ollama-sha256", must_fail=True)
+    check(f"has sha256 {archive[1]}, not ollama_sha256.amd64 {wrong}" in out and "nothing was installed" in out,
+          f"the refusal gives both sums:\n{out[-3000:]}")
+    left = machines[name].ssh("ls /usr/local/bin/ollama /opt/ollama/*/bin /var/cache/pifleet-ollama/*; "
+                              "getent passwd ollama; dpkg-query -W pifleet; ls /etc/systemd/system/ollama.service",
+                              check_rc=False).stdout
+    check(not left.strip(), f"a wrong sha256 installs nothing (no Ollama, no user, no unit, no pifleet): {left!r}")
+    log("an Ollama archive with the wrong sha256: refused, both sums named, nothing installed")
     recap, _ = playbook(inv, "--limit", name, "--extra-vars",
                         f"pi_hostname={hostname} pi_ip=127.0.0.1 agent_capacity={capacity}", label="enroll-new-pi")
     check(recap.get(name, {}).get("ok", 0) > 10, f"{name} went through the node's tasks: {recap}")
@@ -499,24 +557,76 @@ def run_checks(workdir, machines, sims, key):
           f"pi-b's broker user is gone: rc {refused.returncode} {refused.stderr!r}")
     log(f"remove-node.yaml: pi-b drained ({after}), purged, its broker user refused, forgotten")
 
+    # 9. TLS on the broker: the fleet (without pi-b) enrolled again with
+    #    pifleet_mqtt_tls.
+    check_tls(workdir, machines, base, mqtt_port, credentials, dashboard, hostname)
+
+
+def check_tls(workdir, machines, base, mqtt_port, credentials, dashboard, hostname):
+    """pi-fleet.yaml with pifleet_mqtt_tls: true makes a fleet CA on the
+    controller and a certificate for Mosquitto, whose TLS listener is then
+    the only one; every daemon connects over TLS, verifying the broker with
+    the CA, and mosquitto_sub with the CA sees the fleet."""
+    tls_port = free_port()
+    data = json.loads((workdir / "inventory" / "inventory-full.yaml").read_text())
+    del data["all"]["children"]["nodes"]["hosts"]["pi-b"]
+    data["all"]["vars"].update(pifleet_mqtt_tls=True, pifleet_mqtt_tls_port=tls_port)
+    tls_inv = workdir / "inventory" / "inventory-tls.yaml"
+    tls_inv.write_text(json.dumps(data, indent=2))
+    recap, out = playbook(tls_inv, label="tls")
+    check(not any(r["failed"] for r in recap.values()), f"pi-fleet.yaml with TLS ran cleanly: {recap}")
+    ca = credentials / "tls" / "ca.pem"
+    check(ca.is_file() and not (credentials / "tls" / "ca.key").stat().st_mode & 0o077,
+          "the fleet CA is kept beside the credentials, its key readable by its owner only")
+    with socket.socket() as plain:
+        try:
+            plain.connect(("127.0.0.1", mqtt_port))
+            check(False, f"the plain MQTT port {mqtt_port} still accepts connections")
+        except ConnectionRefusedError:
+            pass
+    pis = {"pi-a": "pi-a", hostname: NEW_PI[0]}
+    wait_for("the nodes online over TLS", lambda: all(nodes(base)[n]["state"] == "online" for n in pis), timeout=60)
+    connected = f"connected to MQTT broker 127.0.0.1:{tls_port} (TLS, verified with /etc/pifleet/mqtt-ca.pem)"
+    for unit, host in [("pifleet-coordinator", COORDINATOR), *[("pifleet-node", h) for h in pis.values()]]:
+        journal = machines[host].ssh(f"journalctl -u {unit} --no-pager -o cat").stdout
+        check(connected in journal, f"{unit} on {host} connected over TLS, verifying the broker with the CA:\n"
+                                    f"{journal[-1500:]}")
+    statuses = retained(tls_port, *dashboard, "pifleet/nodes/+/status", "--cafile", str(ca))
+    check({f"pifleet/nodes/{n}/status online" for n in pis} <= set(statuses),
+          f"mosquitto_sub with the fleet CA sees the fleet: {statuses}")
+    other = workdir / "other-ca"
+    other.mkdir()
+    run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(other / "ca.key"), "-out", str(other / "ca.pem"), "-days", "1", "-subj", "/CN=other"])
+    refused = mqtt("mosquitto_sub", tls_port, *dashboard, "--cafile", str(other / "ca.pem"),
+                   "-t", "pifleet/#", "-W", "2")
+    check(refused.returncode not in (0, 27), f"a client with another CA is refused: rc {refused.returncode}")
+    log(f"TLS: plain port {mqtt_port} closed; coordinator and nodes on {tls_port} verified with the fleet CA; "
+        "mosquitto_sub with the CA sees the fleet, with another CA it is refused")
+
 
 def check_upgrade(inv, machines, base, placeholder, hostname, capacity):
     """ansible/upgrade.yaml: refuses while the coordinator knows a node the
-    inventory lacks; with it, rolls a rebuilt package (same version, new
-    content) over the Pis one at a time, each node restarted once, while
-    chats go on without one failing."""
+    inventory lacks; with it, rolls a package of a new version over the Pis
+    one at a time (at most one drained at any moment, each node restarted
+    once) and then the coordinator host, while one client per agent chats
+    on without a failed chat; a second run changes nothing."""
     _, out = playbook(inv, label="upgrade-refused", book="upgrade.yaml", must_fail=True)
     check(f"knows nodes the inventory lacks: {hostname}" in out, f"the refusal names {hostname}:\n{out[-3000:]}")
-    # The Pi enrolled through the placeholder, in the inventory now.
+    # A package of a new version, built from the same binary.
+    new_version = f"{VERSION}+e2e.1"
+    deb = run(["scripts/package-deb.sh", "amd64", str(DEB_BINARY)], cwd=REPO,
+              env={**os.environ, "PIFLEET_DEB_VERSION": new_version}).stdout.strip().splitlines()[-1]
+    new_deb = REPO / deb
+    check(new_deb.is_file() and new_version in new_deb.name, f"package-deb.sh wrote the new version: {deb}")
+    # The Pi enrolled through the placeholder, in the inventory now, and the
+    # new package.
     data = json.loads(inv.read_text())
+    data["all"]["vars"]["pifleet_deb"] = str(new_deb)
     nodes_group = data["all"]["children"]["nodes"]["hosts"]
     nodes_group[hostname] = {**nodes_group[placeholder], "ansible_host": "127.0.0.1", "agent_capacity": capacity}
     full = inv.parent / "inventory-full.yaml"
     full.write_text(json.dumps(data, indent=2))
-    # A rebuild: same version, new content.
-    run(["scripts/package-deb.sh", "amd64", str(PIFLEET)], cwd=REPO,
-        env={**os.environ, "PIFLEET_DEB_MAINTAINER": "pifleet rebuild <pifleet@example.org>"})
-    new_sum = hashlib.sha256(DEB.read_bytes()).hexdigest()
     hosts = {"pi-a": "pi-a", "pi-b": "pi-b", hostname: placeholder}
     ready = lambda host, node: machines[host].ssh(  # noqa: E731
         f"journalctl -u pifleet-node --no-pager -o cat | grep -c 'node {node} ready'", check_rc=False).stdout.strip()
@@ -529,41 +639,67 @@ def check_upgrade(inv, machines, base, placeholder, hostname, capacity):
     for agent in resting:
         cli(base, "stop", agent)
     wait_for("two agents fewer", lambda: len(api(base, "/v1/agents")["agents"]) == len(agents))
-    failures, chats, stop = [], [0], [False]
+    stop = threading.Event()
+    answered, failures, retries, most_cordoned = {a: 0 for a in agents}, [], [0], [0]
 
-    def chat_on():
-        while not stop[0]:
-            for agent in agents:
-                try:
-                    cli(base, "chat", "--no-stream", "--wait", "30", agent, "still there?", timeout=90)
-                except Failure as e:
-                    failures.append(f"{agent}: {e}")
-                chats[0] += 1
+    def client(agent):
+        """One client per agent, chatting on. `pifleet chat` asks again,
+        within --wait, only on a retryable error (a 503 with Retry-After
+        naming a move, or no connection): each time it says so on stderr."""
+        while not stop.is_set():
+            proc = run([str(PIFLEET), "chat", "--no-stream", "--wait", "30", agent, "still there?",
+                        "--coordinator", base], check_rc=False, timeout=90)
+            retries[0] += proc.stderr.count("asking again in")
+            if proc.returncode == 0 and proc.stdout.strip():
+                answered[agent] += 1
+            else:
+                failures.append(f"{agent}: rc {proc.returncode} {proc.stderr.strip()[-300:]}")
 
-    chatter = threading.Thread(target=chat_on, daemon=True)
-    chatter.start()
+    def watch_cordons():
+        while not stop.is_set():
+            try:
+                cordoned = [n for n, v in nodes(base).items() if v["cordoned"]]
+                most_cordoned[0] = max(most_cordoned[0], len(cordoned))
+            except (Failure, OSError, ValueError):
+                pass  # the coordinator restarting, last
+            time.sleep(0.2)
+
+    threads = [threading.Thread(target=client, args=(a,), daemon=True) for a in agents]
+    threads.append(threading.Thread(target=watch_cordons, daemon=True))
+    for thread in threads:
+        thread.start()
     try:
         recap, out = playbook(full, label="upgrade", book="upgrade.yaml")
     finally:
-        stop[0] = True
-        chatter.join(timeout=120)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=120)
     check(not any(r["failed"] for r in recap.values()), f"upgrade.yaml ran cleanly: {recap}")
     after = {node: int(ready(host, node) or 0) for node, host in hosts.items()}
     check(all(after[n] == before[n] + 1 for n in hosts), f"each node restarted once: {before} -> {after}")
     for host in [*hosts.values(), COORDINATOR]:
-        installed = machines[host].ssh("cat /var/cache/pifleet/installed.sha256").stdout.strip()
-        check(installed == new_sum, f"{host} runs the rebuilt package: {installed} != {new_sum}")
-        maintainer = machines[host].ssh("dpkg-query -W -f='${Maintainer}' pifleet").stdout
-        check("pifleet rebuild" in maintainer, f"dpkg on {host} has the rebuild installed: {maintainer!r}")
-    check(chats[0] > 0 and not failures, f"{chats[0]} chats during the upgrade, failed: {failures}")
+        installed = machines[host].ssh("dpkg-query -W -f='${Version}' pifleet").stdout
+        check(installed == new_version, f"{host} has pifleet {new_version} installed, not {installed!r}")
+    check(not failures and all(answered.values()),
+          f"every chat answered during the upgrade ({answered}); failed: {failures}")
+    check(most_cordoned[0] == 1, f"at most one Pi drained at any moment, and one was: {most_cordoned[0]}")
     listed = nodes(base)
     check(all(listed[n]["state"] == "online" and not listed[n]["cordoned"] for n in hosts),
           f"every node online and uncordoned after the upgrade: {listed}")
+    check(sum(agents_by_node(base).values()) == len(agents), "the same number of agents running")
+    log(f"upgrade.yaml: one Pi at a time to {new_version}, each node restarted once; "
+        f"{sum(answered.values())} chats from {len(agents)} clients meanwhile, none failed, "
+        f"{retries[0]} asked again on a retryable error")
+    recap, out = playbook(full, label="upgrade-again", book="upgrade.yaml")
+    changed = {h: r["changed"] for h, r in recap.items() if r["changed"]}
+    check(not changed and not any(r["failed"] for r in recap.values()),
+          f"a second upgrade.yaml run reports changed=0, not {changed}:\n{out[-4000:]}")
+    check(all(int(ready(host, node) or 0) == after[node] for node, host in hosts.items()),
+          "the second run restarted no node")
+    log("upgrade.yaml again: changed=0, no node drained or restarted")
     for agent in resting:
         cli(base, "spawn", agent, "--model", "llama3.2")
     wait_for("all six agents running again", lambda: sum(agents_by_node(base).values()) == len(agents) + 2)
-    log(f"upgrade.yaml: refused without {hostname}; then one Pi at a time, each restarted once, "
-        f"{chats[0]} chats meanwhile, none failed")
 
 
 def check_broker(port, credentials, dashboard):
@@ -622,7 +758,7 @@ def main():
     for tool in ["systemd-nspawn", "debootstrap", "mosquitto_sub", ANSIBLE_PLAYBOOK]:
         if not shutil.which(tool):
             sys.exit(f"tests/deploy/enroll.py: {tool} not found (scripts/test.sh installs it)")
-    for path in [PIFLEET, DEB]:
+    for path in [PIFLEET, DEB, DEB_BINARY]:
         if not path.exists():
             sys.exit(f"tests/deploy/enroll.py: {path} is missing (scripts/test.sh builds it)")
     started = time.monotonic()

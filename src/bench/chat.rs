@@ -55,6 +55,10 @@ pub struct ChatArgs {
     /// Tokens a second of the simulator it starts (default: at once).
     #[arg(long)]
     tokens_per_sec: Option<f64>,
+    /// Run the coordinator and the nodes it starts from this program, e.g.
+    /// the Pi package's build (which has no benchmarks of its own).
+    #[arg(long, conflicts_with_all = ["coordinator", "openai"])]
+    daemon_binary: Option<std::path::PathBuf>,
 }
 
 /// Where the clients send their chats.
@@ -178,6 +182,9 @@ pub async fn bench(args: &ChatArgs, stack: &mut Stack) -> Result<Value, BenchErr
         (Some(url), _) => Api::new(url, args.token.clone(), args.concurrency),
         (None, Some(url)) => Api::new(url, args.token.clone(), args.concurrency),
         (None, None) => {
+            if let Some(binary) = &args.daemon_binary {
+                stack.run_daemons_from(binary)?;
+            }
             let capacity = args.agents.div_ceil(args.nodes) as u32;
             let mqtt = args.mqtt.as_deref();
             let rate = args.tokens_per_sec;

@@ -23,8 +23,8 @@ pub struct FootprintArgs {
     /// Use this broker (HOST:PORT) instead of starting Mosquitto.
     #[arg(long)]
     mqtt: Option<String>,
-    /// Run the node from this program (e.g. the Pi package's binary, built
-    /// without the benchmarks) instead of this one.
+    /// Run the node (and the coordinator) from this program, e.g. the Pi
+    /// package's binary, built without the benchmarks.
     #[arg(long)]
     node_binary: Option<std::path::PathBuf>,
 }
@@ -41,13 +41,7 @@ pub async fn bench(args: &FootprintArgs, stack: &mut Stack) -> Result<Value, Ben
     let capacity = u32::try_from(args.agents)
         .map_err(|_| BenchError::new(format!("--agents {} is too many", args.agents)))?;
     if let Some(binary) = &args.node_binary {
-        if !binary.is_file() {
-            return Err(BenchError::new(format!(
-                "--node-binary {}: no such file",
-                binary.display()
-            )));
-        }
-        stack.node_binary = Some(binary.clone());
+        stack.run_daemons_from(binary)?;
     }
     let (api, _, _) = start_fleet(stack, args.mqtt.as_deref(), 1, capacity, "").await?;
     let node = stack.pid("bench-node-1")?;

@@ -18,9 +18,9 @@ pub struct Stack {
     pub dir: PathBuf,
     children: Vec<(String, Child)>,
     keep: bool,
-    /// The program nodes run from (None: this one), e.g. the Pi package's
-    /// binary, built without the benchmarks.
-    pub node_binary: Option<PathBuf>,
+    /// The program the coordinator and the nodes run from (None: this
+    /// one), e.g. the Pi package's binary, built without the benchmarks.
+    pub daemon_binary: Option<PathBuf>,
 }
 
 /// A broker address.
@@ -65,7 +65,7 @@ impl Stack {
             dir,
             children: Vec::new(),
             keep: false,
-            node_binary: None,
+            daemon_binary: None,
         })
     }
 
@@ -125,6 +125,26 @@ impl Stack {
         let exe = std::env::current_exe()
             .map_err(|e| BenchError::new(format!("cannot find this program: {e}")))?;
         self.spawn_from(&exe, name, args)
+    }
+
+    /// Starts a daemon from `daemon_binary` (or this program).
+    fn spawn_daemon(&mut self, name: &str, args: &[&str]) -> Result<u32, BenchError> {
+        match self.daemon_binary.clone() {
+            Some(exe) => self.spawn_from(&exe, name, args),
+            None => self.spawn(name, args),
+        }
+    }
+
+    /// Sets the program the daemons run from; an error if it is no file.
+    pub fn run_daemons_from(&mut self, binary: &Path) -> Result<(), BenchError> {
+        if !binary.is_file() {
+            return Err(BenchError::new(format!(
+                "{}: no such file",
+                binary.display()
+            )));
+        }
+        self.daemon_binary = Some(binary.to_owned());
+        Ok(())
     }
 
     /// Starts `EXE ARGS`, logging to `NAME.log`.
@@ -227,7 +247,7 @@ impl Stack {
             ),
         )?;
         let config = config.display().to_string();
-        let pid = self.spawn("coordinator", &["coordinator", "--config", &config])?;
+        let pid = self.spawn_daemon("coordinator", &["coordinator", "--config", &config])?;
         let line = self.wait_log("coordinator", "coordinator ready: API ")?;
         let api = line.split(',').next().unwrap_or("").trim().to_owned();
         Ok((api, pid))
@@ -251,10 +271,7 @@ impl Stack {
             ),
         )?;
         let config = config.display().to_string();
-        let pid = match self.node_binary.clone() {
-            Some(exe) => self.spawn_from(&exe, id, &["node", "--config", &config])?,
-            None => self.spawn(id, &["node", "--config", &config])?,
-        };
+        let pid = self.spawn_daemon(id, &["node", "--config", &config])?;
         self.wait_log(id, &format!("node {id} ready"))?;
         Ok(pid)
     }

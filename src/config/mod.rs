@@ -246,6 +246,8 @@ pub struct RawMqtt {
     port: Option<Spanned<i64>>,
     username: Option<Spanned<String>>,
     password: Option<Spanned<String>>,
+    /// `ca_file`: its name before issue 16.
+    #[serde(alias = "ca_file")]
     tls_ca_file: Option<Spanned<String>>,
     keep_alive_secs: Option<Spanned<i64>>,
     topic_root: Option<Spanned<String>>,

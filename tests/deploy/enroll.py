@@ -548,10 +548,12 @@ def run_checks(workdir, machines, key):
     after = wait_for("pi-b's agents running on the other nodes", lambda: (
         lambda p: "pi-b" not in p and sum(p.values()) == total - 1 and p)(agents_by_node(base)), timeout=30)
     check("pi-b" not in nodes(base), f"the coordinator no longer lists pi-b: {sorted(nodes(base))}")
-    purged = machines["pi-b"].ssh("dpkg-query -W -f='${db:Status-Abbrev}' pifleet; ls /etc/pifleet",
-                                  check_rc=False).stdout
-    check("ii" not in purged and "rc" not in purged and "node.toml" not in purged,
-          f"pifleet is purged (not just removed) on pi-b: {purged!r}")
+    purged = machines["pi-b"].ssh("dpkg-query -W -f='${db:Status-Abbrev}' pifleet", check_rc=False).stdout
+    left = machines["pi-b"].ssh("ls /etc/pifleet /etc/systemd/system/pifleet-node.service.d "
+                                "/var/lib/private/pifleet-node", check_rc=False).stdout
+    check("ii" not in purged and "rc" not in purged and not left.strip(),
+          f"pifleet is purged (not just removed) on pi-b, its drop-ins and state too: {purged!r} {left!r}")
+    check(not (credentials / "mqtt-node-pi-b").exists(), "pi-b's broker password is gone from the controller")
     refused = mqtt("mosquitto_pub", mqtt_port, "pi-b", password_b, "-t", "pifleet/e2e", "-m", "x")
     check(refused.returncode != 0 and "not authorised" in refused.stderr.lower(),
           f"pi-b's broker user is gone: rc {refused.returncode} {refused.stderr!r}")
@@ -647,8 +649,12 @@ def check_upgrade(inv, machines, base, placeholder, hostname, capacity):
         within --wait, only on a retryable error (a 503 with Retry-After
         naming a move, or no connection): each time it says so on stderr."""
         while not stop.is_set():
-            proc = run([str(PIFLEET), "chat", "--no-stream", "--wait", "30", agent, "still there?",
-                        "--coordinator", base], check_rc=False, timeout=90)
+            try:
+                proc = run([str(PIFLEET), "chat", "--no-stream", "--wait", "30", agent, "still there?",
+                            "--coordinator", base], check_rc=False, timeout=90)
+            except subprocess.TimeoutExpired:
+                failures.append(f"{agent}: no answer within 90 s")
+                continue
             retries[0] += proc.stderr.count("asking again in")
             if proc.returncode == 0 and proc.stdout.strip():
                 answered[agent] += 1

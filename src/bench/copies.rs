@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio::sync::watch;
 
-use super::Api;
+use super::{Api, BenchError};
 
 /// How long a sample waits for each machine: long enough for a busy (or
 /// just thawed) node to answer, so that it is not taken for an empty one.
@@ -132,14 +132,34 @@ fn names(list: &Value, name: impl Fn(&Value) -> Option<&str>) -> Vec<String> {
         .collect()
 }
 
-/// Every machine's own agent list, now (for the final count).
-pub async fn hosted(machines: &[Machine]) -> BTreeMap<String, Vec<String>> {
+/// Every machine's own agent list, now (for the final count), but for the
+/// nodes killed (`dead`). A machine that does not answer is asked again (a
+/// loaded 2-core machine can take longer than a sample's limit), and one
+/// that never does is an error, not a machine that hosts nothing.
+pub async fn hosted(
+    machines: &[Machine],
+    dead: &[&str],
+) -> Result<BTreeMap<String, Vec<String>>, BenchError> {
     let mut by_agent: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for m in machines {
-        let (_, h, _) = sample(m, Duration::from_secs(2)).await;
-        for name in h {
+    for m in machines.iter().filter(|m| !dead.contains(&m.node.as_str())) {
+        let mut names = None;
+        for _ in 0..3 {
+            let (answered, h, _) = sample(m, Duration::from_secs(2)).await;
+            if answered {
+                names = Some(h);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let names = names.ok_or_else(|| {
+            BenchError::new(format!(
+                "node {} did not list its agents in 3 tries",
+                m.node
+            ))
+        })?;
+        for name in names {
             by_agent.entry(name).or_default().push(m.node.clone());
         }
     }
-    by_agent
+    Ok(by_agent)
 }

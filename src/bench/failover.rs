@@ -178,10 +178,20 @@ pub async fn bench(args: &FailoverArgs, stack: &mut Stack) -> Result<Value, Benc
     let copies = watcher
         .await
         .map_err(|e| BenchError::new(format!("the watcher failed: {e}")))?;
-    let hosted = copies::hosted(&machines).await;
+    let dead = if args.mode == Mode::Kill {
+        vec![victim.as_str()]
+    } else {
+        vec![]
+    };
+    let hosted = copies::hosted(&machines, &dead).await?;
     let not_once: Vec<String> = (1..=args.agents)
         .map(|i| format!("fo-{i}"))
         .filter(|name| hosted.get(name).map_or(0, Vec::len) != 1)
+        .collect();
+    // Where those are (no node, or several), to tell the two apart.
+    let not_once_hosts: BTreeMap<&String, &[String]> = not_once
+        .iter()
+        .map(|name| (name, hosted.get(name).map_or(&[][..], Vec::as_slice)))
         .collect();
     let secs = |d: Option<Duration>| round3(d.unwrap_or_default().as_secs_f64());
     Ok(json!({
@@ -195,6 +205,7 @@ pub async fn bench(args: &FailoverArgs, stack: &mut Stack) -> Result<Value, Benc
         "generating_twice": copies.generating_twice,
         "duplicates": copies.hosted_twice.max(copies.generating_twice),
         "not_hosted_once_at_end": not_once,
+        "not_hosted_once_at_end_hosts": not_once_hosts,
         "samples": copies.samples,
         "unanswered_samples": copies.unanswered,
         "max_sample_gap_ms": copies.max_gap_ms,

@@ -85,7 +85,13 @@ pub async fn bench(args: &FootprintArgs, stack: &mut Stack) -> Result<Value, Ben
     let per_agent = anon_loaded.saturating_sub(anon_idle) / args.agents as u64;
     Ok(json!({
         "bench": "node-footprint",
-        "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+        // The build of the node measured: this program's, or unknown when
+        // --node-binary named another.
+        "build": match &args.node_binary {
+            Some(_) => "given",
+            None if cfg!(debug_assertions) => "debug",
+            None => "release",
+        },
         "node_binary": node_binary.display().to_string(),
         "node_binary_bytes": binary_bytes,
         "heartbeat_secs": crate::config::NodeConfig::with_defaults("x", 1).heartbeat.as_secs(),

@@ -19,6 +19,9 @@ ansible-lint --profile production ansible inventory.example.yaml
 for book in pi-fleet remove-node upgrade; do
     ansible-playbook -i inventory.example.yaml "ansible/$book.yaml" --syntax-check
 done
+# The fleet CA maker of the mosquitto role, with the Python that runs
+# ansible-playbook (scripts/test.sh puts its virtualenv first on PATH).
+python3 tests/deploy/fleet_tls_test.py
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
 grep -qx "pifleet_package_version: $version" ansible/roles/pifleet_package/defaults/main.yaml ||
     fail "pifleet_package_version in ansible/roles/pifleet_package/defaults/main.yaml is not Cargo.toml's $version"

@@ -203,24 +203,25 @@ here=$(dirname "$(readlink -f "$0")")
 case "$1" in
     serve) exec "$here/../lib/ollama/pifleet" ollama-sim --listen "${OLLAMA_HOST:-127.0.0.1:11434}" \\
         --models tinyllama --first-token-ms 0 --tokens-per-sec 5000 ;;
-    -v|--version) echo "ollama version is 0.0.0-e2e" ;;
+    -v|--version) echo "ollama version is @VERSION@" ;;
     *) echo "ollama (pifleet e2e stand-in): only serve" >&2; exit 2 ;;
 esac
 """
 
 
-def ollama_archive(workdir):
+def ollama_archive(workdir, version="0.0.0-e2e"):
     """An archive of Ollama's release layout (bin/ollama, lib/ollama/) whose
     `bin/ollama serve` starts `pifleet ollama-sim` on OLLAMA_HOST: the role
     installs it as it installs Ollama. Its path and sha256."""
-    tree = workdir / "ollama-archive"
+    tree = workdir / f"ollama-archive-{version}"
     (tree / "bin").mkdir(parents=True)
     (tree / "lib/ollama").mkdir(parents=True)
-    (tree / "bin/ollama").write_text(OLLAMA_STAND_IN)
+    (tree / "bin/ollama").write_text(OLLAMA_STAND_IN.replace("@VERSION@", version))
     (tree / "bin/ollama").chmod(0o755)
     # Without its debug information: a few MB to copy to each Pi, not 100s.
     run(["objcopy", "--strip-debug", str(PIFLEET), str(tree / "lib/ollama/pifleet")])
-    archive = workdir / "ollama-linux-amd64.tgz"
+    archive = workdir / version / "ollama-linux-amd64.tgz"
+    archive.parent.mkdir()
     run(["tar", "-C", str(tree), "-czf", str(archive), "bin", "lib"])
     return archive, hashlib.sha256(archive.read_bytes()).hexdigest()
 
@@ -550,9 +551,12 @@ def run_checks(workdir, machines, key):
     check("pi-b" not in nodes(base), f"the coordinator no longer lists pi-b: {sorted(nodes(base))}")
     purged = machines["pi-b"].ssh("dpkg-query -W -f='${db:Status-Abbrev}' pifleet", check_rc=False).stdout
     left = machines["pi-b"].ssh("ls /etc/pifleet /etc/systemd/system/pifleet-node.service.d "
-                                "/var/lib/private/pifleet-node", check_rc=False).stdout
+                                "/var/lib/private/pifleet-node /usr/local/bin/ollama /opt/ollama "
+                                "/etc/systemd/system/ollama.service /usr/share/ollama; getent passwd ollama; "
+                                "pgrep -u ollama", check_rc=False).stdout
     check("ii" not in purged and "rc" not in purged and not left.strip(),
-          f"pifleet is purged (not just removed) on pi-b, its drop-ins and state too: {purged!r} {left!r}")
+          f"pifleet is purged (not just removed) on pi-b, its drop-ins and state too, and Ollama with its "
+          f"models, unit and user: {purged!r} {left!r}")
     check(not (credentials / "mqtt-node-pi-b").exists(), "pi-b's broker password is gone from the controller")
     refused = mqtt("mosquitto_pub", mqtt_port, "pi-b", password_b, "-t", "pifleet/e2e", "-m", "x")
     check(refused.returncode != 0 and "not authorised" in refused.stderr.lower(),
@@ -575,6 +579,12 @@ def check_tls(workdir, machines, base, mqtt_port, credentials, dashboard, hostna
     data["all"]["vars"].update(pifleet_mqtt_tls=True, pifleet_mqtt_tls_port=tls_port)
     tls_inv = workdir / "inventory" / "inventory-tls.yaml"
     tls_inv.write_text(json.dumps(data, indent=2))
+    # --check first, with no certificate made yet: it shows the change and
+    # fails nowhere.
+    recap, out = playbook(tls_inv, "--check", "--diff", label="tls-check-first")
+    check(not any(r["failed"] for r in recap.values()) and recap[COORDINATOR]["changed"],
+          f"--check --diff right after turning TLS on shows changes and no failure: {recap}\n{out[-3000:]}")
+    check((credentials / "tls" / "ca.pem").is_file(), "--check made the fleet CA on the controller")
     recap, out = playbook(tls_inv, label="tls")
     check(not any(r["failed"] for r in recap.values()), f"pi-fleet.yaml with TLS ran cleanly: {recap}")
     ca = credentials / "tls" / "ca.pem"
@@ -603,8 +613,24 @@ def check_tls(workdir, machines, base, mqtt_port, credentials, dashboard, hostna
     refused = mqtt("mosquitto_sub", tls_port, *dashboard, "--cafile", str(other / "ca.pem"),
                    "-t", "pifleet/#", "-W", "2")
     check(refused.returncode not in (0, 27), f"a client with another CA is refused: rc {refused.returncode}")
+    # The certificates start on 2020-01-01, not on the controller's clock: a
+    # client whose clock is 400 days behind (a Pi without a battery-backed
+    # clock) accepts the broker.
+    behind = run(["faketime", "-f", "-400d", "mosquitto_sub", "-h", "127.0.0.1", "-p", str(tls_port),
+                  "-u", dashboard[0], "-P", dashboard[1], "--cafile", str(ca), "-t", "pifleet/nodes/pi-a/status",
+                  "-v", "--retained-only", "-W", "2"], check_rc=False)
+    check(behind.returncode in (0, 27) and "pifleet/nodes/pi-a/status online" in behind.stdout,
+          f"a client 400 days behind accepts the broker's certificate: rc {behind.returncode} {behind.stderr.strip()}")
     log(f"TLS: plain port {mqtt_port} closed; coordinator and nodes on {tls_port} verified with the fleet CA; "
-        "mosquitto_sub with the CA sees the fleet, with another CA it is refused")
+        "mosquitto_sub with the CA sees the fleet (also 400 days behind), with another CA it is refused")
+    recap, out = playbook(tls_inv, label="tls-again")
+    changed = {h: r["changed"] for h, r in recap.items() if r["changed"]}
+    check(not changed and not any(r["failed"] for r in recap.values()),
+          f"a second run with TLS reports changed=0, not {changed}:\n{out[-4000:]}")
+    recap, out = playbook(tls_inv, "--check", "--diff", label="tls-check")
+    bad = {h: r for h, r in recap.items() if r["changed"] or r["failed"]}
+    check(not bad, f"--check --diff with TLS on reports no change and no failure, not {bad}:\n{out[-4000:]}")
+    log("TLS: a second run changed=0; --check --diff no change, no failure")
 
 
 def check_upgrade(inv, machines, base, placeholder, hostname, capacity):
@@ -621,10 +647,13 @@ def check_upgrade(inv, machines, base, placeholder, hostname, capacity):
               env={**os.environ, "PIFLEET_DEB_VERSION": new_version}).stdout.strip().splitlines()[-1]
     new_deb = REPO / deb
     check(new_deb.is_file() and new_version in new_deb.name, f"package-deb.sh wrote the new version: {deb}")
-    # The Pi enrolled through the placeholder, in the inventory now, and the
-    # new package.
+    # The Pi enrolled through the placeholder, in the inventory now, the new
+    # package and a new Ollama.
+    new_ollama = "0.0.1-e2e"
+    ollama = ollama_archive(inv.parent.parent, new_ollama)
     data = json.loads(inv.read_text())
-    data["all"]["vars"]["pifleet_deb"] = str(new_deb)
+    data["all"]["vars"].update(pifleet_deb=str(new_deb), ollama_version=new_ollama, ollama_archive=str(ollama[0]),
+                               ollama_sha256={"amd64": ollama[1]})
     nodes_group = data["all"]["children"]["nodes"]["hosts"]
     nodes_group[hostname] = {**nodes_group[placeholder], "ansible_host": "127.0.0.1", "agent_capacity": capacity}
     full = inv.parent / "inventory-full.yaml"
@@ -633,6 +662,24 @@ def check_upgrade(inv, machines, base, placeholder, hostname, capacity):
     ready = lambda host, node: machines[host].ssh(  # noqa: E731
         f"journalctl -u pifleet-node --no-pager -o cat | grep -c 'node {node} ready'", check_rc=False).stdout.strip()
     before = {node: int(ready(host, node) or 0) for node, host in hosts.items()}
+    # A turn that fails after the install (the node's /ready asked on a port
+    # it does not listen on): the run stops naming pi-a, which stays
+    # cordoned, and its package is not noted installed, so that the next run
+    # takes it up again.
+    marker = "/var/cache/pifleet/installed.sha256"
+    _, out = playbook(full, "--limit", "pi-a", "--extra-vars",
+                      json.dumps({"pifleet_node_api_listen": "127.0.0.1:1", "upgrade_ready_retries": 1}),
+                      label="upgrade-fails", book="upgrade.yaml", must_fail=True)
+    fatal = out.find("fatal: [pi-a]")
+    failed_at = re.findall(r"^TASK \[(.*)\]", out[:fatal], re.M)[-1:] if fatal >= 0 else []
+    check(failed_at == ["Wait until the node is ready again"]
+          and re.search(r"^pi-a\s*: ok=\d+\s+changed=\d+\s+unreachable=0\s+failed=1", out, re.M),
+          f"the failed turn stops the run at pi-a's readiness check:\n{out[-3000:]}")
+    check(nodes(base)["pi-a"]["cordoned"], "a Pi whose turn failed stays cordoned")
+    noted = machines["pi-a"].ssh(f"cat {marker}; ls /var/cache/pifleet/upgrade-pending").stdout.split()
+    check(noted == [hashlib.sha256(DEB.read_bytes()).hexdigest(), "/var/cache/pifleet/upgrade-pending"],
+          f"a Pi whose turn failed keeps the old package noted installed and its turn pending: {noted}")
+    log("upgrade.yaml: a turn failed after the install stops the run at pi-a, cordoned, not noted upgraded")
     # Room for any one node's agents on the others (9 slots, the largest
     # node 4): two of the six agents stop for the upgrade, so that a drain
     # never waits for its deadline and leaves an agent without a node.
@@ -682,7 +729,19 @@ def check_upgrade(inv, machines, base, placeholder, hostname, capacity):
             thread.join(timeout=120)
     check(not any(r["failed"] for r in recap.values()), f"upgrade.yaml ran cleanly: {recap}")
     after = {node: int(ready(host, node) or 0) for node, host in hosts.items()}
-    check(all(after[n] == before[n] + 1 for n in hosts), f"each node restarted once: {before} -> {after}")
+    # pi-a: once in the failed turn, once when this run took it up again.
+    check(all(after[n] == before[n] + (2 if n == "pi-a" else 1) for n in hosts),
+          f"each node restarted once by the run (pi-a twice, with the failed turn): {before} -> {after}")
+    for node, host in hosts.items():
+        switched = machines[host].ssh("readlink /usr/local/bin/ollama; ls /opt/ollama; systemctl is-active ollama; "
+                                      "cat /var/cache/pifleet/installed.sha256; ls /var/cache/pifleet/upgrade-pending",
+                                      check_rc=False).stdout.split()
+        check(switched == [f"/opt/ollama/{new_ollama}-amd64/bin/ollama", f"{new_ollama}-amd64", "active",
+                           hashlib.sha256(new_deb.read_bytes()).hexdigest()],
+              f"{host} runs Ollama {new_ollama}, the old version removed, the package noted installed, "
+              f"its turn ended: {switched}")
+        check("llama3.2:latest" in ollama_models(data["all"]["children"]["nodes"]["hosts"][node]["ollama_url"]),
+              f"the models were pulled again into {host}'s new Ollama")
     for host in [*hosts.values(), COORDINATOR]:
         installed = machines[host].ssh("dpkg-query -W -f='${Version}' pifleet").stdout
         check(installed == new_version, f"{host} has pifleet {new_version} installed, not {installed!r}")
@@ -693,7 +752,7 @@ def check_upgrade(inv, machines, base, placeholder, hostname, capacity):
     check(all(listed[n]["state"] == "online" and not listed[n]["cordoned"] for n in hosts),
           f"every node online and uncordoned after the upgrade: {listed}")
     check(sum(agents_by_node(base).values()) == len(agents), "the same number of agents running")
-    log(f"upgrade.yaml: one Pi at a time to {new_version}, each node restarted once; "
+    log(f"upgrade.yaml: one Pi at a time to {new_version} and Ollama {new_ollama}, each node restarted once; "
         f"{sum(answered.values())} chats from {len(agents)} clients meanwhile, none failed, "
         f"{retries[0]} asked again on a retryable error")
     recap, out = playbook(full, label="upgrade-again", book="upgrade.yaml")

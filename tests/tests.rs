@@ -3,6 +3,7 @@
 
 mod util;
 
+mod brokers;
 mod cli;
 mod coordinator;
 mod failover;

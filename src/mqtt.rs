@@ -431,7 +431,14 @@ async fn poll(
                 if brokers.len() > 1 {
                     current = (current + 1) % brokers.len();
                     eventloop.mqtt_options = brokers[current].options.clone();
-                    log::info!("MQTT: trying broker {} next", brokers[current].address);
+                    // (At info once per outage: all brokers down must not
+                    // fill the journal.)
+                    let next = &brokers[current].address;
+                    if failures == 1 {
+                        log::info!("MQTT: trying broker {next} next");
+                    } else {
+                        log::debug!("MQTT: trying broker {next} next");
+                    }
                 }
                 let notify = failures == 1;
                 let delay = backoff.step();

@@ -3,11 +3,11 @@
 
 mod util;
 
-mod brokers;
 mod cli;
 mod coordinator;
 mod failover;
 mod faults;
+mod ha;
 mod models;
 mod monitoring;
 mod nemesis;

@@ -1,5 +1,6 @@
-//! Several brokers in `[mqtt] hosts`: the daemons move to the next one when
-//! theirs fails (docs/HA.md).
+//! No single point of failure (docs/HA.md): several brokers in `[mqtt]
+//! hosts`, the daemons moving to the next one when theirs fails; several
+//! coordinator URLs in the client.
 
 use std::time::Duration;
 
@@ -61,5 +62,48 @@ async fn the_daemons_move_to_the_next_broker_of_mqtt_hosts_when_theirs_dies_and_
         coordinator.placement().await,
         before,
         "moving to the second broker moved no agent"
+    );
+}
+
+/// `--coordinator` (and `PIFLEET_COORDINATOR`) with several URLs: the
+/// client asks the next while one cannot be reached, in either order; a
+/// URL that is not one is refused, named.
+#[tokio::test(flavor = "multi_thread")]
+async fn pifleet_status_with_two_coordinator_urls_works_whichever_one_is_down() {
+    let broker = Mosquitto::start();
+    let coordinator = Coordinator::start(&broker, "");
+    let down = format!("http://127.0.0.1:{}", free_port());
+    let run = |urls: &str| {
+        let out = std::process::Command::new(pifleet_bin())
+            .args(["status", "--json"])
+            .env("PIFLEET_COORDINATOR", urls)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for urls in [
+        format!("{down},{}", coordinator.api),
+        format!("{}, {down}", coordinator.api),
+    ] {
+        let (code, out, err) = run(&urls);
+        assert_eq!(code, Some(0), "{urls}: {err}");
+        let status: pifleet::protocol::FleetStatus = serde_json::from_str(&out).unwrap();
+        assert_eq!(status.summary.nodes_online, 0, "{out}");
+    }
+    let (code, _, err) = run(&format!("{down},{down}"));
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains(&format!("cannot reach the coordinator at {down}, {down}")),
+        "{err}"
+    );
+    let (code, _, err) = run(&format!("{},127.0.0.1:9470", coordinator.api));
+    assert_eq!(code, Some(64), "{err}");
+    assert!(
+        err.contains("\"127.0.0.1:9470\" is not an http:// or https:// URL"),
+        "{err}"
     );
 }

@@ -182,34 +182,28 @@ impl Link {
         client_id: &str,
         will: Option<Will>,
     ) -> Result<Link, LinkError> {
-        let mut options = MqttOptions::new(client_id, config.host.clone(), config.port);
-        options.set_keep_alive(config.keep_alive);
-        options.set_clean_session(true);
-        let transport_limit = config
-            .max_payload_bytes
-            .saturating_mul(TRANSPORT_LIMIT_FACTOR);
-        options.set_max_packet_size(transport_limit, transport_limit);
-        options.set_request_channel_capacity(256);
-        options.set_inflight(100);
-        if let Some(user) = &config.username {
-            options.set_credentials(user.clone(), config.password.clone().unwrap_or_default());
-        }
-        if let Some(will) = will {
-            options.set_last_will(LastWill::new(
-                will.topic,
-                will.payload,
-                QoS::AtLeastOnce,
-                will.retain,
-            ));
-        }
-        if let Some(ca_file) = &config.tls_ca_file {
-            let ca = read_ca_file(ca_file).map_err(LinkError::CaFile)?;
-            options.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
-                ca,
-                alpn: None,
-                client_auth: None,
-            }));
-        }
+        let ca = match &config.tls_ca_file {
+            Some(ca_file) => Some(read_ca_file(ca_file).map_err(LinkError::CaFile)?),
+            None => None,
+        };
+        let will = will.map(|w| LastWill::new(w.topic, w.payload, QoS::AtLeastOnce, w.retain));
+        // The same options for each broker but its address (rumqttc has no
+        // setter for it); the first broker's go to the event loop.
+        let brokers: Vec<Broker> = config
+            .brokers()
+            .into_iter()
+            .map(|(host, port)| {
+                let address = crate::config::address(&host, port);
+                Broker {
+                    options: options_for(config, client_id, host, port, will.clone(), ca.clone()),
+                    address: match &config.tls_ca_file {
+                        Some(ca) => format!("{address} (TLS, verified with {})", ca.display()),
+                        None => address,
+                    },
+                }
+            })
+            .collect();
+        let options = brokers[0].options.clone();
         let (client, mut eventloop) = AsyncClient::new(options, 256);
         eventloop.network_options.set_connection_timeout(5);
         // Commands, turns and replies are small packets that someone waits
@@ -221,15 +215,11 @@ impl Link {
         let (tx, rx) = mpsc::channel(QUEUE_BOUND);
         let (connected_tx, connected) = tokio::sync::watch::channel(false);
         let closing = CancellationToken::new();
-        let address = match &config.tls_ca_file {
-            Some(ca) => format!("{} (TLS, verified with {})", config.address(), ca.display()),
-            None => config.address(),
-        };
         let poller = tokio::spawn(poll(
             eventloop,
             event_tx,
             closing.clone(),
-            address,
+            brokers,
             connected_tx,
         ));
         let sender = tokio::spawn(send(client, rx, connected));
@@ -352,16 +342,60 @@ impl Backoff {
     }
 }
 
+/// The connection options of one broker.
+fn options_for(
+    config: &MqttConfig,
+    client_id: &str,
+    host: String,
+    port: u16,
+    will: Option<LastWill>,
+    ca: Option<Vec<u8>>,
+) -> MqttOptions {
+    let mut options = MqttOptions::new(client_id, host, port);
+    options.set_keep_alive(config.keep_alive);
+    options.set_clean_session(true);
+    let transport_limit = config
+        .max_payload_bytes
+        .saturating_mul(TRANSPORT_LIMIT_FACTOR);
+    options.set_max_packet_size(transport_limit, transport_limit);
+    options.set_request_channel_capacity(256);
+    options.set_inflight(100);
+    if let Some(user) = &config.username {
+        options.set_credentials(user.clone(), config.password.clone().unwrap_or_default());
+    }
+    if let Some(will) = will {
+        options.set_last_will(will);
+    }
+    if let Some(ca) = ca {
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+            ca,
+            alpn: None,
+            client_auth: None,
+        }));
+    }
+    options
+}
+
+/// A broker the link may connect to: its options and its address as logged.
+struct Broker {
+    options: MqttOptions,
+    address: String,
+}
+
+/// Polls the event loop for ever (rumqttc reconnects at each poll after an
+/// error). With several brokers, each failure moves to the next one.
 async fn poll(
     mut eventloop: EventLoop,
     events: mpsc::Sender<LinkEvent>,
     closing: CancellationToken,
-    address: String,
+    brokers: Vec<Broker>,
     connected: tokio::sync::watch::Sender<bool>,
 ) {
     let mut backoff = Backoff::new();
     let mut failures: u64 = 0;
+    let mut current = 0;
     loop {
+        let address = &brokers[current].address;
         let event = eventloop.poll().await;
         let forward = match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -393,6 +427,18 @@ async fn poll(
                     log::warn!("MQTT broker {address} still unreachable after {failures} attempts: {reason}");
                 } else {
                     log::debug!("MQTT broker {address}: {reason}");
+                }
+                if brokers.len() > 1 {
+                    current = (current + 1) % brokers.len();
+                    eventloop.mqtt_options = brokers[current].options.clone();
+                    // (At info once per outage: all brokers down must not
+                    // fill the journal.)
+                    let next = &brokers[current].address;
+                    if failures == 1 {
+                        log::info!("MQTT: trying broker {next} next");
+                    } else {
+                        log::debug!("MQTT: trying broker {next} next");
+                    }
                 }
                 let notify = failures == 1;
                 let delay = backoff.step();

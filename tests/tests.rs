@@ -7,6 +7,7 @@ mod cli;
 mod coordinator;
 mod failover;
 mod faults;
+mod ha;
 mod models;
 mod monitoring;
 mod nemesis;

@@ -18,7 +18,8 @@ use crate::protocol::{
 /// Where the coordinator is and how to talk to it.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Connection {
-    /// Coordinator API URL.
+    /// Coordinator API URL; several, comma separated, are tried in turn
+    /// while one cannot be reached.
     #[arg(
         long,
         global = true,
@@ -162,7 +163,10 @@ pub enum ClientCommand {
 mod models;
 
 struct Api {
-    base: String,
+    /// The coordinators' URLs; a request goes to the one that answered
+    /// last, and to the next while one cannot be reached.
+    bases: Vec<String>,
+    current: std::cell::Cell<usize>,
     token: Option<String>,
     http: reqwest::Client,
 }
@@ -246,28 +250,43 @@ impl Api {
             code: 1,
             message: format!(
                 "cannot reach the coordinator at {}: {}\n(is `pifleet up` or `pifleet coordinator` running? set --coordinator or PIFLEET_COORDINATOR)",
-                self.base,
+                self.bases.join(", "),
                 root_cause(e)
             ),
         }
     }
 
-    /// [`Api::send`], with the transport's own error.
+    /// [`Api::send`], with the transport's own error. Where no connection
+    /// could be made (the request was not sent), the next coordinator is
+    /// asked, each once; an error after the request left is returned as it
+    /// is (the coordinator may have acted on it).
     async fn try_send(
         &self,
         method: Method,
         path: &str,
         body: Option<Value>,
     ) -> Result<Result<reqwest::Response, Refusal>, reqwest::Error> {
-        let url = format!("{}{path}", self.base.trim_end_matches('/'));
-        let mut request = self.http.request(method, &url);
-        if let Some(token) = &self.token {
-            request = request.bearer_auth(token);
-        }
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await?;
+        let first = self.current.get();
+        let mut tried = 0;
+        let response = loop {
+            let at = (first + tried) % self.bases.len();
+            let url = format!("{}{path}", self.bases[at].trim_end_matches('/'));
+            let mut request = self.http.request(method.clone(), &url);
+            if let Some(token) = &self.token {
+                request = request.bearer_auth(token);
+            }
+            if let Some(body) = &body {
+                request = request.json(body);
+            }
+            match request.send().await {
+                Ok(response) => {
+                    self.current.set(at);
+                    break response;
+                }
+                Err(e) if e.is_connect() && tried + 1 < self.bases.len() => tried += 1,
+                Err(e) => return Err(e),
+            }
+        };
         let status = response.status();
         let retry_after = response
             .headers()
@@ -392,8 +411,28 @@ pub fn run(command: ClientCommand) -> Result<(), Failure> {
         .enable_all()
         .build()
         .map_err(|e| Failure::runtime(&e))?;
+    let bases: Vec<String> = connection
+        .coordinator
+        .split(',')
+        .map(|b| b.trim().to_owned())
+        .filter(|b| !b.is_empty())
+        .collect();
+    if let Some(bad) = bases
+        .iter()
+        .find(|b| !(b.starts_with("http://") || b.starts_with("https://")))
+    {
+        return Err(Failure::usage(format!(
+            "--coordinator (or PIFLEET_COORDINATOR): {bad:?} is not an http:// or https:// URL"
+        )));
+    }
+    if bases.is_empty() {
+        return Err(Failure::usage(
+            "--coordinator (or PIFLEET_COORDINATOR) names no URL".to_owned(),
+        ));
+    }
     let api = Api {
-        base: connection.coordinator.clone(),
+        bases,
+        current: std::cell::Cell::new(0),
         token: connection.token.clone(),
         http: reqwest::Client::new(),
     };

@@ -243,6 +243,8 @@ pub fn socket_addr(v: String) -> Result<SocketAddr, String> {
 #[serde(deny_unknown_fields)]
 pub struct RawMqtt {
     host: Option<Spanned<String>>,
+    /// Several brokers, tried in turn (instead of `host`).
+    hosts: Option<Spanned<Vec<String>>>,
     port: Option<Spanned<i64>>,
     username: Option<Spanned<String>>,
     password: Option<Spanned<String>>,
@@ -257,8 +259,12 @@ pub struct RawMqtt {
 /// Validated broker settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MqttConfig {
+    /// The broker tried first.
     pub host: String,
     pub port: u16,
+    /// Brokers tried in turn after it, each after a failure of the one
+    /// before (`[mqtt] hosts` beyond its first).
+    pub fallbacks: Vec<(String, u16)>,
     pub username: Option<String>,
     pub password: Option<String>,
     /// CA certificates (PEM) to verify the broker with; TLS is on when set.
@@ -274,6 +280,7 @@ impl Default for MqttConfig {
         MqttConfig {
             host: "127.0.0.1".into(),
             port: 1883,
+            fallbacks: Vec::new(),
             username: None,
             password: None,
             tls_ca_file: None,
@@ -295,6 +302,26 @@ impl MqttConfig {
             }
         });
         let port = c.value("mqtt.port", &raw.port, d.port, int_in(1, 65535));
+        let mut brokers = c.value(
+            "mqtt.hosts",
+            &raw.hosts,
+            Vec::new(),
+            |hosts: Vec<String>| {
+                if raw.host.is_some() {
+                    return Err("set either mqtt.host or mqtt.hosts, not both".into());
+                }
+                if hosts.is_empty() {
+                    return Err("lists no broker".into());
+                }
+                hosts.iter().map(|h| broker_address(h, port)).collect()
+            },
+        );
+        let (host, port, fallbacks) = if brokers.is_empty() {
+            (host, port, Vec::new())
+        } else {
+            let (host, port) = brokers.remove(0);
+            (host, port, brokers)
+        };
         let username = c.value("mqtt.username", &raw.username, None, |u| Ok(Some(u)));
         let password = c.value("mqtt.password", &raw.password, None, |p| Ok(Some(p)));
         let tls_ca_file = c.value("mqtt.tls_ca_file", &raw.tls_ca_file, None, |p: String| {
@@ -321,6 +348,7 @@ impl MqttConfig {
         MqttConfig {
             host,
             port,
+            fallbacks,
             username,
             password,
             tls_ca_file,
@@ -346,15 +374,119 @@ impl MqttConfig {
         Ok(())
     }
 
-    /// `host:port` for messages.
+    /// `host:port` of each broker, in the order they are tried, for
+    /// messages.
     pub fn address(&self) -> String {
-        format!("{}:{}", self.host, self.port)
+        let all: Vec<String> = self
+            .brokers()
+            .iter()
+            .map(|(host, port)| address(host, *port))
+            .collect();
+        all.join(", ")
+    }
+
+    /// Every broker, in the order they are tried.
+    pub fn brokers(&self) -> Vec<(String, u16)> {
+        std::iter::once((self.host.clone(), self.port))
+            .chain(self.fallbacks.iter().cloned())
+            .collect()
+    }
+}
+
+/// `host:port`, or `[v6]:port`.
+pub fn address(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// A broker of `mqtt.hosts`: `host`, `host:port`, `v4:port`, `[v6]:port` or
+/// a bare IPv6 address; without a port, `port`.
+fn broker_address(entry: &str, port: u16) -> Result<(String, u16), String> {
+    let bad = || format!("{entry:?} is not a host, host:port or [IPv6]:port");
+    if entry.trim().is_empty() || entry.contains(char::is_whitespace) {
+        return Err(bad());
+    }
+    let parse_port = |p: &str| match p.parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("{entry:?}: the port must be between 1 and 65535")),
+        Ok(p) => Ok(p),
+    };
+    if let Some(rest) = entry.strip_prefix('[') {
+        let (host, after) = rest.split_once(']').ok_or_else(bad)?;
+        return match after.strip_prefix(':') {
+            Some(p) => Ok((host.to_owned(), parse_port(p)?)),
+            None if after.is_empty() => Ok((host.to_owned(), port)),
+            None => Err(bad()),
+        };
+    }
+    match entry.matches(':').count() {
+        0 => Ok((entry.to_owned(), port)),
+        1 => {
+            let (host, p) = entry.split_once(':').ok_or_else(bad)?;
+            if host.is_empty() {
+                return Err(bad());
+            }
+            Ok((host.to_owned(), parse_port(p)?))
+        }
+        // A bare IPv6 address.
+        _ => Ok((entry.to_owned(), port)),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mqtt_hosts_lists_brokers_tried_in_turn_and_a_bad_one_is_named() {
+        let parse = |mqtt: &str| {
+            crate::config::NodeConfig::parse(
+                "node.toml",
+                &format!("node_id = \"n\"\nagent_capacity = 1\n[mqtt]\n{mqtt}\n"),
+            )
+        };
+        let config = parse(
+            "port = 1884\nhosts = [\"a\", \"b:1885\", \"10.0.0.3:1\", \"[::1]:1886\", \"fe80::2\"]",
+        )
+        .unwrap();
+        assert_eq!(
+            config.mqtt.brokers(),
+            [
+                ("a".into(), 1884),
+                ("b".into(), 1885),
+                ("10.0.0.3".into(), 1),
+                ("::1".into(), 1886),
+                ("fe80::2".into(), 1884)
+            ]
+        );
+        assert_eq!(
+            config.mqtt.address(),
+            "a:1884, b:1885, 10.0.0.3:1, [::1]:1886, [fe80::2]:1884"
+        );
+        assert_eq!(address("::1", 1886), "[::1]:1886");
+        let one = parse("host = \"x\"").unwrap();
+        assert_eq!(one.mqtt.brokers(), [("x".into(), 1883)]);
+        for (mqtt, says) in [
+            (
+                "hosts = [\"a\", \"b:0\"]",
+                "mqtt.hosts: \"b:0\": the port must be between 1 and 65535",
+            ),
+            ("hosts = [\"a\", \"b:x\"]", "the port must be"),
+            ("hosts = [\"a b\"]", "\"a b\" is not a host"),
+            ("hosts = [\":1883\"]", "\":1883\" is not a host"),
+            ("hosts = [\"[::1\"]", "is not a host"),
+            ("hosts = []", "mqtt.hosts: lists no broker"),
+            (
+                "host = \"a\"\nhosts = [\"b\"]",
+                "set either mqtt.host or mqtt.hosts, not both",
+            ),
+        ] {
+            let err = parse(mqtt).unwrap_err().to_string();
+            assert!(err.contains(says), "{mqtt}: {err}");
+        }
+    }
 
     #[test]
     fn a_credential_is_read_without_its_line_break_and_an_empty_one_is_refused() {

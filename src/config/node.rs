@@ -51,6 +51,7 @@ fence_secs = 7
 
 [mqtt]
 host = "127.0.0.1"
+# hosts = ["192.168.4.10", "192.168.4.11:1884"]   # instead of host: brokers tried in turn (docs/HA.md)
 port = 1883
 # username = "pi-1"
 # password = "..."            # or set PIFLEET_MQTT_PASSWORD

@@ -94,6 +94,12 @@ impl Mosquitto {
         None
     }
 
+    /// Kills the broker (SIGKILL) for good: its port stays closed.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Stops the broker (SIGKILL) and starts it again on the same port.
     pub fn restart(&mut self) {
         self.restart_after(Duration::ZERO);

@@ -342,6 +342,25 @@ impl Backoff {
     }
 }
 
+/// While the daemon is `away` from the first broker, tries a TCP
+/// connection to it every [`PRIMARY_PROBE`] and says when one succeeds.
+async fn probe_primary(
+    (host, port): (String, u16),
+    away: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    back: std::sync::Arc<tokio::sync::Notify>,
+) {
+    loop {
+        tokio::time::sleep(PRIMARY_PROBE).await;
+        if !away.load(std::sync::atomic::Ordering::Relaxed) {
+            continue;
+        }
+        let connect = tokio::net::TcpStream::connect((host.as_str(), port));
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), connect).await {
+            back.notify_one();
+        }
+    }
+}
+
 /// The connection options of one broker.
 fn options_for(
     config: &MqttConfig,
@@ -382,8 +401,24 @@ struct Broker {
     address: String,
 }
 
+/// How often a daemon on another broker than the first checks whether the
+/// first is back (docs/HA.md: daemons split across brokers rely on the
+/// bridge between them).
+const PRIMARY_PROBE: Duration = Duration::from_secs(5);
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Polls the event loop for ever (rumqttc reconnects at each poll after an
-/// error). With several brokers, each failure moves to the next one.
+/// error). With several brokers, each failure moves to the next one, and a
+/// daemon away from the first moves back to it as soon as it accepts
+/// connections again, so that all daemons meet on one broker.
 async fn poll(
     mut eventloop: EventLoop,
     events: mpsc::Sender<LinkEvent>,
@@ -394,9 +429,38 @@ async fn poll(
     let mut backoff = Backoff::new();
     let mut failures: u64 = 0;
     let mut current = 0;
+    let away = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let primary_back = std::sync::Arc::new(tokio::sync::Notify::new());
+    let _probe = (brokers.len() > 1).then(|| {
+        AbortOnDrop(tokio::spawn(probe_primary(
+            brokers[0].options.broker_address(),
+            away.clone(),
+            primary_back.clone(),
+        )))
+    });
     loop {
         let address = &brokers[current].address;
-        let event = eventloop.poll().await;
+        let event = tokio::select! {
+            event = eventloop.poll() => event,
+            // (Dropping the poll future is safe here: its connection is
+            // dropped too.)
+            _ = primary_back.notified(), if current != 0 => {
+                log::info!(
+                    "MQTT: the first broker {} accepts connections again; moving back to it from {address}",
+                    brokers[0].address
+                );
+                eventloop.clean();
+                current = 0;
+                away.store(false, std::sync::atomic::Ordering::Relaxed);
+                eventloop.mqtt_options = brokers[0].options.clone();
+                connected.send_replace(false);
+                let reason = "moving back to the first broker".to_owned();
+                if events.send(LinkEvent::Disconnected { reason }).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
         let forward = match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 connected.send_replace(true);
@@ -430,6 +494,7 @@ async fn poll(
                 }
                 if brokers.len() > 1 {
                     current = (current + 1) % brokers.len();
+                    away.store(current != 0, std::sync::atomic::Ordering::Relaxed);
                     eventloop.mqtt_options = brokers[current].options.clone();
                     // (At info once per outage: all brokers down must not
                     // fill the journal.)

@@ -8,13 +8,14 @@ use serde_json::json;
 
 use crate::util::*;
 
-/// The coordinator and two nodes list two brokers; the first is killed:
-/// each daemon connects to the second within seconds, the nodes stay
-/// online, no agent moves, and every agent answers again.
+/// The coordinator and two nodes list two brokers, a bridge pair; the first
+/// is killed: each daemon connects to the second within seconds, the nodes
+/// stay online, no agent moves, and every agent answers again. The first
+/// back, every daemon moves back to it, and still nothing moves.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_daemons_move_to_the_next_broker_of_mqtt_hosts_when_theirs_dies_and_no_agent_moves() {
     let mut first = Mosquitto::start();
-    let second = Mosquitto::start();
+    let second = Mosquitto::start_bridged(&first);
     let hosts = format!(
         "[mqtt]\nhosts = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]",
         first.port, second.port
@@ -45,11 +46,40 @@ async fn the_daemons_move_to_the_next_broker_of_mqtt_hosts_when_theirs_dies_and_
         tokio::task::block_in_place(|| proc.wait_for_line(&on_second, Duration::from_secs(10)));
     }
     coordinator.wait_nodes_online(2).await;
+    answer_each(&coordinator, &agents, "the second broker").await;
+    assert_eq!(
+        coordinator.placement().await,
+        before,
+        "moving to the second broker moved no agent"
+    );
+
+    // The first broker back: each daemon returns to it (within a probe of
+    // 5 s), so that none stays split from the others.
+    tokio::task::block_in_place(|| first.restart());
+    for proc in [&coordinator.proc, &nodes[0].proc, &nodes[1].proc] {
+        tokio::task::block_in_place(|| {
+            wait_until(
+                "a daemon back on the first broker",
+                Duration::from_secs(15),
+                || proc.count_lines(&on_first) == 2,
+            )
+        });
+    }
+    answer_each(&coordinator, &agents, "the first broker again").await;
+    assert_eq!(
+        coordinator.placement().await,
+        before,
+        "moving back to the first broker moved no agent"
+    );
+}
+
+/// Each agent answers a chat (asked again while its node reconnects).
+async fn answer_each(coordinator: &Coordinator, agents: &[&str], through: &str) {
     for name in agents {
         let body =
             json!({"agent": name, "messages": [{"role": "user", "content": "still there?"}]});
         poll(
-            &format!("{name} answering through the second broker"),
+            &format!("{name} answering through {through}"),
             Duration::from_secs(20),
             || async {
                 let (status, _) = coordinator.post("/v1/chat", body.clone()).await;
@@ -58,11 +88,6 @@ async fn the_daemons_move_to_the_next_broker_of_mqtt_hosts_when_theirs_dies_and_
         )
         .await;
     }
-    assert_eq!(
-        coordinator.placement().await,
-        before,
-        "moving to the second broker moved no agent"
-    );
 }
 
 /// `--coordinator` (and `PIFLEET_COORDINATOR`) with several URLs: the
@@ -72,7 +97,8 @@ async fn the_daemons_move_to_the_next_broker_of_mqtt_hosts_when_theirs_dies_and_
 async fn pifleet_status_with_two_coordinator_urls_works_whichever_one_is_down() {
     let broker = Mosquitto::start();
     let coordinator = Coordinator::start(&broker, "");
-    let down = format!("http://127.0.0.1:{}", free_port());
+    // Port 1: nothing listens there (a free port could be taken meanwhile).
+    let down = "http://127.0.0.1:1".to_owned();
     let run = |urls: &str| {
         let out = std::process::Command::new(pifleet_bin())
             .args(["status", "--json"])

@@ -413,11 +413,19 @@ fn broker_address(entry: &str, port: u16) -> Result<(String, u16), String> {
         Ok(0) | Err(_) => Err(format!("{entry:?}: the port must be between 1 and 65535")),
         Ok(p) => Ok(p),
     };
+    let ipv6 = |host: &str| {
+        let address = host.split('%').next().unwrap_or(host);
+        address
+            .parse::<std::net::Ipv6Addr>()
+            .map(|_| host.to_owned())
+            .map_err(|_| bad())
+    };
     if let Some(rest) = entry.strip_prefix('[') {
         let (host, after) = rest.split_once(']').ok_or_else(bad)?;
+        let host = ipv6(host)?;
         return match after.strip_prefix(':') {
-            Some(p) => Ok((host.to_owned(), parse_port(p)?)),
-            None if after.is_empty() => Ok((host.to_owned(), port)),
+            Some(p) => Ok((host, parse_port(p)?)),
+            None if after.is_empty() => Ok((host, port)),
             None => Err(bad()),
         };
     }
@@ -431,7 +439,7 @@ fn broker_address(entry: &str, port: u16) -> Result<(String, u16), String> {
             Ok((host.to_owned(), parse_port(p)?))
         }
         // A bare IPv6 address.
-        _ => Ok((entry.to_owned(), port)),
+        _ => Ok((ipv6(entry)?, port)),
     }
 }
 
@@ -477,6 +485,8 @@ mod tests {
             ("hosts = [\"a b\"]", "\"a b\" is not a host"),
             ("hosts = [\":1883\"]", "\":1883\" is not a host"),
             ("hosts = [\"[::1\"]", "is not a host"),
+            ("hosts = [\"host:1883:\"]", "\"host:1883:\" is not a host"),
+            ("hosts = [\"[name]:1883\"]", "\"[name]:1883\" is not a host"),
             ("hosts = []", "mqtt.hosts: lists no broker"),
             (
                 "host = \"a\"\nhosts = [\"b\"]",

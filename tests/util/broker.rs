@@ -33,7 +33,17 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start() -> Mosquitto {
-        Self::start_in(tempfile::tempdir().expect("temp dir"), None)
+        Self::start_in(tempfile::tempdir().expect("temp dir"), None, "")
+    }
+
+    /// A broker bridged to the one on `peer`'s port for the fleet's topics,
+    /// both ways, as docs/HA.md's bridge pair (reconnecting within a second).
+    pub fn start_bridged(peer: &Mosquitto) -> Mosquitto {
+        let bridge = format!(
+            "connection pair\naddress 127.0.0.1:{}\ntopic pifleet/# both 1\ncleansession true\nrestart_timeout 1\n",
+            peer.port
+        );
+        Self::start_in(tempfile::tempdir().expect("temp dir"), None, &bridge)
     }
 
     /// A broker with one listener, TLS, whose certificate (for 127.0.0.1)
@@ -42,10 +52,15 @@ impl Mosquitto {
         let dir = tempfile::tempdir().expect("temp dir");
         let ca = super::tls::make_ca(dir.path(), "broker-ca");
         let tls = super::tls::server_cert(dir.path(), &ca, "127.0.0.1");
-        Self::start_in(dir, Some((ca, tls)))
+        Self::start_in(dir, Some((ca, tls)), "")
     }
 
-    fn start_in(dir: tempfile::TempDir, tls: Option<(super::tls::Ca, String)>) -> Mosquitto {
+    /// A broker in `dir`; `tail` ends its configuration (a bridge).
+    fn start_in(
+        dir: tempfile::TempDir,
+        tls: Option<(super::tls::Ca, String)>,
+        tail: &str,
+    ) -> Mosquitto {
         let listener_extra = tls
             .as_ref()
             .map(|(_, conf)| conf.clone())
@@ -54,7 +69,7 @@ impl Mosquitto {
             let port = free_port();
             std::fs::write(
                 dir.path().join("mosquitto.conf"),
-                format!("listener {port} 127.0.0.1\n{listener_extra}allow_anonymous true\npersistence false\nset_tcp_nodelay true\nlog_dest stderr\n"),
+                format!("listener {port} 127.0.0.1\n{listener_extra}allow_anonymous true\npersistence false\nset_tcp_nodelay true\nlog_dest stderr\n{tail}"),
             )
             .expect("write mosquitto.conf");
             if let Some(child) = Self::spawn(dir.path(), port) {

@@ -180,6 +180,14 @@ class Machine:
         if state == "degraded":
             failed = self.ssh("systemctl --failed --no-legend --plain", check_rc=False).stdout
             log(f"{self.name} booted degraded: {failed.strip()}")
+            # The playbooks log in as `pi`: a failed systemd-user-sessions
+            # leaves /run/nologin, which refuses every user but root (seen
+            # once in a container here). Start it again, as an admin would.
+            if "systemd-user-sessions" in failed:
+                self.ssh("systemctl restart systemd-user-sessions || rm -f /run/nologin", check_rc=False)
+                left = self.ssh("ls /run/nologin", check_rc=False).stdout.strip()
+                check(not left, f"{self.name}: /run/nologin still refuses users other than root")
+                log(f"{self.name}: systemd-user-sessions started again; users may log in")
 
     def stop(self):
         if self.proc.poll() is None:

@@ -132,21 +132,120 @@ pub async fn bind(
     Ok((listener, local))
 }
 
-/// Serves `router` on `listener` until `shutdown` is cancelled, then lets
-/// requests in progress finish. Answers go out with `TCP_NODELAY`: hyper
+/// How long connections accepted before a shutdown may still send their
+/// request and have it answered (by a stopping daemon: a 503 that says to
+/// ask again) before idle connections are closed.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Serves `router` on `listener` until `shutdown` is cancelled. Then it
+/// closes the listening socket at once (a client connecting now is refused:
+/// it knows its request was not sent and may ask again elsewhere or later),
+/// answers for [`DRAIN`] the requests of connections it had accepted, and
+/// lets requests in progress finish. Closing an accepted connection that
+/// had not yet delivered its request would leave its client unable to tell
+/// whether the request ran. Answers go out with `TCP_NODELAY`: hyper
 /// writes a response's head and body separately, and Nagle's algorithm
 /// would hold the body until the client acknowledged the head (up to 40 ms
 /// with delayed ACKs).
 pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) {
-    let listener = listener.tap_io(|stream| {
+    let listener = Closing {
+        inner: Some(listener),
+        shutdown: shutdown.clone(),
+    }
+    .tap_io(|stream| {
         if let Err(e) = stream.set_nodelay(true) {
             log::debug!("cannot set TCP_NODELAY on an HTTP connection: {e}");
         }
     });
     let result = axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .with_graceful_shutdown(async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(DRAIN).await;
+        })
         .await;
     if let Err(e) = result {
         log::error!("HTTP server failed: {e}");
+    }
+}
+
+/// A listener that closes its socket when `shutdown` is cancelled, having
+/// taken the connections already waiting in its backlog.
+struct Closing {
+    inner: Option<TcpListener>,
+    shutdown: CancellationToken,
+}
+
+impl axum::serve::Listener for Closing {
+    type Io = tokio::net::TcpStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Some(inner) = self.inner.as_mut() else {
+                return std::future::pending().await;
+            };
+            if self.shutdown.is_cancelled() {
+                // What the kernel already accepted is taken, then the
+                // socket goes: later connections are refused.
+                let waiting = tokio::time::timeout(
+                    std::time::Duration::from_millis(1),
+                    axum::serve::Listener::accept(inner),
+                );
+                match waiting.await {
+                    Ok(connection) => return connection,
+                    Err(_) => self.inner = None,
+                }
+                continue;
+            }
+            tokio::select! {
+                connection = axum::serve::Listener::accept(inner) => return connection,
+                _ = self.shutdown.cancelled() => {}
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        match &self.inner {
+            Some(inner) => inner.local_addr(),
+            None => Err(std::io::Error::other("the listener is closed")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A client that connected just before a shutdown (a chat during a
+    /// restart) gets an answer to the request it sends next; one that
+    /// connects after it is refused, so that it knows nothing was sent.
+    #[tokio::test]
+    async fn a_connection_accepted_before_shutdown_is_answered_and_later_ones_are_refused() {
+        let (listener, addr) = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let shutdown = CancellationToken::new();
+        let router = Router::new().route("/", axum::routing::get(|| async { "answered" }));
+        let server = tokio::spawn(serve(listener, router, shutdown.clone()));
+        let mut early = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        shutdown.cancel();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let late = tokio::net::TcpStream::connect(addr).await;
+        assert_eq!(
+            late.map(|_| ()).unwrap_err().kind(),
+            std::io::ErrorKind::ConnectionRefused
+        );
+        early
+            .write_all(b"GET / HTTP/1.1\r\nHost: pifleet\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        early.read_to_string(&mut answer).await.unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("answered"),
+            "{answer:?}"
+        );
+        server.await.unwrap();
     }
 }

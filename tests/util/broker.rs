@@ -29,6 +29,10 @@ pub struct Mosquitto {
     pub ca: Option<PathBuf>,
     dir: tempfile::TempDir,
     child: Child,
+    /// While killed: the port, bound and not listening, so that connections
+    /// are refused and no other test's broker takes it meanwhile (its
+    /// clients would then meet that test's daemons).
+    held: Option<tokio::net::TcpSocket>,
 }
 
 impl Mosquitto {
@@ -79,6 +83,7 @@ impl Mosquitto {
                     ca,
                     dir,
                     child,
+                    held: None,
                 };
             }
         }
@@ -113,6 +118,7 @@ impl Mosquitto {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.held = Some(hold(self.port));
     }
 
     /// Stops the broker (SIGKILL) and starts it again on the same port.
@@ -122,9 +128,9 @@ impl Mosquitto {
 
     /// Kills the broker, leaves the port closed for `down`, starts it again.
     pub fn restart_after(&mut self, down: Duration) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
         std::thread::sleep(down);
+        self.held = None;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(child) = Self::spawn(self.dir.path(), self.port) {
@@ -138,6 +144,18 @@ impl Mosquitto {
             );
         }
     }
+}
+
+/// The port bound (with `SO_REUSEADDR`, as the broker's own connections
+/// linger in TIME_WAIT) and not listening: connections to it are refused,
+/// and `free_port` does not hand it out.
+fn hold(port: u16) -> tokio::net::TcpSocket {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket to hold the broker's port");
+    socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+    socket
+        .bind(([127, 0, 0, 1], port).into())
+        .unwrap_or_else(|e| panic!("cannot hold port {port} while its broker is down: {e}"));
+    socket
 }
 
 impl Drop for Mosquitto {

@@ -105,6 +105,14 @@ impl Mosquitto {
                 return None; // exited: the port was taken meanwhile
             }
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                // Someone answers: ours only if it is still running a moment
+                // later (another test's broker that got the port first makes
+                // this one exit with "Address already in use", and its
+                // daemons would meet that test's).
+                std::thread::sleep(Duration::from_millis(200));
+                if let Ok(Some(_)) = child.try_wait() {
+                    return None;
+                }
                 return Some(child);
             }
             std::thread::sleep(Duration::from_millis(10));

@@ -9,22 +9,22 @@ use tower::ServiceExt;
 use super::*;
 use crate::config::CoordinatorConfig;
 use crate::coordinator::core::{Coordinator, Now};
-use crate::coordinator::store::Store;
+use crate::coordinator::store::tests::Place;
 use crate::protocol::{AgentState, AgentView, AgentsCreated};
 
 /// A router whose calls run on a core of their own, as in the daemon.
-fn api(token: Option<&str>) -> (Router, tempfile::TempDir) {
+fn api(token: Option<&str>) -> (Router, Place) {
     api_with(token, |_| {})
 }
 
 fn api_with(
     token: Option<&str>,
     tweak: impl FnOnce(&mut CoordinatorConfig),
-) -> (Router, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = CoordinatorConfig::with_defaults(dir.path().join("store.db"));
+) -> (Router, Place) {
+    let place = Place::from_env();
+    let mut config = CoordinatorConfig::with_defaults("unused.db".into());
     tweak(&mut config);
-    let store = Store::open(&config.store_path, config.history_limit).unwrap();
+    let store = place.open(config.history_limit);
     let metrics = Arc::new(CoordinatorMetrics::new());
     let mut core = Coordinator::load(config, store, Now::system(), metrics.clone()).unwrap();
     let (tx, mut requests) = mpsc::channel::<ApiRequest>(16);
@@ -45,7 +45,7 @@ fn api_with(
         max_body: 1024,
         chat_timeout: Duration::from_secs(1),
     };
-    (router(state), dir)
+    (router(state), place)
 }
 
 async fn call(router: &Router, method: &str, path: &str, body: &str) -> (u16, Value) {

@@ -4,6 +4,7 @@
 //! daemon's tick.
 
 use super::*;
+use crate::coordinator::store::tests::Place;
 use crate::protocol::{CpuInfo, MemoryInfo};
 
 const STEP: Duration = Duration::from_millis(250);
@@ -32,16 +33,16 @@ struct Sim {
     /// Every command sent, in order: (node, command).
     sent: Vec<(String, Command)>,
     steps: u64,
-    _dir: tempfile::TempDir,
+    place: Place,
 }
 
 impl Sim {
     fn new(tweak: impl FnOnce(&mut CoordinatorConfig)) -> Sim {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = CoordinatorConfig::with_defaults(dir.path().join("store.db"));
+        let place = Place::from_env();
+        let mut config = CoordinatorConfig::with_defaults("unused.db".into());
         config.scheduler.rebalance_threshold = 0.0;
         tweak(&mut config);
-        let store = Store::open(&config.store_path, config.history_limit).unwrap();
+        let store = place.open(config.history_limit);
         let now = Now::system();
         let metrics = Arc::new(CoordinatorMetrics::new());
         let mut c = Coordinator::load(config, store, now, metrics).unwrap();
@@ -52,7 +53,7 @@ impl Sim {
             nodes: BTreeMap::new(),
             sent: Vec::new(),
             steps: 0,
-            _dir: dir,
+            place,
         }
     }
 
@@ -535,8 +536,40 @@ fn a_job_is_retried_up_to_max_attempts_and_not_for_a_missing_model() {
 /// Runs SQL on the store underneath the running core, as another process
 /// (or a failing disk) would.
 fn sabotage(sim: &Sim, sql: &str) {
-    let conn = rusqlite::Connection::open(sim._dir.path().join("store.db")).unwrap();
-    conn.execute_batch(sql).unwrap();
+    sim.place.open(3).raw(sql).unwrap();
+}
+
+/// Makes writes fail with `message`: each trigger is a name and when it
+/// fires (`BEFORE UPDATE ON agents`), in the store's engine's dialect.
+fn fail_writes(sim: &Sim, triggers: &[(&str, &str)], message: &str) {
+    let sql: String = triggers
+        .iter()
+        .map(|(name, when)| match sim.place {
+            Place::Sqlite(_) => {
+                format!("CREATE TRIGGER {name} {when} BEGIN SELECT RAISE(FAIL, '{message}'); END;")
+            }
+            Place::Postgres(_) => format!(
+                "CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION '{message}'; END $$;
+                 CREATE TRIGGER {name} {when} FOR EACH ROW EXECUTE FUNCTION {name}();"
+            ),
+        })
+        .collect();
+    sabotage(sim, &sql);
+}
+
+/// Drops what [`fail_writes`] created.
+fn allow_writes(sim: &Sim, triggers: &[(&str, &str)]) {
+    let sql: String = triggers
+        .iter()
+        .map(|(name, when)| match sim.place {
+            Place::Sqlite(_) => format!("DROP TRIGGER {name};"),
+            Place::Postgres(_) => {
+                let table = when.rsplit(' ').next().unwrap();
+                format!("DROP TRIGGER {name} ON {table}; DROP FUNCTION {name}();")
+            }
+        })
+        .collect();
+    sabotage(sim, &sql);
 }
 
 fn one_running_on_a() -> Sim {
@@ -564,9 +597,13 @@ fn a_chat_whose_history_cannot_be_read_fails_and_sends_no_turn() {
         panic!("expected a store error, got {error:?}");
     };
     assert!(fault.to_string().contains("history of agent x"), "{fault}");
-    // The SQLite error behind it is kept, for the log.
+    // The engine's error behind it is kept, for the log.
     let source = std::error::Error::source(fault).expect("a source");
-    assert!(source.to_string().contains("no such table"), "{source}");
+    let source = source.to_string();
+    assert!(
+        source.contains("no such table") || source.contains("\"messages\" does not exist"),
+        "{source}"
+    );
     assert_eq!(sim.commands_to("a", CommandKind::Turn), 0);
     // Once the store is readable again, chats go through.
     sabotage(&sim, "ALTER TABLE messages_lost RENAME TO messages");
@@ -609,11 +646,8 @@ fn a_job_whose_history_cannot_be_read_waits_for_the_store_and_then_runs() {
 #[test]
 fn a_delete_whose_state_cannot_be_saved_sends_nothing() {
     let mut sim = one_running_on_a();
-    sabotage(
-        &sim,
-        "CREATE TRIGGER read_only BEFORE UPDATE ON agents
-         BEGIN SELECT RAISE(FAIL, 'disk is read-only'); END",
-    );
+    let read_only = [("read_only", "BEFORE UPDATE ON agents")];
+    fail_writes(&sim, &read_only, "disk is read-only");
     let error = sim.c.delete_agent("x", sim.now).unwrap_err();
     assert!(
         matches!(&error, CoreError::Store(m) if m.to_string().contains("disk is read-only")),
@@ -622,7 +656,7 @@ fn a_delete_whose_state_cannot_be_saved_sends_nothing() {
     sim.deliver();
     assert_eq!(sim.commands_to("a", CommandKind::Release), 0);
     assert_eq!(sim.c.agents["x"].state, AgentState::Running);
-    sabotage(&sim, "DROP TRIGGER read_only");
+    allow_writes(&sim, &read_only);
     assert_eq!(sim.c.delete_agent("x", sim.now).unwrap().state, "stopping");
     sim.deliver();
     assert_eq!(sim.commands_to("a", CommandKind::Release), 1);
@@ -632,11 +666,8 @@ fn a_delete_whose_state_cannot_be_saved_sends_nothing() {
 #[test]
 fn a_drain_whose_flags_cannot_be_saved_is_refused_and_moves_nothing() {
     let mut sim = three_on_a_then_b(|_| {});
-    sabotage(
-        &sim,
-        "CREATE TRIGGER read_only BEFORE INSERT ON nodes
-         BEGIN SELECT RAISE(FAIL, 'disk is read-only'); END",
-    );
+    let read_only = [("read_only", "BEFORE INSERT ON nodes")];
+    fail_writes(&sim, &read_only, "disk is read-only");
     let error = sim.c.drain("a", Some(3), None, sim.now).unwrap_err();
     assert!(matches!(&error, CoreError::Store(_)), "{error:?}");
     sim.run_for(Duration::from_secs(5));
@@ -646,18 +677,23 @@ fn a_drain_whose_flags_cannot_be_saved_is_refused_and_moves_nothing() {
 }
 
 /// Every write the core makes to history, jobs and counters fails.
-const DISK_FULL: &str = "
-    CREATE TRIGGER full1 BEFORE INSERT ON messages BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END;
-    CREATE TRIGGER full2 BEFORE UPDATE ON meta BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END;
-    CREATE TRIGGER full3 BEFORE INSERT ON jobs BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END;
-    CREATE TRIGGER full4 BEFORE INSERT ON meta BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END;";
-const ROOM_AGAIN: &str =
-    "DROP TRIGGER full1; DROP TRIGGER full2; DROP TRIGGER full3; DROP TRIGGER full4;";
+const DISK_FULL: [(&str, &str); 4] = [
+    ("full1", "BEFORE INSERT ON messages"),
+    ("full2", "BEFORE UPDATE ON meta"),
+    ("full3", "BEFORE INSERT ON jobs"),
+    ("full4", "BEFORE INSERT ON meta"),
+];
 
-fn stored_messages(sim: &Sim) -> i64 {
-    let conn = rusqlite::Connection::open(sim._dir.path().join("store.db")).unwrap();
-    conn.query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
-        .unwrap()
+fn disk_full(sim: &Sim) {
+    fail_writes(sim, &DISK_FULL, "database or disk is full");
+}
+
+fn room_again(sim: &Sim) {
+    allow_writes(sim, &DISK_FULL);
+}
+
+fn stored_messages(sim: &Sim) -> usize {
+    sim.place.open(10_000).history("x").unwrap().len()
 }
 
 #[test]
@@ -676,7 +712,7 @@ fn a_chat_whose_answer_cannot_be_stored_is_not_answered_and_the_core_recovers_by
     };
     let mut first = chat(&mut sim);
     assert_eq!(sim.commands_to("a", CommandKind::Turn), 1);
-    sabotage(&sim, DISK_FULL);
+    disk_full(&sim);
     sim.answer_turn_in_batch("a", "hello").unwrap();
     let error = first.try_recv().expect("answered").unwrap_err();
     assert!(
@@ -691,7 +727,7 @@ fn a_chat_whose_answer_cannot_be_stored_is_not_answered_and_the_core_recovers_by
     assert_eq!(sim.commands_to("a", CommandKind::Turn), 1);
     assert!(!sim.c.probe_store(sim.now));
     // Room again: the next probe notices, and chats are stored and answered.
-    sabotage(&sim, ROOM_AGAIN);
+    room_again(&sim);
     assert!(sim.c.probe_store(sim.now));
     let mut again = chat(&mut sim);
     sim.answer_turn_in_batch("a", "hello again").unwrap();
@@ -706,7 +742,7 @@ fn a_chat_whose_answer_cannot_be_stored_is_not_answered_and_the_core_recovers_by
 fn a_job_whose_completion_cannot_be_stored_stays_running_and_completes_once_after_recovery() {
     let mut sim = one_running_on_a();
     let id = sim.submit("x");
-    sabotage(&sim, DISK_FULL);
+    disk_full(&sim);
     sim.answer_turn_in_batch("a", "done").unwrap();
     let job = sim.c.job(&id).unwrap();
     assert_eq!(
@@ -722,7 +758,7 @@ fn a_job_whose_completion_cannot_be_stored_stays_running_and_completes_once_afte
     );
     // Once the store takes writes, the same turn is asked for again (the
     // node answers from its memory) and the job completes on attempt 1.
-    sabotage(&sim, ROOM_AGAIN);
+    room_again(&sim);
     assert!(sim.c.probe_store(sim.now));
     sim.deliver();
     let resent: Vec<&Command> = sim

@@ -1,0 +1,148 @@
+//! Leadership of a shared (PostgreSQL) store: one row, `leader`, holds the
+//! term, the holder, its API URL and when the lease expires.
+//!
+//! A row updated in a transaction, rather than an advisory lock: a lock
+//! lives as long as a session, and a frozen leader's session can outlive
+//! its usefulness by minutes (TCP keeps a SIGSTOPped process's connection
+//! open); a lease ends by itself, and the row carries the term that
+//! fences writes and commands.
+//!
+//! * Expiry is decided by the database's clock alone (`clock_timestamp()`
+//!   in the same statement that tests it): no coordinator's wall clock is
+//!   compared with another's.
+//! * The term only grows, and is above the store's last generation: it is
+//!   the coordinator generation every command carries, so nodes drop the
+//!   commands of a deposed leader.
+//! * Every transaction of a leader checks, before it commits, that its term
+//!   still leads (`FOR SHARE`: a takeover waits for that commit, or comes
+//!   before it and fails it). A leader whose term was taken can therefore
+//!   not store anything, and sends only what it stored.
+//! * The leader times its lease on its own monotonic clock from *before*
+//!   each renewal was sent ([`crate::coordinator::leader`]).
+
+use std::time::Duration;
+
+use super::{Fence, Result, Store};
+
+/// Who leads a shared store, as the store says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leader {
+    pub holder: String,
+    /// The leader's API URL, where followers send requests.
+    pub api: String,
+    pub term: u64,
+    /// False once the lease expired (by the database's clock).
+    pub live: bool,
+}
+
+impl Store {
+    /// The lease row.
+    pub fn leader(&self) -> Result<Leader> {
+        let sql = "SELECT holder, api, term, CASE WHEN expires > clock_timestamp() THEN 1 ELSE 0 END FROM leader WHERE id = 1";
+        let rows = self.rows("read the leader", sql, &[], |r| {
+            Ok(Leader {
+                holder: r.text(0, "leader.holder")?,
+                api: r.text(1, "leader.api")?,
+                term: r.int(2, "leader.term")? as u64,
+                live: r.int(3, "leader.live")? == 1,
+            })
+        })?;
+        rows.into_iter()
+            .next()
+            .ok_or_else(|| self.error("read the leader", "the leader row is missing".into()))
+    }
+
+    /// Takes the lead if the lease expired: the new term, or None while
+    /// another coordinator holds a live lease. From then on, every
+    /// transaction checks the term before it commits.
+    pub fn try_lead(
+        &self,
+        holder: &str,
+        api: &str,
+        lease: Duration,
+        now_ms: u64,
+    ) -> Result<Option<u64>> {
+        let sql = "UPDATE leader SET
+                term = GREATEST(term + 1, COALESCE((SELECT value FROM meta WHERE key = 'generation'), 0) + 1, $1),
+                holder = $2, api = $3, expires = clock_timestamp() + $4 * interval '1 millisecond'
+            WHERE id = 1 AND expires <= clock_timestamp() RETURNING term";
+        let params = [
+            (now_ms as i64).into(),
+            holder.into(),
+            api.into(),
+            (lease.as_millis() as i64).into(),
+        ];
+        let terms = self.rows("take the lead", sql, &params, |r| r.int(0, "leader.term"))?;
+        let term = terms.first().map(|t| *t as u64);
+        if let Some(term) = term {
+            self.fence.replace(Some(Fence {
+                term,
+                holder: holder.to_owned(),
+            }));
+        }
+        Ok(term)
+    }
+
+    /// Extends this leader's lease; false if its term no longer leads.
+    pub fn renew(&self, lease: Duration) -> Result<bool> {
+        let Some(fence) = self.fence.borrow().clone() else {
+            return Ok(false);
+        };
+        let sql = "UPDATE leader SET expires = clock_timestamp() + $1 * interval '1 millisecond'
+            WHERE id = 1 AND term = $2 AND holder = $3 RETURNING term";
+        let params = [
+            (lease.as_millis() as i64).into(),
+            (fence.term as i64).into(),
+            fence.holder.as_str().into(),
+        ];
+        let renewed = self.rows("renew the lease", sql, &params, |r| r.int(0, "leader.term"))?;
+        Ok(!renewed.is_empty())
+    }
+
+    /// Ends this leader's lease now, so that a follower takes over at once
+    /// (a clean stop, a rolling upgrade).
+    pub fn resign(&self) -> Result<()> {
+        let Some(fence) = self.fence.take() else {
+            return Ok(());
+        };
+        let sql = "UPDATE leader SET expires = '-infinity' WHERE id = 1 AND term = $1 AND holder = $2 RETURNING term";
+        let params = [(fence.term as i64).into(), fence.holder.as_str().into()];
+        self.rows("resign", sql, &params, |r| r.int(0, "leader.term"))
+            .map(|_| ())
+    }
+
+    /// Whether this store's leadership was found taken by another term
+    /// (a transaction's term check failed).
+    pub fn deposed(&self) -> bool {
+        self.deposed.get()
+    }
+
+    /// Fails unless this store's term still leads; without a fence (SQLite,
+    /// one coordinator) there is nothing to check.
+    pub(super) fn check_term(&self) -> Result<()> {
+        let Some(fence) = self.fence.borrow().clone() else {
+            return Ok(());
+        };
+        let sql = "SELECT term, holder FROM leader WHERE id = 1 FOR SHARE";
+        let rows = self.rows("check the leader's term", sql, &[], |r| {
+            Ok((r.int(0, "leader.term")? as u64, r.text(1, "leader.holder")?))
+        })?;
+        match rows.first() {
+            Some((term, holder)) if *term == fence.term && *holder == fence.holder => Ok(()),
+            Some((term, holder)) => {
+                self.deposed.set(true);
+                Err(self.error(
+                    "check the leader's term",
+                    format!(
+                        "deposed: term {term} of {holder} leads now, not term {} of {}",
+                        fence.term, fence.holder
+                    ),
+                ))
+            }
+            None => Err(self.error(
+                "check the leader's term",
+                "the leader row is missing".into(),
+            )),
+        }
+    }
+}

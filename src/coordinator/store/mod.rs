@@ -1,0 +1,832 @@
+//! The coordinator's desired state: agents and where they were last placed,
+//! each agent's history (capped), jobs, node flags, and the counters that
+//! must survive restarts (generation, placement ids, job order). Every
+//! change is written before the command that follows from it is sent, so a
+//! coordinator killed at any point restarts with a state it can reconcile
+//! against what the nodes report.
+//!
+//! One set of semantics ([`Store`]) over two engines behind [`Backend`]:
+//! SQLite (WAL, the default, [`sqlite`]) and PostgreSQL ([`postgres`]),
+//! where several coordinators share the store and one leads ([`lease`]).
+//! The SQL is written once, in the dialect both accept.
+
+pub mod lease;
+pub mod postgres;
+pub mod sqlite;
+#[cfg(test)]
+pub(crate) mod tests;
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+pub use crate::protocol::JobState;
+use crate::protocol::{AgentSpec, ChatMessage, Role, Usage};
+
+#[derive(Debug, thiserror::Error)]
+#[error("store {location}: {action}: {message}")]
+pub struct StoreError {
+    location: String,
+    action: &'static str,
+    message: String,
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// A statement parameter.
+#[derive(Debug, Clone, Copy)]
+pub enum Param<'a> {
+    Null,
+    Int(i64),
+    Text(&'a str),
+}
+
+impl<'a> From<&'a str> for Param<'a> {
+    fn from(s: &'a str) -> Self {
+        Param::Text(s)
+    }
+}
+
+impl<'a> From<Option<&'a str>> for Param<'a> {
+    fn from(s: Option<&'a str>) -> Self {
+        s.map_or(Param::Null, Param::Text)
+    }
+}
+
+impl From<i64> for Param<'_> {
+    fn from(v: i64) -> Self {
+        Param::Int(v)
+    }
+}
+
+impl From<Option<i64>> for Param<'_> {
+    fn from(v: Option<i64>) -> Self {
+        v.map_or(Param::Null, Param::Int)
+    }
+}
+
+/// A column value read back.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Null,
+    Int(i64),
+    Text(String),
+}
+
+/// One database connection: what differs between SQLite and PostgreSQL.
+/// Statements use `$1`, `$2`, … placeholders.
+pub trait Backend: Send {
+    /// Runs one statement; returns the rows it changed.
+    fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> std::result::Result<u64, String>;
+    /// Runs one query; integer and text columns only.
+    fn query(
+        &mut self,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> std::result::Result<Vec<Vec<Value>>, String>;
+    /// Runs statements without parameters (schema, BEGIN, COMMIT, …).
+    fn batch(&mut self, sql: &str) -> std::result::Result<(), String>;
+    /// Whether a transaction is open.
+    fn in_transaction(&self) -> bool;
+}
+
+/// Which engine a [`Store`] runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Sqlite,
+    Postgres,
+}
+
+/// An agent as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentRow {
+    pub spec: AgentSpec,
+    pub created_ms: u64,
+    pub state: StoredState,
+    pub node: Option<String>,
+    pub placement: u64,
+}
+
+/// An agent's state as stored: a move in progress is stored as `pending`
+/// (it is placed again after a restart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredState {
+    Pending,
+    Assigned,
+    Running,
+    Stopping,
+}
+
+impl StoredState {
+    pub const ALL: [StoredState; 4] = [
+        StoredState::Pending,
+        StoredState::Assigned,
+        StoredState::Running,
+        StoredState::Stopping,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoredState::Pending => "pending",
+            StoredState::Assigned => "assigned",
+            StoredState::Running => "running",
+            StoredState::Stopping => "stopping",
+        }
+    }
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRow {
+    pub id: String,
+    pub agent: String,
+    pub message: String,
+    pub priority: i64,
+    /// Submission order, for FIFO within a priority.
+    pub seq: u64,
+    pub state: JobState,
+    pub attempts: u32,
+    pub node: Option<String>,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    pub answer: Option<String>,
+    pub error: Option<String>,
+    pub usage: Option<Usage>,
+}
+
+/// Cordon and drain state of a node, kept across coordinator restarts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeFlags {
+    pub cordoned: bool,
+    pub draining: bool,
+    /// Unix ms after which a drain moves every remaining agent at once.
+    pub drain_deadline_ms: Option<u64>,
+    pub drain_max_parallel: Option<usize>,
+}
+
+/// The leadership a store's writes are fenced by: each transaction checks,
+/// before it commits, that this term still leads ([`lease`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub term: u64,
+    pub holder: String,
+}
+
+/// A row read back, decoded column by column; a wrong type or value is an
+/// error naming the column.
+struct Cols<'r> {
+    row: &'r [Value],
+}
+
+impl Cols<'_> {
+    fn get(&self, i: usize, column: &str) -> std::result::Result<&Value, String> {
+        self.row
+            .get(i)
+            .ok_or_else(|| format!("{column}: no such column in the answer"))
+    }
+
+    fn int(&self, i: usize, column: &str) -> std::result::Result<i64, String> {
+        match self.get(i, column)? {
+            Value::Int(v) => Ok(*v),
+            other => Err(format!("{column} is not an integer: {other:?}")),
+        }
+    }
+
+    fn opt_int(&self, i: usize, column: &str) -> std::result::Result<Option<i64>, String> {
+        match self.get(i, column)? {
+            Value::Null => Ok(None),
+            _ => self.int(i, column).map(Some),
+        }
+    }
+
+    fn text(&self, i: usize, column: &str) -> std::result::Result<String, String> {
+        match self.get(i, column)? {
+            Value::Text(v) => Ok(v.clone()),
+            other => Err(format!("{column} is not text: {other:?}")),
+        }
+    }
+
+    fn opt_text(&self, i: usize, column: &str) -> std::result::Result<Option<String>, String> {
+        match self.get(i, column)? {
+            Value::Null => Ok(None),
+            _ => self.text(i, column).map(Some),
+        }
+    }
+
+    /// A text column that must hold one of `known`'s names: anything else
+    /// is an error naming the column and the value, never a default.
+    fn one_of<T: Copy>(
+        &self,
+        i: usize,
+        column: &str,
+        known: &[T],
+        name: impl Fn(T) -> &'static str,
+    ) -> std::result::Result<T, String> {
+        let value = self.text(i, column)?;
+        known
+            .iter()
+            .copied()
+            .find(|k| name(*k) == value)
+            .ok_or_else(|| {
+                let names: Vec<&str> = known.iter().map(|k| name(*k)).collect();
+                format!(
+                    "unknown {column} {value:?} (expected one of {})",
+                    names.join(", ")
+                )
+            })
+    }
+
+    /// A JSON text column; bad JSON is an error naming the column.
+    fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        i: usize,
+        column: &str,
+    ) -> std::result::Result<T, String> {
+        serde_json::from_str(&self.text(i, column)?)
+            .map_err(|e| format!("{column} is not valid JSON: {e}"))
+    }
+}
+
+/// The tables' version, in `meta` under `schema`. A later version adds
+/// its changes to both engines' `SCHEMA` (idempotent statements) and
+/// raises it.
+const SCHEMA_VERSION: i64 = 1;
+
+const ROLES: [Role; 4] = [Role::System, Role::User, Role::Assistant, Role::Tool];
+
+pub struct Store {
+    db: RefCell<Box<dyn Backend>>,
+    engine: Engine,
+    /// Where the store is, for messages (a path, or a URL without password).
+    location: String,
+    history_limit: usize,
+    /// Open [`Store::begin`] batches.
+    batch_depth: Cell<u32>,
+    /// The first error inside the open batch: it fails the whole batch.
+    fault: RefCell<Option<String>>,
+    /// Set while this store's coordinator leads a shared store.
+    fence: RefCell<Option<Fence>>,
+    /// Set once a term check found another term leading.
+    deposed: Cell<bool>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the SQLite store at `path`.
+    pub fn open(path: &Path, history_limit: usize) -> Result<Store> {
+        let location = path.display().to_string();
+        let db = sqlite::Sqlite::open(path).map_err(|(action, message)| StoreError {
+            location: location.clone(),
+            action,
+            message,
+        })?;
+        Store::over(Box::new(db), Engine::Sqlite, location, history_limit)
+    }
+
+    /// Connects to the PostgreSQL store at `url` (creating its tables).
+    pub fn connect(url: &str, history_limit: usize) -> Result<Store> {
+        let location = postgres::redact(url);
+        let db = postgres::Postgres::connect(url).map_err(|message| StoreError {
+            location: location.clone(),
+            action: "connect",
+            message,
+        })?;
+        Store::over(Box::new(db), Engine::Postgres, location, history_limit)
+    }
+
+    fn over(
+        db: Box<dyn Backend>,
+        engine: Engine,
+        location: String,
+        history_limit: usize,
+    ) -> Result<Store> {
+        let store = Store {
+            db: RefCell::new(db),
+            engine,
+            location,
+            history_limit,
+            batch_depth: Cell::new(0),
+            fault: RefCell::new(None),
+            fence: RefCell::new(None),
+            deposed: Cell::new(false),
+        };
+        // A store already at this version is left alone: creating what
+        // exists would still lock tables a leader is writing.
+        let sql = "SELECT value FROM meta WHERE key = 'schema'";
+        let version = store.rows("read the schema version", sql, &[], |r| r.int(0, "meta.value"));
+        match version.ok().and_then(|v| v.first().copied()) {
+            Some(SCHEMA_VERSION) => {}
+            Some(v) if v > SCHEMA_VERSION => {
+                let message = format!("schema version {v} is newer than this pifleet's ({SCHEMA_VERSION}): upgrade pifleet");
+                return Err(store.error("open", message));
+            }
+            _ => {
+                let schema = match engine {
+                    Engine::Sqlite => sqlite::SCHEMA,
+                    Engine::Postgres => postgres::SCHEMA,
+                };
+                let version = format!(
+                    "INSERT INTO meta (key, value) VALUES ('schema', {SCHEMA_VERSION}) ON CONFLICT (key) DO UPDATE SET value = excluded.value;"
+                );
+                let created = store.db.borrow_mut().batch(&format!("{schema}{version}"));
+                created.map_err(store.err("create the schema"))?;
+            }
+        }
+        Ok(store)
+    }
+
+    pub fn engine(&self) -> Engine {
+        self.engine
+    }
+
+    /// Where the store is (a path, or a URL without its password).
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    fn error(&self, action: &'static str, message: String) -> StoreError {
+        StoreError {
+            location: self.location.clone(),
+            action,
+            message,
+        }
+    }
+
+    /// Maps a database error to a [`StoreError`]. Inside a batch it also
+    /// fails the batch: SQLite may have rolled back the transaction by
+    /// itself (SQLITE_FULL, SQLITE_IOERR), PostgreSQL refuses every
+    /// statement after an error, and the writes that follow must not be
+    /// committed one by one without the ones before them.
+    fn err(&self, action: &'static str) -> impl Fn(String) -> StoreError + '_ {
+        move |message| {
+            let error = self.error(action, message);
+            if self.batch_depth.get() > 0 {
+                let mut fault = self.fault.borrow_mut();
+                if fault.is_none() {
+                    *fault = Some(error.to_string());
+                }
+                let mut db = self.db.borrow_mut();
+                if !db.in_transaction() {
+                    // Keep what follows in a transaction that will be
+                    // rolled back with the rest of the batch.
+                    let _ = db.batch("BEGIN");
+                }
+            }
+            error
+        }
+    }
+
+    fn exec(&self, action: &'static str, sql: &str, params: &[Param<'_>]) -> Result<u64> {
+        self.writable(action)?;
+        if self.fence.borrow().is_some() && !self.db.borrow().in_transaction() {
+            // A write of a leader outside any batch: in a transaction of
+            // its own, which checks the term.
+            return self.atomically(action, |s| s.exec(action, sql, params));
+        }
+        let done = self.db.borrow_mut().execute(sql, params);
+        done.map_err(self.err(action))
+    }
+
+    fn rows<T>(
+        &self,
+        action: &'static str,
+        sql: &str,
+        params: &[Param<'_>],
+        decode: impl Fn(&Cols<'_>) -> std::result::Result<T, String>,
+    ) -> Result<Vec<T>> {
+        let rows = self.db.borrow_mut().query(sql, params);
+        let rows = rows.map_err(self.err(action))?;
+        rows.iter()
+            .map(|row| decode(&Cols { row }))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(self.err(action))
+    }
+
+    /// Runs statements as they are, for tests that sabotage the store.
+    #[cfg(test)]
+    pub(crate) fn raw(&self, sql: &str) -> std::result::Result<(), String> {
+        self.db.borrow_mut().batch(sql)
+    }
+
+    /// Starts a transaction around a batch of writes (a placement pass, or
+    /// the link messages handled in one go). Batches nest: only the
+    /// outermost [`Store::commit`] commits. If the transaction cannot begin,
+    /// the batch fails at its commit.
+    pub fn begin(&self) {
+        let depth = self.batch_depth.get();
+        self.batch_depth.set(depth + 1);
+        if depth > 0 || self.db.borrow().in_transaction() {
+            return;
+        }
+        self.fault.replace(None);
+        let begun = self.db.borrow_mut().batch("BEGIN");
+        if let Err(e) = begun {
+            // Writes would commit one by one: the batch fails instead.
+            let fault = format!("store {}: cannot begin a transaction: {e}", self.location);
+            self.fault.replace(Some(fault));
+        }
+    }
+
+    /// Ends what [`Store::begin`] started, committing if it was the
+    /// outermost batch. Any error inside the batch, of the term check or of
+    /// the commit itself, rolls the whole batch back and is returned: the
+    /// caller must then forget what it computed from the batch.
+    pub fn commit(&self) -> std::result::Result<(), String> {
+        let depth = self.batch_depth.get().saturating_sub(1);
+        self.batch_depth.set(depth);
+        if depth > 0 {
+            return Ok(());
+        }
+        let fault = self.fault.take();
+        if !self.db.borrow().in_transaction() {
+            return fault.map_or(Ok(()), Err);
+        }
+        let outcome = match fault {
+            Some(fault) => Err(fault),
+            None => self.check_term().map_err(|e| e.to_string()).and_then(|()| {
+                let committed = self.db.borrow_mut().batch("COMMIT");
+                committed.map_err(|e| format!("store {}: cannot commit: {e}", self.location))
+            }),
+        };
+        if outcome.is_err() {
+            self.rollback();
+        }
+        outcome
+    }
+
+    fn rollback(&self) {
+        let mut db = self.db.borrow_mut();
+        if db.in_transaction() {
+            if let Err(e) = db.batch("ROLLBACK") {
+                log::error!("store {}: cannot roll back: {e}", self.location);
+            }
+        }
+    }
+
+    /// Whether a batch is open.
+    pub fn in_batch(&self) -> bool {
+        self.batch_depth.get() > 0
+    }
+
+    /// Whether the store takes writes: a tiny write of its own, for a
+    /// coordinator waiting for a full disk to have room again.
+    pub fn probe_write(&self) -> Result<()> {
+        let n = self.counter("write_probe")?;
+        self.set_counter("write_probe", n.wrapping_add(1) % 1_000_000)
+    }
+
+    /// Refuses a write inside a batch that already failed: it would be
+    /// rolled back with the batch, or, if the batch has no transaction any
+    /// more (BEGIN failed, or SQLite rolled it back), saved on its own while
+    /// the batch's caller is told that nothing was done.
+    fn writable(&self, action: &'static str) -> Result<()> {
+        if self.batch_depth.get() == 0 || self.fault.borrow().is_none() {
+            return Ok(());
+        }
+        Err(self.error(action, "an earlier write of this batch failed".into()))
+    }
+
+    /// Runs `writes` all or nothing: in a savepoint inside an open
+    /// transaction, else in a transaction of its own (which checks the
+    /// leader's term before it commits).
+    fn atomically<T>(&self, action: &'static str, writes: impl FnOnce(&Store) -> Result<T>) -> Result<T> {
+        self.writable(action)?;
+        let nested = self.db.borrow().in_transaction();
+        let (open, keep, undo) = if nested {
+            (
+                "SAVEPOINT atomically",
+                "RELEASE SAVEPOINT atomically",
+                "ROLLBACK TO SAVEPOINT atomically; RELEASE SAVEPOINT atomically",
+            )
+        } else {
+            ("BEGIN", "COMMIT", "ROLLBACK")
+        };
+        let opened = self.db.borrow_mut().batch(open);
+        opened.map_err(self.err(action))?;
+        let outcome = writes(self).and_then(|value| {
+            if !nested {
+                self.check_term()?;
+            }
+            let kept = self.db.borrow_mut().batch(keep);
+            kept.map(|()| value).map_err(|e| self.error(action, e))
+        });
+        if outcome.is_err() && self.db.borrow().in_transaction() {
+            let undone = self.db.borrow_mut().batch(undo);
+            if let Err(e) = undone {
+                log::error!("store {}: cannot undo a write: {e}", self.location);
+            }
+        }
+        outcome
+    }
+
+    fn counter(&self, key: &str) -> Result<u64> {
+        let sql = "SELECT value FROM meta WHERE key = $1";
+        let values = self.rows("read a counter", sql, &[key.into()], |r| r.int(0, "meta.value"))?;
+        Ok(values.first().copied().unwrap_or(0) as u64)
+    }
+
+    fn set_counter(&self, key: &str, value: u64) -> Result<()> {
+        let sql = "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value";
+        self.exec("write a counter", sql, &[key.into(), (value as i64).into()])
+            .map(|_| ())
+    }
+
+    /// A generation above every earlier one: the clock in ms, or the last
+    /// generation plus one if the clock went back. A leader of a shared
+    /// store takes its term, which is already above every earlier one.
+    pub fn begin_generation(&self, now_ms: u64) -> Result<u64> {
+        let fenced = self.fence.borrow().as_ref().map(|f| f.term);
+        let generation = match fenced {
+            Some(term) => term,
+            None => (self.counter("generation")? + 1).max(now_ms),
+        };
+        self.set_counter("generation", generation)?;
+        Ok(generation)
+    }
+
+    /// The next placement id (never reused).
+    pub fn next_placement(&self) -> Result<u64> {
+        let next = self.counter("placement")? + 1;
+        self.set_counter("placement", next)?;
+        Ok(next)
+    }
+
+    /// The highest placement id handed out so far.
+    pub fn last_placement(&self) -> Result<u64> {
+        self.counter("placement")
+    }
+
+    fn next_job_seq(&self) -> Result<u64> {
+        let next = self.counter("job_seq")? + 1;
+        self.set_counter("job_seq", next)?;
+        Ok(next)
+    }
+
+    pub fn agents(&self) -> Result<Vec<AgentRow>> {
+        let sql = "SELECT name, model, system, labels, created_ms, state, node, placement FROM agents ORDER BY name";
+        self.rows("list agents", sql, &[], |r| {
+            Ok(AgentRow {
+                spec: AgentSpec {
+                    name: r.text(0, "agents.name")?,
+                    model: r.text(1, "agents.model")?,
+                    system: r.opt_text(2, "agents.system")?,
+                    labels: r.json(3, "agents.labels")?,
+                },
+                created_ms: r.int(4, "agents.created_ms")? as u64,
+                state: r.one_of(5, "agents.state", &StoredState::ALL, StoredState::as_str)?,
+                node: r.opt_text(6, "agents.node")?,
+                placement: r.int(7, "agents.placement")? as u64,
+            })
+        })
+    }
+
+    /// Inserts a new pending agent; false when the name exists.
+    pub fn insert_agent(&self, spec: &AgentSpec, created_ms: u64) -> Result<bool> {
+        let labels = serde_json::to_string(&spec.labels).unwrap_or_else(|_| "{}".into());
+        let params = [
+            spec.name.as_str().into(),
+            spec.model.as_str().into(),
+            spec.system.as_deref().into(),
+            labels.as_str().into(),
+            (created_ms as i64).into(),
+        ];
+        self.exec("insert an agent", INSERT_AGENT, &params)
+            .map(|n| n == 1)
+    }
+
+    /// Inserts many agents in one transaction; for each, whether it was new.
+    pub fn insert_agents(&self, specs: &[AgentSpec], created_ms: u64) -> Result<Vec<bool>> {
+        self.atomically("insert agents", |s| {
+            specs
+                .iter()
+                .map(|spec| s.insert_agent(spec, created_ms))
+                .collect()
+        })
+    }
+
+    pub fn set_agent_state(
+        &self,
+        name: &str,
+        state: StoredState,
+        node: Option<&str>,
+        placement: u64,
+    ) -> Result<()> {
+        let sql = "UPDATE agents SET state = $1, node = $2, placement = $3 WHERE name = $4";
+        let params = [
+            state.as_str().into(),
+            node.into(),
+            (placement as i64).into(),
+            name.into(),
+        ];
+        self.exec("update an agent", sql, &params).map(|_| ())
+    }
+
+    /// Removes an agent and its history; its open jobs fail.
+    pub fn delete_agent(&self, name: &str, now_ms: u64) -> Result<()> {
+        self.atomically("delete an agent", |s| {
+            s.exec(
+                "delete an agent",
+                "DELETE FROM agents WHERE name = $1",
+                &[name.into()],
+            )?;
+            s.exec(
+                "delete history",
+                "DELETE FROM messages WHERE agent = $1",
+                &[name.into()],
+            )?;
+            s.exec(
+                "fail the agent's jobs",
+                "UPDATE jobs SET state = 'failed', error = 'the agent was stopped', updated_ms = $1
+                 WHERE agent = $2 AND state IN ('queued', 'running')",
+                &[(now_ms as i64).into(), name.into()],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The agent's last `history_limit` messages, oldest first.
+    pub fn history(&self, agent: &str) -> Result<Vec<ChatMessage>> {
+        let sql = "SELECT role, content FROM (SELECT seq, role, content FROM messages WHERE agent = $1 ORDER BY seq DESC LIMIT $2) AS newest
+                   ORDER BY seq";
+        let params = [agent.into(), (self.history_limit as i64).into()];
+        self.rows("read history", sql, &params, |r| {
+            Ok(ChatMessage::new(
+                r.one_of(0, "messages.role", &ROLES, Role::as_str)?,
+                r.text(1, "messages.content")?,
+            ))
+        })
+    }
+
+    /// Appends to the agent's history and drops what exceeds the limit.
+    pub fn append_history(&self, agent: &str, messages: &[ChatMessage], now_ms: u64) -> Result<()> {
+        self.atomically("append history", |s| {
+            let sql = "SELECT COALESCE(MAX(seq), 0) FROM messages WHERE agent = $1";
+            let last = s.rows("append history", sql, &[agent.into()], |r| r.int(0, "seq"))?;
+            let last = last.first().copied().unwrap_or(0);
+            for (i, m) in messages.iter().enumerate() {
+                let params = [
+                    agent.into(),
+                    (last + 1 + i as i64).into(),
+                    m.role.as_str().into(),
+                    m.content.as_str().into(),
+                    (now_ms as i64).into(),
+                ];
+                s.exec(
+                    "append history",
+                    "INSERT INTO messages (agent, seq, role, content, ts_ms) VALUES ($1, $2, $3, $4, $5)",
+                    &params,
+                )?;
+            }
+            let oldest_kept = last + messages.len() as i64 - self.history_limit as i64;
+            s.exec(
+                "trim history",
+                "DELETE FROM messages WHERE agent = $1 AND seq <= $2",
+                &[agent.into(), oldest_kept.into()],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Stores a new queued job, giving it its place in submission order.
+    pub fn insert_job(&self, job: &mut JobRow) -> Result<()> {
+        job.seq = self.next_job_seq()?;
+        self.write_job(job, "")
+    }
+
+    pub fn update_job(&self, job: &JobRow) -> Result<()> {
+        self.write_job(job, UPDATE_JOB)
+    }
+
+    /// Inserts `job`, or with `on_conflict` = [`UPDATE_JOB`] replaces it.
+    fn write_job(&self, job: &JobRow, on_conflict: &str) -> Result<()> {
+        let usage = job
+            .usage
+            .as_ref()
+            .and_then(|u| serde_json::to_string(u).ok());
+        let params = [
+            job.id.as_str().into(),
+            job.agent.as_str().into(),
+            job.message.as_str().into(),
+            job.priority.into(),
+            (job.seq as i64).into(),
+            job.state.as_str().into(),
+            i64::from(job.attempts).into(),
+            job.node.as_deref().into(),
+            (job.created_ms as i64).into(),
+            (job.updated_ms as i64).into(),
+            job.answer.as_deref().into(),
+            job.error.as_deref().into(),
+            usage.as_deref().into(),
+        ];
+        let sql = format!("{INSERT_JOB} {on_conflict}");
+        self.exec("write a job", &sql, &params).map(|_| ())
+    }
+
+    fn job_row(r: &Cols<'_>) -> std::result::Result<JobRow, String> {
+        Ok(JobRow {
+            id: r.text(0, "jobs.id")?,
+            agent: r.text(1, "jobs.agent")?,
+            message: r.text(2, "jobs.message")?,
+            priority: r.int(3, "jobs.priority")?,
+            seq: r.int(4, "jobs.seq")? as u64,
+            state: r.one_of(5, "jobs.state", &JobState::ALL, JobState::as_str)?,
+            attempts: r.int(6, "jobs.attempts")? as u32,
+            node: r.opt_text(7, "jobs.node")?,
+            created_ms: r.int(8, "jobs.created_ms")? as u64,
+            updated_ms: r.int(9, "jobs.updated_ms")? as u64,
+            answer: r.opt_text(10, "jobs.answer")?,
+            error: r.opt_text(11, "jobs.error")?,
+            usage: match r.get(12, "jobs.usage")? {
+                Value::Null => None,
+                _ => Some(r.json(12, "jobs.usage")?),
+            },
+        })
+    }
+
+    pub fn job(&self, id: &str) -> Result<Option<JobRow>> {
+        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1");
+        let jobs = self.rows("read a job", &sql, &[id.into()], Store::job_row)?;
+        Ok(jobs.into_iter().next())
+    }
+
+    /// Jobs, newest first, optionally of one agent or state; at most `limit`.
+    pub fn jobs(
+        &self,
+        agent: Option<&str>,
+        state: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<JobRow>> {
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE (CAST($1 AS TEXT) IS NULL OR agent = $1)
+             AND (CAST($2 AS TEXT) IS NULL OR state = $2) ORDER BY seq DESC LIMIT $3"
+        );
+        let params = [agent.into(), state.into(), (limit as i64).into()];
+        self.rows("list jobs", &sql, &params, Store::job_row)
+    }
+
+    /// Deletes completed and failed jobs last updated before `before_ms`;
+    /// returns how many.
+    pub fn prune_finished_jobs(&self, before_ms: u64) -> Result<usize> {
+        let sql = "DELETE FROM jobs WHERE state IN ('completed', 'failed') AND updated_ms < $1";
+        self.exec("prune finished jobs", sql, &[(before_ms as i64).into()])
+            .map(|n| n as usize)
+    }
+
+    /// Queued and running jobs, in submission order.
+    pub fn open_jobs(&self) -> Result<Vec<JobRow>> {
+        let sql =
+            format!("SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ('queued', 'running') ORDER BY seq");
+        self.rows("list open jobs", &sql, &[], Store::job_row)
+    }
+
+    pub fn node_flags(&self) -> Result<BTreeMap<String, NodeFlags>> {
+        let sql = "SELECT node, cordoned, draining, drain_deadline_ms, drain_max_parallel FROM nodes ORDER BY node";
+        let rows = self.rows("read node flags", sql, &[], |r| {
+            Ok((
+                r.text(0, "nodes.node")?,
+                NodeFlags {
+                    cordoned: r.int(1, "nodes.cordoned")? != 0,
+                    draining: r.int(2, "nodes.draining")? != 0,
+                    drain_deadline_ms: r.opt_int(3, "nodes.drain_deadline_ms")?.map(|v| v as u64),
+                    drain_max_parallel: r
+                        .opt_int(4, "nodes.drain_max_parallel")?
+                        .map(|v| v as usize),
+                },
+            ))
+        })?;
+        Ok(rows.into_iter().collect())
+    }
+
+    pub fn delete_node_flags(&self, node: &str) -> Result<()> {
+        let sql = "DELETE FROM nodes WHERE node = $1";
+        self.exec("delete node flags", sql, &[node.into()])
+            .map(|_| ())
+    }
+
+    pub fn set_node_flags(&self, node: &str, flags: &NodeFlags) -> Result<()> {
+        let sql = "INSERT INTO nodes (node, cordoned, draining, drain_deadline_ms, drain_max_parallel) VALUES ($1, $2, $3, $4, $5)
+                   ON CONFLICT (node) DO UPDATE SET cordoned = excluded.cordoned, draining = excluded.draining,
+                   drain_deadline_ms = excluded.drain_deadline_ms, drain_max_parallel = excluded.drain_max_parallel";
+        let params = [
+            node.into(),
+            i64::from(flags.cordoned).into(),
+            i64::from(flags.draining).into(),
+            flags.drain_deadline_ms.map(|v| v as i64).into(),
+            flags.drain_max_parallel.map(|v| v as i64).into(),
+        ];
+        self.exec("write node flags", sql, &params).map(|_| ())
+    }
+}
+
+const INSERT_AGENT: &str = "INSERT INTO agents (name, model, system, labels, created_ms, state) VALUES ($1, $2, $3, $4, $5, 'pending')
+     ON CONFLICT (name) DO NOTHING";
+
+const JOB_COLUMNS: &str =
+    "id, agent, message, priority, seq, state, attempts, node, created_ms, updated_ms, answer, error, usage";
+
+const INSERT_JOB: &str = "INSERT INTO jobs (id, agent, message, priority, seq, state, attempts, node, created_ms, updated_ms, answer, error, usage)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
+
+const UPDATE_JOB: &str = "ON CONFLICT (id) DO UPDATE SET agent = excluded.agent, message = excluded.message, priority = excluded.priority,
+     seq = excluded.seq, state = excluded.state, attempts = excluded.attempts, node = excluded.node,
+     created_ms = excluded.created_ms, updated_ms = excluded.updated_ms, answer = excluded.answer,
+     error = excluded.error, usage = excluded.usage";

@@ -85,11 +85,11 @@ enum Fault {
 
 /// What the clients saw.
 #[derive(Default)]
-struct Record {
+pub(crate) struct Record {
     /// Per agent, its chats in order: (content, HTTP status, error code).
-    chats: BTreeMap<String, Vec<(String, u16, String)>>,
+    pub(crate) chats: BTreeMap<String, Vec<(String, u16, String)>>,
     /// Accepted jobs: id → (agent, message).
-    jobs: BTreeMap<String, (String, String)>,
+    pub(crate) jobs: BTreeMap<String, (String, String)>,
 }
 
 fn offset(rng: &mut StdRng) -> String {
@@ -364,7 +364,7 @@ async fn run_seed(seed: u64, seconds: u64) {
 }
 
 /// Sequential chats with `agent` until `stop`.
-async fn chat_loop(
+pub(crate) async fn chat_loop(
     api: String,
     seed: u64,
     agent: String,
@@ -399,7 +399,7 @@ async fn chat_loop(
 }
 
 /// A job every 1.5 s to a random agent, until `stop`.
-async fn job_loop(
+pub(crate) async fn job_loop(
     api: String,
     seed: u64,
     agents: Vec<String>,

@@ -14,5 +14,6 @@ mod nemesis;
 mod node;
 mod ollama_sim;
 mod streaming;
+mod takeover;
 mod tls;
 mod up;

@@ -109,6 +109,8 @@ struct RawCoordinator {
     #[serde(default)]
     store: RawStore,
     #[serde(default)]
+    leader: RawLeader,
+    #[serde(default)]
     timeouts: RawTimeouts,
     #[serde(default)]
     queue: RawQueue,
@@ -137,6 +139,15 @@ struct RawApi {
 #[serde(deny_unknown_fields)]
 struct RawStore {
     path: Option<Spanned<String>>,
+    url: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLeader {
+    id: Option<Spanned<String>>,
+    advertise: Option<Spanned<String>>,
+    lease_secs: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -189,6 +200,10 @@ pub struct CoordinatorConfig {
     pub mqtt: MqttConfig,
     pub api: CoordinatorApi,
     pub store_path: PathBuf,
+    /// A PostgreSQL store shared by several coordinators, instead of the
+    /// SQLite file at `store_path` (docs/HA.md).
+    pub store_url: Option<String>,
+    pub leader: LeaderSettings,
     pub timeouts: Timeouts,
     pub queue: QueueLimits,
     pub scheduler: SchedulerSettings,
@@ -206,6 +221,33 @@ pub struct CoordinatorApi {
     pub listen: SocketAddr,
     pub token: Option<String>,
     pub max_body_bytes: usize,
+}
+
+/// How a coordinator on a shared store takes part in leadership.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaderSettings {
+    /// This coordinator's name in the lease (default: the host name).
+    pub id: String,
+    /// The URL of this coordinator's API as the other coordinators reach
+    /// it: followers send requests there while this one leads.
+    pub advertise: String,
+    pub lease: Duration,
+}
+
+impl LeaderSettings {
+    fn defaults(listen: SocketAddr) -> LeaderSettings {
+        let host = crate::config::host_name();
+        let advertise = if listen.ip().is_unspecified() {
+            format!("http://{host}:{}", listen.port())
+        } else {
+            format!("http://{listen}")
+        };
+        LeaderSettings {
+            id: host,
+            advertise,
+            lease: Duration::from_secs(3),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -250,6 +292,8 @@ impl CoordinatorConfig {
                 max_body_bytes: 256 * 1024,
             },
             store_path,
+            store_url: None,
+            leader: LeaderSettings::defaults("127.0.0.1:9470".parse().expect("valid default")),
             timeouts: Timeouts {
                 node_lost_after: Duration::from_secs(9),
                 offline_grace: Duration::from_secs(1),
@@ -339,6 +383,34 @@ impl CoordinatorConfig {
                 Ok(PathBuf::from(p))
             }
         });
+        let store_url = c.value("store.url", &raw.store.url, None, |u: String| {
+            if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
+                Err("must be a postgres:// URL".into())
+            } else if raw.store.path.is_some() {
+                Err("set either store.path (SQLite) or store.url (PostgreSQL), not both".into())
+            } else {
+                Ok(Some(u))
+            }
+        });
+        let dl = LeaderSettings::defaults(api.listen);
+        let l = &raw.leader;
+        let leader = LeaderSettings {
+            id: c.value("leader.id", &l.id, dl.id, |id: String| {
+                crate::protocol::validate_node_id(&id).map(|()| id)
+            }),
+            advertise: c.value(
+                "leader.advertise",
+                &l.advertise,
+                dl.advertise,
+                |u: String| match url::Url::parse(&u) {
+                    Ok(parsed) if parsed.scheme() == "http" || parsed.scheme() == "https" => {
+                        Ok(u.trim_end_matches('/').to_owned())
+                    }
+                    _ => Err(format!("{u:?} is not an http:// or https:// URL")),
+                },
+            ),
+            lease: c.value("leader.lease_secs", &l.lease_secs, dl.lease, secs_in(2, 60)),
+        };
         let t = &raw.timeouts;
         let timeouts = Timeouts {
             node_lost_after: c.value(
@@ -470,6 +542,8 @@ impl CoordinatorConfig {
             mqtt,
             api,
             store_path,
+            store_url,
+            leader,
             timeouts,
             queue,
             scheduler,

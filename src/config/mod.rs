@@ -203,6 +203,16 @@ impl<'a> Checker<'a> {
     }
 }
 
+/// This machine's host name, for default ids ("coordinator" if it is
+/// unknown or not usable as an id).
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| crate::protocol::validate_node_id(h).is_ok())
+        .unwrap_or_else(|| "coordinator".into())
+}
+
 /// Reads a file for [`Source`].
 pub fn read(path: &Path) -> Result<String, LoadError> {
     std::fs::read_to_string(path).map_err(|source| LoadError::Io {

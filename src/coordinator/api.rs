@@ -107,6 +107,8 @@ pub struct ApiState {
     pub token: Option<String>,
     pub max_body: usize,
     pub chat_timeout: Duration,
+    /// Whether this coordinator leads; a follower passes requests on.
+    pub leadership: Arc<super::leader::Leadership>,
 }
 
 fn respond<T: Serialize>(status: StatusCode, answer: Result<T, CoreError>) -> Response {
@@ -175,6 +177,10 @@ pub fn router(state: ApiState) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            proxy::follow_leader,
+        ))
         .with_state(state)
 }
 
@@ -456,6 +462,12 @@ async fn ready(State(s): State<ApiState>) -> Result<Json<Value>, ApiError> {
             "not_ready",
             "the MQTT broker is not connected",
         ))
+    } else if s.leadership.shared && !s.leadership.acting() {
+        Err(ApiError::unavailable(
+            "not_ready",
+            "the leader's lease was not renewed in time; it steps down",
+        )
+        .retry_after(2))
     } else if !s.store_ok.load(Ordering::Relaxed) {
         Err(ApiError::unavailable(
             "not_ready",
@@ -463,7 +475,9 @@ async fn ready(State(s): State<ApiState>) -> Result<Json<Value>, ApiError> {
         )
         .retry_after(STORE_RETRY_AFTER_SECS))
     } else {
-        Ok(Json(json!({"ready": true})))
+        let mut body = s.leadership.describe();
+        body["ready"] = json!(true);
+        Ok(Json(body))
     }
 }
 
@@ -732,6 +746,7 @@ async fn pull(State(s): State<ApiState>, body: Result<JsonBody<PullBody>, ApiErr
 mod compat;
 mod ollama;
 mod openai;
+mod proxy;
 mod stream;
 
 #[cfg(test)]

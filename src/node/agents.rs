@@ -202,6 +202,14 @@ impl AgentTable {
         self.generation
     }
 
+    /// A coordinator announced its generation (its lease term): commands
+    /// of older generations are ignored from now on. True if it rose.
+    pub fn observe_generation(&mut self, generation: u64) -> bool {
+        let rose = generation > self.generation;
+        self.generation = self.generation.max(generation);
+        rose
+    }
+
     /// Draining as announced: told by the coordinator, or stopping.
     pub fn draining(&self) -> bool {
         self.draining || self.stopping

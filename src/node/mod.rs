@@ -51,8 +51,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::NodeConfig;
 use crate::mqtt::{LinkError, LinkEvent, Publisher};
 use crate::protocol::{
-    decode_command, encode, mono_ms, now_ms, Capacity, NodeTopic, Reply, ReplyBody, Topics,
-    TurnErrorCode, TurnResult, STATUS_OFFLINE, STATUS_ONLINE,
+    decode_command, encode, mono_ms, now_ms, Capacity, LeaderInfo, NodeTopic, Reply, ReplyBody,
+    Topics, TurnErrorCode, TurnResult, STATUS_OFFLINE, STATUS_ONLINE,
 };
 use crate::systemd::{self, Liveness};
 use agents::{AgentTable, At, Effect};
@@ -245,6 +245,8 @@ impl Node {
                     self.topics.node(node, NodeTopic::Status),
                     // Our own heartbeats, echoed: the lease's proof.
                     self.topics.node(node, NodeTopic::Capacity),
+                    // The leading coordinator's term: fences a deposed one.
+                    self.topics.coordinator_leader(),
                 ];
                 if let Err(e) = self.publisher.subscribe(filters) {
                     log::error!("cannot subscribe: {e}");
@@ -290,6 +292,7 @@ impl Node {
                 Some((node, NodeTopic::Capacity)) if node == self.config.node_id => {
                     self.lease.echoed(&payload);
                 }
+                _ if topic == self.topics.coordinator_leader() => self.on_leader(&payload),
                 _ => log::debug!("ignored a message on {topic}"),
             },
         }
@@ -303,6 +306,23 @@ impl Node {
             log::warn!("a stale 'offline' (an older connection's last will) replaced this node's status; announcing online again");
             self.publish_status(STATUS_ONLINE);
             self.publish_capacity();
+        }
+    }
+
+    /// A coordinator took the lead: from now on, commands of older terms
+    /// (a deposed leader's, still in flight) are ignored.
+    fn on_leader(&mut self, payload: &Bytes) {
+        match crate::protocol::decode::<LeaderInfo>(payload, self.publisher.max_payload()) {
+            Ok(info) => {
+                if self.table.observe_generation(info.term) {
+                    log::info!(
+                        "coordinator {} leads with term {}: commands of older terms are ignored",
+                        info.leader,
+                        info.term
+                    );
+                }
+            }
+            Err(e) => log::warn!("ignored a leader announcement: {e}"),
         }
     }
 

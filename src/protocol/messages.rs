@@ -20,6 +20,17 @@ pub const STATUS_OFFLINE: &str = "offline";
 
 /// The retained capacity announcement of one node (docs/PROTOCOL.md, contract).
 /// Its `Default` is a node nothing is known of yet: zeros and empty strings.
+/// The retained message on `{root}/coordinator/leader`: the coordinator
+/// that leads and its term, which is the generation its commands carry.
+/// Nodes ignore commands of any older generation once they read it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderInfo {
+    pub leader: String,
+    pub term: u64,
+    /// Its API URL.
+    pub api: String,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Capacity {
     pub node: String,

@@ -71,6 +71,11 @@ impl Topics {
         format!("{}/coordinator/status", self.root)
     }
 
+    /// Retained: which coordinator leads, and its term ([`super::LeaderInfo`]).
+    pub fn coordinator_leader(&self) -> String {
+        format!("{}/coordinator/leader", self.root)
+    }
+
     pub fn fleet_summary(&self) -> String {
         format!("{}/fleet/summary", self.root)
     }

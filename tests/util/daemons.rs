@@ -125,16 +125,37 @@ impl Coordinator {
 
     /// [`Coordinator::start`] with `envs` set (a faked clock...).
     pub fn start_with_env(broker: &Mosquitto, extra: &str, envs: &[(&str, &str)]) -> Coordinator {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = format!(
+            "[store]\npath = \"{}\"\n",
+            dir.path().join("coordinator.db").display()
+        );
+        Self::start_in(dir, broker, &store, extra, envs)
+    }
+
+    /// A coordinator named `id` on the shared PostgreSQL store at `url`:
+    /// it leads or follows ([`Coordinator::proc`]'s log says which).
+    pub fn start_shared(broker: &Mosquitto, url: &str, id: &str, extra: &str) -> Coordinator {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = format!("[store]\nurl = \"{url}\"\n[leader]\nid = \"{id}\"\n");
+        Self::start_in(dir, broker, &store, extra, &[])
+    }
+
+    fn start_in(
+        dir: tempfile::TempDir,
+        broker: &Mosquitto,
+        store: &str,
+        extra: &str,
+        envs: &[(&str, &str)],
+    ) -> Coordinator {
         let envs: Vec<(String, String)> = envs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("coordinator.toml");
         let base = format!(
-            "[mqtt]\nport = {}\nkeep_alive_secs = 5\n[api]\nlisten = \"127.0.0.1:0\"\n[store]\npath = \"{}\"\n[timeouts]\nnode_lost_after_secs = 6\n",
+            "[mqtt]\nport = {}\nkeep_alive_secs = 5\n[api]\nlisten = \"127.0.0.1:0\"\n{store}[timeouts]\nnode_lost_after_secs = 6\n",
             broker.port,
-            dir.path().join("coordinator.db").display()
         );
         let text = merge_toml(&base, extra);
         std::fs::write(&config, &text).expect("write coordinator.toml");
@@ -155,7 +176,8 @@ impl Coordinator {
         }
     }
 
-    /// Starts the process; returns it and the API URL it reported.
+    /// Starts the process; returns it and the API URL it reported (a
+    /// coordinator on a shared store reports it before it leads).
     fn spawn(config: &Path, envs: &[(String, String)]) -> (Proc, String) {
         let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let proc = Proc::spawn(
@@ -163,14 +185,23 @@ impl Coordinator {
             &["coordinator", "--config", config.to_str().unwrap()],
             &envs,
         );
-        let line = proc.wait_for_line("coordinator ready: API http://", WAIT);
-        let api = line
-            .split("API ")
-            .nth(1)
-            .and_then(|s| s.split(',').next())
-            .expect("api url")
-            .trim()
-            .to_owned();
+        let shared = std::fs::read_to_string(config)
+            .unwrap()
+            .contains("[leader]");
+        let api = if shared {
+            let line = proc.wait_for_line("serving API http://", WAIT);
+            line.split("serving API ")
+                .nth(1)
+                .and_then(|s| s.split_whitespace().next())
+                .map(str::to_owned)
+        } else {
+            let line = proc.wait_for_line("coordinator ready: API http://", WAIT);
+            line.split("API ")
+                .nth(1)
+                .and_then(|s| s.split(',').next())
+                .map(|s| s.trim().to_owned())
+        }
+        .expect("api url");
         (proc, api)
     }
 

@@ -17,6 +17,7 @@ mod daemons;
 mod lossy;
 mod monitoring;
 mod mqtt;
+pub mod postgres;
 mod procs;
 pub mod tls;
 

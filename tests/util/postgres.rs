@@ -7,6 +7,8 @@
 //! Also compiled into the unit tests (`#[path]`), so it uses nothing of
 //! the integration tests' helpers.
 
+#![allow(dead_code)]
+
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -39,7 +41,15 @@ pub fn database() -> String {
     let c = cluster();
     let name = format!("t{}", DATABASES.fetch_add(1, Ordering::Relaxed));
     let out = Command::new(c.bin.join("createdb"))
-        .args(["-h", "127.0.0.1", "-p", &c.port.to_string(), "-U", "postgres", &name])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &c.port.to_string(),
+            "-U",
+            "postgres",
+            &name,
+        ])
         .output()
         .expect("run createdb");
     assert!(
@@ -58,7 +68,14 @@ impl Cluster {
     /// Runs `sql` with psql on `database`; its output.
     pub fn psql(&self, database: &str, sql: &str) -> String {
         let out = Command::new(self.bin.join("psql"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
             .args(["-d", database, "-tA", "-v", "ON_ERROR_STOP=1", "-c", sql])
             .output()
             .expect("run psql");
@@ -168,7 +185,13 @@ fn start() -> Result<Cluster, String> {
         let mut server = Command::new("setpriv");
         server.args(["--pdeathsig", "QUIT"]);
         if let Some((uid, gid)) = user {
-            server.args(["--reuid", &uid.to_string(), "--regid", &gid.to_string(), "--clear-groups"]);
+            server.args([
+                "--reuid",
+                &uid.to_string(),
+                "--regid",
+                &gid.to_string(),
+                "--clear-groups",
+            ]);
         }
         server
             .arg("--")
@@ -186,7 +209,10 @@ fn start() -> Result<Cluster, String> {
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(30) {
             if let Ok(Some(status)) = child.try_wait() {
-                last = format!("postgres on port {port} exited ({status}); see {}", dir.display());
+                last = format!(
+                    "postgres on port {port} exited ({status}); see {}",
+                    dir.display()
+                );
                 break;
             }
             let ready = Command::new(bin.join("pg_isready"))

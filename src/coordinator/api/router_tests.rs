@@ -17,10 +17,7 @@ fn api(token: Option<&str>) -> (Router, Place) {
     api_with(token, |_| {})
 }
 
-fn api_with(
-    token: Option<&str>,
-    tweak: impl FnOnce(&mut CoordinatorConfig),
-) -> (Router, Place) {
+fn api_with(token: Option<&str>, tweak: impl FnOnce(&mut CoordinatorConfig)) -> (Router, Place) {
     let place = Place::from_env();
     let mut config = CoordinatorConfig::with_defaults("unused.db".into());
     tweak(&mut config);
@@ -37,6 +34,10 @@ fn api_with(
         }
     });
     let state = ApiState {
+        leadership: Arc::new(crate::coordinator::leader::Leadership::new(
+            false,
+            "test".into(),
+        )),
         requests: tx,
         ready: Arc::new(AtomicBool::new(true)),
         store_ok: Arc::new(AtomicBool::new(true)),

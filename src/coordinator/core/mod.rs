@@ -356,7 +356,7 @@ impl Coordinator {
             "coordinator generation {generation}: {} agents, {} open jobs loaded from {}",
             c.agents.len(),
             c.jobs.len(),
-            c.config.store_path.display()
+            c.store.location()
         );
         Ok(c)
     }
@@ -544,6 +544,11 @@ impl Coordinator {
     }
 
     /// Answers every waiting chat: the coordinator is stopping.
+    /// The store, for the daemon's lease (renewal, resignation).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     pub fn stop(&mut self, now: Now) {
         self.now = now;
         let ids: Vec<String> = self.turns.keys().cloned().collect();

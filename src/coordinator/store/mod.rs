@@ -312,7 +312,9 @@ impl Store {
         // A store already at this version is left alone: creating what
         // exists would still lock tables a leader is writing.
         let sql = "SELECT value FROM meta WHERE key = 'schema'";
-        let version = store.rows("read the schema version", sql, &[], |r| r.int(0, "meta.value"));
+        let version = store.rows("read the schema version", sql, &[], |r| {
+            r.int(0, "meta.value")
+        });
         match version.ok().and_then(|v| v.first().copied()) {
             Some(SCHEMA_VERSION) => {}
             Some(v) if v > SCHEMA_VERSION => {
@@ -488,7 +490,11 @@ impl Store {
     /// Runs `writes` all or nothing: in a savepoint inside an open
     /// transaction, else in a transaction of its own (which checks the
     /// leader's term before it commits).
-    fn atomically<T>(&self, action: &'static str, writes: impl FnOnce(&Store) -> Result<T>) -> Result<T> {
+    fn atomically<T>(
+        &self,
+        action: &'static str,
+        writes: impl FnOnce(&Store) -> Result<T>,
+    ) -> Result<T> {
         self.writable(action)?;
         let nested = self.db.borrow().in_transaction();
         let (open, keep, undo) = if nested {
@@ -520,7 +526,9 @@ impl Store {
 
     fn counter(&self, key: &str) -> Result<u64> {
         let sql = "SELECT value FROM meta WHERE key = $1";
-        let values = self.rows("read a counter", sql, &[key.into()], |r| r.int(0, "meta.value"))?;
+        let values = self.rows("read a counter", sql, &[key.into()], |r| {
+            r.int(0, "meta.value")
+        })?;
         Ok(values.first().copied().unwrap_or(0) as u64)
     }
 
@@ -773,8 +781,9 @@ impl Store {
 
     /// Queued and running jobs, in submission order.
     pub fn open_jobs(&self) -> Result<Vec<JobRow>> {
-        let sql =
-            format!("SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ('queued', 'running') ORDER BY seq");
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ('queued', 'running') ORDER BY seq"
+        );
         self.rows("list open jobs", &sql, &[], Store::job_row)
     }
 

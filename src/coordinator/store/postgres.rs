@@ -110,7 +110,11 @@ enum Owned {
 }
 
 impl ToSql for Owned {
-    fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn Error + Sync + Send>> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn Error + Sync + Send>> {
         match self {
             Owned::Null => Ok(IsNull::Yes),
             Owned::Int(v) => match *ty {
@@ -121,7 +125,9 @@ impl ToSql for Owned {
                 _ => Err(format!("an integer cannot be bound to a {ty} parameter").into()),
             },
             Owned::Text(s) => match *ty {
-                Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME => s.as_str().to_sql(ty, out),
+                Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME => {
+                    s.as_str().to_sql(ty, out)
+                }
                 _ => Err(format!("text cannot be bound to a {ty} parameter").into()),
             },
         }
@@ -161,9 +167,15 @@ fn row_values(row: &tokio_postgres::Row) -> Result<Vec<Value>, tokio_postgres::E
     for (i, column) in row.columns().iter().enumerate() {
         let value = match *column.type_() {
             Type::INT8 => row.try_get::<_, Option<i64>>(i)?.map(Value::Int),
-            Type::INT4 => row.try_get::<_, Option<i32>>(i)?.map(|v| Value::Int(v.into())),
-            Type::INT2 => row.try_get::<_, Option<i16>>(i)?.map(|v| Value::Int(v.into())),
-            Type::BOOL => row.try_get::<_, Option<bool>>(i)?.map(|v| Value::Int(v.into())),
+            Type::INT4 => row
+                .try_get::<_, Option<i32>>(i)?
+                .map(|v| Value::Int(v.into())),
+            Type::INT2 => row
+                .try_get::<_, Option<i16>>(i)?
+                .map(|v| Value::Int(v.into())),
+            Type::BOOL => row
+                .try_get::<_, Option<bool>>(i)?
+                .map(|v| Value::Int(v.into())),
             _ => row.try_get::<_, Option<String>>(i)?.map(Value::Text),
         };
         values.push(value.unwrap_or(Value::Null));
@@ -181,7 +193,11 @@ pub struct Postgres {
     _close: tokio::sync::oneshot::Sender<()>,
 }
 
-type Connected = (Client, tokio::runtime::Handle, tokio::sync::oneshot::Sender<()>);
+type Connected = (
+    Client,
+    tokio::runtime::Handle,
+    tokio::sync::oneshot::Sender<()>,
+);
 
 impl Postgres {
     /// Connects to `url` (a `postgres://` URL or key=value string).

@@ -160,7 +160,9 @@ fn writes_fail(place: &Place, s: &Store, fail: bool) {
     match (place, fail) {
         (Place::Sqlite(_), true) => {
             let pages = s
-                .rows("count pages", "PRAGMA page_count", &[], |r| r.int(0, "pages"))
+                .rows("count pages", "PRAGMA page_count", &[], |r| {
+                    r.int(0, "pages")
+                })
                 .unwrap()[0];
             s.raw(&format!("PRAGMA max_page_count = {pages}")).unwrap();
         }
@@ -255,32 +257,35 @@ on_both_engines!(jobs_keep_their_submission_order_and_outcome, |place| {
     assert_eq!(s.job("j2").unwrap().unwrap().state, JobState::Failed);
 });
 
-on_both_engines!(only_finished_jobs_older_than_the_limit_are_pruned, |place| {
-    let s = place.open(3);
-    let job = |id: &str, state: JobState, updated_ms: u64| JobRow {
-        state,
-        attempts: 1,
-        updated_ms,
-        ..queued_job(id, "a")
-    };
-    for mut j in [
-        job("old-done", JobState::Completed, 100),
-        job("old-failed", JobState::Failed, 100),
-        job("old-queued", JobState::Queued, 100),
-        job("old-running", JobState::Running, 100),
-        job("new-done", JobState::Completed, 300),
-    ] {
-        s.insert_job(&mut j).unwrap();
+on_both_engines!(
+    only_finished_jobs_older_than_the_limit_are_pruned,
+    |place| {
+        let s = place.open(3);
+        let job = |id: &str, state: JobState, updated_ms: u64| JobRow {
+            state,
+            attempts: 1,
+            updated_ms,
+            ..queued_job(id, "a")
+        };
+        for mut j in [
+            job("old-done", JobState::Completed, 100),
+            job("old-failed", JobState::Failed, 100),
+            job("old-queued", JobState::Queued, 100),
+            job("old-running", JobState::Running, 100),
+            job("new-done", JobState::Completed, 300),
+        ] {
+            s.insert_job(&mut j).unwrap();
+        }
+        assert_eq!(s.prune_finished_jobs(200).unwrap(), 2);
+        let left: Vec<String> = s
+            .jobs(None, None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|j| j.id)
+            .collect();
+        assert_eq!(left, ["new-done", "old-running", "old-queued"]);
     }
-    assert_eq!(s.prune_finished_jobs(200).unwrap(), 2);
-    let left: Vec<String> = s
-        .jobs(None, None, 10)
-        .unwrap()
-        .into_iter()
-        .map(|j| j.id)
-        .collect();
-    assert_eq!(left, ["new-done", "old-running", "old-queued"]);
-});
+);
 
 on_both_engines!(node_flags_are_kept_and_replaced, |place| {
     let s = place.open(3);
@@ -298,39 +303,42 @@ on_both_engines!(node_flags_are_kept_and_replaced, |place| {
     assert_eq!(stored, BTreeMap::from([("pi-2".to_owned(), flags)]));
 });
 
-on_both_engines!(unknown_values_in_the_store_are_errors_that_name_them, |place| {
-    let s = place.open(3);
-    s.insert_agent(&spec("alice"), 10).unwrap();
-    let hi = [ChatMessage::new(Role::User, "hi")];
-    s.append_history("alice", &hi, 11).unwrap();
-    let mut job = queued_job("j1", "alice");
-    s.insert_job(&mut job).unwrap();
-    s.raw(
-        "UPDATE agents SET state = 'dancing';
+on_both_engines!(
+    unknown_values_in_the_store_are_errors_that_name_them,
+    |place| {
+        let s = place.open(3);
+        s.insert_agent(&spec("alice"), 10).unwrap();
+        let hi = [ChatMessage::new(Role::User, "hi")];
+        s.append_history("alice", &hi, 11).unwrap();
+        let mut job = queued_job("j1", "alice");
+        s.insert_job(&mut job).unwrap();
+        s.raw(
+            "UPDATE agents SET state = 'dancing';
          UPDATE messages SET role = 'robot';
          UPDATE jobs SET state = 'lost'",
-    )
-    .unwrap();
-    let errors = [
-        s.agents().unwrap_err().to_string(),
-        s.history("alice").unwrap_err().to_string(),
-        s.job("j1").unwrap_err().to_string(),
-    ];
-    for (error, (column, value)) in errors.iter().zip([
-        ("agents.state", "dancing"),
-        ("messages.role", "robot"),
-        ("jobs.state", "lost"),
-    ]) {
-        assert!(
-            error.contains(column) && error.contains(value),
-            "{error} should name {column} {value}"
-        );
-    }
-    s.raw("UPDATE agents SET state = 'running', labels = '[oops'")
+        )
         .unwrap();
-    let error = s.agents().unwrap_err().to_string();
-    assert!(error.contains("agents.labels"), "{error}");
-});
+        let errors = [
+            s.agents().unwrap_err().to_string(),
+            s.history("alice").unwrap_err().to_string(),
+            s.job("j1").unwrap_err().to_string(),
+        ];
+        for (error, (column, value)) in errors.iter().zip([
+            ("agents.state", "dancing"),
+            ("messages.role", "robot"),
+            ("jobs.state", "lost"),
+        ]) {
+            assert!(
+                error.contains(column) && error.contains(value),
+                "{error} should name {column} {value}"
+            );
+        }
+        s.raw("UPDATE agents SET state = 'running', labels = '[oops'")
+            .unwrap();
+        let error = s.agents().unwrap_err().to_string();
+        assert!(error.contains("agents.labels"), "{error}");
+    }
+);
 
 const LEASE: Duration = Duration::from_millis(400);
 
@@ -345,15 +353,30 @@ fn one_coordinator_leads_at_a_time_and_terms_only_grow() {
     assert_eq!(b.try_lead("b", "http://b", LEASE, 10).unwrap(), None);
     assert!(a.renew(LEASE).unwrap());
     let leader = b.leader().unwrap();
-    assert_eq!((leader.holder.as_str(), leader.api.as_str(), leader.term, leader.live), ("a", "http://a", 5_001, true));
+    assert_eq!(
+        (
+            leader.holder.as_str(),
+            leader.api.as_str(),
+            leader.term,
+            leader.live
+        ),
+        ("a", "http://a", 5_001, true)
+    );
     std::thread::sleep(LEASE + Duration::from_millis(100));
     assert!(!b.leader().unwrap().live, "the lease expired");
     let second = b.try_lead("b", "http://b", LEASE, 10).unwrap();
     assert_eq!(second, Some(5_002));
     assert!(!a.renew(LEASE).unwrap(), "a's term no longer leads");
-    assert_eq!(b.begin_generation(1).unwrap(), 5_002, "the term is the generation");
+    assert_eq!(
+        b.begin_generation(1).unwrap(),
+        5_002,
+        "the term is the generation"
+    );
     b.resign().unwrap();
-    assert!(!a.leader().unwrap().live, "resigning ends the lease at once");
+    assert!(
+        !a.leader().unwrap().live,
+        "resigning ends the lease at once"
+    );
 }
 
 #[test]
@@ -372,7 +395,12 @@ fn a_deposed_leader_can_store_nothing_not_even_in_a_batch_begun_before() {
     assert!(a.deposed());
     let alone = a.insert_agent(&spec("outside-a-batch"), 0).unwrap_err();
     assert!(alone.to_string().contains("deposed"), "{alone}");
-    let names: Vec<String> = b.agents().unwrap().into_iter().map(|a| a.spec.name).collect();
+    let names: Vec<String> = b
+        .agents()
+        .unwrap()
+        .into_iter()
+        .map(|a| a.spec.name)
+        .collect();
     assert_eq!(names, ["while-leading"]);
 }
 
@@ -386,5 +414,8 @@ fn a_postgres_url_password_never_shows() {
         .err()
         .unwrap()
         .to_string();
-    assert!(!error.contains("s3cret") && error.contains("connect"), "{error}");
+    assert!(
+        !error.contains("s3cret") && error.contains("connect"),
+        "{error}"
+    );
 }

@@ -2,7 +2,8 @@
 
 use std::path::Path;
 
-use super::{ConfigCommand, ConfigKind, Failure};
+use super::{ConfigCommand, ConfigKind, Failure, StoreCommand};
+use crate::coordinator::store::Store;
 use crate::config::coordinator::DEFAULT_COORDINATOR_CONFIG;
 use crate::config::node::DEFAULT_NODE_CONFIG;
 use crate::config::{CoordinatorConfig, NodeConfig};
@@ -15,6 +16,34 @@ pub fn run(action: ConfigCommand) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// `pifleet store migrate --from FILE --to URL`.
+pub fn store(action: StoreCommand) -> Result<(), Failure> {
+    let StoreCommand::Migrate { from, to } = action;
+    if !from.exists() {
+        return Err(Failure::usage(format!("--from {}: no such file", from.display())));
+    }
+    if !(to.starts_with("postgres://") || to.starts_with("postgresql://")) {
+        return Err(Failure::usage(format!(
+            "--to {}: must be a postgres:// URL",
+            crate::coordinator::store::postgres::redact(&to)
+        )));
+    }
+    // The history limit only caps reads; every stored message is copied.
+    let source = Store::open(&from, i64::MAX as usize).map_err(|e| Failure::runtime(&e))?;
+    let target = Store::connect(&to, i64::MAX as usize).map_err(|e| Failure::runtime(&e))?;
+    let copied = source.copy_into(&target).map_err(|e| Failure::runtime(&e))?;
+    println!(
+        "copied {} agents, {} messages, {} jobs and {} node flags from {} into {}",
+        copied.agents,
+        copied.messages,
+        copied.jobs,
+        copied.nodes,
+        from.display(),
+        target.location()
+    );
+    Ok(())
 }
 
 fn default_text(kind: ConfigKind) -> &'static str {

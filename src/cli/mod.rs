@@ -52,6 +52,11 @@ pub enum Command {
     },
     #[command(flatten)]
     Client(ClientCommand),
+    /// The coordinator's store: copy a SQLite store into PostgreSQL.
+    Store {
+        #[command(subcommand)]
+        action: StoreCommand,
+    },
     /// Check a configuration file, or print a commented default.
     Config {
         #[command(subcommand)]
@@ -79,6 +84,21 @@ pub enum ConfigCommand {
     },
     /// Print a commented default configuration.
     Default { kind: ConfigKind },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Copy a coordinator's SQLite store (agents, histories, jobs, node
+    /// flags, counters) into an empty PostgreSQL database, in one
+    /// transaction. Stop the coordinator first.
+    Migrate {
+        /// The SQLite store (`[store] path` of the coordinator).
+        #[arg(long, default_value = "/var/lib/pifleet/coordinator.db")]
+        from: PathBuf,
+        /// The PostgreSQL store, as `[store] url` will name it.
+        #[arg(long)]
+        to: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -133,6 +153,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Node { config } => run_node(config),
         Command::Coordinator { config } => run_coordinator(config),
         Command::Config { action } => config_cmd::run(action),
+        Command::Store { action } => config_cmd::store(action),
         #[cfg(feature = "dev")]
         Command::OllamaSim(args) => dev::run_sim(args),
         Command::Client(command) => client::run(command),

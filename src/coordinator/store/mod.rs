@@ -11,6 +11,7 @@
 //! The SQL is written once, in the dialect both accept.
 
 pub mod lease;
+pub mod migrate;
 pub mod postgres;
 pub mod sqlite;
 #[cfg(test)]

@@ -43,6 +43,9 @@ need faketime
 # Assistant's templates.
 need prometheus
 need python3-jinja2
+# The coordinators' shared store (tests/util/postgres.rs starts a private
+# cluster per test process; setpriv, from util-linux, runs it).
+need postgresql
 if [ "$mode" != quick ]; then
     for pkg in systemd-container debootstrap qemu-user file openssh-client python3-venv lintian; do need "$pkg"; done
 fi
@@ -63,6 +66,18 @@ echo "==> cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
 echo "==> cargo test (benchmarks: cargo bench, see docs/BENCHMARKS.md)"
 cargo test --locked --lib --bins --tests
+echo "==> the coordinator's tests again with the store on PostgreSQL"
+# In process: the store, the core and the API. As processes: chats, jobs,
+# failover and restarts (tests/coordinator.rs, tests/failover.rs), except
+# two that are SQLite's own: a lone coordinator paused past its lease is
+# deposed on PostgreSQL (tests/takeover.rs covers that), and a bench test
+# reads the SQLite file.
+export PIFLEET_TEST_STORE=postgres
+cargo test --locked --lib coordinator::
+cargo test --locked --test tests -- coordinator:: failover:: \
+    --skip a_coordinator_paused_longer_than_node_lost_after \
+    --skip bench_chat_on_someone_elses_fleet
+unset PIFLEET_TEST_STORE
 [ "$mode" = quick ] && { echo "==> all tests passed (--quick)"; exit 0; }
 
 # Python tools, pinned, each set in a virtualenv kept between runs:

@@ -341,7 +341,12 @@ async fn a_sqlite_store_migrated_into_postgres_shows_the_same_fleet() {
     let chat = serde_json::json!({"agent": "m1", "messages": [{"role": "user", "content": "remember the migration"}]});
     let (status, body) = old.post("/v1/chat", chat).await;
     assert_eq!(status, 200, "{body}");
-    let job = old.submit_job("m2", serde_json::json!({"message": "a job before the move"})).await;
+    let job = old
+        .submit_job(
+            "m2",
+            serde_json::json!({"message": "a job before the move"}),
+        )
+        .await;
     let done = poll("the job to complete", WAIT, || async {
         let j = old.job(&job).await;
         (j.status == JobState::Completed).then_some(j)
@@ -355,14 +360,28 @@ async fn a_sqlite_store_migrated_into_postgres_shows_the_same_fleet() {
     let sqlite = old.dir.path().join("coordinator.db");
     let migrate = || {
         std::process::Command::new(pifleet_bin())
-            .args(["store", "migrate", "--from", sqlite.to_str().unwrap(), "--to", &url])
+            .args([
+                "store",
+                "migrate",
+                "--from",
+                sqlite.to_str().unwrap(),
+                "--to",
+                &url,
+            ])
             .output()
             .unwrap()
     };
     let out = migrate();
     let said = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(said.starts_with("copied 2 agents, 4 messages, 1 jobs"), "{said}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.starts_with("copied 2 agents, 4 messages, 1 jobs"),
+        "{said}"
+    );
     let again = migrate();
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("copy into an empty database"));
@@ -371,12 +390,21 @@ async fn a_sqlite_store_migrated_into_postgres_shows_the_same_fleet() {
     wait_role(&new.api, "leader", WAIT).await;
     new.wait_running(2).await;
     let after = new.agents().await;
-    let summary = |agents: &[pifleet::protocol::AgentView]| -> Vec<(String, String, Option<String>)> {
-        agents.iter().map(|a| (a.name.clone(), a.model.clone(), a.node.clone())).collect()
-    };
-    assert_eq!(summary(&after), summary(&before), "the same agents on the same nodes");
+    let summary =
+        |agents: &[pifleet::protocol::AgentView]| -> Vec<(String, String, Option<String>)> {
+            agents
+                .iter()
+                .map(|a| (a.name.clone(), a.model.clone(), a.node.clone()))
+                .collect()
+        };
+    assert_eq!(
+        summary(&after),
+        summary(&before),
+        "the same agents on the same nodes"
+    );
     assert_eq!(new.job(&job).await.answer, done.answer);
-    let chat = serde_json::json!({"agent": "m1", "messages": [{"role": "user", "content": "and now?"}]});
+    let chat =
+        serde_json::json!({"agent": "m1", "messages": [{"role": "user", "content": "and now?"}]});
     let (status, _) = new.post("/v1/chat", chat).await;
     assert_eq!(status, 200);
     let store = tokio::task::block_in_place(|| Store::connect(&url, 100)).unwrap();
@@ -386,5 +414,8 @@ async fn a_sqlite_store_migrated_into_postgres_shows_the_same_fleet() {
         .map(|m| m.content)
         .collect();
     assert_eq!(history.len(), 4, "{history:?}");
-    assert_eq!((history[0].as_str(), history[2].as_str()), ("remember the migration", "and now?"));
+    assert_eq!(
+        (history[0].as_str(), history[2].as_str()),
+        ("remember the migration", "and now?")
+    );
 }

@@ -3,10 +3,10 @@
 use std::path::Path;
 
 use super::{ConfigCommand, ConfigKind, Failure, StoreCommand};
-use crate::coordinator::store::Store;
 use crate::config::coordinator::DEFAULT_COORDINATOR_CONFIG;
 use crate::config::node::DEFAULT_NODE_CONFIG;
 use crate::config::{CoordinatorConfig, NodeConfig};
+use crate::coordinator::store::Store;
 
 pub fn run(action: ConfigCommand) -> Result<(), Failure> {
     match action {
@@ -22,7 +22,10 @@ pub fn run(action: ConfigCommand) -> Result<(), Failure> {
 pub fn store(action: StoreCommand) -> Result<(), Failure> {
     let StoreCommand::Migrate { from, to } = action;
     if !from.exists() {
-        return Err(Failure::usage(format!("--from {}: no such file", from.display())));
+        return Err(Failure::usage(format!(
+            "--from {}: no such file",
+            from.display()
+        )));
     }
     if !(to.starts_with("postgres://") || to.starts_with("postgresql://")) {
         return Err(Failure::usage(format!(
@@ -33,7 +36,9 @@ pub fn store(action: StoreCommand) -> Result<(), Failure> {
     // The history limit only caps reads; every stored message is copied.
     let source = Store::open(&from, i64::MAX as usize).map_err(|e| Failure::runtime(&e))?;
     let target = Store::connect(&to, i64::MAX as usize).map_err(|e| Failure::runtime(&e))?;
-    let copied = source.copy_into(&target).map_err(|e| Failure::runtime(&e))?;
+    let copied = source
+        .copy_into(&target)
+        .map_err(|e| Failure::runtime(&e))?;
     println!(
         "copied {} agents, {} messages, {} jobs and {} node flags from {} into {}",
         copied.agents,

@@ -126,11 +126,27 @@ impl Coordinator {
     /// [`Coordinator::start`] with `envs` set (a faked clock...).
     pub fn start_with_env(broker: &Mosquitto, extra: &str, envs: &[(&str, &str)]) -> Coordinator {
         let dir = tempfile::tempdir().expect("temp dir");
-        let store = format!(
-            "[store]\npath = \"{}\"\n",
-            dir.path().join("coordinator.db").display()
-        );
-        Self::start_in(dir, broker, &store, extra, envs)
+        // PIFLEET_TEST_STORE=postgres: the same tests on a PostgreSQL
+        // store (scripts/test.sh runs some that way), unless the test
+        // chose its store itself.
+        let on_postgres = std::env::var("PIFLEET_TEST_STORE").as_deref() == Ok("postgres");
+        let store = if on_postgres && !extra.contains("[store]") {
+            format!(
+                "[store]\nurl = \"{}\"\n[leader]\nid = \"only\"\n",
+                super::postgres::database()
+            )
+        } else {
+            format!(
+                "[store]\npath = \"{}\"\n",
+                dir.path().join("coordinator.db").display()
+            )
+        };
+        let c = Self::start_in(dir, broker, &store, extra, envs);
+        if store.contains("[leader]") {
+            // Alone on its store: it leads once its lease is free.
+            c.proc.wait_for_line("coordinator ready: API http://", WAIT);
+        }
+        c
     }
 
     /// A coordinator named `id` on the shared PostgreSQL store at `url`:
@@ -210,6 +226,11 @@ impl Coordinator {
         let _ = self.proc.wait_exit(WAIT);
         let (proc, api) = Self::spawn(&self.config, &self.envs);
         assert_eq!(api, self.api, "a restart keeps the API address");
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        if text.contains("id = \"only\"") {
+            // Its own lease, from before the kill, expires first.
+            proc.wait_for_line("coordinator ready: API http://", WAIT);
+        }
         self.proc = proc;
     }
 

@@ -22,9 +22,8 @@ impl Store {
     pub fn copy_into(&self, to: &Store) -> Result<Copied> {
         let (agents, jobs) = (to.agents()?.len(), to.jobs(None, None, 1)?.len());
         if agents + jobs > 0 {
-            let message = format!(
-                "it already holds {agents} agents and jobs: copy into an empty database"
-            );
+            let message =
+                format!("it already holds {agents} agents and jobs: copy into an empty database");
             return Err(to.error("copy a store into it", message));
         }
         to.begin();

@@ -39,6 +39,10 @@ pub struct ChatArgs {
     /// Use this broker (HOST:PORT) instead of starting Mosquitto.
     #[arg(long)]
     mqtt: Option<String>,
+    /// The coordinator it starts keeps its store in this PostgreSQL
+    /// database (postgres://…) instead of SQLite.
+    #[arg(long, conflicts_with_all = ["coordinator", "openai"])]
+    store_url: Option<String>,
     /// Model of the agents it creates (with --openai: the model asked for).
     #[arg(long, default_value = "llama3.2")]
     model: String,
@@ -172,6 +176,7 @@ pub async fn start_fleet_at(
 }
 
 pub async fn bench(args: &ChatArgs, stack: &mut Stack) -> Result<Value, BenchError> {
+    stack.store_url = args.store_url.clone();
     if let (Some(url), false, None) = (&args.coordinator, args.yes, &args.openai) {
         return Err(BenchError::new(format!(
             "bench chat --coordinator {url} creates {} agents on that fleet, loads its nodes for {}s and deletes the agents afterwards; add --yes to go ahead",
@@ -271,6 +276,7 @@ async fn load(args: &ChatArgs, api: &Api, target: &Target) -> Result<Value, Benc
     let requests = latencies.len() as u64 + errors;
     Ok(json!({
         "bench": "chat",
+        "store": if args.store_url.is_some() { "postgresql" } else { "sqlite" },
         "agents": target.agents(),
         "concurrency": args.concurrency,
         "seconds": round3(elapsed),

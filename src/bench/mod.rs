@@ -6,6 +6,7 @@
 //! * `failover`: a node killed or frozen; how soon its agents run elsewhere
 //! * `placement`: thousands of agents placed on hundreds of simulated nodes
 //! * `node-footprint`: memory and CPU of one node daemon, idle and loaded
+//! * `takeover`: the leading coordinator killed; how soon another leads
 
 mod chat;
 pub mod copies;
@@ -16,6 +17,7 @@ mod placement;
 pub mod proxy;
 mod stack;
 mod stream;
+mod takeover;
 
 use std::time::{Duration, Instant};
 
@@ -46,6 +48,9 @@ pub enum BenchCommand {
     /// Node footprint: memory and CPU of one node daemon, idle and with
     /// AGENTS idle agents.
     NodeFootprint(footprint::FootprintArgs),
+    /// Takeover: two coordinators on PostgreSQL, the leader killed RUNS
+    /// times; how soon the other leads and answers.
+    Takeover(takeover::TakeoverArgs),
 }
 
 pub async fn run(command: BenchCommand) -> Result<(), BenchError> {
@@ -57,6 +62,7 @@ pub async fn run(command: BenchCommand) -> Result<(), BenchError> {
             BenchCommand::Failover(args) => failover::bench(&args, &mut stack).await,
             BenchCommand::Placement(args) => placement::bench(&args, &mut stack).await,
             BenchCommand::NodeFootprint(args) => footprint::bench(&args, &mut stack).await,
+            BenchCommand::Takeover(args) => takeover::bench(&args, &mut stack).await,
         };
         if result.is_err() {
             // What the processes logged, for finding out why.

@@ -21,6 +21,8 @@ pub struct Stack {
     /// The program the coordinator and the nodes run from (None: this
     /// one), e.g. the Pi package's binary, built without the benchmarks.
     pub daemon_binary: Option<PathBuf>,
+    /// A PostgreSQL store for the coordinators (None: SQLite in `dir`).
+    pub store_url: Option<String>,
 }
 
 /// A broker address.
@@ -66,6 +68,7 @@ impl Stack {
             children: Vec::new(),
             keep: false,
             daemon_binary: None,
+            store_url: None,
         })
     }
 
@@ -237,19 +240,43 @@ impl Stack {
 
     /// The coordinator on `mqtt` with `extra` TOML; its API URL and pid.
     pub fn coordinator(&mut self, mqtt: &Mqtt, extra: &str) -> Result<(String, u32), BenchError> {
+        self.coordinator_as("coordinator", mqtt, extra, true)
+    }
+
+    /// A coordinator `name` (its log is `NAME.log`); with `until_ready`,
+    /// once it leads and is connected, else once it serves its API (a
+    /// follower on a shared store).
+    pub fn coordinator_as(
+        &mut self,
+        name: &str,
+        mqtt: &Mqtt,
+        extra: &str,
+        until_ready: bool,
+    ) -> Result<(String, u32), BenchError> {
+        let store = match &self.store_url {
+            Some(url) => format!("[store]\nurl = \"{url}\"\n[leader]\nid = \"{name}\"\n"),
+            None => format!(
+                "[store]\npath = \"{}\"\n",
+                self.dir.join("coordinator.db").display()
+            ),
+        };
         let config = self.write(
-            "coordinator.toml",
+            &format!("{name}.toml"),
             &format!(
-                "{extra}\n[mqtt]\nhost = \"{}\"\nport = {}\nmax_payload_bytes = 16777216\n[api]\nlisten = \"127.0.0.1:0\"\nmax_body_bytes = 67108864\n[store]\npath = \"{}\"\n",
+                "{extra}\n[mqtt]\nhost = \"{}\"\nport = {}\nmax_payload_bytes = 16777216\n[api]\nlisten = \"127.0.0.1:0\"\nmax_body_bytes = 67108864\n{store}",
                 mqtt.host,
                 mqtt.port,
-                self.dir.join("coordinator.db").display()
             ),
         )?;
         let config = config.display().to_string();
-        let pid = self.spawn_daemon("coordinator", &["coordinator", "--config", &config])?;
-        let line = self.wait_log("coordinator", "coordinator ready: API ")?;
-        let api = line.split(',').next().unwrap_or("").trim().to_owned();
+        let pid = self.spawn_daemon(name, &["coordinator", "--config", &config])?;
+        let api = if until_ready {
+            let line = self.wait_log(name, "coordinator ready: API ")?;
+            line.split(',').next().unwrap_or("").trim().to_owned()
+        } else {
+            let line = self.wait_log(name, "serving API ")?;
+            line.split_whitespace().next().unwrap_or("").to_owned()
+        };
         Ok((api, pid))
     }
 

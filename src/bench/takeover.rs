@@ -14,7 +14,7 @@ use super::{progress, quantile, round3, Api, BenchError, Stack};
 #[derive(Debug, clap::Args)]
 pub struct TakeoverArgs {
     /// The PostgreSQL database both coordinators share (postgres://…);
-    /// scripts/bench-ha.sh starts a private one.
+    /// docs/BENCHMARKS.md shows how to start a private one.
     #[arg(long)]
     store_url: String,
     /// Leaders killed.

@@ -41,6 +41,14 @@ max_body_bytes = 262144
 
 [store]
 path = "/var/lib/pifleet/coordinator.db"
+# Several coordinators sharing one PostgreSQL instead (docs/HA.md): set
+# url and remove path; one leads, the others follow and take over.
+# url = "postgres://pifleet:secret@db.lan/pifleet"
+
+# [leader]
+# id = "pi-c1"                         # default: the host name
+# advertise = "http://pi-c1.lan:9470"  # this API as the others reach it
+# lease_secs = 3
 
 [timeouts]
 # A node is lost when no capacity message came from it for this long (it

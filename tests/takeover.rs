@@ -230,7 +230,11 @@ async fn a_leader_frozen_past_its_lease_sends_nothing_when_it_wakes_and_follows(
     let broker = Mosquitto::start();
     let url = postgres::database();
     let (c1, c2) = pair(&broker, &url, &url).await;
-    let recorder = Client::connect(&broker, &["pifleet/nodes/+/cmd"]).await;
+    let recorder = Client::connect(
+        &broker,
+        &["pifleet/nodes/+/cmd", "pifleet/coordinator/leader"],
+    )
+    .await;
     let agents = vec!["f1".to_owned(), "f2".to_owned()];
     let (nodes, _sims, _machines) = fleet(&broker, &c1, &agents).await;
     let old = term_of(&c1.api).await;
@@ -258,6 +262,13 @@ async fn a_leader_frozen_past_its_lease_sends_nothing_when_it_wakes_and_follows(
         "the old leader published commands of its term after waking"
     );
     assert!(c1.proc.count_lines("steps down") >= 1);
+    let leaders = recorder.on_topic("pifleet/coordinator/leader");
+    let last = leaders.last().expect("the leader announced").json();
+    assert_eq!(
+        (last["leader"].as_str(), last["term"].as_u64()),
+        (Some("c2"), Some(new)),
+        "the retained leader is still the new one"
+    );
     assert_eq!(c2.placement().await, placed, "nothing moved when it woke");
     let (status, body) = http_get(&format!("{}/v1/status", c1.api)).await;
     assert_eq!(

@@ -85,9 +85,13 @@ impl Leadership {
         matches!(self.role(), Role::Leader { .. })
     }
 
-    /// Whether it may still publish: it leads and its lease holds.
+    /// Whether it may still publish: it leads and its lease holds, read
+    /// from the monotonic clock now (the watch task's flag may be late:
+    /// the process was frozen, or it is stopping).
     pub fn acting(&self) -> bool {
+        let deadline = self.deadline_ms.load(Ordering::Acquire);
         self.acting.load(Ordering::Acquire)
+            && (deadline == u64::MAX || self.mono_ms(Instant::now()) < deadline)
     }
 
     fn mono_ms(&self, at: Instant) -> u64 {
@@ -186,5 +190,30 @@ pub async fn follow(
             _ = shutdown.cancelled() => return Ok(None),
             _ = tokio::time::sleep(FOLLOW_POLL) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acting_ends_at_the_deadline_even_with_no_watch_task() {
+        let l = Leadership::new(true, "c1".into());
+        assert!(
+            !l.acting(),
+            "a coordinator on a shared store starts not acting"
+        );
+        l.renewed(Instant::now(), Duration::from_millis(300));
+        assert!(l.acting());
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(!l.acting(), "two thirds of the lease passed");
+        l.renewed(Instant::now(), Duration::from_secs(3));
+        l.stop_acting();
+        assert!(!l.acting());
+        assert!(
+            Leadership::new(false, "c".into()).acting(),
+            "alone on SQLite it always acts"
+        );
     }
 }

@@ -256,10 +256,27 @@ impl Daemon {
         } else {
             format!("pifleet-coordinator-{root}")
         };
-        let mut coordinator =
-            core::Coordinator::load(config.clone(), store, Now::system(), self.metrics.clone())?;
+        // Requests queued while this coordinator did not lead are stale:
+        // their handlers passed the role check of an earlier term.
+        while self.requests.try_recv().is_ok() {}
+        let started =
+            core::Coordinator::load(config.clone(), store, Now::system(), self.metrics.clone())
+                .map_err(CoordinatorError::from)
+                .and_then(|c| Ok((c, Link::start(&config.mqtt, &client_id, Some(will))?)));
+        let (mut coordinator, mut link) = match started {
+            Ok(started) => started,
+            Err(e) if shared => {
+                log::warn!("cannot start leading ({e}); following again");
+                self.leadership.stop_acting();
+                return Ok(Ended::SteppedDown);
+            }
+            Err(e) => return Err(e),
+        };
         let term = coordinator.generation;
-        let mut link = Link::start(&config.mqtt, &client_id, Some(will))?;
+        if shared {
+            // The lease as of now, not as of before loading.
+            self.renew(&coordinator, Instant::now());
+        }
         self.leadership.set_role(Role::Leader { term });
         log::info!(
             "coordinator starting: API http://{}, broker {}, store {}",
@@ -342,7 +359,11 @@ impl Daemon {
                 }
             }
             if let Err(e) = coordinator.end_batch() {
-                if shared && coordinator.store().deposed() {
+                if shared {
+                    // The database is gone or another term leads: follow
+                    // (and connect again) rather than exit.
+                    log::warn!("{e}: stepping down");
+                    self.leadership.stop_acting();
                     continue;
                 }
                 log::error!("{e}: the store cannot be read back; stopping");

@@ -18,8 +18,6 @@ pub const STATUS_ONLINE: &str = "online";
 /// node's last will.
 pub const STATUS_OFFLINE: &str = "offline";
 
-/// The retained capacity announcement of one node (docs/PROTOCOL.md, contract).
-/// Its `Default` is a node nothing is known of yet: zeros and empty strings.
 /// The retained message on `{root}/coordinator/leader`: the coordinator
 /// that leads and its term, which is the generation its commands carry.
 /// Nodes ignore commands of any older generation once they read it.
@@ -31,6 +29,8 @@ pub struct LeaderInfo {
     pub api: String,
 }
 
+/// The retained capacity announcement of one node (docs/PROTOCOL.md, contract).
+/// Its `Default` is a node nothing is known of yet: zeros and empty strings.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Capacity {
     pub node: String,

@@ -75,7 +75,7 @@ pub async fn follow_leader(State(s): State<ApiState>, request: Request, next: Ne
             "this coordinator follows too: the coordinators disagree for a moment on who leads",
         );
     }
-    forward(&leader.api, &s.leadership.id, request).await
+    forward(&leader.api, &s.leadership.id, s.chat_timeout, request).await
 }
 
 fn no_leader(message: &str) -> Response {
@@ -105,10 +105,15 @@ fn follower_ready(s: &ApiState, role: &Role) -> Response {
     }
 }
 
-async fn forward(base: &str, me: &str, request: Request) -> Response {
+/// Passes `request` on to the leader at `base`; a leader that does not
+/// answer within `timeout` (a frozen one still accepts connections) is a
+/// 503.
+async fn forward(base: &str, me: &str, timeout: Duration, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut out = client().request(parts.method, format!("{base}{path}"));
+    let mut out = client()
+        .request(parts.method, format!("{base}{path}"))
+        .timeout(timeout);
     for (name, value) in &parts.headers {
         if !hop_by_hop(name) {
             out = out.header(name, value);

@@ -543,12 +543,12 @@ impl Coordinator {
         }
     }
 
-    /// Answers every waiting chat: the coordinator is stopping.
     /// The store, for the daemon's lease (renewal, resignation).
     pub fn store(&self) -> &Store {
         &self.store
     }
 
+    /// Answers every waiting chat: the coordinator is stopping.
     pub fn stop(&mut self, now: Now) {
         self.now = now;
         let ids: Vec<String> = self.turns.keys().cloned().collect();

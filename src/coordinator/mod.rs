@@ -202,7 +202,7 @@ impl Daemon {
             let term = tokio::select! {
                 followed = leader::follow(&mut store, &self.config.leader, &self.leadership, shutdown) => followed,
                 // The systemd watchdog: following is alive too.
-                _ = self.beat_while_following() => unreachable!(),
+                never = self.beat_while_following() => match never {},
             };
             match term {
                 Ok(Some(term)) => {
@@ -225,7 +225,8 @@ impl Daemon {
         Ok(())
     }
 
-    async fn beat_while_following(&self) {
+    /// Never returns: beats the systemd watchdog while following.
+    async fn beat_while_following(&self) -> std::convert::Infallible {
         loop {
             self.liveness.beat();
             tokio::time::sleep(TICK).await;

@@ -44,6 +44,8 @@ path = "/var/lib/pifleet/coordinator.db"
 # Several coordinators sharing one PostgreSQL instead (docs/HA.md): set
 # url and remove path; one leads, the others follow and take over.
 # url = "postgres://pifleet:secret@db.lan/pifleet"
+# (or, keeping the password out of this file: the systemd credential
+# store_url, or PIFLEET_STORE_URL, which replace this section)
 
 # [leader]
 # id = "pi-c1"                         # default: the host name
@@ -191,6 +193,14 @@ struct RawScheduler {
 
 /// An API token: at least 16 characters, none of them blank or a control
 /// character (it travels in an HTTP header).
+fn store_url(url: String) -> Result<String, String> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(url)
+    } else {
+        Err("must be a postgres:// URL".into())
+    }
+}
+
 fn api_token(token: String) -> Result<Option<String>, String> {
     if token.chars().count() < 16 {
         Err("must be at least 16 characters".into())
@@ -343,6 +353,21 @@ impl CoordinatorConfig {
             })?;
         }
         config.token_from_env(std::env::var("PIFLEET_API_TOKEN").ok())?;
+        // A PostgreSQL URL carries a password: it may come as a secret
+        // rather than in the (world-readable) file, and then replaces the
+        // file's [store].
+        if let Some(url) = super::credential("store_url")? {
+            config.store_url = Some(store_url(url).map_err(|message| LoadError::Credential {
+                path: "store_url".into(),
+                message,
+            })?);
+        }
+        if let Ok(url) = std::env::var("PIFLEET_STORE_URL") {
+            config.store_url = Some(store_url(url).map_err(|message| LoadError::Env {
+                var: "PIFLEET_STORE_URL",
+                message,
+            })?);
+        }
         Ok(config)
     }
 
@@ -392,12 +417,10 @@ impl CoordinatorConfig {
             }
         });
         let store_url = c.value("store.url", &raw.store.url, None, |u: String| {
-            if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
-                Err("must be a postgres:// URL".into())
-            } else if raw.store.path.is_some() {
+            if raw.store.path.is_some() {
                 Err("set either store.path (SQLite) or store.url (PostgreSQL), not both".into())
             } else {
-                Ok(Some(u))
+                store_url(u).map(Some)
             }
         });
         let dl = LeaderSettings::defaults(api.listen);

@@ -46,6 +46,12 @@ pub enum Value {
 pub trait Backend: Send {
     /// Runs one statement; returns the rows it changed.
     fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> std::result::Result<u64, String>;
+    /// Runs one statement whose answer the caller does not need. Inside a
+    /// transaction an engine may send it later (at the latest with the
+    /// COMMIT), and report its error then.
+    fn write(&mut self, sql: &str, params: &[Param<'_>]) -> std::result::Result<(), String> {
+        self.execute(sql, params).map(|_| ())
+    }
     /// Runs one query; integer and text columns only.
     fn query(
         &mut self,
@@ -56,6 +62,10 @@ pub trait Backend: Send {
     fn batch(&mut self, sql: &str) -> std::result::Result<(), String>;
     /// Whether a transaction is open.
     fn in_transaction(&self) -> bool;
+    /// Whether the open transaction may have written anything.
+    fn wrote(&self) -> bool {
+        true
+    }
 }
 
 /// A row read back, decoded column by column; a wrong type or value is an

@@ -75,6 +75,8 @@ impl Store {
         let terms = self.rows("take the lead", sql, &params, |r| r.int(0, "leader.term"))?;
         let term = terms.first().map(|t| *t as u64);
         if let Some(term) = term {
+            // Other leaders may have written since this store last led.
+            self.forget_histories();
             self.fence.replace(Some(Fence {
                 term,
                 holder: holder.to_owned(),
@@ -117,32 +119,28 @@ impl Store {
         self.deposed.get()
     }
 
-    /// Fails unless this store's term still leads; without a fence (SQLite,
-    /// one coordinator) there is nothing to check.
+    /// Queues, as the last statement of the open transaction, the check
+    /// that this store's term still leads; without a fence (SQLite, one
+    /// coordinator) there is nothing to check. The check locks the lease
+    /// row (`FOR SHARE`: a takeover waits for the COMMIT, or comes before it
+    /// and fails it) and fails the transaction if another term leads, so
+    /// that the COMMIT can be sent with it, in one round trip: PostgreSQL
+    /// turns the COMMIT of a failed transaction into a rollback.
     pub(super) fn check_term(&self) -> Result<()> {
         let Some(fence) = self.fence.borrow().clone() else {
             return Ok(());
         };
-        let sql = "SELECT term, holder FROM leader WHERE id = 1 FOR SHARE";
-        let rows = self.rows("check the leader's term", sql, &[], |r| {
-            Ok((r.int(0, "leader.term")? as u64, r.text(1, "leader.holder")?))
-        })?;
-        match rows.first() {
-            Some((term, holder)) if *term == fence.term && *holder == fence.holder => Ok(()),
-            Some((term, holder)) => {
-                self.deposed.set(true);
-                Err(self.error(
-                    "check the leader's term",
-                    format!(
-                        "deposed: term {term} of {holder} leads now, not term {} of {}",
-                        fence.term, fence.holder
-                    ),
-                ))
-            }
-            None => Err(self.error(
-                "check the leader's term",
-                "the leader row is missing".into(),
-            )),
+        let sql = "SELECT CASE WHEN term = $1 AND holder = $2 THEN 0
+                   ELSE CAST('deposed: term ' || term || ' of ' || holder || ' leads now' AS INTEGER) END
+                   FROM leader WHERE id = 1 FOR SHARE";
+        let params = [(fence.term as i64).into(), fence.holder.as_str().into()];
+        self.write("check the leader's term", sql, &params)
+    }
+
+    /// Notes a failed transaction's error that says another term leads.
+    pub(super) fn note_deposed(&self, error: &str) {
+        if error.contains("deposed: term") {
+            self.deposed.set(true);
         }
     }
 }

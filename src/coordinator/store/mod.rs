@@ -11,6 +11,7 @@
 //! The SQL is written once, in the dialect both accept.
 
 mod backend;
+mod history;
 pub mod lease;
 pub mod migrate;
 pub mod postgres;
@@ -140,6 +141,8 @@ pub struct Store {
     fence: RefCell<Option<Fence>>,
     /// Set once a term check found another term leading.
     deposed: Cell<bool>,
+    /// Recent histories, as this store's one writer wrote them.
+    histories: RefCell<history::HistoryCache>,
 }
 
 impl Store {
@@ -180,6 +183,7 @@ impl Store {
             fault: RefCell::new(None),
             fence: RefCell::new(None),
             deposed: Cell::new(false),
+            histories: RefCell::default(),
         };
         // A store already at this version is left alone: creating what
         // exists would still lock tables a leader is writing.
@@ -260,6 +264,18 @@ impl Store {
         done.map_err(self.err(action))
     }
 
+    /// A write whose count nobody needs: inside a transaction the engine
+    /// may pipeline it with what follows ([`Backend::write`]); its error
+    /// then fails the batch when it is reported.
+    fn write(&self, action: &'static str, sql: &str, params: &[Param<'_>]) -> Result<()> {
+        self.writable(action)?;
+        if self.fence.borrow().is_some() && !self.db.borrow().in_transaction() {
+            return self.atomically(action, |s| s.write(action, sql, params));
+        }
+        let done = self.db.borrow_mut().write(sql, params);
+        done.map_err(self.err(action))
+    }
+
     fn rows<T>(
         &self,
         action: &'static str,
@@ -312,28 +328,42 @@ impl Store {
         }
         let fault = self.fault.take();
         if !self.db.borrow().in_transaction() {
+            if fault.is_some() {
+                self.forget_histories();
+            }
             return fault.map_or(Ok(()), Err);
         }
         let outcome = match fault {
             Some(fault) => Err(fault),
-            None => self.check_term().map_err(|e| e.to_string()).and_then(|()| {
-                let committed = self.db.borrow_mut().batch("COMMIT");
-                committed.map_err(|e| format!("store {}: cannot commit: {e}", self.location))
-            }),
+            None => self
+                .check_written_term()
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    let committed = self.db.borrow_mut().batch("COMMIT");
+                    committed.map_err(|e| format!("store {}: cannot commit: {e}", self.location))
+                }),
         };
-        if outcome.is_err() {
+        if let Err(e) = &outcome {
+            self.note_deposed(e);
             self.rollback();
         }
         outcome
     }
 
     fn rollback(&self) {
+        self.forget_histories();
         let mut db = self.db.borrow_mut();
         if db.in_transaction() {
             if let Err(e) = db.batch("ROLLBACK") {
                 log::error!("store {}: cannot roll back: {e}", self.location);
             }
         }
+    }
+
+    /// Empties the history cache: after writes were rolled back, or when
+    /// another coordinator may have written.
+    pub(super) fn forget_histories(&self) {
+        self.histories.borrow_mut().clear();
     }
 
     /// Whether a batch is open.
@@ -359,8 +389,9 @@ impl Store {
         Err(self.error(action, "an earlier write of this batch failed".into()))
     }
 
-    /// Runs `writes` all or nothing: in a savepoint inside an open
-    /// transaction, else in a transaction of its own (which checks the
+    /// Runs `writes` all or nothing: inside a batch, as part of it (any
+    /// error fails the whole batch); in a savepoint inside a transaction
+    /// opened otherwise; else in a transaction of its own (which checks the
     /// leader's term before it commits).
     fn atomically<T>(
         &self,
@@ -368,6 +399,9 @@ impl Store {
         writes: impl FnOnce(&Store) -> Result<T>,
     ) -> Result<T> {
         self.writable(action)?;
+        if self.batch_depth.get() > 0 && self.db.borrow().in_transaction() {
+            return writes(self);
+        }
         let nested = self.db.borrow().in_transaction();
         let (open, keep, undo) = if nested {
             (
@@ -382,11 +416,17 @@ impl Store {
         opened.map_err(self.err(action))?;
         let outcome = writes(self).and_then(|value| {
             if !nested {
-                self.check_term()?;
+                self.check_written_term()?;
             }
             let kept = self.db.borrow_mut().batch(keep);
-            kept.map(|()| value).map_err(|e| self.error(action, e))
+            kept.map(|()| value).map_err(|e| {
+                self.note_deposed(&e);
+                self.error(action, e)
+            })
         });
+        if outcome.is_err() {
+            self.forget_histories();
+        }
         if outcome.is_err() && self.db.borrow().in_transaction() {
             let undone = self.db.borrow_mut().batch(undo);
             if let Err(e) = undone {
@@ -394,6 +434,16 @@ impl Store {
             }
         }
         outcome
+    }
+
+    /// The term check before a COMMIT, if the transaction wrote anything
+    /// (one that did not changes nothing a term could fence).
+    fn check_written_term(&self) -> Result<()> {
+        if self.db.borrow().wrote() {
+            self.check_term()
+        } else {
+            Ok(())
+        }
     }
 
     fn counter(&self, key: &str) -> Result<u64> {
@@ -406,8 +456,7 @@ impl Store {
 
     fn set_counter(&self, key: &str, value: u64) -> Result<()> {
         let sql = "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value";
-        self.exec("write a counter", sql, &[key.into(), (value as i64).into()])
-            .map(|_| ())
+        self.write("write a counter", sql, &[key.into(), (value as i64).into()])
     }
 
     /// A generation above every earlier one: the clock in ms, or the last
@@ -497,71 +546,85 @@ impl Store {
             (placement as i64).into(),
             name.into(),
         ];
-        self.exec("update an agent", sql, &params).map(|_| ())
+        self.write("update an agent", sql, &params)
     }
 
     /// Removes an agent and its history; its open jobs fail.
     pub fn delete_agent(&self, name: &str, now_ms: u64) -> Result<()> {
+        self.histories.borrow_mut().remove(name);
         self.atomically("delete an agent", |s| {
-            s.exec(
+            s.write(
                 "delete an agent",
                 "DELETE FROM agents WHERE name = $1",
                 &[name.into()],
             )?;
-            s.exec(
+            s.write(
                 "delete history",
                 "DELETE FROM messages WHERE agent = $1",
                 &[name.into()],
             )?;
-            s.exec(
+            s.write(
                 "fail the agent's jobs",
                 "UPDATE jobs SET state = 'failed', error = 'the agent was stopped', updated_ms = $1
                  WHERE agent = $2 AND state IN ('queued', 'running')",
                 &[(now_ms as i64).into(), name.into()],
-            )?;
-            Ok(())
+            )
         })
     }
 
-    /// The agent's last `history_limit` messages, oldest first.
+    /// The agent's last `history_limit` messages, oldest first: from
+    /// memory for an agent read or written recently ([`history`]).
     pub fn history(&self, agent: &str) -> Result<Vec<ChatMessage>> {
+        if let Some(messages) = self.histories.borrow().get(agent) {
+            return Ok(messages);
+        }
         let sql = "SELECT role, content FROM (SELECT seq, role, content FROM messages WHERE agent = $1 ORDER BY seq DESC LIMIT $2) AS newest
                    ORDER BY seq";
         let params = [agent.into(), (self.history_limit as i64).into()];
-        self.rows("read history", sql, &params, |r| {
+        let messages = self.rows("read history", sql, &params, |r| {
             Ok(ChatMessage::new(
                 r.one_of(0, "messages.role", &ROLES, Role::as_str)?,
                 r.text(1, "messages.content")?,
             ))
-        })
+        })?;
+        self.histories.borrow_mut().put(agent, &messages);
+        Ok(messages)
     }
 
-    /// Appends to the agent's history and drops what exceeds the limit.
+    /// Appends to the agent's history and drops what exceeds the limit:
+    /// two writes that need no answer, so that an engine may pipeline them.
     pub fn append_history(&self, agent: &str, messages: &[ChatMessage], now_ms: u64) -> Result<()> {
+        if messages.is_empty() {
+            return Ok(());
+        }
         self.atomically("append history", |s| {
-            let sql = "SELECT COALESCE(MAX(seq), 0) FROM messages WHERE agent = $1";
-            let last = s.rows("append history", sql, &[agent.into()], |r| r.int(0, "seq"))?;
-            let last = last.first().copied().unwrap_or(0);
-            for (i, m) in messages.iter().enumerate() {
-                let params = [
-                    agent.into(),
-                    (last + 1 + i as i64).into(),
-                    m.role.as_str().into(),
-                    m.content.as_str().into(),
-                    (now_ms as i64).into(),
-                ];
-                s.exec(
-                    "append history",
-                    "INSERT INTO messages (agent, seq, role, content, ts_ms) VALUES ($1, $2, $3, $4, $5)",
-                    &params,
-                )?;
+            // Each message's place after the agent's last, computed by the
+            // database: (VALUES …) names its columns column1, column2, … in
+            // both engines.
+            let rows: Vec<String> = (0..messages.len())
+                .map(|i| format!("({}, ${}, ${})", i + 1, 3 + 2 * i, 4 + 2 * i))
+                .collect();
+            let sql = format!(
+                "INSERT INTO messages (agent, seq, role, content, ts_ms)
+                 SELECT $1, last.seq + v.column1, v.column2, v.column3, CAST($2 AS BIGINT)
+                 FROM (SELECT COALESCE(MAX(seq), 0) AS seq FROM messages WHERE agent = $1) AS last,
+                      (VALUES {}) AS v",
+                rows.join(", ")
+            );
+            let mut params: Vec<Param<'_>> = vec![agent.into(), (now_ms as i64).into()];
+            for m in messages {
+                params.push(m.role.as_str().into());
+                params.push(m.content.as_str().into());
             }
-            let oldest_kept = last + messages.len() as i64 - self.history_limit as i64;
-            s.exec(
+            s.write("append history", &sql, &params)?;
+            s.write(
                 "trim history",
-                "DELETE FROM messages WHERE agent = $1 AND seq <= $2",
-                &[agent.into(), oldest_kept.into()],
+                "DELETE FROM messages WHERE agent = $1
+                 AND seq <= (SELECT MAX(seq) FROM messages WHERE agent = $1) - $2",
+                &[agent.into(), (self.history_limit as i64).into()],
             )?;
+            let mut histories = s.histories.borrow_mut();
+            histories.append(agent, messages, s.history_limit);
             Ok(())
         })
     }
@@ -598,7 +661,7 @@ impl Store {
             usage.as_deref().into(),
         ];
         let sql = format!("{INSERT_JOB} {on_conflict}");
-        self.exec("write a job", &sql, &params).map(|_| ())
+        self.write("write a job", &sql, &params)
     }
 
     fn job_row(r: &Cols<'_>) -> std::result::Result<JobRow, String> {
@@ -679,8 +742,7 @@ impl Store {
 
     pub fn delete_node_flags(&self, node: &str) -> Result<()> {
         let sql = "DELETE FROM nodes WHERE node = $1";
-        self.exec("delete node flags", sql, &[node.into()])
-            .map(|_| ())
+        self.write("delete node flags", sql, &[node.into()])
     }
 
     pub fn set_node_flags(&self, node: &str, flags: &NodeFlags) -> Result<()> {
@@ -694,7 +756,7 @@ impl Store {
             flags.drain_deadline_ms.map(|v| v as i64).into(),
             flags.drain_max_parallel.map(|v| v as i64).into(),
         ];
-        self.exec("write node flags", sql, &params).map(|_| ())
+        self.write("write node flags", sql, &params)
     }
 }
 

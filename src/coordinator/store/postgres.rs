@@ -183,12 +183,31 @@ fn row_values(row: &tokio_postgres::Row) -> Result<Vec<Value>, tokio_postgres::E
     Ok(values)
 }
 
+/// A write whose answer nobody waits for: sent with the next statement
+/// that is waited for (pipelined), its error reported then.
+struct Deferred {
+    statement: Statement,
+    params: Vec<Owned>,
+    sql: String,
+}
+
+/// One request of a pipeline, sent when first polled.
+type Request = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+
 pub struct Postgres {
     client: Arc<Client>,
     /// The private runtime that drives the connection.
     runtime: tokio::runtime::Handle,
     statements: HashMap<String, Statement>,
+    /// Inside a transaction (whose BEGIN may not be sent yet).
     in_transaction: bool,
+    /// BEGIN not sent yet: it goes with the transaction's first write, and
+    /// a transaction that writes nothing costs no round trip at all.
+    begin_pending: bool,
+    /// Writes of the open transaction not sent yet, in order.
+    deferred: Vec<Deferred>,
+    /// Whether the open transaction wrote anything.
+    wrote: bool,
     /// Dropping it closes the connection.
     _close: tokio::sync::oneshot::Sender<()>,
 }
@@ -218,6 +237,9 @@ impl Postgres {
             runtime,
             statements: HashMap::new(),
             in_transaction: false,
+            begin_pending: false,
+            deferred: Vec::new(),
+            wrote: false,
             _close: close,
         };
         // A coordinator frozen inside a transaction (SIGSTOP) must not hold
@@ -236,6 +258,10 @@ impl Postgres {
         self.runtime.spawn(async move {
             let _ = done.send(call.await.map_err(describe));
         });
+        self.wait(answer)
+    }
+
+    fn wait<T>(&mut self, answer: mpsc::Receiver<Result<T, String>>) -> Result<T, String> {
         match answer.recv_timeout(CALL_TIMEOUT) {
             Ok(outcome) => outcome,
             Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -255,7 +281,61 @@ impl Postgres {
         let (closed, _) = tokio::sync::oneshot::channel();
         // Replacing the sender drops the old one: the thread lets go.
         self._close = closed;
+        self.end_transaction();
+    }
+
+    fn end_transaction(&mut self) {
         self.in_transaction = false;
+        self.begin_pending = false;
+        self.deferred.clear();
+        self.wrote = false;
+    }
+
+    /// The requests to send before the next one: BEGIN if it is still
+    /// pending, then the deferred writes. `begin` is false for a read that
+    /// may run outside the transaction (nothing written yet).
+    fn pending(&mut self, begin: bool) -> Vec<Request> {
+        let mut requests: Vec<Request> = Vec::new();
+        if self.begin_pending && (begin || !self.deferred.is_empty()) {
+            self.begin_pending = false;
+            let client = self.client.clone();
+            requests.push(Box::pin(async move {
+                client.batch_execute("BEGIN").await.map_err(describe)
+            }));
+        }
+        for write in self.deferred.drain(..) {
+            let client = self.client.clone();
+            requests.push(Box::pin(async move {
+                let refs: Vec<&(dyn ToSql + Sync)> = write.params.iter().map(|p| p as _).collect();
+                match client.execute(&write.statement, &refs).await {
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(format!("{} (in {})", describe(e), first_words(&write.sql))),
+                }
+            }));
+        }
+        requests
+    }
+
+    /// Sends the pending requests and then `last`, without waiting in
+    /// between (one round trip), and waits for all: the first error, in
+    /// order, or `last`'s answer.
+    fn pipelined<T: Send + 'static>(
+        &mut self,
+        begin: bool,
+        last: impl std::future::Future<Output = Result<T, tokio_postgres::Error>> + Send + 'static,
+    ) -> Result<T, String> {
+        let before = self.pending(begin);
+        if before.is_empty() {
+            return self.call(last);
+        }
+        let (done, answer) = mpsc::sync_channel(1);
+        self.runtime.spawn(async move {
+            let last: std::pin::Pin<
+                Box<dyn std::future::Future<Output = Result<T, String>> + Send>,
+            > = Box::pin(async move { last.await.map_err(describe) });
+            let _ = done.send(in_order(before, last).await);
+        });
+        self.wait(answer)
     }
 
     fn statement(&mut self, sql: &str) -> Result<Statement, String> {
@@ -268,6 +348,52 @@ impl Postgres {
         self.statements.insert(sql.to_owned(), statement.clone());
         Ok(statement)
     }
+}
+
+/// Polls `before` and then `last` in that order, so that each request is
+/// sent before the next (tokio-postgres sends a request when its future is
+/// first polled), and waits for all of them: the first error in order, or
+/// `last`'s answer.
+async fn in_order<T>(
+    mut before: Vec<Request>,
+    mut last: std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, String>> + Send>>,
+) -> Result<T, String> {
+    use std::task::Poll;
+    let mut outcomes: Vec<Option<Result<(), String>>> = before.iter().map(|_| None).collect();
+    let mut answer = None;
+    std::future::poll_fn(|cx| {
+        let mut all = true;
+        for (request, outcome) in before.iter_mut().zip(outcomes.iter_mut()) {
+            if outcome.is_none() {
+                match request.as_mut().poll(cx) {
+                    Poll::Ready(done) => *outcome = Some(done),
+                    Poll::Pending => all = false,
+                }
+            }
+        }
+        if answer.is_none() {
+            match last.as_mut().poll(cx) {
+                Poll::Ready(done) => answer = Some(done),
+                Poll::Pending => all = false,
+            }
+        }
+        if all {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    for outcome in outcomes.into_iter().flatten() {
+        outcome.map_err(|e| format!("an earlier write failed: {e}"))?;
+    }
+    answer.unwrap_or_else(|| Err("the pipeline ended without an answer".into()))
+}
+
+/// The start of a statement, to name it in an error.
+fn first_words(sql: &str) -> String {
+    let words: Vec<&str> = sql.split_whitespace().take(4).collect();
+    words.join(" ")
 }
 
 /// The connection's thread: connects, hands the client over, then drives
@@ -316,17 +442,40 @@ impl Backend for Postgres {
         let statement = self.statement(sql)?;
         let params = owned(params);
         let client = self.client.clone();
-        self.call(async move {
+        if self.in_transaction {
+            self.wrote = true;
+        }
+        self.pipelined(true, async move {
             let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
             client.execute(&statement, &refs).await
         })
     }
 
+    /// Inside a transaction, not sent until the next statement that is
+    /// waited for (at the latest its COMMIT).
+    fn write(&mut self, sql: &str, params: &[Param<'_>]) -> Result<(), String> {
+        if !self.in_transaction() {
+            return self.execute(sql, params).map(|_| ());
+        }
+        let statement = self.statement(sql)?;
+        self.deferred.push(Deferred {
+            statement,
+            params: owned(params),
+            sql: sql.to_owned(),
+        });
+        self.wrote = true;
+        Ok(())
+    }
+
+    /// A read in a transaction that has written nothing yet runs on its
+    /// own, without sending BEGIN (it sees what is committed; a leader is
+    /// the only writer), unless it locks rows.
     fn query(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Vec<Value>>, String> {
         let statement = self.statement(sql)?;
         let params = owned(params);
         let client = self.client.clone();
-        self.call(async move {
+        let locks = sql.contains(" FOR SHARE") || sql.contains(" FOR UPDATE");
+        self.pipelined(locks, async move {
             let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
             let rows = client.query(&statement, &refs).await?;
             rows.iter().map(row_values).collect()
@@ -334,22 +483,40 @@ impl Backend for Postgres {
     }
 
     fn batch(&mut self, sql: &str) -> Result<(), String> {
+        let first = sql.trim_start().to_ascii_uppercase();
+        if first.starts_with("BEGIN") && !self.in_transaction() {
+            self.end_transaction();
+            self.in_transaction = true;
+            self.begin_pending = true;
+            return Ok(());
+        }
+        let ends = first.starts_with("COMMIT")
+            || (first.starts_with("ROLLBACK") && !first.starts_with("ROLLBACK TO"));
+        if ends {
+            if first.starts_with("ROLLBACK") {
+                self.deferred.clear();
+            }
+            if self.begin_pending && self.deferred.is_empty() {
+                // Nothing was sent: nothing to end.
+                self.end_transaction();
+                return Ok(());
+            }
+        }
         let client = self.client.clone();
         let text = sql.to_owned();
-        let outcome = self.call(async move { client.batch_execute(&text).await });
-        let first = sql.trim_start().to_ascii_uppercase();
-        if first.starts_with("BEGIN") {
-            self.in_transaction = outcome.is_ok();
-        } else if first.starts_with("COMMIT")
-            || (first.starts_with("ROLLBACK") && !first.starts_with("ROLLBACK TO"))
-        {
+        let outcome = self.pipelined(true, async move { client.batch_execute(&text).await });
+        if ends {
             // A failed COMMIT or ROLLBACK ends the transaction too.
-            self.in_transaction = false;
+            self.end_transaction();
         }
         outcome
     }
 
     fn in_transaction(&self) -> bool {
         self.in_transaction && !self.client.is_closed()
+    }
+
+    fn wrote(&self) -> bool {
+        self.wrote
     }
 }

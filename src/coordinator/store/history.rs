@@ -1,0 +1,145 @@
+//! The newest messages of recently used agents, kept in memory so that a
+//! chat does not read its history back from the store (a round trip to
+//! PostgreSQL, on the path of every chat).
+//!
+//! Only a store's one writer may keep it: the coordinator that owns a
+//! SQLite file, or the leader of a shared store. It follows the store's
+//! writes as they are made; when a batch fails (its writes are rolled back)
+//! or leadership is taken (another leader may have written meanwhile) it
+//! is emptied, and the next read goes to the store again.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::protocol::ChatMessage;
+
+/// What the cache may hold, counting message text: at the default history
+/// limit (100 messages) a few hundred busy agents.
+pub(super) const CACHE_BYTES: usize = 16 << 20;
+
+/// Bookkeeping a message costs besides its text.
+const OVERHEAD: usize = 64;
+
+#[derive(Default)]
+pub(super) struct HistoryCache {
+    agents: HashMap<String, Entry>,
+    bytes: usize,
+}
+
+struct Entry {
+    messages: VecDeque<ChatMessage>,
+    bytes: usize,
+}
+
+fn size(m: &ChatMessage) -> usize {
+    m.content.len() + OVERHEAD
+}
+
+impl HistoryCache {
+    pub(super) fn get(&self, agent: &str) -> Option<Vec<ChatMessage>> {
+        self.agents
+            .get(agent)
+            .map(|e| e.messages.iter().cloned().collect())
+    }
+
+    /// Keeps what the store just said `agent`'s history is.
+    pub(super) fn put(&mut self, agent: &str, messages: &[ChatMessage]) {
+        self.remove(agent);
+        let entry = Entry {
+            bytes: messages.iter().map(size).sum(),
+            messages: messages.iter().cloned().collect(),
+        };
+        self.bytes += entry.bytes;
+        self.agents.insert(agent.to_owned(), entry);
+        self.shrink(agent);
+    }
+
+    /// Follows a write of the store: `new` appended, the oldest beyond
+    /// `limit` dropped. An agent not kept stays so.
+    pub(super) fn append(&mut self, agent: &str, new: &[ChatMessage], limit: usize) {
+        let Some(entry) = self.agents.get_mut(agent) else {
+            return;
+        };
+        for m in new {
+            entry.bytes += size(m);
+            self.bytes += size(m);
+            entry.messages.push_back(m.clone());
+        }
+        while entry.messages.len() > limit {
+            if let Some(old) = entry.messages.pop_front() {
+                entry.bytes -= size(&old);
+                self.bytes -= size(&old);
+            }
+        }
+        self.shrink(agent);
+    }
+
+    pub(super) fn remove(&mut self, agent: &str) {
+        if let Some(entry) = self.agents.remove(agent) {
+            self.bytes -= entry.bytes;
+        }
+    }
+
+    pub(super) fn clear(&mut self) {
+        self.agents.clear();
+        self.bytes = 0;
+    }
+
+    /// Drops other agents (any) until the cache fits; `kept` last.
+    fn shrink(&mut self, kept: &str) {
+        while self.bytes > CACHE_BYTES {
+            let victim = self
+                .agents
+                .keys()
+                .find(|a| a.as_str() != kept)
+                .cloned()
+                .unwrap_or_else(|| kept.to_owned());
+            self.remove(&victim);
+        }
+    }
+
+    #[cfg(test)]
+    pub(super) fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Role;
+
+    fn m(text: &str) -> ChatMessage {
+        ChatMessage::new(Role::User, text)
+    }
+
+    #[test]
+    fn appends_follow_the_limit_and_unknown_agents_stay_unknown() {
+        let mut c = HistoryCache::default();
+        c.append("a", &[m("x")], 3);
+        assert!(c.get("a").is_none(), "an agent never read is not made up");
+        c.put("a", &[m("1"), m("2")]);
+        c.append("a", &[m("3"), m("4")], 3);
+        let texts: Vec<String> = c.get("a").unwrap().into_iter().map(|m| m.content).collect();
+        assert_eq!(texts, ["2", "3", "4"]);
+        assert_eq!(c.bytes(), 3 * (1 + OVERHEAD));
+        c.remove("a");
+        assert!(c.get("a").is_none());
+        assert_eq!(c.bytes(), 0);
+    }
+
+    #[test]
+    fn stays_within_its_size_by_dropping_other_agents() {
+        let mut c = HistoryCache::default();
+        let big = "x".repeat(CACHE_BYTES / 3);
+        c.put("a", &[m(&big)]);
+        c.put("b", &[m(&big)]);
+        c.put("c", &[m(&big)]);
+        assert!(c.bytes() <= CACHE_BYTES);
+        assert!(c.get("c").is_some(), "the agent just read is kept");
+        assert_eq!(["a", "b"].iter().filter(|a| c.get(a).is_some()).count(), 1);
+        // One agent alone larger than the cache is not kept at all.
+        c.put("huge", &[m(&"y".repeat(CACHE_BYTES + 1))]);
+        assert!(c.get("huge").is_none());
+        assert!(c.bytes() <= CACHE_BYTES);
+    }
+}

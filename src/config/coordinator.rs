@@ -45,7 +45,12 @@ path = "/var/lib/pifleet/coordinator.db"
 # url and remove path; one leads, the others follow and take over.
 # url = "postgres://pifleet:secret@db.lan/pifleet"
 # (or, keeping the password out of this file: the systemd credential
-# store_url, or PIFLEET_STORE_URL, which replace this section)
+# store_url, or PIFLEET_STORE_URL, which replace url and path)
+# Wait for PostgreSQL to flush each commit to disk: off, a commit survives a
+# coordinator's crash but the last second may be lost if the database's
+# host loses power (as SQLite's synchronous = NORMAL above); leadership is
+# always written synchronously.
+# synchronous_commit = false
 
 # [leader]
 # id = "pi-c1"                         # default: the host name
@@ -150,6 +155,7 @@ struct RawApi {
 struct RawStore {
     path: Option<Spanned<String>>,
     url: Option<Spanned<String>>,
+    synchronous_commit: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -221,6 +227,9 @@ pub struct CoordinatorConfig {
     /// A PostgreSQL store shared by several coordinators, instead of the
     /// SQLite file at `store_path` (docs/HA.md).
     pub store_url: Option<String>,
+    /// PostgreSQL waits for each commit's WAL flush (`synchronous_commit`);
+    /// off by default, as SQLite's `synchronous = NORMAL` (docs/HA.md).
+    pub store_synchronous_commit: bool,
     pub leader: LeaderSettings,
     pub timeouts: Timeouts,
     pub queue: QueueLimits,
@@ -311,6 +320,7 @@ impl CoordinatorConfig {
             },
             store_path,
             store_url: None,
+            store_synchronous_commit: false,
             leader: LeaderSettings::defaults("127.0.0.1:9470".parse().expect("valid default")),
             timeouts: Timeouts {
                 node_lost_after: Duration::from_secs(9),
@@ -423,6 +433,12 @@ impl CoordinatorConfig {
                 store_url(u).map(Some)
             }
         });
+        let store_synchronous_commit = c.value(
+            "store.synchronous_commit",
+            &raw.store.synchronous_commit,
+            false,
+            Ok::<bool, String>,
+        );
         let dl = LeaderSettings::defaults(api.listen);
         let l = &raw.leader;
         let leader = LeaderSettings {
@@ -574,6 +590,7 @@ impl CoordinatorConfig {
             api,
             store_path,
             store_url,
+            store_synchronous_commit,
             leader,
             timeouts,
             queue,

@@ -178,7 +178,8 @@ impl Daemon {
         while !shutdown.is_cancelled() {
             self.liveness.beat();
             self.leadership.set_role(Role::Starting);
-            let mut store = match Store::connect(url, self.config.history_limit) {
+            let sync = self.config.store_synchronous_commit;
+            let mut store = match Store::connect_with(url, self.config.history_limit, sync) {
                 Ok(store) => store,
                 Err(e) => {
                     if !warned {

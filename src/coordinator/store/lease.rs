@@ -72,7 +72,9 @@ impl Store {
             api.into(),
             (lease.as_millis() as i64).into(),
         ];
-        let terms = self.rows("take the lead", sql, &params, |r| r.int(0, "leader.term"))?;
+        let terms = self.synchronously("take the lead", || {
+            self.rows("take the lead", sql, &params, |r| r.int(0, "leader.term"))
+        })?;
         let term = terms.first().map(|t| *t as u64);
         if let Some(term) = term {
             // Other leaders may have written since this store last led.
@@ -97,7 +99,9 @@ impl Store {
             (fence.term as i64).into(),
             fence.holder.as_str().into(),
         ];
-        let renewed = self.rows("renew the lease", sql, &params, |r| r.int(0, "leader.term"))?;
+        let renewed = self.synchronously("renew the lease", || {
+            self.rows("renew the lease", sql, &params, |r| r.int(0, "leader.term"))
+        })?;
         Ok(!renewed.is_empty())
     }
 
@@ -109,8 +113,42 @@ impl Store {
         };
         let sql = "UPDATE leader SET expires = '-infinity' WHERE id = 1 AND term = $1 AND holder = $2 RETURNING term";
         let params = [(fence.term as i64).into(), fence.holder.as_str().into()];
-        self.rows("resign", sql, &params, |r| r.int(0, "leader.term"))
-            .map(|_| ())
+        self.synchronously("resign", || {
+            self.rows("resign", sql, &params, |r| r.int(0, "leader.term"))
+        })
+        .map(|_| ())
+    }
+
+    /// Runs `statement` in a transaction of its own whose commit waits for
+    /// the WAL flush, whatever the session's `synchronous_commit`: a term
+    /// must never be handed out twice, even if the database's host loses
+    /// power (it also makes every earlier commit durable).
+    pub(super) fn synchronously<T>(
+        &self,
+        action: &'static str,
+        statement: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        if self.db.borrow().in_transaction() {
+            return Err(self.error(action, "called inside a transaction".into()));
+        }
+        self.db
+            .borrow_mut()
+            .batch("BEGIN")
+            .map_err(|e| self.error(action, e))?;
+        let sync = "SELECT set_config('synchronous_commit', 'on', true)";
+        let asked = self.db.borrow_mut().write(sync, &[]);
+        let outcome = asked
+            .map_err(|e| self.error(action, e))
+            .and_then(|()| statement());
+        let end = if outcome.is_ok() {
+            "COMMIT"
+        } else {
+            "ROLLBACK"
+        };
+        let ended = self.db.borrow_mut().batch(end);
+        let value = outcome?;
+        ended.map_err(|e| self.error(action, e))?;
+        Ok(value)
     }
 
     /// Whether this store's leadership was found taken by another term

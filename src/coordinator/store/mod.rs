@@ -157,14 +157,26 @@ impl Store {
         Store::over(Box::new(db), Engine::Sqlite, location, history_limit)
     }
 
-    /// Connects to the PostgreSQL store at `url` (creating its tables).
+    /// Connects to the PostgreSQL store at `url` (creating its tables),
+    /// commits waiting for the WAL flush.
     pub fn connect(url: &str, history_limit: usize) -> Result<Store> {
+        Store::connect_with(url, history_limit, true)
+    }
+
+    /// [`Store::connect`], choosing whether commits wait for the WAL
+    /// flush (`[store] synchronous_commit`; the lease's always do).
+    pub fn connect_with(
+        url: &str,
+        history_limit: usize,
+        synchronous_commit: bool,
+    ) -> Result<Store> {
         let location = postgres::redact(url);
-        let db = postgres::Postgres::connect(url).map_err(|message| StoreError {
-            location: location.clone(),
-            action: "connect",
-            message,
-        })?;
+        let db =
+            postgres::Postgres::connect(url, synchronous_commit).map_err(|message| StoreError {
+                location: location.clone(),
+                action: "connect",
+                message,
+            })?;
         Store::over(Box::new(db), Engine::Postgres, location, history_limit)
     }
 

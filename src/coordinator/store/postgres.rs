@@ -219,8 +219,10 @@ type Connected = (
 );
 
 impl Postgres {
-    /// Connects to `url` (a `postgres://` URL or key=value string).
-    pub fn connect(url: &str) -> Result<Postgres, String> {
+    /// Connects to `url` (a `postgres://` URL or key=value string). With
+    /// `synchronous_commit` false, a commit does not wait for the WAL flush
+    /// (statements that must, the lease's, ask for it themselves).
+    pub fn connect(url: &str, synchronous_commit: bool) -> Result<Postgres, String> {
         let config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| format!("not a PostgreSQL URL: {}", describe(e)))?;
@@ -244,7 +246,10 @@ impl Postgres {
         };
         // A coordinator frozen inside a transaction (SIGSTOP) must not hold
         // its locks past a lease: the server ends its session.
-        db.batch("SET idle_in_transaction_session_timeout = '3s'; SET TIME ZONE 'UTC'")?;
+        let sync = if synchronous_commit { "on" } else { "off" };
+        db.batch(&format!(
+            "SET idle_in_transaction_session_timeout = '3s'; SET TIME ZONE 'UTC'; SET synchronous_commit = {sync}"
+        ))?;
         Ok(db)
     }
 

@@ -493,6 +493,32 @@ on_both_engines!(
 );
 
 #[test]
+fn commits_wait_for_the_wal_flush_only_when_asked_and_the_lease_always_does() {
+    let url = pg::database();
+    let setting = |s: &Store| -> String {
+        let sql = "SELECT current_setting('synchronous_commit')";
+        s.rows("read a setting", sql, &[], |r| r.text(0, "setting"))
+            .unwrap()
+            .remove(0)
+    };
+    let fast = Store::connect_with(&url, 3, false).unwrap();
+    assert_eq!(setting(&fast), "off");
+    assert_eq!(setting(&Store::connect_with(&url, 3, true).unwrap()), "on");
+    // The lease's statements ask for it in their own transaction, and
+    // leave the session's setting as it was.
+    assert!(fast.try_lead("a", "http://a", LEASE, 1).unwrap().is_some());
+    let inside = fast
+        .synchronously("read a setting", || {
+            let sql = "SELECT current_setting('synchronous_commit')";
+            fast.rows("read a setting", sql, &[], |r| r.text(0, "setting"))
+        })
+        .unwrap();
+    assert_eq!(inside, ["on"]);
+    assert!(fast.renew(LEASE).unwrap());
+    assert_eq!(setting(&fast), "off");
+}
+
+#[test]
 fn a_postgres_url_password_never_shows() {
     let shown = postgres::redact("postgres://pifleet:s3cret@db:5432/pifleet");
     assert_eq!(shown, "postgres://pifleet:***@db:5432/pifleet");

@@ -19,10 +19,17 @@ pub(super) const CACHE_BYTES: usize = 16 << 20;
 /// Bookkeeping a message costs besides its text.
 const OVERHEAD: usize = 64;
 
+/// A history is trimmed to its limit at one append in this many: the rows
+/// beyond it are never read (reads take the newest `limit`), and trimming
+/// at every append was a third of the statements of a chat.
+pub(super) const TRIM_EVERY: u32 = 8;
+
 #[derive(Default)]
 pub(super) struct HistoryCache {
     agents: HashMap<String, Entry>,
     bytes: usize,
+    /// Appends per agent since this coordinator started, for trimming.
+    appends: HashMap<String, u32>,
 }
 
 struct Entry {
@@ -71,6 +78,21 @@ impl HistoryCache {
             }
         }
         self.shrink(agent);
+    }
+
+    /// Whether this append to `agent`'s history should trim it: the first
+    /// after start (a coordinator may have stopped before trimming), then
+    /// one in [`TRIM_EVERY`].
+    pub(super) fn trim_due(&mut self, agent: &str) -> bool {
+        let n = self.appends.entry(agent.to_owned()).or_insert(0);
+        *n = n.wrapping_add(1);
+        *n % TRIM_EVERY == 1
+    }
+
+    /// Forgets `agent` (deleted): its history and its appends.
+    pub(super) fn delete(&mut self, agent: &str) {
+        self.remove(agent);
+        self.appends.remove(agent);
     }
 
     pub(super) fn remove(&mut self, agent: &str) {
@@ -125,6 +147,17 @@ mod tests {
         c.remove("a");
         assert!(c.get("a").is_none());
         assert_eq!(c.bytes(), 0);
+    }
+
+    #[test]
+    fn trims_at_the_first_append_then_one_in_trim_every() {
+        let mut c = HistoryCache::default();
+        let due: Vec<bool> = (0..2 * TRIM_EVERY).map(|_| c.trim_due("a")).collect();
+        assert_eq!(due.iter().filter(|d| **d).count(), 2);
+        assert!(due[0] && due[TRIM_EVERY as usize]);
+        assert!(c.trim_due("b"), "each agent on its own");
+        c.delete("a");
+        assert!(c.trim_due("a"), "a new agent of the same name starts over");
     }
 
     #[test]

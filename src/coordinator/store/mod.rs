@@ -563,7 +563,7 @@ impl Store {
 
     /// Removes an agent and its history; its open jobs fail.
     pub fn delete_agent(&self, name: &str, now_ms: u64) -> Result<()> {
-        self.histories.borrow_mut().remove(name);
+        self.histories.borrow_mut().delete(name);
         self.atomically("delete an agent", |s| {
             s.write(
                 "delete an agent",
@@ -603,8 +603,9 @@ impl Store {
         Ok(messages)
     }
 
-    /// Appends to the agent's history and drops what exceeds the limit:
-    /// two writes that need no answer, so that an engine may pipeline them.
+    /// Appends to the agent's history, and now and then drops what exceeds
+    /// the limit ([`history::TRIM_EVERY`]): writes that need no answer, so
+    /// that an engine may pipeline them.
     pub fn append_history(&self, agent: &str, messages: &[ChatMessage], now_ms: u64) -> Result<()> {
         if messages.is_empty() {
             return Ok(());
@@ -629,12 +630,14 @@ impl Store {
                 params.push(m.content.as_str().into());
             }
             s.write("append history", &sql, &params)?;
-            s.write(
-                "trim history",
-                "DELETE FROM messages WHERE agent = $1
-                 AND seq <= (SELECT MAX(seq) FROM messages WHERE agent = $1) - $2",
-                &[agent.into(), (self.history_limit as i64).into()],
-            )?;
+            if s.histories.borrow_mut().trim_due(agent) {
+                s.write(
+                    "trim history",
+                    "DELETE FROM messages WHERE agent = $1
+                     AND seq <= (SELECT MAX(seq) FROM messages WHERE agent = $1) - $2",
+                    &[agent.into(), (self.history_limit as i64).into()],
+                )?;
+            }
             let mut histories = s.histories.borrow_mut();
             histories.append(agent, messages, s.history_limit);
             Ok(())

@@ -244,17 +244,32 @@ on_both_engines!(
 on_both_engines!(history_is_capped_to_the_newest_messages, |place| {
     let s = place.open(3);
     s.insert_agent(&spec("a"), 0).unwrap();
+    let texts = |s: &Store| -> Vec<String> {
+        s.history("a")
+            .unwrap()
+            .into_iter()
+            .map(|m| m.content)
+            .collect()
+    };
     for i in 0..5 {
         s.append_history("a", &[ChatMessage::new(Role::User, format!("m{i}"))], 0)
             .unwrap();
     }
-    let h: Vec<String> = s
-        .history("a")
-        .unwrap()
-        .into_iter()
-        .map(|m| m.content)
-        .collect();
-    assert_eq!(h, ["m2", "m3", "m4"]);
+    assert_eq!(texts(&s), ["m2", "m3", "m4"]);
+    for i in 5..40 {
+        let said = [ChatMessage::new(Role::User, format!("m{i}"))];
+        s.append_history("a", &said, 0).unwrap();
+        // From memory, and from the store as another coordinator reads it.
+        let newest: Vec<String> = (i - 2..=i).map(|n| format!("m{n}")).collect();
+        assert_eq!(texts(&s), newest);
+        assert_eq!(texts(&place.open(3)), newest);
+    }
+    let sql = "SELECT COUNT(*) FROM messages WHERE agent = $1";
+    let stored = s
+        .rows("count", sql, &["a".into()], |r| r.int(0, "n"))
+        .unwrap()[0];
+    let bound = 3 + i64::from(history::TRIM_EVERY);
+    assert!(stored <= bound, "{stored} rows kept, more than {bound}");
     s.delete_agent("a", 0).unwrap();
     assert!(s.history("a").unwrap().is_empty());
 });

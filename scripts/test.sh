@@ -11,14 +11,18 @@
 #     scripts/test.sh --quick     # Rust only: fmt, clippy, unit and integration tests
 #     scripts/test.sh --long      # everything, with the nemesis at 20 seeds of
 #                                 # 5 minutes each (~2 h more) instead of 5 of 1
+#     scripts/test.sh --ha        # everything, and two coordinators on PostgreSQL
+#                                 # enrolled on four more machines (~6 min more)
 #
 # .ci/run calls exactly `scripts/test.sh`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 mode=full
+ha=no
 case "${1:-}" in
     "") ;;
+    --ha) ha=yes ;;
     --no-e2e) mode=no-e2e ;;
     --quick) mode=quick ;;
     --long)
@@ -26,7 +30,7 @@ case "${1:-}" in
         export PIFLEET_NEMESIS_SEEDS=${PIFLEET_NEMESIS_SEEDS:-20}
         export PIFLEET_NEMESIS_SECS=${PIFLEET_NEMESIS_SECS:-300}
         ;;
-    *) echo "usage: $0 [--no-e2e | --quick | --long]" >&2; exit 64 ;;
+    *) echo "usage: $0 [--no-e2e | --quick | --long | --ha]" >&2; exit 64 ;;
 esac
 
 sudo=""
@@ -109,5 +113,9 @@ if [ "$mode" = full ]; then
     echo "==> tests/deploy/enroll.py: enroll four systemd-nspawn machines with ansible/pi-fleet.yaml"
     # The amd64 package check.sh built from target/lean/pi/pifleet.
     $sudo env PATH="$PATH" tests/deploy/enroll.py
+fi
+if [ "$ha" = yes ]; then
+    echo "==> tests/deploy/ha_enroll.py: two coordinators on PostgreSQL, enrolled with ansible/pi-fleet.yaml"
+    $sudo env PATH="$PATH" tests/deploy/ha_enroll.py
 fi
 echo "==> all tests passed"

@@ -430,3 +430,43 @@ async fn a_sqlite_store_migrated_into_postgres_shows_the_same_fleet() {
         ("remember the migration", "and now?")
     );
 }
+
+/// The store's URL carries a password: it may come as the systemd
+/// credential `store_url` (how the Ansible role passes it), which replaces
+/// the file's `[store]`; a credential that is not a PostgreSQL URL is named.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_store_url_may_come_as_a_systemd_credential_and_a_bad_one_is_named() {
+    let broker = Mosquitto::start();
+    let url = postgres::database();
+    let secrets = tempfile::tempdir().unwrap();
+    std::fs::write(secrets.path().join("store_url"), format!("{url}\n")).unwrap();
+    let dir = secrets.path().to_str().unwrap();
+    // The file says SQLite (the harness writes a path); the credential wins.
+    let c = Coordinator::start_with_env(
+        &broker,
+        "[leader]\nid = \"from-credential\"",
+        &[("CREDENTIALS_DIRECTORY", dir)],
+    );
+    wait_role(&c.api, "leader", WAIT).await;
+    let leader = Store::connect(&url, 3).unwrap().leader().unwrap();
+    assert_eq!(
+        (leader.holder.as_str(), leader.live),
+        ("from-credential", true)
+    );
+
+    let bad = tempfile::tempdir().unwrap();
+    std::fs::write(bad.path().join("store_url"), "mysql://db/pifleet\n").unwrap();
+    let config = bad.path().join("coordinator.toml");
+    std::fs::write(&config, format!("[mqtt]\nport = {}\n", broker.port)).unwrap();
+    let mut refused = Proc::spawn(
+        "bad-credential",
+        &["coordinator", "--config", config.to_str().unwrap()],
+        &[("CREDENTIALS_DIRECTORY", bad.path().to_str().unwrap())],
+    );
+    assert!(!refused.wait_exit(Duration::from_secs(10)).success());
+    let said = refused.output().join("\n");
+    assert!(
+        said.contains("store_url") && said.contains("postgres://"),
+        "{said}"
+    );
+}

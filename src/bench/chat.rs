@@ -43,6 +43,10 @@ pub struct ChatArgs {
     /// database (postgres://…) instead of SQLite.
     #[arg(long, conflicts_with_all = ["coordinator", "openai"])]
     store_url: Option<String>,
+    /// With --store-url: commits do not wait for PostgreSQL's WAL flush
+    /// (`[store] synchronous_commit = false`; they do by default).
+    #[arg(long, requires = "store_url")]
+    async_commit: bool,
     /// Model of the agents it creates (with --openai: the model asked for).
     #[arg(long, default_value = "llama3.2")]
     model: String,
@@ -177,6 +181,7 @@ pub async fn start_fleet_at(
 
 pub async fn bench(args: &ChatArgs, stack: &mut Stack) -> Result<Value, BenchError> {
     stack.store_url = args.store_url.clone();
+    stack.synchronous_commit = !args.async_commit;
     if let (Some(url), false, None) = (&args.coordinator, args.yes, &args.openai) {
         return Err(BenchError::new(format!(
             "bench chat --coordinator {url} creates {} agents on that fleet, loads its nodes for {}s and deletes the agents afterwards; add --yes to go ahead",
@@ -276,7 +281,11 @@ async fn load(args: &ChatArgs, api: &Api, target: &Target) -> Result<Value, Benc
     let requests = latencies.len() as u64 + errors;
     Ok(json!({
         "bench": "chat",
-        "store": if args.store_url.is_some() { "postgresql" } else { "sqlite" },
+        "store": match (&args.store_url, args.async_commit) {
+            (None, _) => "sqlite",
+            (Some(_), false) => "postgresql",
+            (Some(_), true) => "postgresql, synchronous_commit = false",
+        },
         "agents": target.agents(),
         "concurrency": args.concurrency,
         "seconds": round3(elapsed),

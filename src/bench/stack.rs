@@ -23,6 +23,8 @@ pub struct Stack {
     pub daemon_binary: Option<PathBuf>,
     /// A PostgreSQL store for the coordinators (None: SQLite in `dir`).
     pub store_url: Option<String>,
+    /// `[store] synchronous_commit` of the coordinator on `store_url`.
+    pub synchronous_commit: bool,
 }
 
 /// A broker address.
@@ -69,6 +71,7 @@ impl Stack {
             keep: false,
             daemon_binary: None,
             store_url: None,
+            synchronous_commit: true,
         })
     }
 
@@ -254,7 +257,10 @@ impl Stack {
         until_ready: bool,
     ) -> Result<(String, u32), BenchError> {
         let store = match &self.store_url {
-            Some(url) => format!("[store]\nurl = \"{url}\"\n[leader]\nid = \"{name}\"\n"),
+            Some(url) => format!(
+                "[store]\nurl = \"{url}\"\nsynchronous_commit = {}\n[leader]\nid = \"{name}\"\n",
+                self.synchronous_commit
+            ),
             None => format!(
                 "[store]\npath = \"{}\"\n",
                 self.dir.join("coordinator.db").display()

@@ -46,11 +46,10 @@ path = "/var/lib/pifleet/coordinator.db"
 # url = "postgres://pifleet:secret@db.lan/pifleet"
 # (or, keeping the password out of this file: the systemd credential
 # store_url, or PIFLEET_STORE_URL, which replace url and path)
-# Wait for PostgreSQL to flush each commit to disk: off, a commit survives a
-# coordinator's crash but the last second may be lost if the database's
-# host loses power (as SQLite's synchronous = NORMAL above); leadership is
-# always written synchronously.
-# synchronous_commit = false
+# Each commit waits for PostgreSQL to flush it to disk. false: faster, but
+# the last second of commits may be lost if the database's host loses power
+# (as with SQLite's synchronous = NORMAL); leadership is always flushed.
+# synchronous_commit = true
 
 # [leader]
 # id = "pi-c1"                         # default: the host name
@@ -227,8 +226,8 @@ pub struct CoordinatorConfig {
     /// A PostgreSQL store shared by several coordinators, instead of the
     /// SQLite file at `store_path` (docs/HA.md).
     pub store_url: Option<String>,
-    /// PostgreSQL waits for each commit's WAL flush (`synchronous_commit`);
-    /// off by default, as SQLite's `synchronous = NORMAL` (docs/HA.md).
+    /// PostgreSQL waits for each commit's WAL flush (`synchronous_commit`,
+    /// the default; docs/HA.md).
     pub store_synchronous_commit: bool,
     pub leader: LeaderSettings,
     pub timeouts: Timeouts,
@@ -320,7 +319,7 @@ impl CoordinatorConfig {
             },
             store_path,
             store_url: None,
-            store_synchronous_commit: false,
+            store_synchronous_commit: true,
             leader: LeaderSettings::defaults("127.0.0.1:9470".parse().expect("valid default")),
             timeouts: Timeouts {
                 node_lost_after: Duration::from_secs(9),
@@ -436,7 +435,7 @@ impl CoordinatorConfig {
         let store_synchronous_commit = c.value(
             "store.synchronous_commit",
             &raw.store.synchronous_commit,
-            false,
+            true,
             Ok::<bool, String>,
         );
         let dl = LeaderSettings::defaults(api.listen);
@@ -610,6 +609,29 @@ mod tests {
         assert_eq!(
             config,
             CoordinatorConfig::with_defaults(PathBuf::from("/var/lib/pifleet/coordinator.db"))
+        );
+    }
+
+    #[test]
+    fn a_postgres_store_waits_for_each_flush_unless_told_and_a_bad_value_is_named() {
+        let url = "[store]\nurl = \"postgres://db/pifleet\"\n";
+        let config = CoordinatorConfig::parse("c", url).unwrap();
+        assert!(config.store_synchronous_commit);
+        let fast = CoordinatorConfig::parse("c", &format!("{url}synchronous_commit = false\n"));
+        assert!(!fast.unwrap().store_synchronous_commit);
+        let err = CoordinatorConfig::parse("c", &format!("{url}synchronous_commit = \"no\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("c:3:") && err.contains("expected a boolean"),
+            "{err}"
+        );
+        let err = CoordinatorConfig::parse("c", "[store]\nurl = \"mysql://db\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("store.url: must be a postgres:// URL"),
+            "{err}"
         );
     }
 

@@ -164,7 +164,8 @@ impl Store {
     }
 
     /// [`Store::connect`], choosing whether commits wait for the WAL
-    /// flush (`[store] synchronous_commit`; the lease's always do).
+    /// flush (`[store] synchronous_commit`, default true; the lease's
+    /// always do).
     pub fn connect_with(
         url: &str,
         history_limit: usize,

@@ -12,7 +12,7 @@
 #     scripts/test.sh --long      # everything, with the nemesis at 20 seeds of
 #                                 # 5 minutes each (~2 h more) instead of 5 of 1
 #     scripts/test.sh --ha        # everything, and two coordinators on PostgreSQL
-#                                 # enrolled on four more machines (~6 min more)
+#                                 # enrolled on four more machines (~3 min more)
 #
 # .ci/run calls exactly `scripts/test.sh`.
 set -euo pipefail

@@ -196,8 +196,7 @@ struct RawScheduler {
     auto_pull: Option<Spanned<bool>>,
 }
 
-/// An API token: at least 16 characters, none of them blank or a control
-/// character (it travels in an HTTP header).
+/// A PostgreSQL store's URL.
 fn store_url(url: String) -> Result<String, String> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(url)
@@ -206,6 +205,8 @@ fn store_url(url: String) -> Result<String, String> {
     }
 }
 
+/// An API token: at least 16 characters, none of them blank or a control
+/// character (it travels in an HTTP header).
 fn api_token(token: String) -> Result<Option<String>, String> {
     if token.chars().count() < 16 {
         Err("must be at least 16 characters".into())

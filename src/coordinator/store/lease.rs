@@ -13,10 +13,12 @@
 //! * The term only grows, and is above the store's last generation: it is
 //!   the coordinator generation every command carries, so nodes drop the
 //!   commands of a deposed leader.
-//! * Every transaction of a leader checks, before it commits, that its term
-//!   still leads (`FOR SHARE`: a takeover waits for that commit, or comes
-//!   before it and fails it). A leader whose term was taken can therefore
-//!   not store anything, and sends only what it stored.
+//! * Every transaction of a leader that writes checks, before it commits,
+//!   that its term still leads (`FOR SHARE`: a takeover waits for that
+//!   commit, or comes before it and fails it). A leader whose term was taken
+//!   can therefore not store anything. What a batch that stores nothing
+//!   sends (a chat turn, an answer read from memory) is fenced by the
+//!   lease's timing and the nodes' term check.
 //! * The leader times its lease on its own monotonic clock from *before*
 //!   each renewal was sent ([`crate::coordinator::leader`]).
 
@@ -168,9 +170,12 @@ impl Store {
         let Some(fence) = self.fence.borrow().clone() else {
             return Ok(());
         };
-        let sql = "SELECT CASE WHEN term = $1 AND holder = $2 THEN 0
-                   ELSE CAST('deposed: term ' || term || ' of ' || holder || ' leads now' AS INTEGER) END
-                   FROM leader WHERE id = 1 FOR SHARE";
+        // Zero (text, cast back) while this term leads; otherwise a cast of
+        // the reason that fails, with the reason in the error; a missing
+        // row fails too.
+        let sql = "SELECT CAST(COALESCE((SELECT CASE WHEN term = $1 AND holder = $2 THEN '0'
+                   ELSE 'deposed: term ' || term || ' of ' || holder || ' leads now' END
+                   FROM leader WHERE id = 1 FOR SHARE), 'deposed: the leader row is missing') AS INTEGER)";
         let params = [(fence.term as i64).into(), fence.holder.as_str().into()];
         self.write("check the leader's term", sql, &params)
     }

@@ -23,6 +23,8 @@ use super::{Backend, Param, Value};
 
 /// How long one call may take before the connection is given up.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deferred writes sent at most in one go.
+const FLUSH_AFTER: usize = 512;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// BIGINT everywhere (PostgreSQL's INTEGER is 32 bits). Created under an
@@ -289,6 +291,16 @@ impl Postgres {
         self.end_transaction();
     }
 
+    /// Fails once the connection is closed (by the server, a cut link, or
+    /// [`Postgres::close`]).
+    fn open(&self) -> Result<(), String> {
+        if self.client.is_closed() {
+            Err("the connection to PostgreSQL is closed".into())
+        } else {
+            Ok(())
+        }
+    }
+
     fn end_transaction(&mut self) {
         self.in_transaction = false;
         self.begin_pending = false;
@@ -358,7 +370,10 @@ impl Postgres {
 /// Polls `before` and then `last` in that order, so that each request is
 /// sent before the next (tokio-postgres sends a request when its future is
 /// first polled), and waits for all of them: the first error in order, or
-/// `last`'s answer.
+/// `last`'s answer. A request that fails at its first poll was never sent
+/// (a parameter that cannot be encoded, a closed connection): the requests
+/// after it are not sent either, so that a COMMIT never follows a write
+/// that did not reach the server.
 async fn in_order<T>(
     mut before: Vec<Request>,
     mut last: std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, String>> + Send>>,
@@ -366,22 +381,32 @@ async fn in_order<T>(
     use std::task::Poll;
     let mut outcomes: Vec<Option<Result<(), String>>> = before.iter().map(|_| None).collect();
     let mut answer = None;
+    let mut first = true;
     std::future::poll_fn(|cx| {
         let mut all = true;
+        let mut unsent = false;
         for (request, outcome) in before.iter_mut().zip(outcomes.iter_mut()) {
-            if outcome.is_none() {
+            if unsent {
+                *outcome = Some(Err("not sent".into()));
+            } else if outcome.is_none() {
                 match request.as_mut().poll(cx) {
-                    Poll::Ready(done) => *outcome = Some(done),
+                    Poll::Ready(done) => {
+                        unsent = first && done.is_err();
+                        *outcome = Some(done);
+                    }
                     Poll::Pending => all = false,
                 }
             }
         }
-        if answer.is_none() {
+        if unsent {
+            answer = Some(Err("not sent".into()));
+        } else if answer.is_none() {
             match last.as_mut().poll(cx) {
                 Poll::Ready(done) => answer = Some(done),
                 Poll::Pending => all = false,
             }
         }
+        first = false;
         if all {
             Poll::Ready(())
         } else {
@@ -462,6 +487,12 @@ impl Backend for Postgres {
         if !self.in_transaction() {
             return self.execute(sql, params).map(|_| ());
         }
+        self.open()?;
+        if self.deferred.len() >= FLUSH_AFTER {
+            // A long batch (a migration) goes out in parts, each well
+            // within the call's timeout.
+            self.pipelined(true, async { Ok(()) })?;
+        }
         let statement = self.statement(sql)?;
         self.deferred.push(Deferred {
             statement,
@@ -479,8 +510,14 @@ impl Backend for Postgres {
         let statement = self.statement(sql)?;
         let params = owned(params);
         let client = self.client.clone();
-        let locks = sql.contains(" FOR SHARE") || sql.contains(" FOR UPDATE");
-        self.pipelined(locks, async move {
+        // Only a plain SELECT may run outside the transaction.
+        let plain = sql
+            .trim_start()
+            .get(..6)
+            .is_some_and(|w| w.eq_ignore_ascii_case("SELECT"))
+            && !sql.contains(" FOR SHARE")
+            && !sql.contains(" FOR UPDATE");
+        self.pipelined(!plain, async move {
             let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
             let rows = client.query(&statement, &refs).await?;
             rows.iter().map(row_values).collect()
@@ -490,6 +527,7 @@ impl Backend for Postgres {
     fn batch(&mut self, sql: &str) -> Result<(), String> {
         let first = sql.trim_start().to_ascii_uppercase();
         if first.starts_with("BEGIN") && !self.in_transaction() {
+            self.open()?;
             self.end_transaction();
             self.in_transaction = true;
             self.begin_pending = true;
@@ -511,14 +549,23 @@ impl Backend for Postgres {
         let text = sql.to_owned();
         let outcome = self.pipelined(true, async move { client.batch_execute(&text).await });
         if ends {
+            if outcome.is_err() && !self.client.is_closed() {
+                // The COMMIT may not have been sent (a write before it
+                // failed to): end the transaction on the server too, or the
+                // next BEGIN would add to it.
+                let client = self.client.clone();
+                let _ = self.call(async move { client.batch_execute("ROLLBACK").await });
+            }
             // A failed COMMIT or ROLLBACK ends the transaction too.
             self.end_transaction();
         }
         outcome
     }
 
+    /// The flag as it is, even once the connection closed: a batch whose
+    /// connection closed must fail, not go on as if nothing were open.
     fn in_transaction(&self) -> bool {
-        self.in_transaction && !self.client.is_closed()
+        self.in_transaction
     }
 
     fn wrote(&self) -> bool {

@@ -73,14 +73,14 @@ cargo test --locked --lib --bins --tests
 echo "==> the coordinator's tests again with the store on PostgreSQL"
 # In process: the store, the core and the API. As processes: chats, jobs,
 # failover and restarts (tests/coordinator.rs, tests/failover.rs), except
-# two that are SQLite's own: a lone coordinator paused past its lease is
-# deposed on PostgreSQL (tests/takeover.rs covers that), and a bench test
-# reads the SQLite file.
+# those that are SQLite's own: a lone coordinator paused past its lease is
+# deposed on PostgreSQL (tests/takeover.rs covers that), and the
+# benchmarks' tests start fleets of their own on SQLite (one reads the file).
 export PIFLEET_TEST_STORE=postgres
 cargo test --locked --lib coordinator::
 cargo test --locked --test tests -- coordinator:: failover:: \
     --skip a_coordinator_paused_longer_than_node_lost_after \
-    --skip bench_chat_on_someone_elses_fleet
+    --skip failover::bench_
 unset PIFLEET_TEST_STORE
 [ "$mode" = quick ] && { echo "==> all tests passed (--quick)"; exit 0; }
 

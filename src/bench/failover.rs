@@ -266,7 +266,11 @@ async fn wait_moved(
             .filter(|a| a.state == AgentState::Running && a.node.as_deref() != Some(victim))
             .count();
         if elsewhere == moved.len() && all_running.is_none() {
-            all_running = Some(start.elapsed());
+            let now = start.elapsed();
+            all_running = Some(now);
+            // The moves prove the coordinator noticed: its node list can
+            // say so a sample later than its agents do.
+            detected.get_or_insert(now);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -94,7 +94,10 @@ async fn a_node_announces_online_and_a_retained_capacity_with_every_contract_fie
     };
     let contract = keys(&serde_json::to_value(&typed).unwrap());
     assert_eq!(keys(&c), contract, "{c}");
-    assert_eq!(contract.len(), 22, "{contract:?}");
+    // The 22 of the contract (`agents` while the list is short), and
+    // `agents_rev` and `agents_digest` (issue 18).
+    assert_eq!(contract.len(), 24, "{contract:?}");
+    assert!(contract.contains("agents") && contract.contains("agents_digest"));
     for (group, field) in [
         ("cpu", "cores"),
         ("cpu", "load1"),

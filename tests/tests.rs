@@ -13,6 +13,7 @@ mod monitoring;
 mod nemesis;
 mod node;
 mod ollama_sim;
+mod scale;
 mod streaming;
 mod takeover;
 mod tls;

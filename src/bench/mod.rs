@@ -240,10 +240,53 @@ pub fn listings<'a>(
     nodes: impl Iterator<Item = &'a crate::protocol::NodeView>,
 ) -> std::collections::BTreeMap<&'a str, usize> {
     let mut hosts = std::collections::BTreeMap::new();
-    for name in nodes.flat_map(|n| &n.capacity.agents) {
+    for name in nodes.flat_map(|n| n.capacity.agents.iter().flatten()) {
         *hosts.entry(name.as_str()).or_default() += 1;
     }
     hosts
+}
+
+/// What a fresh MQTT session on `mqtt` reads on `filter` for a while:
+/// the retained messages replayed, and the messages published meanwhile.
+pub struct Traffic {
+    pub retained_max: usize,
+    pub live_messages: usize,
+    pub live_bytes: usize,
+}
+
+impl Traffic {
+    pub async fn watch(mqtt: &Mqtt, filter: &str, window: Duration) -> Result<Traffic, BenchError> {
+        use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+        let id = format!("bench-{}", crate::protocol::new_id());
+        let mut options = MqttOptions::new(id, &mqtt.host, mqtt.port);
+        options.set_max_packet_size(64 << 20, 64 << 20);
+        let (client, mut events) = AsyncClient::new(options, 16);
+        let fail = |e: &dyn std::fmt::Display| BenchError::new(format!("reading {filter}: {e}"));
+        client
+            .subscribe(filter, QoS::AtMostOnce)
+            .await
+            .map_err(|e| fail(&e))?;
+        let mut traffic = Traffic {
+            retained_max: 0,
+            live_messages: 0,
+            live_bytes: 0,
+        };
+        let until = tokio::time::Instant::now() + window;
+        while let Ok(event) = tokio::time::timeout_at(until, events.poll()).await {
+            match event.map_err(|e| fail(&e))? {
+                Event::Incoming(Packet::Publish(p)) if p.retain => {
+                    traffic.retained_max = traffic.retained_max.max(p.payload.len());
+                }
+                Event::Incoming(Packet::Publish(p)) => {
+                    traffic.live_messages += 1;
+                    traffic.live_bytes += p.payload.len();
+                }
+                _ => {}
+            }
+        }
+        let _ = client.disconnect().await;
+        Ok(traffic)
+    }
 }
 
 /// Resident memory of process `pid`, in bytes (Linux).

@@ -32,9 +32,31 @@ pub struct PlacementArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 300)]
     limit_secs: u64,
+    /// Run NODES real node daemons (`pifleet node` processes, on
+    /// `pifleet ollama-sim`) instead of simulated nodes in this process.
+    #[arg(long)]
+    daemons: bool,
+    /// With --daemons: run the coordinator and nodes from this pifleet
+    /// binary (another build, to compare) instead of this one.
+    #[arg(long, requires = "daemons")]
+    daemon_binary: Option<std::path::PathBuf>,
+    /// After all run, measure the coordinator's CPU per heartbeat over
+    /// this many seconds of rest.
+    #[arg(long, default_value_t = 10)]
+    idle_secs: u64,
+}
+
+/// The nodes under test.
+enum Nodes {
+    Simulated(FleetSim),
+    /// Real daemons, children of the stack: their logs are checked.
+    Daemons(Vec<String>),
 }
 
 pub async fn bench(args: &PlacementArgs, stack: &mut Stack) -> Result<Value, BenchError> {
+    if let Some(binary) = &args.daemon_binary {
+        stack.run_daemons_from(binary)?;
+    }
     let mqtt = broker(stack, args.mqtt.as_deref())?;
     let (url, coordinator) = stack.coordinator(&mqtt, "")?;
     progress(format!("coordinator {url} (pid {coordinator})"));
@@ -42,7 +64,19 @@ pub async fn bench(args: &PlacementArgs, stack: &mut Stack) -> Result<Value, Ben
     let rss_empty = rss_bytes(coordinator)?;
     // Thousands of nodes logging every assignment would drown the progress.
     let _quiet = QuietLog::warn();
-    let mut fleet = FleetSim::start(&mqtt, "sim", args.nodes, args.capacity, "llama3.2");
+    let mut fleet = if args.daemons {
+        let ollama = stack.simulator(0)?;
+        let mut ids = Vec::new();
+        for i in 1..=args.nodes {
+            let id = format!("node-{i}");
+            stack.node(&id, &mqtt, &ollama, args.capacity, 100)?;
+            ids.push(id);
+        }
+        Nodes::Daemons(ids)
+    } else {
+        let sim = FleetSim::start(&mqtt, "sim", args.nodes, args.capacity, "llama3.2");
+        Nodes::Simulated(sim)
+    };
     let limit = Duration::from_secs(args.limit_secs);
     let nodes = args.nodes;
     api.wait_for("every simulated node online", limit, |s| {
@@ -97,6 +131,20 @@ pub async fn bench(args: &PlacementArgs, stack: &mut Stack) -> Result<Value, Ben
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let rss_loaded = rss_bytes(coordinator)?;
+    // At rest: what the heartbeats cost the coordinator and the network.
+    let idle = Duration::from_secs(args.idle_secs);
+    let cpu_idle = cpu_time(coordinator)?;
+    let traffic = super::Traffic::watch(&mqtt, "pifleet/nodes/+/capacity", idle).await?;
+    let cpu_idle = cpu_time(coordinator)?.saturating_sub(cpu_idle);
+    let beats = traffic.live_messages.max(1) as f64;
+    let (timeouts, strays) = match &fleet {
+        Nodes::Daemons(ids) => {
+            let timeouts = stack.log_count("coordinator", "did not confirm");
+            let strays: usize = ids.iter().map(|id| stack.log_count(id, "not hosted")).sum();
+            (Some(timeouts), Some(strays))
+        }
+        Nodes::Simulated(_) => (None, None),
+    };
     fleet.stop(Duration::from_secs(30)).await?;
     if hosted != agents || duplicates > 0 || overfill > 0 {
         return Err(BenchError::new(format!(
@@ -120,7 +168,32 @@ pub async fn bench(args: &PlacementArgs, stack: &mut Stack) -> Result<Value, Ben
         "bench_process_cpu_secs": round3(cpu_sim.as_secs_f64()),
         "agents_hosted": hosted,
         "max_node_overfill": overfill,
+        "nodes_are": if args.daemons { "daemons" } else { "simulated" },
+        "heartbeat_bytes_max": traffic.retained_max,
+        "heartbeat_bytes_mean": (traffic.live_bytes as f64 / beats).round(),
+        "heartbeats_at_rest": traffic.live_messages,
+        "coordinator_cpu_us_per_heartbeat": (cpu_idle.as_secs_f64() * 1e6 / beats).round(),
+        // Daemons only: assignments the coordinator gave up on, and
+        // releases of agents a node did not have.
+        "assign_timeouts": timeouts,
+        "releases_not_hosted": strays,
     }))
+}
+
+impl Nodes {
+    fn check(&mut self) -> Result<(), BenchError> {
+        match self {
+            Nodes::Simulated(sim) => sim.check(),
+            Nodes::Daemons(_) => Ok(()),
+        }
+    }
+
+    async fn stop(self, limit: Duration) -> Result<(), BenchError> {
+        match self {
+            Nodes::Simulated(sim) => sim.stop(limit).await,
+            Nodes::Daemons(_) => Ok(()), // the stack stops its children
+        }
+    }
 }
 
 /// The log level lowered to `warn` while it lives.
@@ -167,7 +240,8 @@ fn check_hosting(nodes: &NodeList, agents: &AgentList) -> (u64, usize, usize) {
         .nodes
         .iter()
         .map(|n| {
-            (n.capacity.agents.len() as u64).saturating_sub(capacity[n.capacity.node.as_str()])
+            (n.capacity.agents.as_ref().map_or(0, Vec::len) as u64)
+                .saturating_sub(capacity[n.capacity.node.as_str()])
         })
         .max()
         .unwrap_or(0);
@@ -190,7 +264,7 @@ mod tests {
             "models": [], "ollama_reachable": true, "labels": {}, "draining": false, "ts": 1
         }))
         .unwrap();
-        c.agents = agents.iter().map(|a| a.to_string()).collect();
+        c.agents = Some(agents.iter().map(|a| a.to_string()).collect());
         NodeView {
             capacity: c,
             state: "online".into(),

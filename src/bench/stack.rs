@@ -309,6 +309,13 @@ impl Stack {
         Ok(pid)
     }
 
+    /// How many lines of child `name`'s log contain `needle`.
+    pub fn log_count(&self, name: &str, needle: &str) -> usize {
+        let path = self.dir.join(format!("{name}.log"));
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        text.lines().filter(|l| l.contains(needle)).count()
+    }
+
     /// The process id of child `name`.
     pub fn pid(&self, name: &str) -> Result<u32, BenchError> {
         self.children

@@ -542,7 +542,7 @@ fn node_row(n: &NodeView) -> Vec<String> {
         live(format!("{:.0}%", c.cpu.usage_pct)),
         live(c.temperature_c.map_or("-".into(), |t| format!("{t:.1}°C"))),
         flags.join(","),
-        truncate(&c.agents.join(","), 40),
+        truncate(&c.agents.as_deref().unwrap_or_default().join(","), 40),
     ]
 }
 

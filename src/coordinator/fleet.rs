@@ -321,7 +321,9 @@ mod tests {
             arch: "aarch64".into(),
             agent_capacity: 4,
             agents_running: 0,
-            agents: vec![],
+            agents: Some(vec![]),
+            agents_rev: seq,
+            agents_digest: Default::default(),
             cpu: CpuInfo {
                 cores: 4,
                 load1: 0.0,

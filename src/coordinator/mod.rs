@@ -27,6 +27,7 @@ pub mod core;
 pub mod discovery;
 pub mod fleet;
 pub mod leader;
+pub mod listed;
 pub mod metrics;
 pub mod scheduler;
 pub mod store;
@@ -496,9 +497,14 @@ fn on_link(
     let now = Now::system();
     match event {
         LinkEvent::Connected => {
-            let mut filters = [NodeTopic::Status, NodeTopic::Capacity, NodeTopic::Reply]
-                .map(|kind| coordinator.topics.all_nodes(kind))
-                .to_vec();
+            let mut filters = [
+                NodeTopic::Status,
+                NodeTopic::Capacity,
+                NodeTopic::Agents,
+                NodeTopic::Reply,
+            ]
+            .map(|kind| coordinator.topics.all_nodes(kind))
+            .to_vec();
             filters.extend(coordinator.home_assistant_status_topic());
             // A late last will of an earlier coordinator says `offline`.
             filters.push(coordinator.topics.coordinator_status());
@@ -535,6 +541,7 @@ fn on_link(
             Some((node, NodeTopic::Capacity)) => {
                 coordinator.on_capacity(node, &payload, retain, now)
             }
+            Some((node, NodeTopic::Agents)) => coordinator.on_agents(node, &payload, now),
             Some((node, NodeTopic::Reply)) => coordinator.on_reply(node, &payload, now),
             _ if Some(&topic) == coordinator.home_assistant_status_topic().as_ref() => {
                 coordinator.on_home_assistant_status(&payload, now)

@@ -20,7 +20,7 @@
 //! placement costs O(log n) plus the nodes skipped for model or labels.
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use crate::protocol::Capacity;
 
@@ -79,19 +79,25 @@ pub struct Standing {
 impl NodeSlots {
     /// The scheduler's input for a node, from its latest capacity message:
     /// `ours` are the agents this coordinator holds there (assignments in
-    /// flight included); agents the node reports that are not ours take
-    /// slots too. The first reason the node cannot take agents blocks it.
+    /// flight included); agents the node lists (`listed`, when its list is
+    /// known) that are not ours take slots too, as do, while it is not
+    /// known, as many as it runs beyond ours. The first reason the node
+    /// cannot take agents blocks it.
     pub fn from_capacity(
         c: &Capacity,
         standing: Standing,
         ours: Option<&BTreeSet<String>>,
+        listed: Option<&HashSet<String>>,
     ) -> Self {
-        let strays = c
-            .agents
-            .iter()
-            .filter(|n| !ours.is_some_and(|set| set.contains(*n)))
-            .count() as u32;
-        let ours = ours.map_or(0, |set| set.len() as u32);
+        let count = ours.map_or(0, |set| set.len() as u32);
+        let strays = match listed {
+            Some(listed) => listed
+                .iter()
+                .filter(|n| !ours.is_some_and(|set| set.contains(*n)))
+                .count() as u32,
+            None => c.agents_running.saturating_sub(count),
+        };
+        let ours = count;
         let too_hot = match (c.temperature_c, c.max_temperature_c) {
             (Some(t), Some(max)) if t >= max => Some(Blocked::TooHot {
                 temperature_c: t,
@@ -503,14 +509,19 @@ mod tests {
             ..Standing::default()
         };
         let ours = BTreeSet::from(["a".to_owned(), "pending-ack".to_owned()]);
-        let slots =
-            NodeSlots::from_capacity(&report(&["a", "stray"], None, None), online, Some(&ours));
+        let listed = HashSet::from(["a".to_owned(), "stray".to_owned()]);
+        let report_ = report(&["a", "stray"], None, None);
+        let slots = NodeSlots::from_capacity(&report_, online, Some(&ours), Some(&listed));
         // Ours (one not confirmed yet) plus a stray the node still runs.
         assert_eq!((slots.load, slots.agent_capacity), (3, 4));
+        // A list not known yet: what it runs beyond ours (2 of 2) is none.
+        let unknown = NodeSlots::from_capacity(&report_, online, Some(&ours), None);
+        assert_eq!(unknown.load, 2);
         assert_eq!(slots.load_per_core, 0.5);
         assert_eq!(slots.blocked, None);
         assert_eq!(slots.labels["room"], "attic");
-        let blocked = |c: &Capacity, standing| NodeSlots::from_capacity(c, standing, None).blocked;
+        let blocked =
+            |c: &Capacity, standing| NodeSlots::from_capacity(c, standing, None, None).blocked;
         let hot = report(&[], Some(85.0), Some(true));
         assert!(matches!(
             blocked(&hot, online),

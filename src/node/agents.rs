@@ -16,8 +16,8 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use serde::Serialize;
 
 use crate::protocol::{
-    normalize_model, Ack, AgentSpec, Command, CommandBody, CommandKind, TurnErrorCode, TurnRequest,
-    TurnResult,
+    normalize_model, Ack, AckBatch, AckItem, AgentSpec, Assignment, Command, CommandBody,
+    CommandKind, TurnErrorCode, TurnRequest, TurnResult,
 };
 
 /// Command ids remembered for deduplication. QoS 1 redeliveries arrive within
@@ -73,8 +73,16 @@ pub enum Effect {
         model: String,
         system: Option<String>,
     },
+    /// Publish the acknowledgements of a batch command `id`.
+    AckBatch {
+        id: String,
+        generation: u64,
+        batch: AckBatch,
+    },
     /// The capacity announcement changed and should be published.
     CapacityChanged,
+    /// Publish the whole agent list (the coordinator asked).
+    ListAgents,
     /// The turn waits behind the running turn of its agent.
     Queued,
     /// The command was dropped; the reason is for the log.
@@ -296,9 +304,13 @@ impl AgentTable {
             CommandBody::Assign { agent, placement } => {
                 self.assign(id, generation, agent, placement, now_ms)
             }
+            CommandBody::AssignBatch { agents } => {
+                self.assign_batch(id, generation, agents, now_ms)
+            }
             CommandBody::Release { agent, placement } => {
                 self.release(id, generation, &agent, placement)
             }
+            CommandBody::ListAgents => vec![Effect::ListAgents],
             CommandBody::Drain { draining } => {
                 let changed = self.draining != draining;
                 self.draining = draining;
@@ -384,25 +396,89 @@ impl AgentTable {
         &mut self,
         id: String,
         generation: u64,
-        mut spec: AgentSpec,
+        spec: AgentSpec,
         placement: u64,
         now_ms: u64,
     ) -> Vec<Effect> {
+        let name = spec.name.clone();
+        let (outcome, changed) = self.host(spec, placement, now_ms);
+        let (ok, reason) = match outcome {
+            Ok(note) => (true, note),
+            Err(reason) => (false, Some(reason)),
+        };
+        let kind = CommandKind::Assign;
+        let mut effects = vec![self.ack(
+            id,
+            generation,
+            kind,
+            Some(name),
+            Some(placement),
+            ok,
+            reason,
+        )];
+        if changed {
+            effects.push(Effect::CapacityChanged);
+        }
+        effects
+    }
+
+    /// Hosts every agent of `agents` that it can, in one step.
+    fn assign_batch(
+        &mut self,
+        id: String,
+        generation: u64,
+        agents: Vec<Assignment>,
+        now_ms: u64,
+    ) -> Vec<Effect> {
+        let mut changed = false;
+        let mut acks = Vec::with_capacity(agents.len());
+        for Assignment { agent, placement } in agents {
+            let name = agent.name.clone();
+            let (outcome, change) = self.host(agent, placement, now_ms);
+            changed |= change;
+            let (ok, reason) = match outcome {
+                Ok(note) => (true, note),
+                Err(reason) => (false, Some(reason)),
+            };
+            acks.push(AckItem {
+                agent: name,
+                placement,
+                ok,
+                reason,
+            });
+        }
+        let batch = AckBatch {
+            command: CommandKind::Assign,
+            acks,
+            agents_running: self.agents.len() as u32,
+            ts: now_ms,
+            // Set by the node, which numbers its messages.
+            seq: 0,
+        };
+        let mut effects = vec![Effect::AckBatch {
+            id,
+            generation,
+            batch,
+        }];
+        if changed {
+            effects.push(Effect::CapacityChanged);
+        }
+        effects
+    }
+
+    /// Hosts `spec` under `placement`: `Ok` with a note for an agent
+    /// already hosted, or why not; and whether what the node announces
+    /// changed.
+    fn host(
+        &mut self,
+        mut spec: AgentSpec,
+        placement: u64,
+        now_ms: u64,
+    ) -> (Result<Option<String>, String>, bool) {
         spec.model = normalize_model(&spec.model);
         let name = spec.name.clone();
-        let refuse = |table: &Self, reason: String| {
-            vec![table.ack(
-                id.clone(),
-                generation,
-                CommandKind::Assign,
-                Some(name.clone()),
-                Some(placement),
-                false,
-                Some(reason),
-            )]
-        };
         if self.stopping {
-            return refuse(self, format!("node {} is shutting down", self.node));
+            return (Err(format!("node {} is shutting down", self.node)), false);
         }
         if let Some(hosted) = self.agents.get_mut(&name) {
             if placement < hosted.placement {
@@ -410,27 +486,15 @@ impl AgentTable {
                     "stale placement {placement}: node {} hosts {name} under newer placement {}",
                     self.node, hosted.placement
                 );
-                return refuse(self, reason);
+                return (Err(reason), false);
             }
             let changed = hosted.spec != spec;
             hosted.placement = placement;
             hosted.spec = spec;
-            let mut effects = vec![self.ack(
-                id,
-                generation,
-                CommandKind::Assign,
-                Some(name),
-                Some(placement),
-                true,
-                Some("already hosted".into()),
-            )];
-            if changed {
-                effects.push(Effect::CapacityChanged);
-            }
-            return effects;
+            return (Ok(Some("already hosted".into())), changed);
         }
         if self.draining {
-            return refuse(self, format!("node {} is draining", self.node));
+            return (Err(format!("node {} is draining", self.node)), false);
         }
         if self.agents.len() >= self.capacity as usize {
             let reason = format!(
@@ -439,10 +503,10 @@ impl AgentTable {
                 self.capacity,
                 self.agents.len()
             );
-            return refuse(self, reason);
+            return (Err(reason), false);
         }
         self.agents.insert(
-            name.clone(),
+            name,
             HostedAgent {
                 spec,
                 placement,
@@ -452,18 +516,7 @@ impl AgentTable {
                 turns_completed: 0,
             },
         );
-        vec![
-            self.ack(
-                id,
-                generation,
-                CommandKind::Assign,
-                Some(name),
-                Some(placement),
-                true,
-                None,
-            ),
-            Effect::CapacityChanged,
-        ]
+        (Ok(None), true)
     }
 
     fn release(&mut self, id: String, generation: u64, name: &str, placement: u64) -> Vec<Effect> {

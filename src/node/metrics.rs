@@ -170,12 +170,17 @@ impl NodeMetrics {
     /// Counts one command (`assign`, `turn`, `invalid`...) and its result
     /// (`applied`, `refused`, `ignored`, `rejected`).
     pub fn command(&self, kind: &str, result: &str) {
+        self.commands(kind, result, 1);
+    }
+
+    /// `count` commands (the agents of a batch) of `kind` ended in `result`.
+    pub fn commands(&self, kind: &str, result: &str, count: u64) {
         self.commands
             .get_or_create(&vec![
                 ("kind", kind.to_owned()),
                 ("result", result.to_owned()),
             ])
-            .inc();
+            .inc_by(count);
     }
 }
 

@@ -24,6 +24,7 @@ pub mod agents;
 pub mod answered;
 pub mod api;
 pub mod lease;
+mod listed;
 pub mod metrics;
 pub mod ollama;
 pub mod probe;
@@ -51,8 +52,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::NodeConfig;
 use crate::mqtt::{LinkError, LinkEvent, Publisher};
 use crate::protocol::{
-    decode_command, encode, mono_ms, now_ms, Capacity, LeaderInfo, NodeTopic, Reply, ReplyBody,
-    Topics, TurnErrorCode, TurnResult, STATUS_OFFLINE, STATUS_ONLINE,
+    decode_command, encode, mono_ms, now_ms, AckItem, Capacity, LeaderInfo, NodeTopic, Reply,
+    ReplyBody, Topics, TurnErrorCode, TurnResult, STATUS_OFFLINE, STATUS_ONLINE,
 };
 use crate::systemd::{self, Liveness};
 use agents::{AgentTable, At, Effect};
@@ -67,6 +68,9 @@ pub const PARENT_PID_ENV: &str = "PIFLEET_UP_PID";
 
 /// Capacity changes within this window are published as one message.
 const CAPACITY_DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// Commands held while the node waits for its first heartbeat's echo.
+const HELD_MAX: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -119,6 +123,13 @@ struct Node {
     lease: Lease,
     /// The capacity changed since it was last published.
     dirty: bool,
+    /// Commands received before the lease began ([`Node::on_command_or_hold`]).
+    held: Vec<(String, Bytes)>,
+    /// The agent list as last published.
+    published: listed::Published,
+    /// What the last capacity message said besides the agent list and the
+    /// probe's figures: a change of it is published at once.
+    announced: Option<Announced>,
     last_capacity: Instant,
     turns: JoinSet<TurnDone>,
     running: HashMap<tokio::task::Id, RunningTurn>,
@@ -190,7 +201,7 @@ impl Node {
                 }
                 Some(done) = self.turns.join_next_with_id(), if !self.turns.is_empty() => self.on_turn_done(done),
                 Some(done) = self.pulls.done.recv() => self.on_pull_done(done),
-                _ = sleep_until(publish_at) => self.publish_capacity(),
+                _ = sleep_until(publish_at) => self.publish_change(),
                 _ = sleep_until(fence_at) => self.check_fence(),
                 _ = tick.tick() => self.check_parent(&shutdown),
             }
@@ -283,14 +294,16 @@ impl Node {
                 retain,
             } => match self.topics.parse_node_topic(&topic) {
                 Some((node, NodeTopic::Command)) if node == self.config.node_id => {
-                    self.on_command(&topic, &payload)
+                    self.on_command_or_hold(topic, payload)
                 }
                 // A retained replay is the state from before our announcement.
                 Some((node, NodeTopic::Status)) if node == self.config.node_id && !retain => {
                     self.on_own_status(&payload)
                 }
                 Some((node, NodeTopic::Capacity)) if node == self.config.node_id => {
-                    self.lease.echoed(&payload);
+                    if self.lease.echoed(&payload) {
+                        self.apply_held();
+                    }
                 }
                 _ if topic == self.topics.coordinator_leader() => self.on_leader(&payload),
                 _ => log::debug!("ignored a message on {topic}"),
@@ -323,6 +336,25 @@ impl Node {
                 }
             }
             Err(e) => log::warn!("ignored a leader announcement: {e}"),
+        }
+    }
+
+    /// Commands wait for the lease's first proof: a node that hosted
+    /// agents before it would have to fence them at once.
+    fn on_command_or_hold(&mut self, topic: String, payload: Bytes) {
+        if self.lease.expires_at().is_some() {
+            return self.on_command(&topic, &payload);
+        }
+        if self.held.len() >= HELD_MAX {
+            log::warn!("ignored a command on {topic}: {HELD_MAX} commands already wait for the broker to echo the first heartbeat");
+            return;
+        }
+        self.held.push((topic, payload));
+    }
+
+    fn apply_held(&mut self) {
+        for (topic, payload) in std::mem::take(&mut self.held) {
+            self.on_command(&topic, &payload);
         }
     }
 
@@ -396,6 +428,38 @@ impl Node {
                     self.start_turn(turn, model, system);
                 }
                 Effect::Queued => self.metrics.command("turn", "queued"),
+                Effect::AckBatch {
+                    id,
+                    generation,
+                    mut batch,
+                } => {
+                    batch.seq = self.seq;
+                    let refused: Vec<&AckItem> = batch.acks.iter().filter(|a| !a.ok).collect();
+                    for a in &batch.acks {
+                        log::debug!("assign {}: ok={} {:?}", a.agent, a.ok, a.reason);
+                    }
+                    let hosted = batch.agents_running;
+                    match refused.first() {
+                        None => log::info!(
+                            "assigned {} agents in one batch ({hosted} agents hosted)",
+                            batch.acks.len()
+                        ),
+                        Some(first) => log::warn!(
+                            "assigned {} agents of a batch of {} and refused {} ({}: {}) ({hosted} agents hosted)",
+                            batch.acks.len() - refused.len(),
+                            batch.acks.len(),
+                            refused.len(),
+                            first.agent,
+                            first.reason.as_deref().unwrap_or("")
+                        ),
+                    }
+                    let refused = refused.len() as u64;
+                    let applied = batch.acks.len() as u64 - refused;
+                    self.metrics.commands("assign", "applied", applied);
+                    self.metrics.commands("assign", "refused", refused);
+                    self.reply(id, generation, ReplyBody::AckBatch(batch));
+                }
+                Effect::ListAgents => self.publish_whole_list(),
                 Effect::CapacityChanged => self.dirty = true,
                 Effect::Ignored { id, reason } => {
                     log::info!("ignored command {id}: {reason}");
@@ -610,6 +674,7 @@ impl Node {
     fn capacity(&mut self) -> Capacity {
         self.seq += 1;
         let p = &self.probe;
+        let published = &self.published;
         Capacity {
             node: self.config.node_id.clone(),
             session: self.session.clone(),
@@ -618,7 +683,9 @@ impl Node {
             arch: std::env::consts::ARCH.to_owned(),
             agent_capacity: self.config.agent_capacity,
             agents_running: self.table.len() as u32,
-            agents: self.table.names(),
+            agents: published.inline().then(|| published.names().to_vec()),
+            agents_rev: published.rev,
+            agents_digest: published.digest,
             cpu: p.cpu.clone(),
             memory: p.memory.clone(),
             temperature_c: p.temperature_c,
@@ -636,9 +703,20 @@ impl Node {
         }
     }
 
-    /// Publishes the retained capacity message now. While disconnected it
+    /// Publishes the retained capacity message now (a heartbeat), after
+    /// the updates of the agent list if it changed. While disconnected it
     /// only marks it due: the ConnAck handler publishes a fresh one.
     fn publish_capacity(&mut self) {
+        self.publish(true);
+    }
+
+    /// Publishes a change: only the agent updates when the list travels
+    /// apart and nothing else announced changed, else as a heartbeat.
+    fn publish_change(&mut self) {
+        self.publish(false);
+    }
+
+    fn publish(&mut self, heartbeat: bool) {
         // Never announce agents the lease no longer covers.
         self.check_fence();
         if !self.is_connected() {
@@ -647,6 +725,22 @@ impl Node {
         }
         self.dirty = false;
         self.last_capacity = Instant::now();
+        let mut numbering = listed::Numbering {
+            node: &self.config.node_id,
+            session: &self.session,
+            seq: &mut self.seq,
+        };
+        let updates = match self.published.sync(self.table.names(), &mut numbering) {
+            listed::Sync::Updates(updates) => updates,
+            listed::Sync::Unchanged | listed::Sync::Inline => Vec::new(),
+        };
+        let only_updates = !heartbeat && !updates.is_empty();
+        self.publish_updates(updates);
+        let announced = self.announced_now();
+        if only_updates && self.announced.as_ref() == Some(&announced) {
+            return;
+        }
+        self.announced = Some(announced);
         let capacity = self.capacity();
         let topic = self.topics.node(&self.config.node_id, NodeTopic::Capacity);
         let payload = encode(&capacity);
@@ -655,4 +749,55 @@ impl Node {
             log::error!("cannot publish capacity: {e}");
         }
     }
+
+    /// The coordinator asked for the whole agent list.
+    fn publish_whole_list(&mut self) {
+        if !self.is_connected() {
+            return; // the heartbeat after the reconnect tells what changed
+        }
+        // First what changed since the last message, in order.
+        self.publish_change();
+        let mut numbering = listed::Numbering {
+            node: &self.config.node_id,
+            session: &self.session,
+            seq: &mut self.seq,
+        };
+        let updates = self.published.whole(&mut numbering);
+        log::info!(
+            "sent the list of {} agents in {} messages (the coordinator asked)",
+            self.published.names().len(),
+            updates.len()
+        );
+        self.publish_updates(updates);
+    }
+
+    fn publish_updates(&self, updates: Vec<crate::protocol::AgentUpdate>) {
+        let topic = self.topics.node(&self.config.node_id, NodeTopic::Agents);
+        for update in updates {
+            if let Err(e) = self
+                .publisher
+                .publish(topic.clone(), encode(&update), false)
+            {
+                log::error!("cannot publish an agent update: {e}");
+            }
+        }
+    }
+
+    fn announced_now(&self) -> Announced {
+        Announced {
+            draining: self.table.draining(),
+            models: self.probe.models.clone(),
+            ollama_reachable: self.probe.ollama_reachable,
+            generation: self.table.generation(),
+        }
+    }
+}
+
+/// The fields of a capacity message whose change is published at once.
+#[derive(Debug, PartialEq, Eq)]
+struct Announced {
+    draining: bool,
+    models: Vec<String>,
+    ollama_reachable: bool,
+    generation: u64,
 }

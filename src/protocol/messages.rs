@@ -43,8 +43,18 @@ pub struct Capacity {
     pub arch: String,
     pub agent_capacity: u32,
     pub agents_running: u32,
-    /// Names of the agents the node hosts, sorted.
-    pub agents: Vec<String>,
+    /// Names of the agents the node hosts, sorted, while they fit in
+    /// [`super::AGENTS_INLINE_BYTES`]; left out (`None`) beyond, when the
+    /// list travels as [`super::AgentUpdate`]s instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agents: Option<Vec<String>>,
+    /// The `seq` of the message (this one, an earlier capacity message or
+    /// an agent update) that last changed or set the agent list.
+    #[serde(default)]
+    pub agents_rev: u64,
+    /// Digest of the whole agent list ([`super::ListDigest`]).
+    #[serde(default)]
+    pub agents_digest: super::ListDigest,
     pub cpu: CpuInfo,
     pub memory: MemoryInfo,
     /// Degrees Celsius of the SoC thermal zone; `null` where there is none.
@@ -187,6 +197,18 @@ pub enum CommandBody {
     /// back as [`PullProgress`] replies; the node lists the model in its
     /// capacity once it has it.
     Pull { model: String },
+    /// Host every agent of `agents`, each as `assign` would, in one step;
+    /// one [`AckBatch`] answers.
+    AssignBatch { agents: Vec<Assignment> },
+    /// Publish the whole agent list as [`super::AgentUpdate`]s.
+    ListAgents,
+}
+
+/// One agent of an [`CommandBody::AssignBatch`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub agent: AgentSpec,
+    pub placement: u64,
 }
 
 impl CommandBody {
@@ -198,6 +220,8 @@ impl CommandBody {
             CommandBody::Turn(_) => CommandKind::Turn,
             CommandBody::Cancel { .. } => CommandKind::Cancel,
             CommandBody::Pull { .. } => CommandKind::Pull,
+            CommandBody::AssignBatch { .. } => CommandKind::Assign,
+            CommandBody::ListAgents => CommandKind::ListAgents,
         }
     }
 }
@@ -211,6 +235,7 @@ pub enum CommandKind {
     Turn,
     Cancel,
     Pull,
+    ListAgents,
 }
 
 /// One chat turn: the whole conversation to send to Ollama. Nodes keep no
@@ -256,6 +281,7 @@ pub struct Reply {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ReplyBody {
     Ack(Ack),
+    AckBatch(AckBatch),
     TurnResult(TurnResult),
     TurnChunk(TurnChunk),
     PullProgress(PullProgress),
@@ -326,11 +352,34 @@ pub struct Ack {
     /// Node clock (Unix ms) when the command was applied; for display only.
     #[serde(default)]
     pub ts: u64,
-    /// The `seq` of the node's last capacity message (same session) when the
-    /// command was applied: a capacity message with a greater `seq`
-    /// reflects it. Reports are ordered by session and `seq`, never by `ts`.
+    /// The `seq` of the node's last message (a capacity message or an agent
+    /// update, same session) when the command was applied: a message with
+    /// a greater `seq` reflects it. Reports are ordered by session and
+    /// `seq`, never by `ts`.
     #[serde(default)]
     pub seq: u64,
+}
+
+/// Outcomes of an [`CommandBody::AssignBatch`], one per agent in its order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AckBatch {
+    pub command: CommandKind,
+    pub acks: Vec<AckItem>,
+    /// As in [`Ack`]: after the whole batch.
+    pub agents_running: u32,
+    #[serde(default)]
+    pub ts: u64,
+    #[serde(default)]
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AckItem {
+    pub agent: String,
+    pub placement: u64,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// Outcome of a chat turn.

@@ -2,10 +2,12 @@
 //! topics ([`topics`]), payloads ([`messages`]) and their bounded decoding.
 //! Nothing here does I/O, so a fleet simulator can reuse it as is.
 
+mod listing;
 mod messages;
 mod topics;
 mod views;
 
+pub use listing::*;
 pub use messages::*;
 pub use topics::{validate_node_id, validate_topic_root, NodeTopic, Topics};
 pub use views::*;

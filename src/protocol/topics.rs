@@ -7,6 +7,7 @@
 //! |---|---|---|
 //! | `{root}/nodes/{node}/status` | yes | node → all (`online` / `offline`) |
 //! | `{root}/nodes/{node}/capacity` | yes | node → all (JSON [`Capacity`](super::Capacity)) |
+//! | `{root}/nodes/{node}/agents` | no | node → coordinator (JSON [`AgentUpdate`](super::AgentUpdate)) |
 //! | `{root}/nodes/{node}/cmd` | no | coordinator → node ([`Command`](super::Command)) |
 //! | `{root}/nodes/{node}/reply` | no | node → coordinator ([`Reply`](super::Reply)) |
 //! | `{root}/coordinator/status` | yes | coordinator → all |
@@ -17,6 +18,8 @@
 pub enum NodeTopic {
     Status,
     Capacity,
+    /// Changes of a node's agent list, and the whole list on request.
+    Agents,
     Command,
     Reply,
 }
@@ -26,6 +29,7 @@ impl NodeTopic {
         match self {
             NodeTopic::Status => "status",
             NodeTopic::Capacity => "capacity",
+            NodeTopic::Agents => "agents",
             NodeTopic::Command => "cmd",
             NodeTopic::Reply => "reply",
         }
@@ -35,6 +39,7 @@ impl NodeTopic {
         Some(match suffix {
             "status" => NodeTopic::Status,
             "capacity" => NodeTopic::Capacity,
+            "agents" => NodeTopic::Agents,
             "cmd" => NodeTopic::Command,
             "reply" => NodeTopic::Reply,
             _ => return None,
@@ -141,6 +146,7 @@ mod tests {
         for kind in [
             NodeTopic::Status,
             NodeTopic::Capacity,
+            NodeTopic::Agents,
             NodeTopic::Command,
             NodeTopic::Reply,
         ] {

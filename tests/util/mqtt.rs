@@ -27,6 +27,27 @@ impl Received {
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.payload).unwrap_or(Value::Null)
     }
+
+    /// The agent acknowledgements a reply carries, `ack` or `ack_batch`:
+    /// (command, agent, ok) each; none for another message.
+    pub fn acks(&self) -> Vec<(String, String, bool)> {
+        let r = self.json();
+        let command = r["command"].as_str().unwrap_or("").to_owned();
+        let one = |a: &Value| {
+            let agent = a["agent"].as_str()?.to_owned();
+            Some((command.clone(), agent, a["ok"] == true))
+        };
+        match r["type"].as_str() {
+            Some("ack") => one(&r).into_iter().collect(),
+            Some("ack_batch") => r["acks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(one)
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// An MQTT client that records every message on its subscriptions.

@@ -31,16 +31,17 @@ use tokio::sync::oneshot;
 
 use super::discovery::Discovery;
 use super::fleet::{Change, Fleet, Heard};
+use super::listed::{Learned, Lists};
 use super::metrics::CoordinatorMetrics;
 use super::scheduler::{MovableAgent, NodeSlots, Request, Scheduler, Standing};
 use super::store::{JobRow, JobState, NodeFlags, Store, StoreError, StoredState};
 use crate::config::coordinator::CoordinatorConfig;
 use crate::protocol::{
-    encode, now_ms, Ack, AgentDeleted, AgentError, AgentList, AgentSpec, AgentState, AgentView,
-    AgentsCreated, Capacity, ChatAnswer, ChatMessage, Command, CommandBody, CommandKind, Event,
-    EventKind, EventList, FleetStatus, FleetSummary, JobList, JobSubmitted, JobView, NodeForgotten,
-    NodeList, NodeTopic, NodeView, Reply, ReplyBody, Role, Topics, TurnChunk, TurnErrorCode,
-    TurnRequest, TurnResult, Usage,
+    encode, now_ms, Ack, AckBatch, AgentDeleted, AgentError, AgentList, AgentSpec, AgentState,
+    AgentUpdate, AgentView, AgentsCreated, Assignment, Capacity, ChatAnswer, ChatMessage, Command,
+    CommandBody, CommandKind, Event, EventKind, EventList, FleetStatus, FleetSummary, JobList,
+    JobSubmitted, JobView, NodeForgotten, NodeList, NodeTopic, NodeView, Reply, ReplyBody, Role,
+    Topics, TurnChunk, TurnErrorCode, TurnRequest, TurnResult, Usage,
 };
 pub use command::ApiRequest;
 use durability::HeldAnswer;
@@ -278,6 +279,13 @@ pub struct Coordinator {
     events: VecDeque<Event>,
     /// (node, agent) releases sent for agents a node should not host.
     strays: HashMap<(String, String), Instant>,
+    /// What each node hosts, as it said ([`Lists`]).
+    lists: Lists,
+    /// When each node was last asked for its whole agent list.
+    lists_asked: HashMap<String, Instant>,
+    /// The level of per-agent events: debug inside bulk steps, which log
+    /// one line of their own.
+    event_level: log::Level,
     /// Drain flags last sent, per node.
     drain_sent: HashMap<String, Instant>,
     drained_reported: BTreeMap<String, bool>,
@@ -327,6 +335,9 @@ impl Coordinator {
             turns: HashMap::new(),
             events: VecDeque::new(),
             strays: HashMap::new(),
+            lists: Lists::default(),
+            lists_asked: HashMap::new(),
+            event_level: log::Level::Info,
             drain_sent: HashMap::new(),
             drained_reported: BTreeMap::new(),
             command_seq: 0,
@@ -364,7 +375,7 @@ impl Coordinator {
     // ----- events and commands -----
 
     fn event(&mut self, kind: EventKind, agent: Option<&str>, node: Option<&str>, message: String) {
-        log::info!("{}: {message}", kind.as_str());
+        log::log!(self.event_level, "{}: {message}", kind.as_str());
         self.metrics.event(kind.as_str());
         if self.events.len() == EVENTS_KEPT {
             self.events.pop_front();

@@ -1,5 +1,17 @@
 use super::*;
 
+/// An `assign_batch` command carries agents of about this many bytes at
+/// most, well inside `mqtt.max_payload_bytes`.
+const BATCH_BYTES: usize = 256 * 1024;
+
+/// About what `a` takes in an `assign_batch` command's JSON.
+fn assignment_bytes(a: &Assignment) -> usize {
+    let spec = &a.agent;
+    let labels: usize = spec.labels.iter().map(|(k, v)| k.len() + v.len() + 6).sum();
+    let system = spec.system.as_ref().map_or(0, |s| s.len() + 12);
+    spec.name.len() + spec.model.len() + system + labels + 64
+}
+
 impl Coordinator {
     /// Records the assignment of `name` to `node` under a new placement id
     /// and returns the command to send once the record is committed.
@@ -229,10 +241,12 @@ impl Coordinator {
                     draining: flags.is_some_and(|f| f.draining),
                 };
                 let ours = self.by_node.get(&view.id);
+                let listed = self.lists.get(&view.id).map(|l| &l.names);
                 Some(NodeSlots::from_capacity(
                     view.capacity.as_ref()?,
                     standing,
                     ours,
+                    listed,
                 ))
             })
             .collect();
@@ -334,10 +348,16 @@ impl Coordinator {
         // Record the whole pass in one transaction, then send: a command is
         // never out before the assignment it makes is stored.
         self.store.begin();
-        let commands: Vec<(String, CommandBody)> = placements
-            .into_iter()
-            .filter_map(|(name, node)| Some((node.clone(), self.assign(&name, &node)?)))
-            .collect();
+        // One line for the pass; each placement at debug.
+        let level = std::mem::replace(&mut self.event_level, log::Level::Debug);
+        let mut batches: BTreeMap<String, Vec<Assignment>> = BTreeMap::new();
+        for (name, node) in placements {
+            if let Some(CommandBody::Assign { agent, placement }) = self.assign(&name, &node) {
+                let batch = batches.entry(node).or_default();
+                batch.push(Assignment { agent, placement });
+            }
+        }
+        self.event_level = level;
         if let Err(e) = self.store.commit() {
             // Not stored, so not sent: the assignments time out and are
             // placed again. (Inside the daemon's batch, the batch fails
@@ -345,8 +365,39 @@ impl Coordinator {
             log::error!("{e}");
             return;
         }
-        for (node, command) in commands {
-            self.send(&node, command);
+        let placed: usize = batches.values().map(Vec::len).sum();
+        log::info!(
+            "placed {placed} agents on {} nodes; {} wait for a place",
+            batches.len(),
+            self.pending.len()
+        );
+        for (node, batch) in batches {
+            self.send_assignments(&node, batch);
+        }
+    }
+
+    /// Sends `batch` to `node`: one `assign` for one agent, else
+    /// `assign_batch` commands of at most [`BATCH_BYTES`] each.
+    fn send_assignments(&mut self, node: &str, mut batch: Vec<Assignment>) {
+        if batch.len() == 1 {
+            let Assignment { agent, placement } = batch.remove(0);
+            self.send(node, CommandBody::Assign { agent, placement });
+            return;
+        }
+        let mut part = Vec::new();
+        let mut bytes = 0;
+        for assignment in batch {
+            let size = assignment_bytes(&assignment);
+            if !part.is_empty() && bytes + size > BATCH_BYTES {
+                let agents = std::mem::take(&mut part);
+                self.send(node, CommandBody::AssignBatch { agents });
+                bytes = 0;
+            }
+            bytes += size;
+            part.push(assignment);
+        }
+        if !part.is_empty() {
+            self.send(node, CommandBody::AssignBatch { agents: part });
         }
     }
 

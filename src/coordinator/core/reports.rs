@@ -123,16 +123,92 @@ impl Coordinator {
                 }
             }
         }
+        let learned = self.lists.capacity(&capacity);
         if self.fleet.is_online(node) {
-            self.reconcile_reported(node, &capacity);
+            self.learned(node, learned);
         }
     }
 
-    /// Compares what `node` says it hosts with what we want there.
-    pub(super) fn reconcile_reported(&mut self, node: &str, capacity: &Capacity) {
+    /// An agent update of `node` (docs/PROTOCOL.md, "Agent lists").
+    pub fn on_agents(&mut self, node: &str, payload: &[u8], now: Now) {
+        self.now = now;
+        let update: AgentUpdate =
+            match crate::protocol::decode(payload, self.config.mqtt.max_payload_bytes) {
+                Ok(u) => u,
+                Err(e) => {
+                    log::warn!("ignored an agent update of {node}: {e}");
+                    return;
+                }
+            };
+        if update.node != node {
+            log::warn!(
+                "ignored an agent update on the topic of {node} naming node {}",
+                update.node
+            );
+            return;
+        }
+        let session = self.fleet.get(node).and_then(|v| v.session());
+        let learned = self.lists.update(update, session);
+        if self.fleet.is_online(node) {
+            self.learned(node, learned);
+        }
+    }
+
+    /// Acts on what a node's message said about its agent list.
+    fn learned(&mut self, node: &str, learned: Learned) {
+        match learned {
+            Learned::Stale => {}
+            Learned::Unknown => self.ask_for_list(node),
+            Learned::Whole => {
+                let Some(listed) = self.lists.take(node) else {
+                    return;
+                };
+                self.reconcile_listed(node, listed.names.iter(), listed.seq);
+                let unlisted: Vec<String> = self
+                    .by_node
+                    .get(node)
+                    .into_iter()
+                    .flatten()
+                    .filter(|name| !listed.names.contains(*name))
+                    .cloned()
+                    .collect();
+                self.reconcile_unlisted(node, unlisted, listed.seq);
+                self.lists.put(node, listed);
+            }
+            Learned::Change { added, removed } => {
+                let seq = self.lists.get(node).map_or(0, |l| l.seq);
+                self.reconcile_listed(node, added.iter(), seq);
+                self.reconcile_unlisted(node, removed, seq);
+            }
+        }
+    }
+
+    /// Asks `node` for its whole agent list, at most once per
+    /// `RESEND_AFTER`: until it comes, nothing is concluded from the list.
+    fn ask_for_list(&mut self, node: &str) {
+        let now = self.now.at;
+        if self
+            .lists_asked
+            .get(node)
+            .is_some_and(|at| now.duration_since(*at) < RESEND_AFTER)
+        {
+            return;
+        }
+        self.lists_asked.insert(node.to_owned(), now);
+        log::debug!("asking {node} for its agent list");
+        self.send(node, CommandBody::ListAgents);
+    }
+
+    /// Agents `node` lists, as of its message `seq`, against what we want.
+    fn reconcile_listed<'a>(
+        &mut self,
+        node: &str,
+        names: impl Iterator<Item = &'a String>,
+        seq: u64,
+    ) {
         let now = self.now.at;
         let draining = self.flags.get(node).is_some_and(|f| f.draining);
-        for name in &capacity.agents {
+        for name in names {
             let Some(a) = self.agents.get(name) else {
                 self.release_stray(node, name, "not an agent of this coordinator");
                 continue;
@@ -141,10 +217,10 @@ impl Coordinator {
                 AgentState::Running | AgentState::Assigned if a.on(node) => {
                     let confirm = a.state == AgentState::Assigned;
                     if let Some(a) = self.agents.get_mut(name) {
-                        a.confirmed_seq = a.confirmed_seq.max(capacity.seq);
+                        a.confirmed_seq = a.confirmed_seq.max(seq);
                     }
                     if confirm {
-                        self.confirm(name, node, capacity.seq);
+                        self.confirm(name, node, seq);
                     }
                 }
                 AgentState::Pending
@@ -162,7 +238,7 @@ impl Coordinator {
                     );
                     self.set_state(name, AgentState::Running, Some(node.to_owned()));
                     if let Some(a) = self.agents.get_mut(name) {
-                        a.confirmed_seq = capacity.seq;
+                        a.confirmed_seq = seq;
                     }
                     self.dispatch(name);
                 }
@@ -170,23 +246,25 @@ impl Coordinator {
                 _ => self.release_stray(node, name, "it is wanted elsewhere or nowhere"),
             }
         }
-        // Agents we place there that the node no longer lists.
-        let listed: std::collections::HashSet<&str> =
-            capacity.agents.iter().map(String::as_str).collect();
-        let gone: Vec<(String, AgentState)> = self
-            .by_node
-            .get(node)
+    }
+
+    /// Agents `node` does not list as of its message `seq`: those we place
+    /// there are gone, unless confirmed by a later message.
+    fn reconcile_unlisted(&mut self, node: &str, names: Vec<String>, seq: u64) {
+        let gone: Vec<(String, AgentState)> = names
             .into_iter()
-            .flatten()
-            .filter(|name| !listed.contains(name.as_str()))
             .filter_map(|name| {
-                let a = self.agents.get(name)?;
+                let a = self.agents.get(&name)?;
+                if !a.on(node) {
+                    return None;
+                }
                 let gone = match a.state {
-                    AgentState::Running => capacity.seq > a.confirmed_seq,
+                    AgentState::Running => seq > a.confirmed_seq,
                     AgentState::Releasing | AgentState::Stopping => true,
                     _ => false,
                 };
-                gone.then(|| (name.clone(), a.state))
+                let state = a.state;
+                gone.then_some((name, state))
             })
             .collect();
         for (name, state) in gone {
@@ -293,9 +371,45 @@ impl Coordinator {
         }
         match reply.body {
             ReplyBody::Ack(ack) => self.on_ack(node, ack),
+            ReplyBody::AckBatch(batch) => self.on_ack_batch(node, batch),
             ReplyBody::TurnResult(result) => self.on_turn_result(node, &reply.id, result),
             ReplyBody::TurnChunk(chunk) => self.on_turn_chunk(node, &reply.id, chunk),
             ReplyBody::PullProgress(progress) => self.on_pull_progress(node, progress),
+        }
+    }
+
+    /// The acks of a batch, one log line for them all (each at debug).
+    fn on_ack_batch(&mut self, node: &str, batch: AckBatch) {
+        let total = batch.acks.len();
+        let refused: Vec<String> = batch
+            .acks
+            .iter()
+            .filter(|a| !a.ok)
+            .map(|a| format!("{}: {}", a.agent, a.reason.as_deref().unwrap_or("")))
+            .collect();
+        let level = std::mem::replace(&mut self.event_level, log::Level::Debug);
+        for item in batch.acks {
+            let ack = Ack {
+                command: batch.command,
+                agent: Some(item.agent),
+                placement: Some(item.placement),
+                ok: item.ok,
+                reason: item.reason,
+                agents_running: batch.agents_running,
+                ts: batch.ts,
+                seq: batch.seq,
+            };
+            self.on_ack(node, ack);
+        }
+        self.event_level = level;
+        match refused.first() {
+            None => log::info!("{node} took the {total} agents of a batch"),
+            Some(first) => log::info!(
+                "{node} took {} agents of a batch of {total} and refused {} ({first}{})",
+                total - refused.len(),
+                refused.len(),
+                if refused.len() > 1 { ", ..." } else { "" }
+            ),
         }
     }
 

@@ -5,7 +5,7 @@
 
 use super::*;
 use crate::coordinator::store::tests::Place;
-use crate::protocol::{CpuInfo, MemoryInfo};
+use crate::protocol::{AckItem, CpuInfo, MemoryInfo};
 
 const STEP: Duration = Duration::from_millis(250);
 
@@ -83,7 +83,9 @@ impl Sim {
             arch: "aarch64".into(),
             agent_capacity: n.capacity,
             agents_running: n.hosted.len() as u32,
-            agents: n.hosted.iter().cloned().collect(),
+            agents: Some(n.hosted.iter().cloned().collect()),
+            agents_rev: n.seq,
+            agents_digest: Default::default(),
             cpu: CpuInfo {
                 cores: 4,
                 load1: 0.0,
@@ -206,7 +208,36 @@ impl Sim {
                 n.cancelled.push(turn.clone());
                 return;
             }
-            CommandBody::Pull { .. } => return,
+            CommandBody::AssignBatch { agents } => {
+                if !n.acks_assign {
+                    return;
+                }
+                let acks = agents
+                    .iter()
+                    .map(|a| {
+                        let room = (n.hosted.len() as u32) < n.capacity;
+                        if room {
+                            n.hosted.insert(a.agent.name.clone());
+                        }
+                        AckItem {
+                            agent: a.agent.name.clone(),
+                            placement: a.placement,
+                            ok: room,
+                            reason: (!room).then(|| "full".to_owned()),
+                        }
+                    })
+                    .collect();
+                let batch = AckBatch {
+                    command: CommandKind::Assign,
+                    acks,
+                    agents_running: n.hosted.len() as u32,
+                    ts: 0,
+                    seq: n.seq,
+                };
+                self.reply(node, &command.id, ReplyBody::AckBatch(batch));
+                return;
+            }
+            CommandBody::Pull { .. } | CommandBody::ListAgents => return,
         };
         let ack = Ack {
             command: kind,

@@ -69,7 +69,14 @@ impl Coordinator {
         if !view.is_online() {
             // Its last report no longer says what runs there.
             capacity.agents_running = 0;
-            capacity.agents.clear();
+            capacity.agents = Some(Vec::new());
+        } else if capacity.agents.is_none() {
+            // A long list travels apart from the heartbeats: the one held.
+            capacity.agents = self.lists.get(node).map(|l| {
+                let mut names: Vec<String> = l.names.iter().cloned().collect();
+                names.sort_unstable();
+                names
+            });
         }
         capacity.draining |= flags.draining;
         Ok(NodeView {

@@ -128,6 +128,12 @@ async fn a_node_of_22500_agents_heartbeats_small_sends_changes_small_and_the_coo
     )
     .await;
     assert!(whole_lists(&watch) > before, "the node sent its whole list");
+    let parts = watch
+        .on_topic(UPDATES)
+        .iter()
+        .filter(|m| m.json()["more"] == true)
+        .count();
+    assert!(parts > 0, "22,500 names go in more than one part");
 
     // A change the coordinator cannot chain (as if it missed one): it
     // drops its copy, asks again and is exact again.
@@ -150,4 +156,10 @@ async fn a_node_of_22500_agents_heartbeats_small_sends_changes_small_and_the_coo
     )
     .await;
     assert!(!held(&coordinator).await.unwrap().contains("ghost"));
+    // Learning the list, in parts, moved nothing: no agent was thought gone
+    // or found again, none placed twice.
+    for needle in ["no longer hosts", "already runs on", "releasing"] {
+        assert_eq!(coordinator.proc.count_lines(needle), 0, "{needle}");
+    }
+    assert_eq!(coordinator.status().await.summary.agents_running, AGENTS);
 }

@@ -28,7 +28,8 @@ pub enum Learned {
         added: Vec<String>,
         removed: Vec<String>,
     },
-    /// Nothing new (a repeated or older message).
+    /// Nothing new (a repeated or older message, or a part of a whole
+    /// list that is not whole yet).
     Stale,
     /// The list is not known: ask the node for it.
     Unknown,
@@ -37,6 +38,8 @@ pub enum Learned {
 #[derive(Debug, Default)]
 pub struct Lists {
     nodes: HashMap<String, Listed>,
+    /// Whole lists arriving in parts, not yet whole.
+    incoming: HashMap<String, Listed>,
 }
 
 impl Lists {
@@ -46,6 +49,7 @@ impl Lists {
 
     pub fn forget(&mut self, node: &str) {
         self.nodes.remove(node);
+        self.incoming.remove(node);
     }
 
     /// Takes `node`'s list out (to read it while changing other state);
@@ -61,6 +65,15 @@ impl Lists {
     /// A capacity message (already known to be newer than the last one).
     pub fn capacity(&mut self, c: &Capacity) -> Learned {
         if let Some(names) = &c.agents {
+            if self
+                .nodes
+                .get(&c.node)
+                .is_some_and(|l| l.session == c.session && c.seq < l.rev)
+            {
+                // An update newer than this message arrived before it.
+                return Learned::Stale;
+            }
+            self.incoming.remove(&c.node);
             let names: HashSet<String> = names.iter().cloned().collect();
             let digest = ListDigest::of(names.iter().map(String::as_str));
             self.nodes.insert(
@@ -106,26 +119,32 @@ impl Lists {
             return Learned::Stale;
         }
         let Some(base) = u.base else {
-            let names: HashSet<String> = u.added.into_iter().collect();
-            let digest = ListDigest::of(names.iter().map(String::as_str));
-            if digest != u.digest {
-                log::warn!(
-                    "the agent list of {} does not match its digest; asking again",
-                    u.node
-                );
-                self.nodes.remove(&u.node);
-                return Learned::Unknown;
+            if self
+                .nodes
+                .get(&u.node)
+                .is_some_and(|l| l.session == u.session && u.seq <= l.seq)
+            {
+                return Learned::Stale; // delivered again, or overtaken
             }
-            let listed = Listed {
-                session: u.session,
-                rev: u.seq,
-                seq: u.seq,
-                names,
-                digest,
+            let part = Listed {
+                session: u.session.clone(),
+                rev: 0,
+                seq: 0,
+                names: HashSet::new(),
+                digest: ListDigest::default(),
             };
-            self.nodes.insert(u.node, listed);
-            return Learned::Whole;
+            return self.whole_list_part(part, u);
         };
+        if let Some(part) = self.incoming.remove(&u.node) {
+            if part.session == u.session && part.rev == base {
+                return self.whole_list_part(part, u);
+            }
+            if part.session == u.session && u.seq <= part.rev {
+                self.incoming.insert(u.node.clone(), part);
+                return Learned::Stale;
+            }
+            // A part went missing: the whole list is not coming whole.
+        }
         let Some(l) = self.nodes.get_mut(&u.node) else {
             return Learned::Unknown;
         };
@@ -161,6 +180,31 @@ impl Lists {
         }
         (l.rev, l.seq) = (u.seq, u.seq);
         Learned::Change { added, removed }
+    }
+
+    /// Adds part `u` of a whole list to `part`: the list replaces the one
+    /// held once its last part came (`Stale` until then: nothing learned).
+    fn whole_list_part(&mut self, mut part: Listed, u: AgentUpdate) -> Learned {
+        for name in u.added {
+            if part.names.insert(name.clone()) {
+                part.digest.toggle(&name);
+            }
+        }
+        if part.digest != u.digest {
+            log::warn!(
+                "the agent list of {} does not match its digest; asking again",
+                u.node
+            );
+            self.nodes.remove(&u.node);
+            return Learned::Unknown;
+        }
+        (part.rev, part.seq) = (u.seq, u.seq);
+        if u.more {
+            self.incoming.insert(u.node, part);
+            return Learned::Stale;
+        }
+        self.nodes.insert(u.node, part);
+        Learned::Whole
     }
 }
 
@@ -199,6 +243,7 @@ mod tests {
             added: names(added),
             removed: names(removed),
             digest: ListDigest::of(after.iter().copied()),
+            more: false,
         }
     }
 
@@ -253,6 +298,54 @@ mod tests {
             lists.capacity(&cap(11, 10, &["b", "c", "d", "e"], false)),
             Learned::Unknown
         );
+    }
+
+    #[test]
+    fn a_whole_list_in_parts_counts_only_once_its_last_part_came() {
+        let mut lists = Lists::default();
+        assert_eq!(
+            lists.capacity(&cap(1, 1, &["a", "b", "c"], true)),
+            Learned::Whole
+        );
+        let mut first = update(5, None, &["a"], &[], &["a"]);
+        first.more = true;
+        assert_eq!(lists.update(first.clone(), Some("s")), Learned::Stale);
+        // Meanwhile the list held is the last whole one.
+        assert_eq!(lists.get("pi").unwrap().names.len(), 3);
+        let mut second = update(6, Some(5), &["b"], &[], &["a", "b"]);
+        second.more = true;
+        assert_eq!(lists.update(second, Some("s")), Learned::Stale);
+        assert_eq!(
+            lists.update(update(7, Some(6), &["c"], &[], &["a", "b", "c"]), Some("s")),
+            Learned::Whole
+        );
+        assert_eq!(lists.get("pi").unwrap().seq, 7);
+        // A late copy of an older part changes nothing.
+        assert_eq!(lists.update(first, Some("s")), Learned::Stale);
+        assert_eq!(held(&lists), names(&["a", "b", "c"]));
+        // A part missing: the list held is dropped and asked for again.
+        let mut again = update(8, None, &["a"], &[], &["a"]);
+        again.more = true;
+        assert_eq!(lists.update(again, Some("s")), Learned::Stale);
+        assert_eq!(
+            lists.update(
+                update(10, Some(9), &["c"], &[], &["a", "b", "c"]),
+                Some("s")
+            ),
+            Learned::Unknown
+        );
+        // An inline list older than an update applied is not taken.
+        assert_eq!(lists.capacity(&cap(11, 11, &["x"], true)), Learned::Whole);
+        assert_eq!(
+            lists.update(update(12, Some(11), &["y"], &[], &["x", "y"]), Some("s")),
+            Learned::Change {
+                added: names(&["y"]),
+                removed: vec![]
+            }
+        );
+        let mut late = cap(11, 11, &["x"], true);
+        late.seq = 11;
+        assert_eq!(lists.capacity(&late), Learned::Stale);
     }
 
     #[test]

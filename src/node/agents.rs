@@ -81,8 +81,8 @@ pub enum Effect {
     },
     /// The capacity announcement changed and should be published.
     CapacityChanged,
-    /// Publish the whole agent list (the coordinator asked).
-    ListAgents,
+    /// Publish the whole agent list (a coordinator of `generation` asked).
+    ListAgents { generation: u64 },
     /// The turn waits behind the running turn of its agent.
     Queued,
     /// The command was dropped; the reason is for the log.
@@ -310,7 +310,7 @@ impl AgentTable {
             CommandBody::Release { agent, placement } => {
                 self.release(id, generation, &agent, placement)
             }
-            CommandBody::ListAgents => vec![Effect::ListAgents],
+            CommandBody::ListAgents => vec![Effect::ListAgents { generation }],
             CommandBody::Drain { draining } => {
                 let changed = self.draining != draining;
                 self.draining = draining;

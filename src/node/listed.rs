@@ -8,9 +8,11 @@ use crate::protocol::{chunks, fits_inline, AgentUpdate, ListDigest};
 pub struct Published {
     /// Sorted.
     names: Vec<String>,
-    /// The `seq` of the message that last changed or set it.
+    /// The `seq` of the message that last changed or set it (0: none yet).
     pub rev: u64,
     pub digest: ListDigest,
+    /// Whether capacity messages carry it.
+    inline: bool,
 }
 
 /// How a change of the list travels.
@@ -23,11 +25,13 @@ pub enum Sync {
     Updates(Vec<AgentUpdate>),
 }
 
-/// Numbers a node's messages: `next` is the `seq` of the next one.
+/// Numbers a node's messages (`seq` is the last one's) and cuts updates
+/// into parts of at most `chunk` bytes of names.
 pub struct Numbering<'a> {
     pub node: &'a str,
     pub session: &'a str,
     pub seq: &'a mut u64,
+    pub chunk: usize,
 }
 
 impl Numbering<'_> {
@@ -47,6 +51,7 @@ impl Numbering<'_> {
             added: added.to_vec(),
             removed: removed.to_vec(),
             digest,
+            more: false,
         }
     }
 }
@@ -54,19 +59,29 @@ impl Numbering<'_> {
 impl Published {
     /// Whether the list travels in every capacity message.
     pub fn inline(&self) -> bool {
-        fits_inline(&self.names)
+        self.inline
+    }
+
+    /// The list (empty) is set by the first message `seq` of the process.
+    pub fn begin(&mut self, seq: u64) {
+        if self.rev == 0 {
+            self.rev = seq;
+        }
     }
 
     pub fn names(&self) -> &[String] {
         &self.names
     }
 
-    /// Brings the published list to `current` (sorted, as hosted now).
-    pub fn sync(&mut self, current: Vec<String>, n: &mut Numbering) -> Sync {
+    /// Brings the published list to `current` (sorted, as hosted now);
+    /// `inline`: in the capacity messages whatever its length (a
+    /// coordinator that has not shown it reads agent updates).
+    pub fn sync(&mut self, current: Vec<String>, inline: bool, n: &mut Numbering) -> Sync {
+        self.inline = inline || fits_inline(&current);
         if current == self.names {
             return Sync::Unchanged;
         }
-        if fits_inline(&current) {
+        if self.inline {
             self.digest = ListDigest::of(current.iter().map(String::as_str));
             self.rev = *n.seq + 1;
             self.names = current;
@@ -74,12 +89,18 @@ impl Published {
         }
         let (added, removed) = diff(&self.names, &current);
         let mut updates = Vec::new();
-        for run in chunks(&removed).into_iter().filter(|r| !r.is_empty()) {
+        for run in chunks(&removed, n.chunk)
+            .into_iter()
+            .filter(|r| !r.is_empty())
+        {
             run.iter().for_each(|name| self.digest.toggle(name));
             updates.push(n.update(Some(self.rev), &[], run, self.digest));
             self.rev = *n.seq;
         }
-        for run in chunks(&added).into_iter().filter(|r| !r.is_empty()) {
+        for run in chunks(&added, n.chunk)
+            .into_iter()
+            .filter(|r| !r.is_empty())
+        {
             run.iter().for_each(|name| self.digest.toggle(name));
             updates.push(n.update(Some(self.rev), run, &[], self.digest));
             self.rev = *n.seq;
@@ -88,14 +109,17 @@ impl Published {
         Sync::Updates(updates)
     }
 
-    /// The whole list as updates: the first replaces any list a reader
-    /// holds, the others add to it.
+    /// The whole list as updates: the first without `base`, the others
+    /// chained to it, every one but the last marked `more`.
     pub fn whole(&mut self, n: &mut Numbering) -> Vec<AgentUpdate> {
         let mut digest = ListDigest::default();
-        let mut updates = Vec::new();
-        for run in chunks(&self.names) {
+        let mut updates: Vec<AgentUpdate> = Vec::new();
+        for run in chunks(&self.names, n.chunk) {
             run.iter().for_each(|name| digest.toggle(name));
             let base = (!updates.is_empty()).then_some(self.rev);
+            if let Some(last) = updates.last_mut() {
+                last.more = true;
+            }
             updates.push(n.update(base, run, &[], digest));
             self.rev = *n.seq;
         }
@@ -168,14 +192,15 @@ mod tests {
             node: "pi",
             session: "s",
             seq: &mut seq,
+            chunk: crate::protocol::AGENTS_CHUNK_BYTES,
         };
         let mut coordinator = Lists::default();
         // Few agents: in every capacity message.
-        assert_eq!(p.sync(many(0, 3), &mut n), Sync::Inline);
+        assert_eq!(p.sync(many(0, 3), false, &mut n), Sync::Inline);
         *n.seq += 1;
         assert_eq!(coordinator.capacity(&heartbeat(&p, *n.seq)), Learned::Whole);
         // 22,500 agents: updates, each chained to the one before.
-        let Sync::Updates(updates) = p.sync(many(0, 22_500), &mut n) else {
+        let Sync::Updates(updates) = p.sync(many(0, 22_500), false, &mut n) else {
             panic!("a long list goes as updates");
         };
         assert!(updates.len() > 1, "{} updates", updates.len());
@@ -191,7 +216,7 @@ mod tests {
         assert!(serde_json::to_vec(&beat).unwrap().len() < 600);
         assert_eq!(coordinator.capacity(&beat), Learned::Whole);
         // One agent less: a small update.
-        let Sync::Updates(updates) = p.sync(many(1, 22_500), &mut n) else {
+        let Sync::Updates(updates) = p.sync(many(1, 22_500), false, &mut n) else {
             panic!("still long");
         };
         assert_eq!(updates.len(), 1);
@@ -203,9 +228,18 @@ mod tests {
             coordinator.capacity(&heartbeat(&p, *n.seq)),
             Learned::Unknown
         );
-        // ...and the whole list makes it exact again.
-        for u in p.whole(&mut n) {
-            assert_ne!(coordinator.update(u, Some("s")), Learned::Unknown);
+        // ...and the whole list, in parts, makes it exact again once its
+        // last part came.
+        let parts = p.whole(&mut n);
+        assert!(parts.len() > 1);
+        let last = parts.len() - 1;
+        for (i, u) in parts.into_iter().enumerate() {
+            let expect = if i == last {
+                Learned::Whole
+            } else {
+                Learned::Stale
+            };
+            assert_eq!(coordinator.update(u, Some("s")), expect, "part {i}");
         }
         let held = &coordinator.get("pi").unwrap().names;
         assert_eq!(held.len(), 22_499);
@@ -213,7 +247,12 @@ mod tests {
         *n.seq += 1;
         assert_eq!(coordinator.capacity(&heartbeat(&p, *n.seq)), Learned::Whole);
         // Back to a few: inline again.
-        assert_eq!(p.sync(many(5, 7), &mut n), Sync::Inline);
-        assert_eq!(p.sync(many(5, 7), &mut n), Sync::Unchanged);
+        assert_eq!(p.sync(many(5, 7), false, &mut n), Sync::Inline);
+        assert_eq!(p.sync(many(5, 7), false, &mut n), Sync::Unchanged);
+        // A coordinator that has not asked for a list gets it inline.
+        assert_eq!(p.sync(many(0, 22_500), true, &mut n), Sync::Inline);
+        assert!(p.inline());
+        assert_eq!(p.sync(many(0, 22_500), false, &mut n), Sync::Unchanged);
+        assert!(!p.inline());
     }
 }

@@ -28,6 +28,7 @@ mod listed;
 pub mod metrics;
 pub mod ollama;
 pub mod probe;
+mod publish;
 mod pull;
 mod start;
 mod stream;
@@ -52,8 +53,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::NodeConfig;
 use crate::mqtt::{LinkError, LinkEvent, Publisher};
 use crate::protocol::{
-    decode_command, encode, mono_ms, now_ms, AckItem, Capacity, LeaderInfo, NodeTopic, Reply,
-    ReplyBody, Topics, TurnErrorCode, TurnResult, STATUS_OFFLINE, STATUS_ONLINE,
+    decode_command, encode, mono_ms, AckItem, LeaderInfo, NodeTopic, Reply, ReplyBody, Topics,
+    TurnErrorCode, TurnResult, STATUS_OFFLINE, STATUS_ONLINE,
 };
 use crate::systemd::{self, Liveness};
 use agents::{AgentTable, At, Effect};
@@ -69,8 +70,9 @@ pub const PARENT_PID_ENV: &str = "PIFLEET_UP_PID";
 /// Capacity changes within this window are published as one message.
 const CAPACITY_DEBOUNCE: Duration = Duration::from_millis(200);
 
-/// Commands held while the node waits for its first heartbeat's echo.
-const HELD_MAX: usize = 4096;
+/// Bytes of commands held while the node waits for its first heartbeat's
+/// echo.
+const HELD_MAX_BYTES: usize = 16 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -124,12 +126,15 @@ struct Node {
     /// The capacity changed since it was last published.
     dirty: bool,
     /// Commands received before the lease began ([`Node::on_command_or_hold`]).
-    held: Vec<(String, Bytes)>,
+    held: Vec<(String, Bytes, At)>,
     /// The agent list as last published.
     published: listed::Published,
     /// What the last capacity message said besides the agent list and the
     /// probe's figures: a change of it is published at once.
-    announced: Option<Announced>,
+    announced: Option<publish::Announced>,
+    /// The generation of the last `list_agents` command: a coordinator of
+    /// a newer generation gets long agent lists inline until it asks.
+    list_generation: u64,
     last_capacity: Instant,
     turns: JoinSet<TurnDone>,
     running: HashMap<tokio::task::Id, RunningTurn>,
@@ -340,25 +345,27 @@ impl Node {
     }
 
     /// Commands wait for the lease's first proof: a node that hosted
-    /// agents before it would have to fence them at once.
+    /// agents before it would have to fence them at once. Each keeps the
+    /// time it arrived (a turn's budget counts from then).
     fn on_command_or_hold(&mut self, topic: String, payload: Bytes) {
         if self.lease.expires_at().is_some() {
-            return self.on_command(&topic, &payload);
+            return self.on_command(&topic, &payload, At::now());
         }
-        if self.held.len() >= HELD_MAX {
-            log::warn!("ignored a command on {topic}: {HELD_MAX} commands already wait for the broker to echo the first heartbeat");
+        let held: usize = self.held.iter().map(|(_, p, _)| p.len()).sum();
+        if held + payload.len() > HELD_MAX_BYTES {
+            log::warn!("ignored a command on {topic}: {held} bytes of commands already wait for the broker to echo the first heartbeat");
             return;
         }
-        self.held.push((topic, payload));
+        self.held.push((topic, payload, At::now()));
     }
 
     fn apply_held(&mut self) {
-        for (topic, payload) in std::mem::take(&mut self.held) {
-            self.on_command(&topic, &payload);
+        for (topic, payload, at) in std::mem::take(&mut self.held) {
+            self.on_command(&topic, &payload, at);
         }
     }
 
-    fn on_command(&mut self, topic: &str, payload: &Bytes) {
+    fn on_command(&mut self, topic: &str, payload: &Bytes, at: At) {
         let command =
             match decode_command(payload, self.publisher.max_payload(), &self.config.node_id) {
                 Ok(command) => command,
@@ -372,7 +379,7 @@ impl Node {
             return;
         }
         let generation = self.table.generation();
-        let effects = self.table.apply(command, At::now());
+        let effects = self.table.apply(command, at);
         if self.table.generation() > generation && generation > 0 {
             log::info!("coordinator generation is now {}", self.table.generation());
         }
@@ -459,7 +466,10 @@ impl Node {
                     self.metrics.commands("assign", "refused", refused);
                     self.reply(id, generation, ReplyBody::AckBatch(batch));
                 }
-                Effect::ListAgents => self.publish_whole_list(),
+                Effect::ListAgents { generation } => {
+                    self.list_generation = self.list_generation.max(generation);
+                    self.publish_whole_list();
+                }
                 Effect::CapacityChanged => self.dirty = true,
                 Effect::Ignored { id, reason } => {
                     log::info!("ignored command {id}: {reason}");
@@ -670,134 +680,4 @@ impl Node {
             log::error!("cannot publish status {status}: {e}");
         }
     }
-
-    fn capacity(&mut self) -> Capacity {
-        self.seq += 1;
-        let p = &self.probe;
-        let published = &self.published;
-        Capacity {
-            node: self.config.node_id.clone(),
-            session: self.session.clone(),
-            seq: self.seq,
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            arch: std::env::consts::ARCH.to_owned(),
-            agent_capacity: self.config.agent_capacity,
-            agents_running: self.table.len() as u32,
-            agents: published.inline().then(|| published.names().to_vec()),
-            agents_rev: published.rev,
-            agents_digest: published.digest,
-            cpu: p.cpu.clone(),
-            memory: p.memory.clone(),
-            temperature_c: p.temperature_c,
-            throttled: p.throttled,
-            models: p.models.clone(),
-            ollama_reachable: p.ollama_reachable,
-            labels: self.config.labels.clone(),
-            draining: self.table.draining(),
-            ts: now_ms(),
-            max_temperature_c: Some(self.config.max_temperature_c),
-            max_parallel: self.config.ollama.max_parallel,
-            turns_in_flight: self.table.turns_in_flight() as u32,
-            generation: self.table.generation(),
-            fence_ms: self.config.fence_after.as_millis() as u64,
-        }
-    }
-
-    /// Publishes the retained capacity message now (a heartbeat), after
-    /// the updates of the agent list if it changed. While disconnected it
-    /// only marks it due: the ConnAck handler publishes a fresh one.
-    fn publish_capacity(&mut self) {
-        self.publish(true);
-    }
-
-    /// Publishes a change: only the agent updates when the list travels
-    /// apart and nothing else announced changed, else as a heartbeat.
-    fn publish_change(&mut self) {
-        self.publish(false);
-    }
-
-    fn publish(&mut self, heartbeat: bool) {
-        // Never announce agents the lease no longer covers.
-        self.check_fence();
-        if !self.is_connected() {
-            self.dirty = true;
-            return;
-        }
-        self.dirty = false;
-        self.last_capacity = Instant::now();
-        let mut numbering = listed::Numbering {
-            node: &self.config.node_id,
-            session: &self.session,
-            seq: &mut self.seq,
-        };
-        let updates = match self.published.sync(self.table.names(), &mut numbering) {
-            listed::Sync::Updates(updates) => updates,
-            listed::Sync::Unchanged | listed::Sync::Inline => Vec::new(),
-        };
-        let only_updates = !heartbeat && !updates.is_empty();
-        self.publish_updates(updates);
-        let announced = self.announced_now();
-        if only_updates && self.announced.as_ref() == Some(&announced) {
-            return;
-        }
-        self.announced = Some(announced);
-        let capacity = self.capacity();
-        let topic = self.topics.node(&self.config.node_id, NodeTopic::Capacity);
-        let payload = encode(&capacity);
-        self.lease.sent(&payload, self.last_capacity);
-        if let Err(e) = self.publisher.publish(topic, payload, true) {
-            log::error!("cannot publish capacity: {e}");
-        }
-    }
-
-    /// The coordinator asked for the whole agent list.
-    fn publish_whole_list(&mut self) {
-        if !self.is_connected() {
-            return; // the heartbeat after the reconnect tells what changed
-        }
-        // First what changed since the last message, in order.
-        self.publish_change();
-        let mut numbering = listed::Numbering {
-            node: &self.config.node_id,
-            session: &self.session,
-            seq: &mut self.seq,
-        };
-        let updates = self.published.whole(&mut numbering);
-        log::info!(
-            "sent the list of {} agents in {} messages (the coordinator asked)",
-            self.published.names().len(),
-            updates.len()
-        );
-        self.publish_updates(updates);
-    }
-
-    fn publish_updates(&self, updates: Vec<crate::protocol::AgentUpdate>) {
-        let topic = self.topics.node(&self.config.node_id, NodeTopic::Agents);
-        for update in updates {
-            if let Err(e) = self
-                .publisher
-                .publish(topic.clone(), encode(&update), false)
-            {
-                log::error!("cannot publish an agent update: {e}");
-            }
-        }
-    }
-
-    fn announced_now(&self) -> Announced {
-        Announced {
-            draining: self.table.draining(),
-            models: self.probe.models.clone(),
-            ollama_reachable: self.probe.ollama_reachable,
-            generation: self.table.generation(),
-        }
-    }
-}
-
-/// The fields of a capacity message whose change is published at once.
-#[derive(Debug, PartialEq, Eq)]
-struct Announced {
-    draining: bool,
-    models: Vec<String>,
-    ollama_reachable: bool,
-    generation: u64,
 }

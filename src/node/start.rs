@@ -172,6 +172,7 @@ async fn drive(
         held: Vec::new(),
         published: super::listed::Published::default(),
         announced: None,
+        list_generation: 0,
         last_capacity: Instant::now() - CAPACITY_DEBOUNCE,
         turns: JoinSet::new(),
         running: Default::default(),

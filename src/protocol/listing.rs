@@ -23,9 +23,15 @@ use serde::{Deserialize, Serialize};
 /// capacity message (`agents`); longer lists travel as updates.
 pub const AGENTS_INLINE_BYTES: usize = 1024;
 
-/// One agent update carries names of at most this many bytes; a longer
-/// change, or a whole list, goes as several updates chained by `base`.
+/// One agent update carries names of at most this many bytes, and at most
+/// a quarter of `mqtt.max_payload_bytes`; a longer change, or a whole
+/// list, goes as several updates chained by `base`.
 pub const AGENTS_CHUNK_BYTES: usize = 128 * 1024;
+
+/// The bytes of names one update may carry under a payload limit of `max`.
+pub fn chunk_bytes(max_payload: usize) -> usize {
+    AGENTS_CHUNK_BYTES.min(max_payload / 4)
+}
 
 /// A change of a node's agent list, or the whole list, on
 /// `{root}/nodes/{node}/agents` (QoS 1, not retained).
@@ -47,6 +53,10 @@ pub struct AgentUpdate {
     pub removed: Vec<String>,
     /// [`ListDigest`] of the whole list after this update.
     pub digest: ListDigest,
+    /// A whole list in parts: more follow (chained by `base`), and the
+    /// list is whole only after the part without `more`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub more: bool,
 }
 
 /// An order-independent digest of a set of agent names: the XOR, over the
@@ -117,14 +127,14 @@ fn json_bytes(names: &[String]) -> usize {
     names.iter().map(|n| n.len() + 3).sum()
 }
 
-/// `names` cut into runs of at most [`AGENTS_CHUNK_BYTES`] (at least one
-/// name each; one run, possibly empty, for a short list).
-pub fn chunks(names: &[String]) -> Vec<&[String]> {
+/// `names` cut into runs of at most `limit` bytes (at least one name
+/// each; one run, possibly empty, for a short list).
+pub fn chunks(names: &[String], limit: usize) -> Vec<&[String]> {
     let mut runs = Vec::new();
     let (mut start, mut bytes) = (0, 0);
     for (i, name) in names.iter().enumerate() {
         let size = name.len() + 3;
-        if i > start && bytes + size > AGENTS_CHUNK_BYTES {
+        if i > start && bytes + size > limit {
             runs.push(&names[start..i]);
             (start, bytes) = (i, 0);
         }
@@ -173,13 +183,17 @@ mod tests {
     fn long_lists_are_cut_into_runs_that_keep_every_name_once() {
         let names: Vec<String> = (0..30_000).map(|i| format!("agent-{i:05}")).collect();
         assert!(!fits_inline(&names));
-        let runs = chunks(&names);
+        let runs = chunks(&names, AGENTS_CHUNK_BYTES);
         assert!(runs.len() > 1);
         assert!(runs.iter().all(|r| json_bytes(r) <= AGENTS_CHUNK_BYTES));
         assert_eq!(runs.concat(), names);
-        assert_eq!(chunks(&[]), vec![&[] as &[String]]);
+        assert_eq!(chunks(&[], AGENTS_CHUNK_BYTES), vec![&[] as &[String]]);
+        // A small payload limit: smaller runs.
+        assert_eq!(chunk_bytes(16 * 1024), 4096);
+        assert!(chunks(&names, 4096).iter().all(|r| json_bytes(r) <= 4096));
         let few: Vec<String> = vec!["a".into(), "b".into()];
         assert!(fits_inline(&few));
-        assert_eq!(chunks(&few), vec![&few[..]]);
+        assert_eq!(chunks(&few, 5), vec![&few[..1], &few[1..]]);
+        assert_eq!(chunks(&few, 10), vec![&few[..]]);
     }
 }

@@ -1,15 +1,20 @@
 use super::*;
 
 /// An `assign_batch` command carries agents of about this many bytes at
-/// most, well inside `mqtt.max_payload_bytes`.
+/// most, and of at most a quarter of `mqtt.max_payload_bytes`.
 const BATCH_BYTES: usize = 256 * 1024;
 
-/// About what `a` takes in an `assign_batch` command's JSON.
+/// About what `a` takes in an `assign_batch` command's JSON, at most
+/// (escaping may double a system prompt).
 fn assignment_bytes(a: &Assignment) -> usize {
     let spec = &a.agent;
-    let labels: usize = spec.labels.iter().map(|(k, v)| k.len() + v.len() + 6).sum();
-    let system = spec.system.as_ref().map_or(0, |s| s.len() + 12);
-    spec.name.len() + spec.model.len() + system + labels + 64
+    let labels: usize = spec
+        .labels
+        .iter()
+        .map(|(k, v)| 2 * (k.len() + v.len()) + 6)
+        .sum();
+    let system = spec.system.as_ref().map_or(0, |s| 2 * s.len() + 12);
+    2 * spec.name.len() + spec.model.len() + system + labels + 64
 }
 
 impl Coordinator {
@@ -378,17 +383,25 @@ impl Coordinator {
 
     /// Sends `batch` to `node`: one `assign` for one agent, else
     /// `assign_batch` commands of at most [`BATCH_BYTES`] each.
-    fn send_assignments(&mut self, node: &str, mut batch: Vec<Assignment>) {
-        if batch.len() == 1 {
-            let Assignment { agent, placement } = batch.remove(0);
-            self.send(node, CommandBody::Assign { agent, placement });
+    fn send_assignments(&mut self, node: &str, batch: Vec<Assignment>) {
+        // A node older than batches (and agent lists) sends no agents_rev.
+        let batches = self
+            .fleet
+            .get(node)
+            .and_then(|v| v.capacity.as_ref())
+            .is_some_and(|c| c.agents_rev > 0);
+        if batch.len() == 1 || !batches {
+            for Assignment { agent, placement } in batch {
+                self.send(node, CommandBody::Assign { agent, placement });
+            }
             return;
         }
+        let limit = BATCH_BYTES.min(self.config.mqtt.max_payload_bytes / 4);
         let mut part = Vec::new();
         let mut bytes = 0;
         for assignment in batch {
             let size = assignment_bytes(&assignment);
-            if !part.is_empty() && bytes + size > BATCH_BYTES {
+            if !part.is_empty() && bytes + size > limit {
                 let agents = std::mem::take(&mut part);
                 self.send(node, CommandBody::AssignBatch { agents });
                 bytes = 0;

@@ -185,7 +185,7 @@ impl Coordinator {
 
     /// Asks `node` for its whole agent list, at most once per
     /// `RESEND_AFTER`: until it comes, nothing is concluded from the list.
-    fn ask_for_list(&mut self, node: &str) {
+    pub(super) fn ask_for_list(&mut self, node: &str) {
         let now = self.now.at;
         if self
             .lists_asked
@@ -448,6 +448,8 @@ impl Coordinator {
     pub(super) fn on_change(&mut self, change: Change) {
         match change {
             Change::Joined { node } => {
+                // Its list, and so that it sends long lists as updates.
+                self.ask_for_list(&node);
                 let capacity = self
                     .fleet
                     .get(&node)
@@ -461,6 +463,8 @@ impl Coordinator {
                 );
             }
             Change::Restarted { node } => {
+                self.lists_asked.remove(&node);
+                self.ask_for_list(&node);
                 // A new session numbers its messages from 1 again.
                 for name in self.by_node.get(&node).into_iter().flatten() {
                     if let Some(a) = self.agents.get_mut(name) {

@@ -23,6 +23,8 @@ pub struct Listed {
 pub enum Learned {
     /// The whole list is known, as of the node's `seq`.
     Whole,
+    /// The list held is still the node's, now as of a newer `seq`.
+    Same,
     /// A change to the list held.
     Change {
         added: Vec<String>,
@@ -99,7 +101,7 @@ impl Lists {
         if l.session == c.session {
             if l.rev == c.agents_rev && l.digest == c.agents_digest {
                 l.seq = l.seq.max(c.seq);
-                return Learned::Whole;
+                return Learned::Same;
             }
             if c.seq < l.rev {
                 // An update newer than this heartbeat arrived before it.
@@ -268,7 +270,7 @@ mod tests {
         assert_eq!(held(&lists), names(&["a", "b"]));
         assert_eq!(
             lists.capacity(&cap(7, 6, &["a", "b"], false)),
-            Learned::Whole
+            Learned::Same
         );
         assert_eq!(lists.get("pi").unwrap().seq, 7);
         let change = update(8, Some(6), &["c"], &["a"], &["b", "c"]);

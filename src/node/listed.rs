@@ -214,7 +214,7 @@ mod tests {
         *n.seq += 1;
         let beat = heartbeat(&p, *n.seq);
         assert!(serde_json::to_vec(&beat).unwrap().len() < 600);
-        assert_eq!(coordinator.capacity(&beat), Learned::Whole);
+        assert_eq!(coordinator.capacity(&beat), Learned::Same);
         // One agent less: a small update.
         let Sync::Updates(updates) = p.sync(many(1, 22_500), false, &mut n) else {
             panic!("still long");
@@ -245,7 +245,7 @@ mod tests {
         assert_eq!(held.len(), 22_499);
         assert!(!held.contains("agent-00000") && held.contains("agent-22499"));
         *n.seq += 1;
-        assert_eq!(coordinator.capacity(&heartbeat(&p, *n.seq)), Learned::Whole);
+        assert_eq!(coordinator.capacity(&heartbeat(&p, *n.seq)), Learned::Same);
         // Back to a few: inline again.
         assert_eq!(p.sync(many(5, 7), false, &mut n), Sync::Inline);
         assert_eq!(p.sync(many(5, 7), false, &mut n), Sync::Unchanged);

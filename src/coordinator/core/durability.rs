@@ -128,6 +128,8 @@ impl Coordinator {
         self.pending.clear();
         self.jobs.clear();
         self.strays.clear();
+        // Compare every node's list with the state reloaded.
+        self.reconciled.clear();
         self.drain_sent.clear();
         self.flags = self.store.node_flags()?;
         self.load_state(false)?;

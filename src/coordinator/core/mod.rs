@@ -283,6 +283,10 @@ pub struct Coordinator {
     lists: Lists,
     /// When each node was last asked for its whole agent list.
     lists_asked: HashMap<String, Instant>,
+    /// Nodes where one of our agents changed state since their list was
+    /// last compared with what we want ([`Lists`]), and when that was.
+    touched: HashSet<String>,
+    reconciled: HashMap<String, Instant>,
     /// The level of per-agent events: debug inside bulk steps, which log
     /// one line of their own.
     event_level: log::Level,
@@ -337,6 +341,8 @@ impl Coordinator {
             strays: HashMap::new(),
             lists: Lists::default(),
             lists_asked: HashMap::new(),
+            touched: HashSet::new(),
+            reconciled: HashMap::new(),
             event_level: log::Level::Info,
             drain_sent: HashMap::new(),
             drained_reported: BTreeMap::new(),
@@ -450,7 +456,9 @@ impl Coordinator {
         state: AgentState,
         node: Option<&str>,
     ) {
+        self.touched.extend(node.map(str::to_owned));
         if let Some((old_state, old_node)) = old {
+            self.touched.extend(old_node.map(str::to_owned));
             if let Some(old_node) = old_node {
                 if let Some(set) = self.by_node.get_mut(old_node) {
                     set.remove(name);

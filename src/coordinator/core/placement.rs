@@ -98,6 +98,7 @@ impl Coordinator {
                 if let Some(set) = self.by_node.get_mut(node) {
                     set.remove(name);
                 }
+                self.touched.insert(node.clone());
             }
             self.pending.remove(&(a.created_ms, name.to_owned()));
             for waiter in a.chats.drain(..) {

@@ -1,5 +1,9 @@
 use super::*;
 
+/// A node's unchanged list is compared with what we want there at least
+/// this often.
+const FULL_PASS_EVERY: Duration = Duration::from_secs(30);
+
 impl Coordinator {
     /// The broker acknowledged our subscriptions: state replays follow.
     pub fn on_subscribed(&mut self, now: Now) {
@@ -159,7 +163,8 @@ impl Coordinator {
         match learned {
             Learned::Stale => {}
             Learned::Unknown => self.ask_for_list(node),
-            Learned::Whole => {
+            Learned::Same if !self.reconcile_due(node) => {}
+            Learned::Whole | Learned::Same => {
                 let Some(listed) = self.lists.take(node) else {
                     return;
                 };
@@ -174,6 +179,8 @@ impl Coordinator {
                     .collect();
                 self.reconcile_unlisted(node, unlisted, listed.seq);
                 self.lists.put(node, listed);
+                self.touched.remove(node);
+                self.reconciled.insert(node.to_owned(), self.now.at);
             }
             Learned::Change { added, removed } => {
                 let seq = self.lists.get(node).map_or(0, |l| l.seq);
@@ -181,6 +188,19 @@ impl Coordinator {
                 self.reconcile_unlisted(node, removed, seq);
             }
         }
+    }
+
+    /// Whether a heartbeat saying that `node`'s list did not change calls
+    /// for comparing it with what we want there again: our agents there
+    /// changed since, a release of a stray may be due again, or
+    /// `FULL_PASS_EVERY` passed (a long list costs a few µs per agent).
+    fn reconcile_due(&self, node: &str) -> bool {
+        self.touched.contains(node)
+            || self.strays.keys().any(|(n, _)| n == node)
+            || self
+                .reconciled
+                .get(node)
+                .is_none_or(|at| self.now.at.duration_since(*at) >= FULL_PASS_EVERY)
     }
 
     /// Asks `node` for its whole agent list, at most once per

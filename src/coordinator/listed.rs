@@ -67,10 +67,9 @@ impl Lists {
     /// A capacity message (already known to be newer than the last one).
     pub fn capacity(&mut self, c: &Capacity) -> Learned {
         if let Some(names) = &c.agents {
-            if self
-                .nodes
-                .get(&c.node)
-                .is_some_and(|l| l.session == c.session && c.seq < l.rev)
+            let newer = |l: &Listed| l.session == c.session && c.seq < l.rev;
+            if self.nodes.get(&c.node).is_some_and(newer)
+                || self.incoming.get(&c.node).is_some_and(newer)
             {
                 // An update newer than this message arrived before it.
                 return Learned::Stale;
@@ -121,10 +120,9 @@ impl Lists {
             return Learned::Stale;
         }
         let Some(base) = u.base else {
-            if self
-                .nodes
-                .get(&u.node)
-                .is_some_and(|l| l.session == u.session && u.seq <= l.seq)
+            let newer = |l: &Listed| l.session == u.session && u.seq <= l.seq;
+            if self.nodes.get(&u.node).is_some_and(newer)
+                || self.incoming.get(&u.node).is_some_and(newer)
             {
                 return Learned::Stale; // delivered again, or overtaken
             }

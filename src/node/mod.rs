@@ -263,6 +263,9 @@ impl Node {
                     self.topics.node(node, NodeTopic::Capacity),
                     // The leading coordinator's term: fences a deposed one.
                     self.topics.coordinator_leader(),
+                    // A coordinator (re)starting: it may be one that reads
+                    // only inline agent lists, until it asks for one.
+                    self.topics.coordinator_status(),
                 ];
                 if let Err(e) = self.publisher.subscribe(filters) {
                     log::error!("cannot subscribe: {e}");
@@ -311,6 +314,12 @@ impl Node {
                     }
                 }
                 _ if topic == self.topics.coordinator_leader() => self.on_leader(&payload),
+                _ if topic == self.topics.coordinator_status() => {
+                    if !retain && &payload[..] == STATUS_ONLINE.as_bytes() {
+                        self.list_generation = 0;
+                        self.dirty = true;
+                    }
+                }
                 _ => log::debug!("ignored a message on {topic}"),
             },
         }

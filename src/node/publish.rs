@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use super::listed::{self, Numbering};
 use super::Node;
-use crate::protocol::{chunk_bytes, encode, now_ms, AgentUpdate, Capacity, NodeTopic};
+use crate::protocol::{chunk_bytes, encode, json_bytes, now_ms, AgentUpdate, Capacity, NodeTopic};
 
 impl Node {
     fn capacity(&mut self) -> Capacity {
@@ -66,7 +66,9 @@ impl Node {
         // A coordinator that has not asked for a list since it took over
         // may not read agent updates (an older version): it gets the list
         // inline, however long.
-        let inline = self.list_generation < self.table.generation();
+        let names = self.table.names();
+        let inline = self.list_generation < self.table.generation()
+            && json_bytes(&names) <= self.publisher.max_payload() / 2;
         let mut numbering = Numbering {
             node: &self.config.node_id,
             session: &self.session,

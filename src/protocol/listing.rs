@@ -123,7 +123,7 @@ pub fn fits_inline(names: &[String]) -> bool {
 }
 
 /// About what `names` take as a JSON array (quotes and commas).
-fn json_bytes(names: &[String]) -> usize {
+pub fn json_bytes(names: &[String]) -> usize {
     names.iter().map(|n| n.len() + 3).sum()
 }
 

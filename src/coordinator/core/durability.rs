@@ -128,8 +128,10 @@ impl Coordinator {
         self.pending.clear();
         self.jobs.clear();
         self.strays.clear();
-        // Compare every node's list with the state reloaded.
+        // Compare every node's list with the state reloaded; commands of
+        // the failed batch (asks for lists among them) were not sent.
         self.reconciled.clear();
+        self.lists_asked.clear();
         self.drain_sent.clear();
         self.flags = self.store.node_flags()?;
         self.load_state(false)?;

@@ -1,4 +1,5 @@
 use super::*;
+use crate::protocol::fits_inline;
 
 /// A node's unchanged list is compared with what we want there at least
 /// this often.
@@ -128,8 +129,18 @@ impl Coordinator {
             }
         }
         let learned = self.lists.capacity(&capacity);
+        let long_inline = capacity
+            .agents
+            .as_ref()
+            .is_some_and(|names| capacity.agents_rev > 0 && !fits_inline(names));
+        if long_inline {
+            // The node has not seen us ask (a lost command): ask again.
+            self.ask_for_list(node);
+        }
         if self.fleet.is_online(node) {
             self.learned(node, learned);
+        } else {
+            self.reconciled.remove(node);
         }
     }
 
@@ -155,6 +166,9 @@ impl Coordinator {
         let learned = self.lists.update(update, session);
         if self.fleet.is_online(node) {
             self.learned(node, learned);
+        } else {
+            // Compared with what we want once it is online again.
+            self.reconciled.remove(node);
         }
     }
 

@@ -330,6 +330,8 @@ impl Coordinator {
         self.fleet.forget(node);
         self.lists.forget(node);
         self.lists_asked.remove(node);
+        self.touched.remove(node);
+        self.reconciled.remove(node);
         self.flags.remove(node);
         self.drain_sent.remove(node);
         self.drained_reported.remove(node);

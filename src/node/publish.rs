@@ -75,10 +75,7 @@ impl Node {
             seq: &mut self.seq,
             chunk: chunk_bytes(self.publisher.max_payload()),
         };
-        let updates = match self
-            .published
-            .sync(self.table.names(), inline, &mut numbering)
-        {
+        let updates = match self.published.sync(names, inline, &mut numbering) {
             listed::Sync::Updates(updates) => updates,
             listed::Sync::Unchanged | listed::Sync::Inline => Vec::new(),
         };

@@ -5,7 +5,7 @@
 
 use super::*;
 use crate::coordinator::store::tests::Place;
-use crate::protocol::{AckItem, CpuInfo, MemoryInfo};
+use crate::protocol::{AckItem, CpuInfo, ListDigest, MemoryInfo};
 
 const STEP: Duration = Duration::from_millis(250);
 
@@ -20,6 +20,12 @@ struct SimNode {
     acks_assign: bool,
     draining: bool,
     seq: u64,
+    /// Its list travels apart from its heartbeats (docs/PROTOCOL.md,
+    /// "Agent lists"), at revision `rev`.
+    long: bool,
+    rev: u64,
+    /// Commands to it are lost (but `list_agents`).
+    deaf: bool,
     /// Turns received and not answered yet.
     turns: Vec<Command>,
     /// Turns the coordinator cancelled, by command id.
@@ -83,9 +89,9 @@ impl Sim {
             arch: "aarch64".into(),
             agent_capacity: n.capacity,
             agents_running: n.hosted.len() as u32,
-            agents: Some(n.hosted.iter().cloned().collect()),
-            agents_rev: n.seq,
-            agents_digest: Default::default(),
+            agents: (!n.long).then(|| n.hosted.iter().cloned().collect()),
+            agents_rev: if n.long { n.rev } else { n.seq },
+            agents_digest: ListDigest::of(n.hosted.iter().map(String::as_str)),
             cpu: CpuInfo {
                 cores: 4,
                 load1: 0.0,
@@ -180,6 +186,25 @@ impl Sim {
         let Some(n) = self.nodes.get_mut(node).filter(|n| n.alive) else {
             return;
         };
+        if matches!(command.body, CommandBody::ListAgents) && n.long {
+            n.seq += 1;
+            n.rev = n.seq;
+            let update = AgentUpdate {
+                node: node.to_owned(),
+                session: format!("{node}-session"),
+                seq: n.seq,
+                base: None,
+                added: n.hosted.iter().cloned().collect(),
+                removed: vec![],
+                digest: ListDigest::of(n.hosted.iter().map(String::as_str)),
+                more: false,
+            };
+            self.c.on_agents(node, &encode(&update), self.now);
+            return;
+        }
+        if n.deaf {
+            return;
+        }
         let (kind, agent, placement, ok) = match &command.body {
             CommandBody::Assign { agent, placement } => {
                 if !n.acks_assign {
@@ -456,6 +481,30 @@ fn rebalancing_stops_within_the_threshold_and_does_not_bounce() {
     assert_eq!((sim.running_on("a"), sim.running_on("b")), (4, 2));
     assert_eq!(sim.commands_to("a", CommandKind::Release), 2);
     assert_eq!(sim.commands_to("b", CommandKind::Release), 0);
+}
+
+#[test]
+fn a_stray_on_a_node_whose_long_list_does_not_change_is_released_again_while_it_stays() {
+    let mut sim = Sim::new(|_| {});
+    sim.join("big", 10);
+    let n = sim.nodes.get_mut("big").unwrap();
+    (n.long, n.deaf) = (true, true);
+    n.hosted.insert("ghost".into());
+    // Its heartbeats say "unchanged" once the coordinator has the list;
+    // the releases are lost.
+    sim.run_until("ghost released", MINUTE, |s| {
+        s.commands_to("big", CommandKind::Release) >= 1
+    });
+    let first = sim.now.at;
+    sim.run_until("ghost released again", MINUTE, |s| {
+        s.commands_to("big", CommandKind::Release) >= 2
+    });
+    let again = sim.now.at.duration_since(first);
+    assert!(
+        again < Duration::from_secs(8),
+        "released again after {again:?}"
+    );
+    assert!(sim.commands_to("big", CommandKind::ListAgents) >= 1);
 }
 
 #[test]

@@ -202,12 +202,9 @@ pub async fn bench(args: &ChatArgs, stack: &mut Stack) -> Result<Value, BenchErr
             Api::new(&api.base, None, args.concurrency)
         }
     };
-    // The daemons whose CPU a streamed token costs (those it started).
-    let daemons: Vec<(String, u32)> = ["coordinator".to_owned()]
-        .into_iter()
-        .chain((1..=args.nodes).map(|i| format!("bench-node-{i}")))
-        .filter_map(|name| Some((name.clone(), stack.pid(&name).ok()?)))
-        .collect();
+    // The processes whose CPU a chat or a streamed token costs (those it
+    // started: none with --coordinator or --openai but the client).
+    let processes = stack.processes();
     let target = match &args.openai {
         Some(url) => {
             progress(format!("{url}/chat/completions, model {}", args.model));
@@ -220,9 +217,9 @@ pub async fn bench(args: &ChatArgs, stack: &mut Stack) -> Result<Value, BenchErr
             Target::Fleet(names) => super::stream::Model::Agents(names.clone()),
             Target::OpenAi(model) => super::stream::Model::One(model.clone()),
         };
-        super::stream::load(args.concurrency, args.seconds, &api, model, &daemons).await
+        super::stream::load(args.concurrency, args.seconds, &api, model, &processes).await
     } else {
-        load(args, &api, &target).await
+        load(args, &api, &target, &processes).await
     };
     // A fleet this bench did not start keeps nothing of it.
     if let (Some(_), Target::Fleet(names)) = (&args.coordinator, &target) {
@@ -241,7 +238,12 @@ pub async fn bench(args: &ChatArgs, stack: &mut Stack) -> Result<Value, BenchErr
 }
 
 /// The load itself: CONCURRENCY clients for SECONDS; the JSON figures.
-async fn load(args: &ChatArgs, api: &Api, target: &Target) -> Result<Value, BenchError> {
+async fn load(
+    args: &ChatArgs,
+    api: &Api,
+    target: &Target,
+    processes: &[(String, u32)],
+) -> Result<Value, BenchError> {
     progress(format!(
         "{} agents; {} clients chat for {}s",
         target.agents(),
@@ -249,8 +251,7 @@ async fn load(args: &ChatArgs, api: &Api, target: &Target) -> Result<Value, Benc
         args.seconds
     ));
     let target = Arc::new(target.clone());
-    let me = std::process::id();
-    let cpu_before = super::cpu_time(me)?;
+    let meter = super::CpuMeter::start(processes)?;
     let start = Instant::now();
     let deadline = start + Duration::from_secs(args.seconds);
     let clients: Vec<_> = (0..args.concurrency)
@@ -271,15 +272,13 @@ async fn load(args: &ChatArgs, api: &Api, target: &Target) -> Result<Value, Benc
         first_error = first_error.or(error);
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let cpu = super::cpu_time(me)?
-        .saturating_sub(cpu_before)
-        .as_secs_f64();
+    let cpu = meter.finish(latencies.len() as u64, "chat", elapsed)?;
     latencies.sort_by(f64::total_cmp);
     if let Some(e) = &first_error {
         progress(format!("{errors} errors; the first: {e}"));
     }
     let requests = latencies.len() as u64 + errors;
-    Ok(json!({
+    let mut result = json!({
         "bench": "chat",
         "store": match (&args.store_url, args.async_commit) {
             (None, _) => "sqlite",
@@ -295,8 +294,11 @@ async fn load(args: &ChatArgs, api: &Api, target: &Target) -> Result<Value, Benc
         "p99_ms": round3(quantile(&latencies, 0.99)),
         "max_ms": round3(latencies.last().copied().unwrap_or(0.0)),
         "errors": errors,
-        "client_cpu_pct": round3(cpu * 100.0 / elapsed),
-    }))
+    });
+    if let Some(r) = result.as_object_mut() {
+        r.extend(cpu);
+    }
+    Ok(result)
 }
 
 /// The agents of this run, created now as `bench-RUN-1..N` (RUN random):

@@ -376,3 +376,60 @@ mod tests {
         assert!(cpu_time(gone).is_err());
     }
 }
+
+/// CPU time of a set of processes over a run, grouped by role: the
+/// coordinator, the nodes (`bench-node-N`), the simulator (`ollama-sim`),
+/// Mosquitto and this process (the load generator, `client`).
+pub struct CpuMeter {
+    processes: Vec<(&'static str, u32, Duration)>,
+}
+
+impl CpuMeter {
+    /// Starts measuring `processes` (name, pid) and this process.
+    pub fn start(processes: &[(String, u32)]) -> Result<CpuMeter, BenchError> {
+        let me = ("client".to_owned(), std::process::id());
+        let processes = processes
+            .iter()
+            .chain(std::iter::once(&me))
+            .map(|(name, pid)| Ok((Self::role(name), *pid, cpu_time(*pid)?)))
+            .collect::<Result<_, BenchError>>()?;
+        Ok(CpuMeter { processes })
+    }
+
+    fn role(name: &str) -> &'static str {
+        match name {
+            "coordinator" => "coordinator",
+            "mosquitto" => "mosquitto",
+            "client" => "client",
+            n if n.starts_with("bench-node-") => "nodes",
+            n if n.starts_with("ollama-sim") => "simulator",
+            _ => "other",
+        }
+    }
+
+    /// `{ROLE}_cpu_us_per_{unit}` for each role, over `count` units (chats,
+    /// tokens), and `{ROLE}_cpu_pct` of one core over `seconds`.
+    pub fn finish(
+        &self,
+        count: u64,
+        unit: &str,
+        seconds: f64,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, BenchError> {
+        let mut spent: Vec<(&'static str, f64)> = Vec::new();
+        for (role, pid, before) in &self.processes {
+            let secs = cpu_time(*pid)?.saturating_sub(*before).as_secs_f64();
+            match spent.iter_mut().find(|(r, _)| r == role) {
+                Some((_, sum)) => *sum += secs,
+                None => spent.push((role, secs)),
+            }
+        }
+        let mut figures = serde_json::Map::new();
+        for (role, secs) in spent {
+            let per = secs * 1e6 / count.max(1) as f64;
+            figures.insert(format!("{role}_cpu_us_per_{unit}"), round3(per).into());
+            let pct = secs * 100.0 / seconds.max(1e-9);
+            figures.insert(format!("{role}_cpu_pct"), round3(pct).into());
+        }
+        Ok(figures)
+    }
+}

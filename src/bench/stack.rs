@@ -316,6 +316,14 @@ impl Stack {
         text.lines().filter(|l| l.contains(needle)).count()
     }
 
+    /// Every child started so far: its name and process id.
+    pub fn processes(&self) -> Vec<(String, u32)> {
+        self.children
+            .iter()
+            .map(|(name, child)| (name.clone(), child.id()))
+            .collect()
+    }
+
     /// The process id of child `name`.
     pub fn pid(&self, name: &str) -> Result<u32, BenchError> {
         self.children

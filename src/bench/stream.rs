@@ -59,15 +59,12 @@ pub async fn load(
     seconds: u64,
     api: &Api,
     model: Model,
-    daemons: &[(String, u32)],
+    processes: &[(String, u32)],
 ) -> Result<Value, BenchError> {
     progress(format!(
         "{concurrency} clients stream completions for {seconds}s"
     ));
-    let cpu_before: Vec<Duration> = daemons
-        .iter()
-        .map(|(_, pid)| super::cpu_time(*pid))
-        .collect::<Result<_, _>>()?;
+    let meter = super::CpuMeter::start(processes)?;
     let model = Arc::new(model);
     let start = Instant::now();
     let deadline = start + Duration::from_secs(seconds);
@@ -97,24 +94,7 @@ pub async fn load(
         v.sort_by(f64::total_cmp);
     }
     let tokens: u64 = all.streams.iter().map(|s| s.tokens).sum();
-    let mut cpu = serde_json::Map::new();
-    for ((name, pid), before) in daemons.iter().zip(cpu_before) {
-        let spent = super::cpu_time(*pid)?.saturating_sub(before);
-        let role = if name == "coordinator" {
-            "coordinator"
-        } else {
-            "nodes"
-        };
-        let sum = cpu.entry(role).or_insert(json!(0.0));
-        *sum = json!(sum.as_f64().unwrap_or(0.0) + spent.as_secs_f64());
-    }
-    let per_token: serde_json::Map<String, Value> = cpu
-        .into_iter()
-        .map(|(role, secs)| {
-            let us = secs.as_f64().unwrap_or(0.0) * 1e6 / tokens.max(1) as f64;
-            (format!("{role}_cpu_us_per_token"), json!(round3(us)))
-        })
-        .collect();
+    let per_token = meter.finish(tokens, "token", elapsed)?;
     let mut result = json!({
         "bench": "chat",
         "stream": true,

@@ -179,8 +179,34 @@ where
     F: std::future::Future<Output = Result<(), E>>,
     E: Into<Failure>,
 {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.worker_threads(2);
+    run_on(runtime, daemon)
+}
+
+/// [`run_daemon`] on one thread: the node daemon, whose work is waiting
+/// on its broker and its Ollama. Two workers cost it a wake-up of the other
+/// thread (a futex and a context switch) for most tasks it spawns, for no
+/// gain: measured in docs/BENCHMARKS.md ("Cheaper chats").
+pub(crate) fn run_single_threaded<F, E>(
+    daemon: impl FnOnce(CancellationToken) -> F,
+) -> Result<(), Failure>
+where
+    F: std::future::Future<Output = Result<(), E>>,
+    E: Into<Failure>,
+{
+    run_on(tokio::runtime::Builder::new_current_thread(), daemon)
+}
+
+fn run_on<F, E>(
+    mut runtime: tokio::runtime::Builder,
+    daemon: impl FnOnce(CancellationToken) -> F,
+) -> Result<(), Failure>
+where
+    F: std::future::Future<Output = Result<(), E>>,
+    E: Into<Failure>,
+{
+    runtime
         .enable_all()
         .build()
         .map_err(|e| Failure::runtime(&e))?
@@ -205,7 +231,7 @@ runtime_failure!(crate::node::NodeError, crate::coordinator::CoordinatorError);
 
 fn run_node(path: PathBuf) -> Result<(), Failure> {
     let config = NodeConfig::load(&path)?;
-    run_daemon(|shutdown| crate::node::run(config, shutdown))
+    run_single_threaded(|shutdown| crate::node::run(config, shutdown))
 }
 
 fn run_coordinator(path: PathBuf) -> Result<(), Failure> {

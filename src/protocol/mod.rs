@@ -33,12 +33,7 @@ pub enum DecodeError {
 
 /// Decodes a JSON payload of at most `max` bytes.
 pub fn decode<T: DeserializeOwned>(payload: &[u8], max: usize) -> Result<T, DecodeError> {
-    if payload.len() > max {
-        return Err(DecodeError::TooLarge {
-            size: payload.len(),
-            max,
-        });
-    }
+    check_size(payload, max)?;
     Ok(serde_json::from_slice(payload)?)
 }
 
@@ -49,7 +44,16 @@ pub fn decode_command(
     max: usize,
     topic_node: &str,
 ) -> Result<Command, DecodeError> {
-    let command: Command = decode(payload, max)?;
+    check_size(payload, max)?;
+    let command = match serde_json::from_slice::<Envelope>(payload) {
+        Ok(e) if e.kind == "turn" => Command {
+            id: e.id,
+            node: e.node,
+            generation: e.generation,
+            body: CommandBody::Turn(serde_json::from_slice(payload)?),
+        },
+        _ => serde_json::from_slice(payload)?,
+    };
     if command.node != topic_node {
         return Err(DecodeError::WrongNode {
             payload: command.node,
@@ -57,6 +61,55 @@ pub fn decode_command(
         });
     }
     Ok(command)
+}
+
+/// Decodes a node's reply of at most `max` bytes.
+pub fn decode_reply(payload: &[u8], max: usize) -> Result<Reply, DecodeError> {
+    check_size(payload, max)?;
+    let envelope = serde_json::from_slice::<Envelope>(payload);
+    let body = match envelope.as_ref().map(|e| e.kind.as_str()) {
+        Ok("turn_result") => ReplyBody::TurnResult(serde_json::from_slice(payload)?),
+        Ok("turn_chunk") => ReplyBody::TurnChunk(serde_json::from_slice(payload)?),
+        _ => return Ok(serde_json::from_slice(payload)?),
+    };
+    let e = envelope.expect("matched Ok above");
+    match e.session {
+        Some(session) => Ok(Reply {
+            id: e.id,
+            node: e.node,
+            session,
+            generation: e.generation,
+            body,
+        }),
+        None => Ok(serde_json::from_slice(payload)?), // names what is missing
+    }
+}
+
+fn check_size(payload: &[u8], max: usize) -> Result<(), DecodeError> {
+    if payload.len() > max {
+        return Err(DecodeError::TooLarge {
+            size: payload.len(),
+            max,
+        });
+    }
+    Ok(())
+}
+
+/// The fields around the body of a [`Command`] or a [`Reply`]. The derived
+/// decoders of both buffer the whole message first (serde's `flatten` and
+/// internal tags), every chat message of a turn's history included: the
+/// turn, its result and its chunks, the messages of every chat, are
+/// decoded from this and their body instead, without that copy
+/// (docs/BENCHMARKS.md, "Cheaper chats").
+#[derive(serde::Deserialize)]
+struct Envelope {
+    id: String,
+    node: String,
+    #[serde(default)]
+    session: Option<String>,
+    generation: u64,
+    #[serde(rename = "type")]
+    kind: String,
 }
 
 /// Encodes a payload. Serialising these plain types cannot fail.
@@ -196,6 +249,66 @@ mod tests {
         let text = std::str::from_utf8(&bytes).unwrap();
         assert!(text.contains(r#""code":"ollama_busy""#), "{text}");
         assert_eq!(decode::<Reply>(&bytes, 4096).unwrap(), reply);
+    }
+
+    /// The direct decoders of turns, results and chunks read what the
+    /// derived ones read, every field set.
+    #[test]
+    fn turns_results_and_chunks_decode_as_the_derived_decoders_do() {
+        let turn = Command {
+            id: "t9".into(),
+            node: "pi-1".into(),
+            generation: 4,
+            body: CommandBody::Turn(TurnRequest {
+                agent: "alice".into(),
+                messages: vec![
+                    ChatMessage::new(Role::User, "a \"quoted\" line\n"),
+                    ChatMessage::new(Role::Assistant, "ok"),
+                ],
+                system: Some("be brief".into()),
+                timeout_ms: Some(1500),
+                job: Some("j1".into()),
+                stream: true,
+            }),
+        };
+        let bytes = encode(&turn);
+        assert_eq!(decode_command(&bytes, 4096, "pi-1").unwrap(), turn);
+        assert_eq!(decode::<Command>(&bytes, 4096).unwrap(), turn);
+        assert!(matches!(
+            decode_command(&bytes, 4096, "pi-2"),
+            Err(DecodeError::WrongNode { .. })
+        ));
+        let mut result = TurnResult::failed(
+            "alice",
+            Some("j1".into()),
+            TurnErrorCode::Timeout,
+            "slow".into(),
+        );
+        result.model = Some("llama3.2:latest".into());
+        result.message = Some(ChatMessage::new(Role::Assistant, "hi"));
+        result.usage = Some(Usage::default());
+        result.chunks = 3;
+        let chunk = TurnChunk {
+            agent: "alice".into(),
+            seq: 2,
+            content: "tok".into(),
+        };
+        for body in [ReplyBody::TurnResult(result), ReplyBody::TurnChunk(chunk)] {
+            let reply = Reply {
+                id: "t9".into(),
+                node: "pi-1".into(),
+                session: "s1".into(),
+                generation: 4,
+                body,
+            };
+            let bytes = encode(&reply);
+            assert_eq!(decode_reply(&bytes, 4096).unwrap(), reply);
+        }
+        // A reply without its session is refused, as the derived decoder
+        // refuses it, naming the field.
+        let no_session = br#"{"id":"t9","node":"pi-1","generation":4,"type":"turn_chunk","agent":"a","seq":0,"content":"x"}"#;
+        let e = decode_reply(no_session, 4096).unwrap_err().to_string();
+        assert!(e.contains("session"), "{e}");
     }
 
     #[test]

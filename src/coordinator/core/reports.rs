@@ -389,7 +389,7 @@ impl Coordinator {
     pub fn on_reply(&mut self, node: &str, payload: &[u8], now: Now) {
         self.now = now;
         let reply: Reply =
-            match crate::protocol::decode(payload, self.config.mqtt.max_payload_bytes) {
+            match crate::protocol::decode_reply(payload, self.config.mqtt.max_payload_bytes) {
                 Ok(r) => r,
                 Err(e) => {
                     log::warn!("ignored a reply from {node}: {e}");

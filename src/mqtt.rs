@@ -33,6 +33,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::MqttConfig;
 
+mod batches;
+
 /// Capacity of the poller → application channel. The application handles
 /// events without awaiting the network, so this only absorbs bursts.
 const EVENT_CHANNEL: usize = 4096;
@@ -79,6 +81,9 @@ enum Outbound {
         retain: bool,
         /// Dropped instead of sent once this passed.
         expires: Option<Instant>,
+        /// May travel with others to the same topic in one message (a JSON
+        /// array of the payloads), see [`Publisher::publish_batched`].
+        batch: bool,
     },
     Subscribe(Vec<String>),
     Disconnect,
@@ -126,7 +131,33 @@ impl Publisher {
         retain: bool,
         expires: Option<Instant>,
     ) -> Result<(), PublishError> {
-        let payload = payload.into();
+        self.publish_as(topic, payload.into(), retain, expires, false)
+    }
+
+    /// Publishes a JSON payload (not retained) that may go out in one
+    /// message with others to the same topic waiting at the same time: a
+    /// JSON array of them, in the order published, within the payload
+    /// limit. Nothing waits to fill a batch: under load, what queued while
+    /// the last message went out goes as one, in one packet and one
+    /// acknowledgement; at rest, every message goes alone as it is. Only
+    /// for a receiver that reads such arrays (docs/PROTOCOL.md, "Batches").
+    pub fn publish_batched(
+        &self,
+        topic: String,
+        payload: Vec<u8>,
+        expires: Option<Instant>,
+    ) -> Result<(), PublishError> {
+        self.publish_as(topic, payload, false, expires, true)
+    }
+
+    fn publish_as(
+        &self,
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+        expires: Option<Instant>,
+        batch: bool,
+    ) -> Result<(), PublishError> {
         if payload.len() > self.max_payload {
             return Err(PublishError::TooLarge {
                 topic,
@@ -139,6 +170,7 @@ impl Publisher {
             payload,
             retain,
             expires,
+            batch,
         })
     }
 
@@ -222,7 +254,7 @@ impl Link {
             brokers,
             connected_tx,
         ));
-        let sender = tokio::spawn(send(client, rx, connected));
+        let sender = tokio::spawn(send(client, rx, connected, config.max_payload_bytes));
         Ok(Link {
             publisher: Publisher {
                 tx,
@@ -272,9 +304,10 @@ async fn send(
     client: AsyncClient,
     mut rx: mpsc::Receiver<Outbound>,
     mut connected: tokio::sync::watch::Receiver<bool>,
+    max_payload: usize,
 ) {
-    while let Some(request) = rx.recv().await {
-        if matches!(request, Outbound::Disconnect) {
+    while let Some(first) = rx.recv().await {
+        if matches!(first, Outbound::Disconnect) {
             let _ = client.disconnect().await;
             return;
         }
@@ -283,37 +316,49 @@ async fn send(
         if connected.wait_for(|c| *c).await.is_err() {
             return;
         }
-        let result = match request {
-            Outbound::Publish { expires, .. } if expires.is_some_and(|e| e <= Instant::now()) => {
-                log::debug!("dropped a message that expired while the broker was away");
-                continue;
+        // What else waits now goes out with it, batched where it may be.
+        let mut waiting = vec![first];
+        while waiting.len() < DRAIN_AT_ONCE {
+            match rx.try_recv() {
+                Ok(request) => waiting.push(request),
+                Err(_) => break,
             }
-            Outbound::Publish {
-                topic,
-                payload,
-                retain,
-                ..
-            } => {
-                client
-                    .publish(topic, QoS::AtLeastOnce, retain, payload)
-                    .await
+        }
+        for request in batches::merge(waiting, max_payload, Instant::now()) {
+            let result = match request {
+                Outbound::Publish {
+                    topic,
+                    payload,
+                    retain,
+                    ..
+                } => {
+                    client
+                        .publish(topic, QoS::AtLeastOnce, retain, payload)
+                        .await
+                }
+                Outbound::Subscribe(filters) => {
+                    client
+                        .subscribe_many(
+                            filters
+                                .into_iter()
+                                .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce)),
+                        )
+                        .await
+                }
+                Outbound::Disconnect => {
+                    let _ = client.disconnect().await;
+                    return;
+                }
+            };
+            if result.is_err() {
+                return; // the event loop is gone
             }
-            Outbound::Subscribe(filters) => {
-                client
-                    .subscribe_many(
-                        filters
-                            .into_iter()
-                            .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce)),
-                    )
-                    .await
-            }
-            Outbound::Disconnect => return,
-        };
-        if result.is_err() {
-            return; // the event loop is gone
         }
     }
 }
+
+/// Requests the publisher takes from its queue at once (and merges).
+const DRAIN_AT_ONCE: usize = 256;
 
 /// Exponential backoff with jitter: 250 ms doubling up to 1 s.
 struct Backoff {

@@ -189,7 +189,7 @@ async fn a_burst_of_100_agents_against_100_slots_never_overfills_a_node() {
     let refusals: Vec<Value> = log
         .iter()
         .filter(|m| m.topic.ends_with("/reply"))
-        .map(Received::json)
+        .flat_map(|m| m.each())
         .filter(|r| r["ok"] == false)
         .collect();
     assert!(
@@ -353,7 +353,7 @@ async fn a_coordinator_killed_during_a_burst_restarts_with_every_agent_on_exactl
     let releases: Vec<Value> = recorder.messages()[killed_at..]
         .iter()
         .filter(|m| m.topic.ends_with("/cmd"))
-        .map(Received::json)
+        .flat_map(|m| m.each())
         .filter(|c| c["type"] == "release")
         .collect();
     assert!(

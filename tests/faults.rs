@@ -390,8 +390,8 @@ async fn a_broker_down_30_s_fences_the_nodes_refuses_chats_and_delivers_no_stale
     let stale: Vec<_> = commands
         .messages()
         .into_iter()
-        .filter(|m| {
-            let turn = m.json();
+        .flat_map(|m| m.each())
+        .filter(|turn| {
             let last = turn["messages"].as_array().and_then(|m| m.last()).cloned();
             turn["type"] == "turn" && last.is_some_and(|l| l["content"] == "before the outage")
         })
@@ -399,7 +399,7 @@ async fn a_broker_down_30_s_fences_the_nodes_refuses_chats_and_delivers_no_stale
     assert!(
         stale.is_empty(),
         "stale turns delivered: {:?}",
-        stale.iter().map(|m| m.text()).collect::<Vec<_>>()
+        stale.iter().map(|m| m.to_string()).collect::<Vec<_>>()
     );
 }
 

@@ -94,10 +94,11 @@ async fn a_node_announces_online_and_a_retained_capacity_with_every_contract_fie
     };
     let contract = keys(&serde_json::to_value(&typed).unwrap());
     assert_eq!(keys(&c), contract, "{c}");
-    // The 22 of the contract (`agents` while the list is short), and
-    // `agents_rev` and `agents_digest` (issue 18).
-    assert_eq!(contract.len(), 24, "{contract:?}");
+    // The 22 of the contract (`agents` while the list is short),
+    // `agents_rev` and `agents_digest` (issue 18) and `batches`.
+    assert_eq!(contract.len(), 25, "{contract:?}");
     assert!(contract.contains("agents") && contract.contains("agents_digest"));
+    assert_eq!(c["batches"], true, "{c}");
     for (group, field) in [
         ("cpu", "cores"),
         ("cpu", "load1"),
@@ -363,6 +364,60 @@ async fn a_turn_that_arrives_again_is_answered_again_without_a_second_ollama_cal
     let replies = client.replies("pi-again", "t-again");
     assert_eq!(replies[0], replies[1]);
     assert_eq!(sim.stats().await["generations"], 1, "Ollama ran it once");
+}
+
+/// A batch (docs/PROTOCOL.md, "Batches"): each command of the array is
+/// taken as if it had come alone; one addressed to another node is refused
+/// alone; each turn is answered once, batched or not.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_of_turn_commands_runs_each_turn_once_and_refuses_only_the_bad_one() {
+    let broker = Mosquitto::start();
+    let sim = Sim::start(&["--first-token-ms", "300"]);
+    let node = Node::start(
+        "pi-batch",
+        &broker,
+        &sim.url,
+        "agent_capacity = 3",
+        "[ollama]\nmax_parallel = 3",
+    );
+    let client = Client::connect(
+        &broker,
+        &[
+            "pifleet/nodes/pi-batch/reply",
+            "pifleet/nodes/pi-batch/capacity",
+        ],
+    )
+    .await;
+    let capacity = client
+        .wait_message("pifleet/nodes/pi-batch/capacity", |_| true)
+        .await;
+    assert_eq!(capacity.json()["batches"], true, "{}", capacity.text());
+    assign_all(&client, "pi-batch", &["c1", "c2", "c3"], "llama3.2").await;
+    let mut batch: Vec<Value> = ["c1", "c2", "c3"]
+        .iter()
+        .map(|a| turn(&format!("t-{a}"), "pi-batch", a, hello(&format!("hi {a}"))))
+        .collect();
+    batch.insert(1, turn("t-stranger", "pi-other", "c1", hello("not mine")));
+    client
+        .publish_json(&cmd_topic("pi-batch"), &Value::Array(batch))
+        .await;
+    for agent in ["c1", "c2", "c3"] {
+        let result = client.reply("pi-batch", &format!("t-{agent}")).await;
+        assert_eq!(result["ok"], true, "{result}");
+        let answer = result["message"]["content"].as_str().unwrap();
+        assert!(answer.contains(&format!("hi {agent}")), "{answer}");
+    }
+    crate::util::wait_until("the refusal of the stranger's command", WAIT, || {
+        node.proc
+            .output()
+            .iter()
+            .any(|l| l.contains("ignored a command") && l.contains("pi-other"))
+    });
+    assert_eq!(sim.stats().await["generations"], 3, "each turn ran once");
+    for agent in ["c1", "c2", "c3"] {
+        assert_eq!(client.replies("pi-batch", &format!("t-{agent}")).len(), 1);
+    }
+    assert!(client.replies("pi-batch", "t-stranger").is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -211,7 +211,7 @@ fn commands_of(recorder: &Client, term: u64, after: Instant) -> Vec<Value> {
         .messages()
         .into_iter()
         .filter(|m| m.at > after && m.topic.ends_with("/cmd"))
-        .map(|m| m.json())
+        .flat_map(|m| m.each())
         .filter(|c| c["generation"].as_u64() == Some(term))
         .collect()
 }

@@ -346,37 +346,6 @@ pub fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn quantiles_pick_the_nearest_rank() {
-        let values: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(quantile(&values, 0.5), 51.0);
-        assert_eq!(quantile(&values, 0.99), 99.0);
-        assert_eq!(quantile(&values, 1.0), 100.0);
-        assert_eq!(quantile(&[], 0.5), 0.0);
-    }
-
-    #[test]
-    fn this_process_has_memory_and_cpu_time_and_a_missing_one_is_an_error() {
-        let me = std::process::id();
-        let (rss, anon) = (rss_bytes(me).unwrap(), rss_anon_bytes(me).unwrap());
-        assert!(rss > 1 << 20);
-        assert!(0 < anon && anon < rss);
-        let start = std::time::Instant::now();
-        while start.elapsed() < Duration::from_millis(50) {
-            std::hint::black_box(0u64);
-        }
-        assert!(cpu_time(me).unwrap() > Duration::ZERO);
-        // No such process: an error naming the file, not a 0.
-        let gone = u32::MAX - 1;
-        assert!(rss_bytes(gone).unwrap_err().to_string().contains("/proc/"));
-        assert!(cpu_time(gone).is_err());
-    }
-}
-
 /// CPU time of a set of processes over a run, grouped by role: the
 /// coordinator, the nodes (`bench-node-N`), the simulator (`ollama-sim`),
 /// Mosquitto and this process (the load generator, `client`).
@@ -431,5 +400,36 @@ impl CpuMeter {
             figures.insert(format!("{role}_cpu_pct"), round3(pct).into());
         }
         Ok(figures)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_pick_the_nearest_rank() {
+        let values: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(quantile(&values, 0.5), 51.0);
+        assert_eq!(quantile(&values, 0.99), 99.0);
+        assert_eq!(quantile(&values, 1.0), 100.0);
+        assert_eq!(quantile(&[], 0.5), 0.0);
+    }
+
+    #[test]
+    fn this_process_has_memory_and_cpu_time_and_a_missing_one_is_an_error() {
+        let me = std::process::id();
+        let (rss, anon) = (rss_bytes(me).unwrap(), rss_anon_bytes(me).unwrap());
+        assert!(rss > 1 << 20);
+        assert!(0 < anon && anon < rss);
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_millis(50) {
+            std::hint::black_box(0u64);
+        }
+        assert!(cpu_time(me).unwrap() > Duration::ZERO);
+        // No such process: an error naming the file, not a 0.
+        let gone = u32::MAX - 1;
+        assert!(rss_bytes(gone).unwrap_err().to_string().contains("/proc/"));
+        assert!(cpu_time(gone).is_err());
     }
 }

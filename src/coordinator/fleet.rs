@@ -294,6 +294,14 @@ impl Fleet {
         Some(since.max(view.last_heard + fence + FENCE_MARGIN))
     }
 
+    /// Whether `node` reads batches of commands (its last capacity says so).
+    pub fn accepts_batches(&self, node: &str) -> bool {
+        self.nodes
+            .get(node)
+            .and_then(|v| v.capacity.as_ref())
+            .is_some_and(|c| c.batches)
+    }
+
     /// How long after it was last heard `node` has surely stopped its
     /// agents: its announced `fence_ms`, else `default_fence` (a node not
     /// heard yet, or one too old to announce it).
@@ -345,6 +353,7 @@ mod tests {
             turns_in_flight: 0,
             generation: 0,
             fence_ms: 7000,
+            batches: false,
         }
     }
 

@@ -570,7 +570,12 @@ enum Input {
 /// Publishes what the core decided to send (queued QoS 1 publishes).
 fn send_outbox(coordinator: &mut core::Coordinator, publisher: &Publisher) {
     for m in coordinator.take_outbox() {
-        if let Err(e) = publisher.publish_until(m.topic, m.payload, m.retain, m.expires) {
+        let published = if m.batch {
+            publisher.publish_batched(m.topic, m.payload, m.expires)
+        } else {
+            publisher.publish_until(m.topic, m.payload, m.retain, m.expires)
+        };
+        if let Err(e) = published {
             log::error!("cannot publish: {e}");
         }
     }

@@ -149,6 +149,9 @@ struct Node {
     pulls: pull::Pulls,
     /// The `pifleet up` process that started this node, if any.
     parent: Option<rustix::process::Pid>,
+    /// The generation of the last coordinator that sent a batch of
+    /// commands (0: none): the results of its turns may go as batches.
+    batch_generation: u64,
 }
 
 impl Node {
@@ -374,7 +377,24 @@ impl Node {
         }
     }
 
-    fn on_command(&mut self, topic: &str, payload: &Bytes, at: At) {
+    fn on_command(&mut self, topic: &str, payload: &[u8], at: At) {
+        if !crate::protocol::is_batch(payload) {
+            return self.on_one_command(topic, payload, at, false);
+        }
+        match crate::protocol::split_batch(payload, self.publisher.max_payload()) {
+            Ok(commands) => {
+                for command in commands {
+                    self.on_one_command(topic, command, at, true);
+                }
+            }
+            Err(e) => {
+                log::warn!("ignored a batch of commands on {topic}: {e}");
+                self.metrics.command("invalid", "rejected");
+            }
+        }
+    }
+
+    fn on_one_command(&mut self, topic: &str, payload: &[u8], at: At, batched: bool) {
         let command =
             match decode_command(payload, self.publisher.max_payload(), &self.config.node_id) {
                 Ok(command) => command,
@@ -384,6 +404,9 @@ impl Node {
                     return;
                 }
             };
+        if batched {
+            self.batch_generation = command.generation;
+        }
         if self.answer_again(&command) {
             return;
         }
@@ -657,7 +680,13 @@ impl Node {
         if is_turn {
             self.answered.insert(reply.id.clone(), payload.clone());
         }
-        if let Err(e) = self.publisher.publish(topic, payload, false) {
+        // Results go in batches to a coordinator that sends them.
+        let published = if is_turn && generation == self.batch_generation && generation > 0 {
+            self.publisher.publish_batched(topic, payload, None)
+        } else {
+            self.publisher.publish(topic, payload, false)
+        };
+        if let Err(e) = published {
             log::error!("cannot publish reply {}: {e}", reply.id);
         }
     }

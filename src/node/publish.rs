@@ -38,6 +38,7 @@ impl Node {
             turns_in_flight: self.table.turns_in_flight() as u32,
             generation: self.table.generation(),
             fence_ms: self.config.fence_after.as_millis() as u64,
+            batches: true,
         }
     }
 

@@ -184,6 +184,7 @@ async fn drive(
         answered: AnsweredTurns::default(),
         pulls: super::pull::Pulls::new(config.ollama.max_pulls),
         parent: host.parent,
+        batch_generation: 0,
         topics,
         config,
     };

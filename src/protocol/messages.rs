@@ -88,6 +88,11 @@ pub struct Capacity {
     /// 0 (an older node) means "unknown": the coordinator's default applies.
     #[serde(default)]
     pub fence_ms: u64,
+    /// The node reads batches on its command topic: a JSON array of
+    /// commands in one message (docs/PROTOCOL.md, "Batches"). False (an
+    /// older node): one command a message.
+    #[serde(default)]
+    pub batches: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

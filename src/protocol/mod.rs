@@ -85,6 +85,19 @@ pub fn decode_reply(payload: &[u8], max: usize) -> Result<Reply, DecodeError> {
     }
 }
 
+/// Whether `payload` is a batch: a JSON array of messages, each as it
+/// would travel alone (docs/PROTOCOL.md, "Batches").
+pub fn is_batch(payload: &[u8]) -> bool {
+    payload.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[')
+}
+
+/// The messages of a batch of at most `max` bytes, each to decode alone.
+pub fn split_batch(payload: &[u8], max: usize) -> Result<Vec<&[u8]>, DecodeError> {
+    check_size(payload, max)?;
+    let parts: Vec<&serde_json::value::RawValue> = serde_json::from_slice(payload)?;
+    Ok(parts.into_iter().map(|p| p.get().as_bytes()).collect())
+}
+
 fn check_size(payload: &[u8], max: usize) -> Result<(), DecodeError> {
     if payload.len() > max {
         return Err(DecodeError::TooLarge {
@@ -309,6 +322,29 @@ mod tests {
         let no_session = br#"{"id":"t9","node":"pi-1","generation":4,"type":"turn_chunk","agent":"a","seq":0,"content":"x"}"#;
         let e = decode_reply(no_session, 4096).unwrap_err().to_string();
         assert!(e.contains("session"), "{e}");
+    }
+
+    #[test]
+    fn a_batch_splits_into_its_messages_as_sent() {
+        let one = br#"{"id":"a","node":"pi-1","generation":1,"type":"drain","draining":true}"#;
+        assert!(!is_batch(one));
+        let batch = format!(
+            " [{}, {}]",
+            std::str::from_utf8(one).unwrap(),
+            r#"{"x":"]"}"#
+        );
+        assert!(is_batch(batch.as_bytes()));
+        let parts = split_batch(batch.as_bytes(), 1000).unwrap();
+        assert_eq!(parts, [&one[..], br#"{"x":"]"}"#]);
+        assert!(decode_command(parts[0], 1000, "pi-1").is_ok());
+        assert!(matches!(
+            split_batch(b"[{}, ", 1000),
+            Err(DecodeError::Json(_))
+        ));
+        assert!(matches!(
+            split_batch(batch.as_bytes(), 10),
+            Err(DecodeError::TooLarge { .. })
+        ));
     }
 
     #[test]

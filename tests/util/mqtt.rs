@@ -28,6 +28,15 @@ impl Received {
         serde_json::from_slice(&self.payload).unwrap_or(Value::Null)
     }
 
+    /// The messages of the payload: each of a batch (a JSON array of turn
+    /// commands or results, docs/PROTOCOL.md "Batches"), else the one.
+    pub fn each(&self) -> Vec<Value> {
+        match self.json() {
+            Value::Array(messages) => messages,
+            message => vec![message],
+        }
+    }
+
     /// The agent acknowledgements a reply carries, `ack` or `ack_batch`:
     /// (command, agent, ok) each; none for another message.
     pub fn acks(&self) -> Vec<(String, String, bool)> {
@@ -175,18 +184,24 @@ impl Client {
     }
 
     /// Waits for the reply to command `id` on node `node`'s reply topic.
+    /// (Also one that came in a batch.)
     pub async fn reply(&self, node: &str, id: &str) -> Value {
         let topic = format!("pifleet/nodes/{node}/reply");
-        self.wait_message(&topic, |m| m.json()["id"] == id)
-            .await
-            .json()
+        self.wait_for(&format!("reply {id} on {topic}"), WAIT, |log| {
+            log.iter()
+                .filter(|m| m.topic == topic)
+                .flat_map(Received::each)
+                .find(|r| r["id"] == id)
+        })
+        .await
     }
 
+    /// Every reply to command `id`, batched or not.
     pub fn replies(&self, node: &str, id: &str) -> Vec<Value> {
         let topic = format!("pifleet/nodes/{node}/reply");
         self.on_topic(&topic)
             .iter()
-            .map(Received::json)
+            .flat_map(Received::each)
             .filter(|v| v["id"] == id)
             .collect()
     }

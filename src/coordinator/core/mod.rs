@@ -117,6 +117,9 @@ pub struct Outgoing {
     pub retain: bool,
     /// Not sent after this (a turn command past its budget).
     pub expires: Option<Instant>,
+    /// May go in one batch with others to the same node
+    /// ([`crate::mqtt::Publisher::publish_batched`]).
+    pub batch: bool,
 }
 
 /// Why a request was not done, in the domain's terms; `api.rs` alone maps
@@ -402,16 +405,19 @@ impl Coordinator {
             payload: payload.into(),
             retain,
             expires: None,
+            batch: false,
         });
     }
 
-    /// A command that must not be delivered after `expires`.
-    fn publish_until(&mut self, topic: String, payload: Vec<u8>, expires: Instant) {
+    /// A turn command to `node` that must not be delivered after
+    /// `expires`; in a batch with others if the node reads batches.
+    fn publish_turn(&mut self, node: &str, payload: Vec<u8>, expires: Instant) {
         self.outbox.push(Outgoing {
-            topic,
+            topic: self.topics.node(node, NodeTopic::Command),
             payload,
             retain: false,
             expires: Some(expires),
+            batch: self.fleet.accepts_batches(node),
         });
     }
 

@@ -386,8 +386,23 @@ impl Coordinator {
         }
     }
 
+    /// A reply, or a batch of them, from `node`.
     pub fn on_reply(&mut self, node: &str, payload: &[u8], now: Now) {
         self.now = now;
+        if !crate::protocol::is_batch(payload) {
+            return self.on_one_reply(node, payload);
+        }
+        match crate::protocol::split_batch(payload, self.config.mqtt.max_payload_bytes) {
+            Ok(replies) => {
+                for reply in replies {
+                    self.on_one_reply(node, reply);
+                }
+            }
+            Err(e) => log::warn!("ignored a batch of replies from {node}: {e}"),
+        }
+    }
+
+    fn on_one_reply(&mut self, node: &str, payload: &[u8]) {
         let reply: Reply =
             match crate::protocol::decode_reply(payload, self.config.mqtt.max_payload_bytes) {
                 Ok(r) => r,

@@ -30,6 +30,8 @@ struct SimNode {
     turns: Vec<Command>,
     /// Turns the coordinator cancelled, by command id.
     cancelled: Vec<String>,
+    /// It says it reads batches of commands.
+    batches: bool,
 }
 
 struct Sim {
@@ -38,6 +40,8 @@ struct Sim {
     nodes: BTreeMap<String, SimNode>,
     /// Every command sent, in order: (node, command).
     sent: Vec<(String, Command)>,
+    /// The ids of the commands sent that may go in a batch.
+    batchable: Vec<String>,
     steps: u64,
     place: Place,
 }
@@ -58,6 +62,7 @@ impl Sim {
             now,
             nodes: BTreeMap::new(),
             sent: Vec::new(),
+            batchable: Vec::new(),
             steps: 0,
             place,
         }
@@ -115,6 +120,7 @@ impl Sim {
             turns_in_flight: n.turns.len() as u32,
             generation: self.c.generation,
             fence_ms: 7000,
+            batches: n.batches,
         };
         self.c
             .on_capacity(node, &encode(&capacity), false, self.now);
@@ -176,6 +182,9 @@ impl Sim {
                 };
                 let node = node.to_owned();
                 let command: Command = serde_json::from_slice(&m.payload).unwrap();
+                if m.batch {
+                    self.batchable.push(command.id.clone());
+                }
                 self.sent.push((node.clone(), command.clone()));
                 self.answer(&node, command);
             }
@@ -574,6 +583,75 @@ fn a_job_turn_whose_answer_the_node_forgot_runs_again_at_once_as_the_same_attemp
     assert_eq!(turns(&sim), 2, "sent again without waiting for its timeout");
     let job = sim.c.job(&id).unwrap();
     assert_eq!((job.status, job.attempts), (JobState::Running, 1));
+}
+
+/// Batches (docs/PROTOCOL.md): turn commands may be batched only to a node
+/// that says it reads batches, and a batch of results answers every turn.
+#[test]
+fn turns_are_batched_only_to_a_node_that_reads_batches_and_a_batch_of_results_ends_each() {
+    let mut sim = Sim::new(|_| {});
+    sim.join("a", 2);
+    sim.join("b", 2);
+    sim.nodes.get_mut("a").unwrap().batches = true;
+    sim.announce("a");
+    sim.spawn(&["w", "x", "y", "z"]);
+    sim.run_until("running", MINUTE, |s| {
+        s.running_on("a") == 2 && s.running_on("b") == 2
+    });
+    let jobs: Vec<String> = ["w", "x", "y", "z"].iter().map(|a| sim.submit(a)).collect();
+    let turns_to = |sim: &Sim, node: &str| -> Vec<String> {
+        sim.sent
+            .iter()
+            .filter(|(n, c)| n == node && c.body.kind() == CommandKind::Turn)
+            .map(|(_, c)| c.id.clone())
+            .collect()
+    };
+    let (on_a, on_b) = (turns_to(&sim, "a"), turns_to(&sim, "b"));
+    assert_eq!((on_a.len(), on_b.len()), (2, 2));
+    assert!(on_a.iter().all(|id| sim.batchable.contains(id)), "{on_a:?}");
+    assert!(
+        !on_b.iter().any(|id| sim.batchable.contains(id)),
+        "{on_b:?}"
+    );
+    // Both results of node a in one message.
+    let results: Vec<String> = sim.nodes["a"]
+        .turns
+        .iter()
+        .map(|turn| {
+            let CommandBody::Turn(request) = &turn.body else {
+                unreachable!()
+            };
+            let reply = Reply {
+                id: turn.id.clone(),
+                node: "a".into(),
+                session: "a-session".into(),
+                generation: sim.c.generation,
+                body: ReplyBody::TurnResult(TurnResult {
+                    agent: request.agent.clone(),
+                    ok: true,
+                    model: None,
+                    message: Some(ChatMessage::new(Role::Assistant, "done")),
+                    usage: None,
+                    error: None,
+                    job: request.job.clone(),
+                    chunks: 0,
+                }),
+            };
+            String::from_utf8(encode(&reply)).unwrap()
+        })
+        .collect();
+    assert_eq!(results.len(), 2);
+    sim.nodes.get_mut("a").unwrap().turns.clear();
+    let batch = format!("[{}]", results.join(","));
+    sim.c.begin_batch();
+    sim.c.on_reply("a", batch.as_bytes(), sim.now);
+    sim.c.end_batch().unwrap();
+    let done: Vec<JobState> = jobs
+        .iter()
+        .map(|id| sim.c.job(id).unwrap().status)
+        .collect();
+    let completed = done.iter().filter(|s| **s == JobState::Completed).count();
+    assert_eq!(completed, 2, "{done:?}");
 }
 
 #[test]

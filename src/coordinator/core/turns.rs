@@ -79,7 +79,7 @@ impl Coordinator {
             }
         };
         let expires = self.command_expiry(&turn.kind, node, deadline);
-        self.publish_until(self.topics.node(node, NodeTopic::Command), payload, expires);
+        self.publish_turn(node, payload, expires);
         if let Some(a) = self.agents.get_mut(name) {
             a.turn = Some(id.clone());
         }
@@ -182,15 +182,15 @@ impl Coordinator {
             }
             match self.turn_command(id, t, budget) {
                 Ok(payload) => resent.push((
-                    self.topics.node(&t.node, NodeTopic::Command),
+                    t.node.clone(),
                     payload,
                     self.command_expiry(&t.kind, &t.node, t.deadline),
                 )),
                 Err(e) => log::error!("cannot send turn {id} to {} again: {e}", t.node),
             }
         }
-        for (topic, payload, deadline) in resent {
-            self.publish_until(topic, payload, deadline);
+        for (node, payload, deadline) in resent {
+            self.publish_turn(&node, payload, deadline);
         }
     }
 

@@ -136,14 +136,16 @@ impl Backend for Sqlite {
     }
 
     fn batch(&mut self, sql: &str) -> Result<(), String> {
-        // One statement (BEGIN, COMMIT, a savepoint: several a chat) from
-        // the cache; several are parsed each time.
-        let result = if sql.contains(';') {
-            self.conn.execute_batch(sql)
+        // Transaction control (BEGIN, COMMIT, a savepoint: several a chat)
+        // from the cache; anything else is parsed each time.
+        let control = ["BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE"]
+            .iter()
+            .any(|word| sql.starts_with(word));
+        let result = if control && !sql.contains(';') {
+            let statement = self.conn.prepare_cached(sql);
+            statement.and_then(|mut s| s.raw_execute().map(|_| ()))
         } else {
-            self.conn
-                .prepare_cached(sql)
-                .and_then(|mut s| s.raw_execute().map(|_| ()))
+            self.conn.execute_batch(sql)
         };
         result.map_err(|e| e.to_string())
     }

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use rusqlite::config::DbConfig;
 use rusqlite::types::ValueRef;
 use rusqlite::Connection;
 
@@ -73,6 +74,11 @@ impl Sqlite {
         // Every statement the store runs stays prepared (rusqlite keeps 16;
         // the store has about 30, and one evicted is parsed again).
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        // Plans that do not depend on the values bound: else SQLite
+        // prepares a statement again whenever a value it planned with
+        // changes (the history append's agent, on every chat).
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
+            .map_err(|e| ("enable the query planner stability guarantee", e.to_string()))?;
         Ok(Sqlite { conn })
     }
 

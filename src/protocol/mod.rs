@@ -5,11 +5,13 @@
 mod listing;
 mod messages;
 mod topics;
+mod turn_out;
 mod views;
 
 pub use listing::*;
 pub use messages::*;
 pub use topics::{validate_node_id, validate_topic_root, NodeTopic, Topics};
+pub use turn_out::{MessagesOut, TurnOut, TurnTag};
 pub use views::*;
 
 use serde::de::DeserializeOwned;

@@ -41,7 +41,7 @@ use crate::protocol::{
     AgentUpdate, AgentView, AgentsCreated, Assignment, Capacity, ChatAnswer, ChatMessage, Command,
     CommandBody, CommandKind, Event, EventKind, EventList, FleetStatus, FleetSummary, JobList,
     JobSubmitted, JobView, NodeForgotten, NodeList, NodeTopic, NodeView, Reply, ReplyBody, Role,
-    Topics, TurnChunk, TurnErrorCode, TurnRequest, TurnResult, Usage,
+    Topics, TurnChunk, TurnErrorCode, TurnResult, Usage,
 };
 pub use command::ApiRequest;
 use durability::HeldAnswer;

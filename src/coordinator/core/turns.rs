@@ -1,5 +1,9 @@
 use super::*;
 
+use serde_json::value::RawValue;
+
+use crate::protocol::{MessagesOut, TurnOut, TurnTag};
+
 impl Coordinator {
     /// Starts the agent's next turn if it runs and is idle: chats first,
     /// then the highest-priority job.
@@ -107,55 +111,46 @@ impl Coordinator {
         turn: &TurnInFlight,
         budget: Duration,
     ) -> Result<Vec<u8>, CoreError> {
-        let (name, new_messages) = (&turn.agent, &turn.new_messages);
-        let mut messages = if turn.remembered() {
+        let name = &turn.agent;
+        let system = self.agents.get(name).and_then(|a| a.spec.system.as_deref());
+        let max = self.config.mqtt.max_payload_bytes;
+        let encode = |history: &[&RawValue]| {
+            TurnOut {
+                id,
+                node: &turn.node,
+                generation: self.generation,
+                kind: TurnTag::Turn,
+                agent: name,
+                messages: MessagesOut {
+                    history,
+                    new: &turn.new_messages,
+                },
+                system,
+                // What is left of it, counted by the node on its own
+                // clock from arrival: no wall clock crosses machines.
+                timeout_ms: Some(budget.as_millis() as u64),
+                job: turn.job().map(String::as_str),
+                stream: turn.streamed(),
+            }
+            .encode_within(max)
+        };
+        let encoded = if turn.remembered() {
             // Without its history the agent would answer as if the
             // conversation had not happened: better no answer than that.
-            self.store.history(name).map_err(|e| {
+            self.store.with_history(name, encode).map_err(|e| {
                 CoreError::Store(StoreFault::caused(
                     format!("cannot read the history of agent {name}: {e}"),
                     e,
                 ))
             })?
         } else {
-            Vec::new()
+            encode(&[])
         };
-        let system = self.agents.get(name).and_then(|a| a.spec.system.clone());
-        messages.extend(new_messages.iter().cloned());
-        let mut command = Command {
-            id: id.to_owned(),
-            node: turn.node.clone(),
-            generation: self.generation,
-            body: CommandBody::Turn(TurnRequest {
-                agent: name.to_owned(),
-                messages,
-                system,
-                // What is left of it, counted by the node on its own
-                // clock from arrival: no wall clock crosses machines.
-                timeout_ms: Some(budget.as_millis() as u64),
-                job: turn.job().cloned(),
-                stream: turn.streamed(),
-            }),
-        };
-        let max = self.config.mqtt.max_payload_bytes;
-        let mut payload = encode(&command);
-        while payload.len() > max {
-            let CommandBody::Turn(turn) = &mut command.body else {
-                break;
-            };
-            if turn.messages.len() <= new_messages.len() {
-                break;
-            }
-            turn.messages.remove(0);
-            payload = encode(&command);
-        }
-        if payload.len() > max {
-            return Err(CoreError::TooLarge(format!(
-                "the message is too large to send ({} bytes; mqtt.max_payload_bytes is {max})",
-                payload.len()
-            )));
-        }
-        Ok(payload)
+        encoded.map_err(|size| {
+            CoreError::TooLarge(format!(
+                "the message is too large to send ({size} bytes; mqtt.max_payload_bytes is {max})"
+            ))
+        })
     }
 
     /// Sends the turns in flight (on `node`, or everywhere) again under

@@ -7,10 +7,17 @@
 //! writes as they are made; when a batch fails (its writes are rolled back)
 //! or leadership is taken (another leader may have written meanwhile) it
 //! is emptied, and the next read goes to the store again.
+//!
+//! Each message is kept as its JSON, as a turn command carries it: a turn
+//! writes the history into its command as it is, with neither a copy of
+//! each message nor encoding it again (docs/BENCHMARKS.md, "Cheaper
+//! chats").
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::protocol::ChatMessage;
+use serde_json::value::RawValue;
+
+use crate::protocol::{encode, ChatMessage};
 
 /// What the cache may hold, counting message text: at the default history
 /// limit (100 messages) a few hundred busy agents.
@@ -33,27 +40,44 @@ pub(super) struct HistoryCache {
 }
 
 struct Entry {
-    messages: VecDeque<ChatMessage>,
+    /// The JSON of each message, oldest first.
+    messages: VecDeque<Box<RawValue>>,
     bytes: usize,
 }
 
-fn size(m: &ChatMessage) -> usize {
-    m.content.len() + OVERHEAD
+fn size(m: &RawValue) -> usize {
+    m.get().len() + OVERHEAD
+}
+
+/// The JSON of a message.
+pub(super) fn json(m: &ChatMessage) -> Box<RawValue> {
+    let text = String::from_utf8(encode(m)).expect("JSON is UTF-8");
+    RawValue::from_string(text).expect("a message encodes as JSON")
 }
 
 impl HistoryCache {
+    #[cfg(test)]
     pub(super) fn get(&self, agent: &str) -> Option<Vec<ChatMessage>> {
-        self.agents
-            .get(agent)
-            .map(|e| e.messages.iter().cloned().collect())
+        self.with(agent, |messages| {
+            let parse = |m: &&RawValue| serde_json::from_str(m.get()).expect("kept as JSON");
+            messages.iter().map(parse).collect()
+        })
+    }
+
+    /// `f` of the JSON of each message of `agent`'s history, if kept.
+    pub(super) fn with<R>(&self, agent: &str, f: impl FnOnce(&[&RawValue]) -> R) -> Option<R> {
+        let entry = self.agents.get(agent)?;
+        let messages: Vec<&RawValue> = entry.messages.iter().map(|m| &**m).collect();
+        Some(f(&messages))
     }
 
     /// Keeps what the store just said `agent`'s history is.
     pub(super) fn put(&mut self, agent: &str, messages: &[ChatMessage]) {
         self.remove(agent);
+        let messages: VecDeque<Box<RawValue>> = messages.iter().map(json).collect();
         let entry = Entry {
-            bytes: messages.iter().map(size).sum(),
-            messages: messages.iter().cloned().collect(),
+            bytes: messages.iter().map(|m| size(m)).sum(),
+            messages,
         };
         self.bytes += entry.bytes;
         self.agents.insert(agent.to_owned(), entry);
@@ -67,9 +91,10 @@ impl HistoryCache {
             return;
         };
         for m in new {
-            entry.bytes += size(m);
-            self.bytes += size(m);
-            entry.messages.push_back(m.clone());
+            let m = json(m);
+            entry.bytes += size(&m);
+            self.bytes += size(&m);
+            entry.messages.push_back(m);
         }
         while entry.messages.len() > limit {
             if let Some(old) = entry.messages.pop_front() {
@@ -143,7 +168,8 @@ mod tests {
         c.append("a", &[m("3"), m("4")], 3);
         let texts: Vec<String> = c.get("a").unwrap().into_iter().map(|m| m.content).collect();
         assert_eq!(texts, ["2", "3", "4"]);
-        assert_eq!(c.bytes(), 3 * (1 + OVERHEAD));
+        let one = json(&m("2")).get().len();
+        assert_eq!(c.bytes(), 3 * (one + OVERHEAD));
         c.remove("a");
         assert!(c.get("a").is_none());
         assert_eq!(c.bytes(), 0);

@@ -25,6 +25,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 pub use crate::protocol::JobState;
+use serde_json::value::RawValue;
+
 use crate::protocol::{AgentSpec, ChatMessage, Role, Usage};
 use backend::Cols;
 pub use backend::{Backend, Param, Value};
@@ -364,8 +366,20 @@ impl Store {
     /// The agent's last `history_limit` messages, oldest first: from
     /// memory for an agent read or written recently ([`history`]).
     pub fn history(&self, agent: &str) -> Result<Vec<ChatMessage>> {
-        if let Some(messages) = self.histories.borrow().get(agent) {
-            return Ok(messages);
+        self.with_history(agent, |messages| {
+            let parse = |m: &&RawValue| serde_json::from_str(m.get()).expect("kept as JSON");
+            messages.iter().map(parse).collect()
+        })
+    }
+
+    /// `f` of the JSON of each message of the agent's history (its newest
+    /// `history_limit`, oldest first), from memory for an agent read or
+    /// written recently ([`history`]).
+    pub fn with_history<R>(&self, agent: &str, f: impl FnOnce(&[&RawValue]) -> R) -> Result<R> {
+        let mut f = Some(f);
+        let mut call = |messages: &[&RawValue]| (f.take().expect("called once"))(messages);
+        if let Some(done) = self.histories.borrow().with(agent, &mut call) {
+            return Ok(done);
         }
         let sql = "SELECT role, content FROM (SELECT seq, role, content FROM messages WHERE agent = $1 ORDER BY seq DESC LIMIT $2) AS newest
                    ORDER BY seq";
@@ -377,7 +391,13 @@ impl Store {
             ))
         })?;
         self.histories.borrow_mut().put(agent, &messages);
-        Ok(messages)
+        if let Some(done) = self.histories.borrow().with(agent, &mut call) {
+            return Ok(done);
+        }
+        // Not kept (larger than the cache): from what was read.
+        let json: Vec<Box<RawValue>> = messages.iter().map(history::json).collect();
+        let refs: Vec<&RawValue> = json.iter().map(|m| &**m).collect();
+        Ok(call(&refs))
     }
 
     /// Appends to the agent's history, and now and then drops what exceeds

@@ -78,7 +78,12 @@ impl Sqlite {
         // prepares a statement again whenever a value it planned with
         // changes (the history append's agent, on every chat).
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
-            .map_err(|e| ("enable the query planner stability guarantee", e.to_string()))?;
+            .map_err(|e| {
+                (
+                    "enable the query planner stability guarantee",
+                    e.to_string(),
+                )
+            })?;
         Ok(Sqlite { conn })
     }
 

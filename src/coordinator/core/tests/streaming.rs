@@ -5,7 +5,7 @@
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use super::*;
-use crate::protocol::TurnChunk;
+use crate::protocol::{TurnChunk, TurnRequest};
 
 type Reply = oneshot::Receiver<Result<ChatAnswer, CoreError>>;
 

@@ -47,13 +47,32 @@ pub fn decode_command(
     topic_node: &str,
 ) -> Result<Command, DecodeError> {
     check_size(payload, max)?;
-    let command = match serde_json::from_slice::<Envelope>(payload) {
-        Ok(e) if e.kind == "turn" => Command {
-            id: e.id,
-            node: e.node,
-            generation: e.generation,
-            body: CommandBody::Turn(serde_json::from_slice(payload)?),
+    let command = match serde_json::from_slice::<TurnWire>(payload) {
+        Ok(TurnWire {
+            id,
+            node,
+            generation,
+            kind,
+            agent: Some(agent),
+            messages: Some(messages),
+            system,
+            timeout_ms,
+            job,
+            stream,
+        }) if kind == "turn" => Command {
+            id,
+            node,
+            generation,
+            body: CommandBody::Turn(TurnRequest {
+                agent,
+                messages,
+                system,
+                timeout_ms,
+                job,
+                stream,
+            }),
         },
+        // Another command, or one the derived decoder explains the fault of.
         _ => serde_json::from_slice(payload)?,
     };
     if command.node != topic_node {
@@ -116,6 +135,26 @@ fn check_size(payload: &[u8], max: usize) -> Result<(), DecodeError> {
 /// turn, its result and its chunks, the messages of every chat, are
 /// decoded from this and their body instead, without that copy
 /// (docs/BENCHMARKS.md, "Cheaper chats").
+/// A turn command in one pass: [`Envelope`] and [`TurnRequest`] together.
+#[derive(serde::Deserialize)]
+struct TurnWire {
+    id: String,
+    node: String,
+    generation: u64,
+    #[serde(rename = "type")]
+    kind: String,
+    agent: Option<String>,
+    messages: Option<Vec<ChatMessage>>,
+    #[serde(default)]
+    system: Option<String>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    job: Option<String>,
+    #[serde(default)]
+    stream: bool,
+}
+
 #[derive(serde::Deserialize)]
 struct Envelope {
     id: String,
